@@ -1,0 +1,179 @@
+"""Recipe sections -> Composer objects, and the built-in registry entries that wrap Composer and torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from composer import algorithms as ca
+from composer import callbacks as cc
+from composer import loggers as cl
+from composer import metrics as cm
+from composer import optim as co
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.config import COMPONENT_SECTIONS, MULTI_SECTIONS, iter_multi
+
+# Names follow llm-foundry's, so recipes written for it read the same here.
+for _name, _obj in {
+    "decoupled_adamw": co.DecoupledAdamW,
+    "decoupled_sgdw": co.DecoupledSGDW,
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": torch.optim.SGD,
+}.items():
+    registry.optimizers.register(_name, func=_obj)
+
+for _name, _obj in {
+    "constant": co.ConstantScheduler,
+    "constant_with_warmup": co.ConstantWithWarmupScheduler,
+    "cosine_decay": co.CosineAnnealingScheduler,
+    "cosine_with_warmup": co.CosineAnnealingWithWarmupScheduler,
+    "cosine_warm_restarts": co.CosineAnnealingWarmRestartsScheduler,
+    "linear_decay": co.LinearScheduler,
+    "linear_decay_with_warmup": co.LinearWithWarmupScheduler,
+    "multistep": co.MultiStepScheduler,
+    "multistep_with_warmup": co.MultiStepWithWarmupScheduler,
+    "polynomial": co.PolynomialScheduler,
+    "polynomial_with_warmup": co.PolynomialWithWarmupScheduler,
+    "exponential": co.ExponentialScheduler,
+    "step": co.StepScheduler,
+}.items():
+    registry.schedulers.register(_name, func=_obj)
+
+for _name, _obj in {
+    "alibi": ca.Alibi,
+    "ema": ca.EMA,
+    "gated_linear_units": ca.GatedLinearUnits,
+    "gradient_clipping": ca.GradientClipping,
+    "label_smoothing": ca.LabelSmoothing,
+    "layer_freezing": ca.LayerFreezing,
+    "low_precision_layernorm": ca.LowPrecisionLayerNorm,
+    "sam": ca.SAM,
+    "seq_length_warmup": ca.SeqLengthWarmup,
+    "stochastic_depth": ca.StochasticDepth,
+    "swa": ca.SWA,
+}.items():
+    registry.algorithms.register(_name, func=_obj)
+
+for _name, _obj in {
+    "activation_monitor": cc.ActivationMonitor,
+    "early_stopper": cc.EarlyStopper,
+    "lr_monitor": cc.LRMonitor,
+    "memory_monitor": cc.MemoryMonitor,
+    "nan_monitor": cc.NaNMonitor,
+    "optimizer_monitor": cc.OptimizerMonitor,
+    "runtime_estimator": cc.RuntimeEstimator,
+    "speed_monitor": cc.SpeedMonitor,
+    "system_metrics_monitor": cc.SystemMetricsMonitor,
+    "threshold_stopper": cc.ThresholdStopper,
+}.items():
+    registry.callbacks.register(_name, func=_obj)
+
+
+class WandBLogger(cl.WandBLogger):
+    """Weights & Biases logger (Composer's); the resolved recipe becomes the run config."""
+
+    def download_file(
+        self, remote_file_name: str, destination: str, overwrite: bool = False, progress_bar: bool = True
+    ) -> None:
+        """Fetch an artifact; 'not found' before ``init`` so autoresume's first look does not crash."""
+        # Composer's autoresume asks every logger for a checkpoint before the run is initialised, and
+        # WandBLogger then raises RuntimeError (no entity yet) instead of FileNotFoundError.
+        if not self.entity or not self.project:
+            raise FileNotFoundError(remote_file_name)
+        super().download_file(remote_file_name, destination, overwrite, progress_bar)
+
+
+for _name, _obj in {
+    "file": cl.FileLogger,
+    "inmemory": cl.InMemoryLogger,
+    "mlflow": cl.MLFlowLogger,
+    "tensorboard": cl.TensorboardLogger,
+    "wandb": WandBLogger,
+}.items():
+    registry.loggers.register(_name, func=_obj)
+
+for _name, _obj in {
+    "language_cross_entropy": cm.LanguageCrossEntropy,
+    "language_perplexity": cm.LanguagePerplexity,
+    "masked_accuracy": cm.MaskedAccuracy,
+    "cross_entropy": cm.CrossEntropy,
+    "loss": cm.LossMetric,
+}.items():
+    registry.metrics.register(_name, func=_obj)
+
+
+def _section(cfg: Any, name: str) -> Any:
+    value = cfg.get(name) if hasattr(cfg, "get") else None
+    if value is not None and hasattr(value, "_content"):
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def build_tokenizer(cfg: Any) -> Any:
+    """The recipe's tokenizer (a Hugging Face ``PreTrainedTokenizerBase``)."""
+    return registry.build(COMPONENT_SECTIONS["tokenizer"], _section(cfg, "tokenizer"), "tokenizer")
+
+
+def build_model(cfg: Any, tokenizer: Any = None) -> Any:
+    """The recipe's Composer model (builds the tokenizer first unless given)."""
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg)
+    return registry.build("models", _section(cfg, "model"), "model", tokenizer=tokenizer)
+
+
+def build_dataloader(cfg: Any, section: str, tokenizer: Any, device_batch_size: int) -> Any:
+    """A train or eval dataloader (DataSpec or DataLoader) from a recipe section."""
+    return registry.build(
+        "dataloaders",
+        _section(cfg, section),
+        section,
+        tokenizer=tokenizer,
+        device_batch_size=device_batch_size,
+    )
+
+
+def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return registry.build("optimizers", _section(cfg, "optimizer"), "optimizer", params=params)
+
+
+def build_scheduler(cfg: Any) -> Any:
+    """The LR scheduler, or None."""
+    block = _section(cfg, "scheduler")
+    return None if block is None else registry.build("schedulers", block, "scheduler")
+
+
+def build_multi(cfg: Any, section: str) -> list[Any]:
+    """All algorithms, callbacks or loggers of a recipe section."""
+    out = []
+    for keypath, default_name, block in iter_multi(section, _section(cfg, section)):
+        out.append(registry.build(MULTI_SECTIONS[section], block or {}, keypath, default_name))
+    return out
+
+
+def count_parameters(cfg: Any) -> tuple[int, int] | None:
+    """(total, non-embedding) parameters of the recipe's model, built on the meta device (no memory, no download).
+
+    Returns None when the model cannot be built without a tokenizer that is not available offline.
+    """
+    block = dict(_section(cfg, "model") or {})
+    block.pop("init_from_hf", None)  # weights are irrelevant to the count
+    tokenizer = None
+    try:
+        with torch.device("meta"):
+            model = registry.build("models", block, "model", tokenizer=None)
+    except Exception:
+        try:
+            tokenizer = build_tokenizer(cfg)
+        except Exception:
+            return None
+        with torch.device("meta"):
+            model = registry.build("models", block, "model", tokenizer=tokenizer)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    return total, total - embedding

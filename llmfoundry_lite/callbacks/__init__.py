@@ -1,0 +1,1 @@
+"""Callbacks of this project (Composer callbacks registered in the ``callbacks`` registry)."""

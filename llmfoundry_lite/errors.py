@@ -1,0 +1,25 @@
+"""User-facing errors: one line naming the recipe file and key path; the CLI maps them to exit code 2."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class RecipeError(Exception):
+    """A mistake in a recipe, an override or a CLI argument that the user can fix."""
+
+    def __init__(self, message: str, file: str | None = None, key: str | None = None):
+        self.file = file
+        self.key = key
+        self.detail = message
+        where = ": ".join(p for p in (file, key) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+def suggest(word: str, choices: Iterable[str], n: int = 3) -> str:
+    """' (did you mean 'x'?)' for the closest choices, or '' when none is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"

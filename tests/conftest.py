@@ -1,0 +1,97 @@
+"""Shared fixtures: offline environment and tokenizers built locally from the embedded corpus."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu`-marked tests on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer_dir(tmp_path_factory):
+    """A small WordPiece (BERT-style) tokenizer trained on the embedded corpus, in HF format."""
+    from llmfoundry_lite.data.corpus import embedded_documents
+    from llmfoundry_lite.data.tokenizers import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok-wordpiece")
+    return str(train_tokenizer("wordpiece", embedded_documents(), vocab_size=2000, out_dir=out))
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE (LLaMA-style) tokenizer trained on the embedded corpus, in HF format."""
+    from llmfoundry_lite.data.corpus import embedded_documents
+    from llmfoundry_lite.data.tokenizers import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok-bpe")
+    return str(train_tokenizer("bpe", embedded_documents(), vocab_size=2000, out_dir=out))
+
+
+@pytest.fixture(scope="session")
+def mlm_mds_dir(tmp_path_factory):
+    """The embedded corpus as raw-text MDS shards (train/val), for MLM runs."""
+    from llmfoundry_lite.data.convert import convert
+
+    out = tmp_path_factory.mktemp("mds-text") / "embedded"
+    convert("embedded", out, splits=("train", "val"))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def causal_mds_dir(tmp_path_factory, llama_tokenizer_dir):
+    """The embedded corpus as concatenated 128-token rows (train/val), for causal LM runs."""
+    from llmfoundry_lite.data.convert import convert
+
+    out = tmp_path_factory.mktemp("mds-tokens") / "embedded-128"
+    convert("embedded", out, splits=("train", "val"), tokenizer=llama_tokenizer_dir, concat_tokens=128)
+    return str(out)
+
+
+@pytest.fixture
+def tiny_bert(bert_tokenizer_dir, mlm_mds_dir, tmp_path):
+    """A function giving overrides that shrink the quickstart recipe to a seconds-long CPU run in ``tmp_path``."""
+
+    def overrides(**extra) -> list[str]:
+        return _tiny_bert_overrides(bert_tokenizer_dir, mlm_mds_dir, tmp_path, **extra)
+
+    return overrides
+
+
+def _tiny_bert_overrides(tokenizer_dir: str, data_dir: str, tmp_path, **extra) -> list[str]:
+    values = {
+        "variables.tokenizer_path": tokenizer_dir,
+        "variables.data_local": data_dir,
+        "max_seq_len": 32,
+        "model.d_model": 32,
+        "model.n_layers": 1,
+        "model.n_heads": 2,
+        "model.intermediate_size": 64,
+        "global_train_batch_size": 4,
+        "device_train_microbatch_size": 4,
+        "device_eval_batch_size": 4,
+        "max_duration": "4ba",
+        "eval_interval": "2ba",
+        "eval_subset_num_batches": 1,
+        "save_interval": "2ba",
+        "save_folder": str(tmp_path / "runs" / "{run_name}"),
+        "console_log_interval": "1ba",
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

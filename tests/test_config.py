@@ -1,0 +1,159 @@
+"""Recipe loading: base chain, interpolation, overrides, and one clear error per kind of mistake."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from llmfoundry_lite import load_recipe
+from llmfoundry_lite.config import OVERRIDE_ORIGIN
+from llmfoundry_lite.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml"
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture
+def child(tmp_path):
+    """A recipe that inherits the quickstart recipe; tests append keys to it."""
+
+    def make(extra: str = "", name: str = "child.yaml") -> Path:
+        return write(tmp_path / name, f"base: {QUICKSTART}\n" + textwrap.dedent(extra))
+
+    return make
+
+
+def error_of(path, overrides=None, nproc=None) -> RecipeError:
+    with pytest.raises(RecipeError) as ei:
+        from llmfoundry_lite.config import load_recipe as load
+
+        load(path, overrides or [], nproc=nproc)
+    return ei.value
+
+
+def test_quickstart_recipe_is_valid():
+    cfg = load_recipe(str(QUICKSTART))
+    assert cfg.model.name == "mosaic_bert"
+    assert "base" not in cfg
+
+
+def test_base_chain_later_wins_and_relative_paths(tmp_path):
+    write(tmp_path / "a" / "root.yaml", f"base: {QUICKSTART}\nseed: 1\nmax_duration: 5ba\n")
+    write(tmp_path / "a" / "mid.yaml", "seed: 2\n")
+    top = write(tmp_path / "a" / "top.yaml", "base: [root.yaml, mid.yaml]\nmax_duration: 7ba\n")
+    cfg = load_recipe(str(top))
+    assert cfg.seed == 2  # mid.yaml is later in the list than root.yaml
+    assert cfg.max_duration == "7ba"  # the file itself wins over its bases
+
+
+def test_interpolation_and_variables(child):
+    path = child("variables:\n  lr: 0.00123\noptimizer:\n  lr: ${variables.lr}\n")
+    cfg = load_recipe(str(path))
+    assert cfg.optimizer.lr == pytest.approx(0.00123)
+    assert cfg.variables.lr == pytest.approx(0.00123)
+
+
+def test_overrides_scalars_and_lists(child):
+    cfg = load_recipe(str(child()), ["optimizer.lr=3e-4", "max_duration=10ba", "optimizer.betas=[0.8,0.9]"])
+    assert cfg.optimizer.lr == pytest.approx(3e-4)
+    assert cfg.max_duration == "10ba"
+    assert list(cfg.optimizer.betas) == [0.8, 0.9]
+
+
+@pytest.mark.parametrize(
+    "extra, key, fragment",
+    [
+        ("optimizer:\n  lrr: 0.1\n", "optimizer.lrr", "did you mean 'lr'"),
+        ("model:\n  n_layrs: 2\n", "model.n_layrs", "did you mean"),
+        (
+            "train_loader:\n  collator:\n    mlm_probabilty: 0.2\n",
+            "train_loader.collator.mlm_probabilty",
+            "did you mean 'mlm_probability'",
+        ),
+        ("callbacks:\n  speed_monitor:\n    window: 3\n", "callbacks.speed_monitor.window", "did you mean"),
+        ("optimzer_x: 1\n", "optimzer_x", "unknown top-level key"),
+        ("optimizer:\n  name: decoupled_adamm\n", "optimizer.name", "did you mean 'decoupled_adamw'"),
+        (
+            "algorithms:\n  gradient_cliping: {}\n",
+            "algorithms.gradient_cliping",
+            "did you mean 'gradient_clipping'",
+        ),
+        ("optimizer:\n  lr: fast\n", "optimizer.lr", "expected a number"),
+        ("max_duration: 10 batches\n", "max_duration", "malformed duration"),
+        ("seed: abc\n", "seed", "expected an integer"),
+        (
+            "algorithms:\n  gradient_clipping: {clipping_threshold: 1.0}\n",
+            "algorithms.gradient_clipping.clipping_type",
+            "missing required key",
+        ),
+        ("global_train_batch_size: 0\n", "global_train_batch_size", "positive"),
+    ],
+)
+def test_errors_name_file_and_key(child, extra, key, fragment):
+    path = child(extra)
+    err = error_of(str(path))
+    assert err.key == key, str(err)
+    assert fragment in str(err)
+    assert str(path) in str(err)
+
+
+def test_error_in_base_file_names_the_base(tmp_path):
+    base = write(tmp_path / "base.yaml", f"base: {QUICKSTART}\noptimizer:\n  lrr: 0.1\n")
+    top = write(tmp_path / "top.yaml", "base: base.yaml\nseed: 3\n")
+    err = error_of(str(top))
+    assert err.file == str(base)
+    assert err.key == "optimizer.lrr"
+
+
+def test_override_errors_are_validated_like_file_keys(child):
+    err = error_of(str(child()), ["optimizer.lrr=0.1"])
+    assert err.file == OVERRIDE_ORIGIN and err.key == "optimizer.lrr"
+    err = error_of(str(child()), ["max_duration=10 batches"])
+    assert err.key == "max_duration"
+    err = error_of(str(child()), ["optimizer.lr"])
+    assert "malformed override" in str(err)
+
+
+def test_missing_recipe_and_missing_base(tmp_path, child):
+    err = error_of(str(tmp_path / "nope.yaml"))
+    assert "does not exist" in str(err)
+    path = write(tmp_path / "r.yaml", "base: missing.yaml\n")
+    err = error_of(str(path))
+    assert err.key == "base" and "missing.yaml" in str(err) and str(path) in str(err)
+
+
+def test_base_cycle(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    err = error_of(str(tmp_path / "a.yaml"))
+    assert "base cycle" in str(err)
+
+
+def test_invalid_yaml_reports_line(tmp_path):
+    path = write(tmp_path / "bad.yaml", "seed: 1\nmodel:\n  name: [unclosed\nfoo: bar\n")
+    err = error_of(str(path))
+    assert "invalid YAML" in str(err) and "line " in str(err)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path / "r.yaml", "seed: 1\n")
+    err = error_of(str(path))
+    assert "missing required key" in str(err)
+
+
+def test_unresolvable_interpolation(child):
+    err = error_of(str(child("seed: ${variables.nope}\n")))
+    assert "interpolation" in str(err)
+
+
+def test_batch_not_divisible_by_processes(child):
+    err = error_of(str(child("global_train_batch_size: 6\ndevice_train_microbatch_size: 3\n")), nproc=4)
+    assert err.key == "global_train_batch_size" and "not divisible" in str(err)
