@@ -23,15 +23,17 @@ app = typer.Typer(
 
 _DEBUG = {"on": False}
 
-# Modules that add their own verbs through ``register_cli(app)``.
-CLI_MODULES = (
-    "llmfoundry_lite.data.cli",
-    "llmfoundry_lite.export",
-    "llmfoundry_lite.glue",
-    "llmfoundry_lite.sweep",
-    "llmfoundry_lite.estimate",
-    "llmfoundry_lite.doctor",
-)
+# Verbs that live in other modules, which add them through ``register_cli(app)``. Only the module of the verb
+# being run is imported (some import torch and Composer, seconds of start-up); help lists them all.
+CLI_MODULES = {
+    "data": "llmfoundry_lite.data.cli",
+    "export": "llmfoundry_lite.export",
+    "glue": "llmfoundry_lite.glue",
+    "sweep": "llmfoundry_lite.sweep",
+    "estimate": "llmfoundry_lite.estimate",
+    "doctor": "llmfoundry_lite.doctor",
+}
+BUILTIN_VERBS = ("train", "show", "validate", "list")
 
 RecipeArg = typer.Argument(..., help="Path to the recipe YAML.")
 OverridesArg = typer.Argument(None, help="Overrides in dotlist syntax: optimizer.lr=3e-4 max_duration=10ba")
@@ -112,24 +114,33 @@ def list_(
             typer.echo(f"  {name.ljust(width)}  {registry.describe(entries[name])}")
 
 
-def _register_plugins() -> None:
-    for mod in CLI_MODULES:
+_registered: set[str] = set()
+
+
+def register_plugins(argv: list[str] | None = None) -> None:
+    """Add the verbs of other modules: only the one ``argv`` asks for, or all of them (help, unknown verb)."""
+    verb = next((a for a in argv or [] if not a.startswith("-")), None)
+    if verb in BUILTIN_VERBS:
+        return
+    wanted = [CLI_MODULES[verb]] if verb in CLI_MODULES else list(CLI_MODULES.values())
+    for mod in wanted:
+        if mod in _registered:
+            continue
+        _registered.add(mod)
         try:
             module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
+        except ModuleNotFoundError as e:  # TODO(lead): remove once every verb module has landed
             if e.name == mod:
                 continue
             raise
         module.register_cli(app)
 
 
-_register_plugins()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    register_plugins(argv)
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=argv, prog_name="llmfoundry-lite", standalone_mode=False)

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError, suggest
+from llmfoundry_lite.hardware import CostConfig
 
 OVERRIDE_ORIGIN = "command-line override"
 
@@ -82,7 +83,7 @@ class RecipeSchema:
     deterministic: bool = False
     fsdp: Optional[dict] = None
     glue: Optional[dict] = None
-    cost: Optional[dict] = None
+    cost: Optional[CostConfig] = None
 
 
 SCHEMA_FIELDS = {f.name: f for f in dataclasses.fields(RecipeSchema)}
@@ -256,6 +257,10 @@ def validate(data: dict, nproc: int | None = None) -> None:
     for section, reg in MULTI_SECTIONS.items():
         for keypath, default_name, block in iter_multi(section, data.get(section)):
             registry.check_component(reg, block if block is not None else {}, keypath, default_name)
+    if data.get("glue") is not None:
+        from llmfoundry_lite.glue import parse_glue_section
+
+        parse_glue_section(data["glue"])
     _check_batch_sizes(data, nproc or world_size())
 
 

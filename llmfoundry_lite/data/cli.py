@@ -1,0 +1,149 @@
+"""``llmfoundry-lite data ...``: convert corpora to MDS, train tokenizers, inspect datasets."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import typer
+
+from llmfoundry_lite.errors import RecipeError
+
+data_app = typer.Typer(
+    name="data",
+    help="Convert corpora to MDS shards, train tokenizers, inspect datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@data_app.command("convert")
+def convert_cmd(
+    source: str = typer.Option(
+        ..., "--source", help="'embedded', a text/JSONL/Parquet file or folder, or hf:NAME[:CONFIG]"
+    ),
+    out: str = typer.Option(..., "--out", help="Output folder; one MDS folder per split is written inside"),
+    splits: str = typer.Option("train,val", "--splits", help="Comma-separated splits to write (train, val)"),
+    val_fraction: float = typer.Option(
+        0.05, "--val-fraction", help="Held-out fraction when the source has no val split"
+    ),
+    seed: int = typer.Option(17, "--seed", help="Seed of the held-out selection"),
+    compression: Optional[str] = typer.Option(None, "--compression", help="Shard compression, e.g. zstd"),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder or hub name (needed by --concat-tokens)"
+    ),
+    concat_tokens: Optional[int] = typer.Option(
+        None, "--concat-tokens", help="Write tokenized rows of exactly N ids (causal LM) instead of raw text"
+    ),
+    bos: Optional[bool] = typer.Option(
+        None, "--bos/--no-bos", help="Prepend BOS to each document (default: if the tokenizer has one)"
+    ),
+    eos: Optional[bool] = typer.Option(
+        None, "--eos/--no-eos", help="Append EOS to each document (default: if the tokenizer has one)"
+    ),
+    text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/HF rows"),
+    num_workers: Optional[int] = typer.Option(
+        None, "--num-workers", help="Tokenizer processes (default: CPU cores, at most 8; 0 = in-process)"
+    ),
+    max_chars: Optional[int] = typer.Option(
+        None, "--max-chars", help="Cut documents longer than this at paragraph/line/space boundaries"
+    ),
+    size_limit: str = typer.Option("64mb", "--shard-size", help="Maximum shard size, e.g. 64mb"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar"),
+) -> None:
+    """Convert a corpus to MDS shards (raw text, or concatenated token rows with --concat-tokens)."""
+    from llmfoundry_lite.data.convert import convert
+
+    summary = convert(
+        source,
+        out,
+        splits=splits,
+        val_fraction=val_fraction,
+        seed=seed,
+        compression=compression,
+        tokenizer=tokenizer,
+        concat_tokens=concat_tokens,
+        bos=bos,
+        eos=eos,
+        text_field=text_field,
+        num_workers=num_workers,
+        max_chars=max_chars,
+        size_limit=size_limit,
+        progress=progress,
+    )
+    typer.echo(summary.format())
+
+
+@data_app.command("tokenizer")
+def tokenizer_cmd(
+    train: bool = typer.Option(False, "--train", help="Train a new tokenizer (the only action for now)"),
+    kind: str = typer.Option("wordpiece", "--kind", help="wordpiece (BERT) or bpe (LLaMA-style byte-level)"),
+    source: str = typer.Option("embedded", "--source", help="Corpus: same sources as `data convert`"),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Vocabulary size"),
+    out: str = typer.Option(..., "--out", help="Folder to save the Hugging Face tokenizer in"),
+    text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/HF rows"),
+) -> None:
+    """Train a WordPiece or BPE tokenizer on a corpus and save it in Hugging Face format."""
+    from llmfoundry_lite.data.convert import open_source
+    from llmfoundry_lite.data.tokenizers import train_tokenizer
+
+    if not train:
+        raise RecipeError("nothing to do: pass --train to train a tokenizer", key="--train")
+    if kind not in ("wordpiece", "bpe"):
+        raise RecipeError(f"unknown --kind {kind!r}; choose wordpiece or bpe", key="--kind")
+
+    def docs():
+        for split_docs in open_source(source, text_field).values():
+            yield from split_docs
+
+    path = train_tokenizer(kind, docs(), vocab_size=vocab_size, out_dir=out)  # type: ignore[arg-type]
+    typer.echo(
+        f"saved {kind} tokenizer (vocab {vocab_size}) to {path}; use it with `tokenizer: {{name: hf, "
+        f"path: {path}}}`"
+    )
+
+
+@data_app.command("inspect")
+def inspect_cmd(
+    path: str = typer.Argument(..., help="An MDS folder (a split) or a folder of splits"),
+    samples: int = typer.Option(3, "--samples", "-n", help="Decoded samples to show per split"),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="Decode token rows with this tokenizer"
+    ),
+    chars: int = typer.Option(300, "--chars", help="Characters to show per sample"),
+) -> None:
+    """Print sample/shard counts and a few decoded samples of an MDS dataset."""
+    from llmfoundry_lite.data.convert import inspect_dataset
+
+    typer.echo(inspect_dataset(path, samples=samples, tokenizer=tokenizer, chars=chars))
+
+
+def register_cli(app: typer.Typer) -> None:
+    """Add the ``data`` sub-command group to the main CLI."""
+    app.add_typer(data_app, name="data")
+
+
+def main() -> None:
+    """Standalone entry (``python -m llmfoundry_lite.data.cli``); errors exit 2 with one line."""
+    import sys
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        data_app(standalone_mode=False)
+    except RecipeError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as e:
+        code = getattr(e, "exit_code", getattr(e, "code", 0))
+        sys.exit(code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,878 @@
+"""Convert a text corpus to MDS shards (streaming's MDSWriter), one folder per split.
+
+Sources: ``embedded`` (Python's own English prose, offline), a text file (one document per blank-line separated
+paragraph), a folder of text files (one document per file), JSON Lines / Parquet files (``--text-field``), and
+``hf:NAME[:CONFIG]`` Hugging Face datasets streamed with the ``datasets`` library (``hf:LOCAL_FOLDER`` takes
+that same code path offline). Plain local files are read directly, without importing ``datasets``.
+
+Modes:
+* raw (default): a ``text`` column (``str``); MLM collators tokenize on the fly.
+* concatenated (``tokenizer`` + ``concat_tokens=N``): documents are tokenized in batches by worker processes,
+  wrapped in BOS/EOS, concatenated, and cut into rows of exactly N ids (``tokens``, ``ndarray:int32:N``); the
+  final partial row is dropped.
+
+Each split is written to a hidden temporary folder and renamed into place only after it is complete, so an
+interrupted or failed conversion never leaves a folder with an ``index.json`` that looks finished.
+Held-out splits are chosen by stratified sampling (one seeded-random document in each block of ~1/fraction):
+deterministic, exact to the fraction, and streaming-friendly (no need to know the corpus size in advance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Optional
+
+from llmfoundry_lite.errors import RecipeError
+
+JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+PARQUET_SUFFIXES = {".parquet"}
+# Split names a source may use for held-out data, in order of preference.
+SOURCE_VAL_NAMES = ("validation", "val", "valid", "dev")
+CHUNK_DOCS = (
+    64  # documents per tokenization task: big enough to amortize IPC, small enough to balance workers
+)
+CHUNK_CHARS = 1 << 18
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _hf_rows_to_text(rows: Iterable[dict[str, Any]], field: str, where: str) -> Iterator[str]:
+    for i, row in enumerate(rows):
+        if field not in row:
+            raise RecipeError(
+                f"{where}: row {i} has no field {field!r} (fields: {', '.join(map(str, row))}); "
+                f"set --text-field"
+            )
+        value = row[field]
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise RecipeError(f"{where}: field {field!r} of row {i} is {type(value).__name__}, not text")
+        yield value
+
+
+def _local_kind(files: Sequence[pathlib.Path], where: str) -> str:
+    """'json', 'parquet' or 'text' (any other suffix is read as text) for a set of local files."""
+    suffixes = {f.suffix.lower() for f in files}
+    if suffixes <= JSON_SUFFIXES:
+        return "json"
+    if suffixes <= PARQUET_SUFFIXES:
+        return "parquet"
+    if not (suffixes & (JSON_SUFFIXES | PARQUET_SUFFIXES)):
+        return "text"
+    raise RecipeError(f"{where} mixes file kinds ({', '.join(sorted(suffixes))}); convert one kind at a time")
+
+
+def open_source(source: str, text_field: str = "text") -> dict[Optional[str], Iterable[str]]:
+    """Documents of ``source``: ``{None: docs}``, or ``{"train": ..., "val": ...}`` when it has its own splits."""
+    if source == "embedded":
+        from llmfoundry_lite.data.corpus import embedded_documents
+
+        return {None: embedded_documents()}
+    if source.startswith("hf:"):
+        return _open_hf(source, text_field)
+    path = pathlib.Path(os.path.expanduser(source))
+    if not path.exists():
+        raise RecipeError(
+            f"source {source!r} does not exist; use a text/JSONL/Parquet file, a folder of them, "
+            "'embedded' or 'hf:NAME[:CONFIG]'",
+            key="--source",
+        )
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise RecipeError(f"source folder {source!r} contains no files", key="--source")
+    else:
+        files = [path]
+    if all(f.stat().st_size == 0 for f in files):
+        raise RecipeError(f"source {source!r} is empty", key="--source")
+    builder = _local_kind(files, repr(source))
+    # Local files are read directly (no `datasets`/torch import: conversion start-up is most of its wall time
+    # on small corpora); `hf:PATH` reads the same files through the `datasets` streaming path instead.
+    if builder == "json" and all(f.suffix.lower() in (".jsonl", ".ndjson") for f in files):
+        docs: Iterator[str] = _read_jsonl(files, text_field)
+    elif builder == "parquet":
+        docs = _read_parquet(files, text_field)
+    elif builder == "text":
+        docs = _read_text(files, one_doc_per_file=path.is_dir())
+    else:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        try:
+            ds = datasets.load_dataset(
+                builder, data_files=[str(f) for f in files], split="train", streaming=True
+            )
+        except Exception as e:  # datasets raises many types for unreadable files
+            raise RecipeError(
+                f"cannot read source {source!r}: {type(e).__name__}: {e}", key="--source"
+            ) from None
+        docs = _hf_rows_to_text(ds, text_field, repr(source))
+    return {None: _guard_read(docs, source)}
+
+
+def _read_text(files: Sequence[pathlib.Path], one_doc_per_file: bool) -> Iterator[str]:
+    """Text files: one document per file (folders) or per blank-line separated paragraph (a single file)."""
+    import re
+
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(
+                f"cannot read source file {str(f)!r}: not UTF-8 text ({e.reason})", key="--source"
+            ) from None
+        if one_doc_per_file:
+            if text.strip():
+                yield text.strip()
+        else:
+            for para in re.split(r"\n[ \t]*\n", text):
+                if para.strip():
+                    yield para.strip()
+
+
+def _read_jsonl(files: Sequence[pathlib.Path], field: str) -> Iterator[str]:
+    """JSON Lines files: the ``field`` of each row (rows where it is null are skipped)."""
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{str(f)!r} line {lineno}"
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise RecipeError(
+                        f"cannot read source {where}: invalid JSON ({e})", key="--source"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise RecipeError(
+                        f"cannot read source {where}: expected a JSON object per line", key="--source"
+                    )
+                yield from _hf_rows_to_text([row], field, where)
+
+
+def _read_parquet(files: Sequence[pathlib.Path], field: str) -> Iterator[str]:
+    """Parquet files: the ``field`` column, streamed in record batches."""
+    import pyarrow.parquet as pq
+
+    for f in files:
+        pf = pq.ParquetFile(f)
+        if field not in pf.schema_arrow.names:
+            raise RecipeError(
+                f"{str(f)!r} has no column {field!r} (columns: {', '.join(pf.schema_arrow.names)}); set --text-field",
+                key="--text-field",
+            )
+        for batch in pf.iter_batches(columns=[field], batch_size=1024):
+            for value in batch.column(0).to_pylist():
+                if value is None:
+                    continue
+                if not isinstance(value, str):
+                    raise RecipeError(
+                        f"column {field!r} of {str(f)!r} holds {type(value).__name__}, not text"
+                    )
+                yield value
+
+
+def _guard_read(docs: Iterator[str], source: str) -> Iterator[str]:
+    # Parse errors surface lazily while streaming; turn them into one clear message naming the source.
+    try:
+        yield from docs
+    except RecipeError:
+        raise
+    except Exception as e:
+        raise RecipeError(f"cannot read source {source!r}: {type(e).__name__}: {e}", key="--source") from None
+
+
+def _open_hf(source: str, text_field: str) -> dict[Optional[str], Iterable[str]]:
+    parts = source[3:].split(":")
+    if not parts[0] or len(parts) > 2:
+        raise RecipeError(
+            f"malformed source {source!r}; use hf:NAME or hf:NAME:CONFIG (e.g. hf:allenai/c4:en)"
+        )
+    name, config = parts[0], (parts[1] if len(parts) == 2 else None)
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    try:
+        dsd = datasets.load_dataset(name, config, streaming=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(
+            f"cannot open Hugging Face dataset {source!r} ({msg}); hub datasets need internet - offline, "
+            "use a local file or 'embedded'",
+            key="--source",
+        ) from None
+    out: dict[Optional[str], Iterable[str]] = {}
+    if "train" in dsd:
+        out["train"] = _guard_read(_hf_rows_to_text(dsd["train"], text_field, source), source)
+    for v in SOURCE_VAL_NAMES:
+        if v in dsd:
+            out["val"] = _guard_read(_hf_rows_to_text(dsd[v], text_field, source), source)
+            break
+    if not out:
+        only = next(iter(dsd))
+        out[None] = _guard_read(_hf_rows_to_text(dsd[only], text_field, source), source)
+    elif "train" not in out:
+        raise RecipeError(f"{source!r} has no 'train' split (splits: {', '.join(dsd)})", key="--source")
+    return out
+
+
+def split_long(doc: str, max_chars: int) -> list[str]:
+    """Cut a document into pieces of at most ``max_chars``, at paragraph, then line, then space boundaries."""
+    if len(doc) <= max_chars:
+        return [doc]
+    pieces: list[str] = []
+    cur = ""
+    for para in doc.split("\n\n"):
+        while len(para) > max_chars:
+            cut = max(para.rfind("\n", 0, max_chars), para.rfind(" ", 0, max_chars))
+            cut = cut if cut > 0 else max_chars
+            if cur:
+                pieces.append(cur)
+                cur = ""
+            pieces.append(para[:cut])
+            para = para[cut:].lstrip()
+        if cur and len(cur) + 2 + len(para) > max_chars:
+            pieces.append(cur)
+            cur = para
+        else:
+            cur = f"{cur}\n\n{para}" if cur else para
+    if cur:
+        pieces.append(cur)
+    return [p for p in (p.strip() for p in pieces) if p]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenization (worker processes)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FastTokenizer:
+    """A ``tokenizers.Tokenizer`` (as JSON, picklable) and its BOS/EOS ids; loading needs no transformers."""
+
+    name: str
+    json: str
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+
+
+def _special_content(v: Any) -> Optional[str]:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def load_fast_tokenizer(name_or_path: str) -> FastTokenizer:
+    """Load a tokenizer for batched encoding: a local HF folder (tokenizer.json) directly, else through HF."""
+    from tokenizers import Tokenizer
+
+    path = pathlib.Path(os.path.expanduser(name_or_path))
+    if (path / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        specials: dict[str, Any] = {}
+        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+            f = path / fname
+            if f.is_file():
+                with open(f) as fh:
+                    specials.update(
+                        {k: v for k, v in json.load(fh).items() if k in ("bos_token", "eos_token")}
+                    )
+        bos = _special_content(specials.get("bos_token"))
+        eos = _special_content(specials.get("eos_token"))
+        bos_id = tok.token_to_id(bos) if bos else None
+        eos_id = tok.token_to_id(eos) if eos else None
+    else:
+        from llmfoundry_lite.data.tokenizers import hf_tokenizer
+
+        try:
+            hf = hf_tokenizer(name_or_path)
+        except RecipeError as e:
+            raise RecipeError(e.detail, key="--tokenizer") from None
+        if not getattr(hf, "is_fast", False):
+            raise RecipeError(
+                f"tokenizer {name_or_path!r} has no fast (Rust) version; batched conversion needs one"
+            )
+        tok, bos_id, eos_id = hf.backend_tokenizer, hf.bos_token_id, hf.eos_token_id
+    tok.no_truncation()
+    tok.no_padding()
+    return FastTokenizer(name_or_path, tok.to_str(), bos_id, eos_id)
+
+
+_worker_tok: Any = None
+
+
+def _worker_init(tok_json: str) -> None:
+    global _worker_tok
+    # One thread per worker process: the processes already fill the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _worker_tok = Tokenizer.from_str(tok_json)
+
+
+def _encode_chunk(task: tuple[str, list[str], Optional[int], Optional[int]]) -> tuple[str, int, Any]:
+    """Tokenize one chunk of documents; return (split, n_docs, flat int32 ids with BOS/EOS around each doc)."""
+    import numpy as np
+
+    split, texts, bos, eos = task
+    # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which packing does not need.
+    encode = getattr(_worker_tok, "encode_batch_fast", _worker_tok.encode_batch)
+    encs = encode(texts, add_special_tokens=False)
+    pieces = []
+    pre = np.array([bos], dtype=np.int32) if bos is not None else None
+    post = np.array([eos], dtype=np.int32) if eos is not None else None
+    for e in encs:
+        if pre is not None:
+            pieces.append(pre)
+        pieces.append(np.asarray(e.ids, dtype=np.int32))
+        if post is not None:
+            pieces.append(post)
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+    return split, len(texts), flat
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conversion
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SplitStats:
+    """What one split folder received."""
+
+    documents: int = 0
+    tokens: int = 0
+    samples: int = 0
+    shards: int = 0
+    bytes: int = 0
+
+
+@dataclasses.dataclass
+class ConvertSummary:
+    """Result of a conversion: per-split stats, wall time, and where the splits are."""
+
+    out: str
+    mode: str
+    splits: dict[str, SplitStats]
+    seconds: float
+
+    @property
+    def documents(self) -> int:
+        """Documents over all splits."""
+        return sum(s.documents for s in self.splits.values())
+
+    @property
+    def tokens(self) -> int:
+        """Tokens over all splits (0 in raw mode without a tokenizer)."""
+        return sum(s.tokens for s in self.splits.values())
+
+    def format(self) -> str:
+        """A human-readable closing summary."""
+        lines = [f"converted to {self.out} ({self.mode}) in {self.seconds:.1f} s"]
+        for name, s in self.splits.items():
+            tok = f", {s.tokens:,} tokens" if s.tokens else ""
+            lines.append(
+                f"  {name}: {s.documents:,} documents{tok}, {s.samples:,} samples, {s.shards} shard(s), "
+                f"{s.bytes / 1e6:.2f} MB"
+            )
+        rate = f", {self.tokens / self.seconds:,.0f} tok/s" if self.tokens and self.seconds > 0 else ""
+        lines.append(f"  total: {self.documents:,} documents{rate}")
+        return "\n".join(lines)
+
+
+class _HoldOut:
+    """Stratified held-out selection: documents come in blocks of ~1/f; one seeded-random document per block.
+
+    Deterministic for a seed, exact to the fraction, spread evenly over the stream, and it needs no corpus size.
+    """
+
+    def __init__(self, fraction: float, seed: int):
+        self.f = fraction
+        self.rng = random.Random(seed)
+        self.i = 0
+        self.block = -1
+        self.end = 0
+        self._next_block()
+
+    def _bound(self, k: int) -> int:
+        return math.ceil(round(k / self.f, 6))
+
+    def _next_block(self) -> None:
+        self.block += 1
+        start, self.end = self._bound(self.block), self._bound(self.block + 1)
+        self.pick = self.rng.randrange(start, self.end)
+
+    def is_val(self) -> bool:
+        """Whether the next document goes to the held-out split."""
+        i, self.i = self.i, self.i + 1
+        if i >= self.end:
+            self._next_block()
+        return i == self.pick
+
+
+def _routed_docs(
+    sources: dict[Optional[str], Iterable[str]],
+    splits: Sequence[str],
+    val_fraction: float,
+    seed: int,
+    max_chars: Optional[int],
+) -> Iterator[tuple[str, str]]:
+    """(split, document) pairs in a deterministic order."""
+    # Hold out val documents from the training stream when val is wanted and the source has no val split.
+    hold_out = "val" in splits and "val" not in sources
+    for src_split, docs in sources.items():
+        if src_split is not None and src_split not in splits and not (src_split == "train" and hold_out):
+            continue
+        hold = _HoldOut(val_fraction, seed) if (hold_out and src_split in (None, "train")) else None
+        for doc in docs:
+            if not doc or not doc.strip():
+                continue
+            if hold is not None:
+                split = "val" if hold.is_val() else "train"
+            else:
+                split = src_split or "train"
+            if split not in splits:
+                continue
+            for piece in split_long(doc, max_chars) if max_chars else (doc,):
+                yield split, piece
+
+
+def _chunks(pairs: Iterator[tuple[str, str]], bos: Optional[int], eos: Optional[int], counts: dict[str, int]):
+    """Group routed documents into per-split tokenization tasks (independent of the number of workers)."""
+    pending: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    for split, doc in pairs:
+        counts[split] = counts.get(split, 0) + 1
+        lst = pending.setdefault(split, [])
+        lst.append(doc)
+        sizes[split] = sizes.get(split, 0) + len(doc)
+        if len(lst) >= CHUNK_DOCS or sizes[split] >= CHUNK_CHARS:
+            yield split, lst, bos, eos
+            pending[split], sizes[split] = [], 0
+    for split, lst in pending.items():
+        if lst:
+            yield split, lst, bos, eos
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.t0 = time.perf_counter()
+        self.docs = 0
+        self.tokens = 0
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" docs", dynamic_ncols=True, file=sys.stderr, mininterval=0.5, leave=False)
+
+    def update(self, docs: int, tokens: int) -> None:
+        self.docs += docs
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(docs)
+            dt = max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(
+                f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s", refresh=False
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _parse_splits(splits: Sequence[str] | str) -> list[str]:
+    names = [s.strip() for s in (splits.split(",") if isinstance(splits, str) else splits) if s.strip()]
+    if not names or len(set(names)) != len(names):
+        raise RecipeError(f"--splits must list distinct split names, got {splits!r}", key="--splits")
+    bad = [n for n in names if n not in ("train", "val")]
+    if bad:
+        raise RecipeError(f"unknown split {bad[0]!r}; --splits takes train and/or val", key="--splits")
+    return names
+
+
+def convert(
+    source: str,
+    out: str | os.PathLike,
+    *,
+    splits: Sequence[str] | str = ("train", "val"),
+    val_fraction: float = 0.05,
+    seed: int = 17,
+    compression: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    concat_tokens: Optional[int] = None,
+    bos: Optional[bool] = None,
+    eos: Optional[bool] = None,
+    text_field: str = "text",
+    num_workers: Optional[int] = None,
+    max_chars: Optional[int] = None,
+    size_limit: str | int = "64mb",
+    progress: bool = False,
+) -> ConvertSummary:
+    """Convert ``source`` into MDS splits under ``out`` (raw text, or concatenated token rows of ``concat_tokens``)."""
+    t0 = time.perf_counter()
+    names = _parse_splits(splits)
+    if "val" in names and not 0.0 < val_fraction < 1.0:
+        raise RecipeError(f"--val-fraction must be in (0, 1), got {val_fraction}", key="--val-fraction")
+    if concat_tokens is not None and concat_tokens <= 0:
+        raise RecipeError(f"--concat-tokens must be positive, got {concat_tokens}", key="--concat-tokens")
+    if concat_tokens is not None and tokenizer is None:
+        raise RecipeError(
+            "--concat-tokens needs --tokenizer (a local folder or a hub name)", key="--tokenizer"
+        )
+    if max_chars is not None and max_chars < 16:
+        raise RecipeError(f"--max-chars must be at least 16, got {max_chars}", key="--max-chars")
+    if compression not in (None, "zstd", "gz", "bz2", "snappy", "br") and not str(compression).startswith(
+        ("zstd:", "gz:", "bz2:", "br:")
+    ):
+        raise RecipeError(
+            f"unknown compression {compression!r}; use zstd (or gz, bz2, br, snappy)", key="--compression"
+        )
+    out = pathlib.Path(os.path.expanduser(str(out)))
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out {str(out)!r} is a file; give a folder", key="--out")
+
+    fast = load_fast_tokenizer(tokenizer) if tokenizer else None
+    bos_id = eos_id = None
+    if fast is not None and concat_tokens is not None:
+        bos_id = _resolve_special(fast, "bos", bos)
+        eos_id = _resolve_special(fast, "eos", eos)
+        if bos_id is None and eos_id is None and bos is None and eos is None:
+            raise RecipeError(
+                f"tokenizer {tokenizer!r} has no eos (or bos) token to separate packed documents; use a tokenizer "
+                "with one (e.g. `data tokenizer --train --kind bpe`) or pass --no-eos to pack without separators",
+                key="--tokenizer",
+            )
+    sources = open_source(source, text_field)
+    pairs = _routed_docs(sources, names, val_fraction, seed, max_chars)
+
+    # Worker processes start before streaming (and torch) are imported, so tokenization overlaps the import.
+    workers = _num_workers(num_workers) if concat_tokens is not None else 0
+    counts: dict[str, int] = {}
+    pool = None
+    results: Iterator[Any]
+    if concat_tokens is not None:
+        tasks = _chunks(pairs, bos_id, eos_id, counts)
+        if workers > 0:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            pool = ctx.Pool(workers, initializer=_worker_init, initargs=(fast.json,))
+            results = pool.imap(_encode_chunk, tasks, chunksize=1)
+        else:
+            _worker_init_inproc(fast.json)
+            results = map(_encode_chunk, tasks)
+    else:
+        results = iter(pairs)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp_dirs = {n: out / f".{n}.partial-{os.getpid()}" for n in names}
+    for d in tmp_dirs.values():
+        shutil.rmtree(d, ignore_errors=True)
+    stats = {n: SplitStats() for n in names}
+    bar = _Progress(progress)
+    writers: dict[str, Any] = {}
+    try:
+        MDSWriter = import_mds_writer()
+        if concat_tokens is not None:
+            columns = {"tokens": f"ndarray:int32:{concat_tokens}"}
+        else:
+            columns = {"text": "str"}
+        for n in names:
+            writers[n] = MDSWriter(
+                out=str(tmp_dirs[n]), columns=columns, compression=compression, size_limit=size_limit
+            )
+        if concat_tokens is not None:
+            _write_concat(results, writers, stats, concat_tokens, bar)
+        else:
+            _write_raw(results, writers, stats, bar, fast)
+        for n in names:
+            stats[n].documents = counts.get(n, stats[n].documents)
+        empty = [n for n in names if stats[n].samples == 0]
+        if empty:
+            detail = f"fewer than {concat_tokens} tokens" if concat_tokens else "no documents"
+            raise RecipeError(
+                f"source {source!r} gave split {empty[0]!r} {detail}; "
+                + (
+                    "use a larger source, a smaller --concat-tokens or a larger --val-fraction"
+                    if concat_tokens
+                    else "check the source and --text-field, or use --splits train"
+                ),
+                key="--source",
+            )
+        for n in names:
+            writers[n].finish()
+        writers.clear()
+        for n in names:
+            _publish(tmp_dirs[n], out / n, stats[n])
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for w in writers.values():  # failed: stop writers without writing an index.json
+            try:
+                w.cancel_future_jobs()
+            except Exception:
+                pass
+        for d in tmp_dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+    mode = f"concat {concat_tokens} tokens" if concat_tokens else "raw text"
+    return ConvertSummary(str(out), mode, stats, time.perf_counter() - t0)
+
+
+def import_mds_writer() -> type:
+    """streaming's ``MDSWriter``, importing the package ``__init__`` files (and transformers with them) lazily.
+
+    ``import streaming`` costs ~4 s of CPU, the largest part of converting a small corpus, because its
+    ``__init__`` pulls in every dataset class and transformers; the writer needs only leaf modules. The four
+    packages on the way are registered as modules whose real ``__init__`` runs, in place, on the first access
+    to a name it defines (PEP 562 ``__getattr__``), so ``from streaming import StreamingDataset`` later in the
+    process works as usual and the writer class is the same object. Any surprise falls back to the plain import.
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    if "streaming" in sys.modules:
+        from streaming import MDSWriter
+
+        return MDSWriter
+    added: list[str] = []
+    try:
+        for name in ("streaming", "streaming.base", "streaming.base.format", "streaming.base.format.mds"):
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.submodule_search_locations is None or spec.loader is None:
+                raise ImportError(name)
+            sys.modules[name] = _deferred_package(types.ModuleType(name), spec)
+            if added:  # bind to the parent as the import system would
+                setattr(sys.modules[added[-1]], name.rsplit(".", 1)[1], sys.modules[name])
+            added.append(name)
+        return importlib.import_module("streaming.base.format.mds.writer").MDSWriter
+    except Exception:
+        for name in added:
+            sys.modules.pop(name, None)
+        from streaming import MDSWriter
+
+        return MDSWriter
+
+
+def _deferred_package(mod: Any, spec: Any) -> Any:
+    mod.__spec__, mod.__loader__, mod.__file__ = spec, spec.loader, spec.origin
+    mod.__path__, mod.__package__ = list(spec.submodule_search_locations), spec.name
+
+    def __getattr__(attr: str) -> Any:
+        # First miss: run the real __init__ in this module's namespace (submodules bound so far are kept).
+        mod.__dict__.pop("__getattr__", None)
+        exec(spec.loader.get_code(spec.name), mod.__dict__)
+        try:
+            return mod.__dict__[attr]
+        except KeyError:
+            raise AttributeError(f"module {spec.name!r} has no attribute {attr!r}") from None
+
+    mod.__getattr__ = __getattr__
+    return mod
+
+
+def _worker_init_inproc(tok_json: str) -> None:
+    from tokenizers import Tokenizer
+
+    global _worker_tok
+    _worker_tok = Tokenizer.from_str(tok_json)
+
+
+def _num_workers(requested: Optional[int]) -> int:
+    if requested is not None:
+        if requested < 0:
+            raise RecipeError(f"--num-workers must be >= 0, got {requested}", key="--num-workers")
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _resolve_special(fast: FastTokenizer, which: str, wanted: Optional[bool]) -> Optional[int]:
+    tid = fast.bos_id if which == "bos" else fast.eos_id
+    if wanted is None:  # default: use it when the tokenizer defines it
+        return tid
+    if not wanted:
+        return None
+    if tid is None:
+        raise RecipeError(
+            f"tokenizer {fast.name!r} has no {which} token but --{which} was requested; use --no-{which} or "
+            "a tokenizer that defines it",
+            key="--tokenizer",
+        )
+    return tid
+
+
+def _write_raw(
+    pairs: Iterator[tuple[str, str]],
+    writers: dict[str, Any],
+    stats: dict[str, SplitStats],
+    bar: _Progress,
+    fast: Optional[FastTokenizer],
+) -> None:
+    tok = None
+    if fast is not None:  # only to report token counts
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(fast.json)
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        lens = (
+            [len(e.ids) for e in tok.encode_batch([d for _, d in batch], add_special_tokens=False)]
+            if tok
+            else ([0] * len(batch))
+        )
+        for (split, doc), n_tok in zip(batch, lens):
+            writers[split].write({"text": doc})
+            st = stats[split]
+            st.documents += 1
+            st.samples += 1
+            st.tokens += n_tok
+        bar.update(len(batch), sum(lens))
+        batch.clear()
+
+    for pair in pairs:
+        batch.append(pair)
+        if len(batch) >= CHUNK_DOCS:
+            flush()
+    if batch:
+        flush()
+
+
+def _write_concat(
+    results: Iterator[Any], writers: dict[str, Any], stats: dict[str, SplitStats], n: int, bar: _Progress
+) -> None:
+    import numpy as np
+
+    carry: dict[str, Any] = {}
+    for split, n_docs, flat in results:
+        buf = np.concatenate([carry[split], flat]) if split in carry else flat
+        rows = len(buf) // n
+        w = writers[split]
+        for r in range(rows):
+            w.write({"tokens": buf[r * n : (r + 1) * n]})
+        carry[split] = buf[rows * n :]
+        st = stats[split]
+        st.tokens += len(flat)
+        st.samples += rows
+        bar.update(n_docs, len(flat))
+
+
+def _publish(tmp: pathlib.Path, final: pathlib.Path, stats: SplitStats) -> None:
+    """Rename a finished split into place (replacing an older one) and record its shard count and size."""
+    with open(tmp / "index.json") as f:
+        stats.shards = len(json.load(f)["shards"])
+    stats.bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inspection
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _shard_samples(split_path: str, shard: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples of one shard, decompressing in memory when only the zip file is there."""
+    import numpy as np
+    from streaming.base.compression import decompress
+    from streaming.base.format.mds.encodings import mds_decode
+
+    raw = shard["raw_data"]
+    raw_file = os.path.join(split_path, raw["basename"])
+    if os.path.isfile(raw_file):
+        with open(raw_file, "rb") as f:
+            data = f.read()
+    else:
+        with open(os.path.join(split_path, shard["zip_data"]["basename"]), "rb") as f:
+            data = decompress(shard["compression"], f.read())
+    count = int(np.frombuffer(data[:4], np.uint32)[0])
+    offsets = np.frombuffer(data[4 : 4 + 4 * (count + 1)], np.uint32)
+    out = []
+    for i in range(min(n, count)):
+        sample_bytes = data[offsets[i] : offsets[i + 1]]
+        idx = 0
+        sample = {}
+        sizes = []
+        for size in shard["column_sizes"]:
+            if size is None:
+                size = int(np.frombuffer(sample_bytes[idx : idx + 4], np.uint32)[0])
+                idx += 4
+            sizes.append(size)
+        for name, enc, size in zip(shard["column_names"], shard["column_encodings"], sizes):
+            sample[name] = mds_decode(enc, sample_bytes[idx : idx + size])
+            idx += size
+        out.append(sample)
+    return out
+
+
+def inspect_dataset(path: str, samples: int = 3, tokenizer: Optional[str] = None, chars: int = 300) -> str:
+    """Counts (samples, shards, bytes, columns) of each split under ``path`` and a few decoded samples."""
+    from llmfoundry_lite.data.loaders import columns, read_index
+
+    root = os.path.expanduser(path)
+    if not os.path.isdir(root):
+        raise RecipeError(f"dataset folder {path!r} does not exist")
+    if os.path.isfile(os.path.join(root, "index.json")):
+        split_paths = [(os.path.basename(os.path.normpath(root)), root)]
+    else:
+        split_paths = [
+            (d, os.path.join(root, d))
+            for d in sorted(os.listdir(root))
+            if os.path.isfile(os.path.join(root, d, "index.json"))
+        ]
+        if not split_paths:
+            raise RecipeError(f"no index.json in {path!r} or its sub-folders; it is not an MDS dataset")
+    decode = None
+    if tokenizer:
+        from tokenizers import Tokenizer
+
+        decode = Tokenizer.from_str(load_fast_tokenizer(tokenizer).json).decode
+    lines = []
+    for name, sp in split_paths:
+        index = read_index(sp)
+        shards = index["shards"]
+        n_samples = sum(s["samples"] for s in shards)
+        n_bytes = sum(os.path.getsize(os.path.join(sp, p)) for p in os.listdir(sp))
+        cols = ", ".join(f"{k}: {v}" for k, v in columns(index).items())
+        comp = shards[0].get("compression") if shards else None
+        lines.append(
+            f"{name}: {n_samples:,} samples, {len(shards)} shard(s), {n_bytes / 1e6:.2f} MB"
+            f"{f', {comp}' if comp else ''} - columns {cols}"
+        )
+        if n_samples and "tokens" in columns(index):
+            lines[-1] += f" - {n_samples * len(_shard_samples(sp, shards[0], 1)[0]['tokens']):,} tokens"
+        for i, sample in enumerate(_shard_samples(sp, shards[0], samples) if shards else []):
+            if "text" in sample:
+                shown = str(sample["text"])
+            elif "tokens" in sample:
+                ids = [int(t) for t in sample["tokens"]]
+                shown = decode(ids, skip_special_tokens=False) if decode else f"ids {ids[:32]}..."
+            else:
+                shown = repr(sample)
+            shown = shown[:chars].replace("\n", "\\n")
+            lines.append(f"  [{i}] {shown}")
+    return "\n".join(lines)

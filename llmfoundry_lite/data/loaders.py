@@ -1,0 +1,233 @@
+"""The ``text`` dataloader: MDS shards (raw text or concatenated tokens) through streaming's StreamingDataset.
+
+Recipe block::
+
+    train_loader:
+      name: text
+      local: ./data/embedded          # a local MDS folder (a cache folder when `remote` is set)
+      remote: null                    # s3://, gs://, oci://, ... anything streaming supports
+      split: train
+      max_seq_len: 128
+      shuffle: true
+      collator: {name: mlm, mlm_probability: 0.3}
+
+Per-rank partitioning, shuffling and mid-epoch resumption are streaming's: Composer saves
+``dataset.state_dict()`` in checkpoints and restores it, so a resumed run sees exactly the samples an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.errors import RecipeError
+
+_cleaned_shm = False
+
+
+def clean_stale_shared_memory_once() -> None:
+    """Remove shared memory leaked by earlier (crashed) streaming runs; once per process.
+
+    Stale entries only conflict with datasets that have a ``remote`` ("Reused local directory"), and the
+    cleanup unlinks every streaming segment on the machine, so it runs once, before the first remote dataset.
+    """
+    global _cleaned_shm
+    if _cleaned_shm:
+        return
+    _cleaned_shm = True
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+
+
+def _has_scheme(path: str) -> bool:
+    return "://" in path
+
+
+def split_dir(root: str, split: Optional[str], key: str = "local") -> str:
+    """The folder of ``split`` under ``root`` (checked: exists and has index.json), else RecipeError."""
+    root = os.path.expanduser(root)
+    if not os.path.isdir(root):
+        raise RecipeError(
+            f"dataset folder {root!r} does not exist; build one with `llmfoundry-lite data convert "
+            f"--source embedded --out {root}`",
+            key=key,
+        )
+    path = os.path.join(root, split) if split else root
+    if split and not os.path.isdir(path):
+        found = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "index.json")))
+        raise RecipeError(
+            f"split {split!r} not found in {root!r}; available splits: {', '.join(found) or '(none)'}",
+            key="split",
+        )
+    if not os.path.isfile(os.path.join(path, "index.json")):
+        subs = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "index.json")))
+        hint = (
+            f"; it has splits {', '.join(subs)}: set `split:`"
+            if subs
+            else (
+                "; it is not an MDS dataset (an unfinished conversion leaves none) - rerun `llmfoundry-lite data convert`"
+            )
+        )
+        raise RecipeError(f"no index.json in {path!r}{hint}", key=key)
+    return path
+
+
+def read_index(path: str) -> dict[str, Any]:
+    """Parse ``path/index.json`` and check that every shard file is there with its recorded size."""
+    index_file = os.path.join(path, "index.json")
+    try:
+        with open(index_file) as f:
+            index = json.load(f)
+        shards = index["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RecipeError(
+            f"corrupt MDS index {index_file!r} ({e}); rerun `llmfoundry-lite data convert`"
+        ) from None
+    for shard in shards:
+        # A shard is usable if its raw file is complete, or (compressed datasets) its zip file is.
+        candidates = [shard.get("raw_data"), shard.get("zip_data")]
+        ok, problem = False, None
+        for info in candidates:
+            if not info:
+                continue
+            file = os.path.join(path, info["basename"])
+            if os.path.isfile(file):
+                size = os.path.getsize(file)
+                if size == info["bytes"]:
+                    ok = True
+                    break
+                problem = (
+                    f"shard {file!r} has {size} bytes, index.json says {info['bytes']} (truncated or corrupt)"
+                )
+            elif problem is None:
+                problem = f"shard file {file!r} listed in index.json is missing"
+        if not ok:
+            raise RecipeError(f"{problem}; rerun `llmfoundry-lite data convert` to rebuild the dataset")
+    return index
+
+
+def columns(index: dict[str, Any]) -> dict[str, str]:
+    """Column name -> MDS encoding of the first shard."""
+    if not index.get("shards"):
+        return {}
+    s = index["shards"][0]
+    return dict(zip(s.get("column_names", []), s.get("column_encodings", [])))
+
+
+def concat_length(index: dict[str, Any]) -> Optional[int]:
+    """Fixed length N of the ``tokens`` column (``ndarray:int32:N``), or None for raw text / dynamic shapes."""
+    enc = columns(index).get("tokens")
+    if not enc:
+        return None
+    parts = enc.split(":")
+    return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else None
+
+
+def _get_num_tokens_in_batch(batch: Any) -> int:
+    # Real tokens only: padding does not count toward Composer's throughput or `tok` durations.
+    if isinstance(batch, dict) and "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+@registry.dataloaders.register("text")
+def build_text_dataloader(
+    tokenizer: Any,
+    device_batch_size: int,
+    *,
+    max_seq_len: int,
+    local: Optional[str] = None,
+    remote: Optional[str] = None,
+    split: Optional[str] = None,
+    collator: Optional[dict] = None,
+    shuffle: bool = False,
+    shuffle_seed: int = 9176,
+    shuffle_algo: str = "py1e",
+    shuffle_block_size: Optional[int] = None,
+    num_canonical_nodes: Optional[int] = None,
+    predownload: Optional[int] = None,
+    cache_limit: Optional[str] = None,
+    download_retry: int = 2,
+    download_timeout: float = 60.0,
+    epoch_size: Optional[int] = None,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+    prefetch_factor: Optional[int] = None,
+    persistent_workers: bool = False,
+    timeout: float = 0.0,
+) -> Any:
+    """MDS shards (raw text or token rows) -> batches via StreamingDataset; collator mlm/causal_lm (auto)."""
+    import torch
+    from composer.core import DataSpec
+    from streaming import StreamingDataset
+
+    if max_seq_len <= 0:
+        raise RecipeError(f"max_seq_len must be positive, got {max_seq_len}", key="max_seq_len")
+    if local is None and remote is None:
+        raise RecipeError("set `local:` (an MDS folder) or `remote:` (s3://..., gs://...)", key="local")
+    # A remote that is a plain path is a local dataset copied into `local`: check it like one.
+    index = None
+    if remote is None or not _has_scheme(remote):
+        src = remote if remote is not None else local
+        index = read_index(split_dir(src, split, key="remote" if remote is not None else "local"))
+        n = concat_length(index)
+        if n is not None and max_seq_len > n:
+            raise RecipeError(
+                f"max_seq_len {max_seq_len} is larger than the {n}-token rows of {src!r}; lower max_seq_len or "
+                f"reconvert with `--concat-tokens {max_seq_len}`",
+                key="max_seq_len",
+            )
+    else:
+        clean_stale_shared_memory_once()
+
+    cols = columns(index) if index is not None else {}
+    if collator is None:
+        # Token rows -> causal LM; raw text -> MLM when the tokenizer can mask, else causal LM.
+        has_mask = getattr(tokenizer, "mask_token", None) is not None
+        collator = {"name": "causal_lm" if ("tokens" in cols or not has_mask) else "mlm"}
+    collate_fn = registry.build(
+        "collators", collator, "collator", tokenizer=tokenizer, max_seq_len=max_seq_len
+    )
+
+    try:
+        dataset = StreamingDataset(
+            local=os.path.expanduser(local) if local else None,
+            remote=remote,
+            split=split,
+            shuffle=shuffle,
+            shuffle_seed=shuffle_seed,
+            shuffle_algo=shuffle_algo,
+            shuffle_block_size=shuffle_block_size,
+            num_canonical_nodes=num_canonical_nodes,
+            predownload=predownload,
+            cache_limit=cache_limit,
+            download_retry=download_retry,
+            download_timeout=download_timeout,
+            epoch_size=epoch_size,
+            batch_size=device_batch_size,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise RecipeError(
+            f"cannot open dataset local={local!r} remote={remote!r} split={split!r}: {e}"
+        ) from None
+
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=device_batch_size,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=persistent_workers and num_workers > 0,
+        timeout=timeout,
+    )
+    return DataSpec(loader, get_num_tokens_in_batch=_get_num_tokens_in_batch)
+
+
+build_text_dataloader.__nested_components__ = {"collator": "collators"}
