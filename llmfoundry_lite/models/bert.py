@@ -1,0 +1,595 @@
+"""BERT-family encoders: MosaicBERT and classic BERT are two configurations of one class.
+
+Read top to bottom: config -> embeddings -> Post-LN layer -> encoder trunk (with unpadding) -> masked-only
+MLM head -> Hugging Face checkpoint import -> Composer wrapper and recipe builders.
+
+MosaicBERT (Portes et al. 2023) = ALiBi instead of learned positions, GeGLU feed-forward, low-precision
+LayerNorm, unpadding (padding tokens never reach the projections/FFNs), an MLM head evaluated only at
+masked positions, vocabulary padded to a multiple of 64, no NSP. Classic BERT = learned positions,
+GELU MLP, LayerNorm; it loads Hugging Face ``BertModel`` / ``BertForMaskedLM`` weights exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, MaskedAccuracy
+from composer.models import ComposerModel
+from torch import nn
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.layers import (
+    GeGLU,
+    GeluMLP,
+    SelfAttention,
+    Unpadded,
+    alibi_slopes,
+    make_norm,
+    pad,
+    unpad,
+    unpad_info,
+)
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BertConfig:
+    """Shape ("science") and execution ("impl") knobs of the encoder; ``unpad`` never changes results."""
+
+    vocab_size: int = 30528  # already padded to a multiple of 64 by the builders
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512  # learned positions only; ALiBi extrapolates beyond it
+    type_vocab_size: int = 2
+    position: Literal["alibi", "learned"] = "alibi"
+    ffn: Literal["geglu", "mlp"] = "geglu"
+    norm: Literal["layernorm", "low_precision_layernorm"] = "low_precision_layernorm"
+    unpad: bool = True
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    init_std: float = 0.02
+    pad_token_id: int = 0
+
+    @classmethod
+    def mosaic(cls, **kw: Any) -> BertConfig:
+        """MosaicBERT: ALiBi, GeGLU, low-precision LayerNorm, unpadding, no attention dropout."""
+        return cls(**kw)
+
+    @classmethod
+    def classic(cls, **kw: Any) -> BertConfig:
+        """Original BERT: learned positions, GELU MLP, LayerNorm, attention dropout 0.1."""
+        base = dict(position="learned", ffn="mlp", norm="layernorm", attention_dropout=0.1)
+        return cls(**{**base, **kw})
+
+    def validate(self, keypath: str = "model") -> None:
+        """Raise RecipeError naming the offending key for impossible shapes and values."""
+
+        def err(key: str, msg: str) -> RecipeError:
+            return RecipeError(msg, key=f"{keypath}.{key}" if keypath else key)
+
+        for key in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise err(key, f"must be a positive integer, got {v!r}")
+        if self.d_model % self.n_heads:
+            raise err(
+                "d_model",
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "pick n_heads that divides d_model",
+            )
+        for key in ("attention_dropout", "hidden_dropout"):
+            v = getattr(self, key)
+            if not 0.0 <= v < 1.0:
+                raise err(key, f"must be in [0, 1), got {v!r}")
+        if self.position not in ("alibi", "learned"):
+            raise err("position", f"expected 'alibi' or 'learned', got {self.position!r}")
+        if self.ffn not in ("geglu", "mlp"):
+            raise err("ffn", f"expected 'geglu' or 'mlp', got {self.ffn!r}")
+        if self.norm not in ("layernorm", "low_precision_layernorm"):
+            raise err("norm", f"expected 'layernorm' or 'low_precision_layernorm', got {self.norm!r}")
+        if self.layer_norm_eps <= 0:
+            raise err("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
+        if self.init_std <= 0:
+            raise err("init_std", f"must be positive, got {self.init_std!r}")
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round the vocabulary up to a multiple (tensor-core friendly GEMM shapes)."""
+    return int(math.ceil(n / multiple) * multiple)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embeddings and one Post-LN layer
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BertEmbeddings(nn.Module):
+    """Word + token-type (+ learned position) embeddings, then norm and dropout."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.position = (
+            nn.Embedding(cfg.max_position_embeddings, cfg.d_model) if cfg.position == "learned" else None
+        )
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(T,) ids of the real tokens (already unpadded) -> (T, d)."""
+        x = self.word(input_ids)
+        if token_type_ids is None:
+            x = x + self.token_type.weight[0]
+        else:
+            x = x + self.token_type(token_type_ids)
+        if self.position is not None:
+            x = x + self.position(position_ids)
+        return self.dropout(self.norm(x))
+
+
+class BertLayer(nn.Module):
+    """Post-LN transformer layer as in BERT: x = norm(x + drop(attn(x))); x = norm(x + drop(ffn(x)))."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
+        ffn_cls = GeGLU if cfg.ffn == "geglu" else GeluMLP
+        self.ffn = ffn_cls(cfg.d_model, cfg.intermediate_size)
+        self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, info: Unpadded, slopes: torch.Tensor | None) -> torch.Tensor:
+        """(T, d) -> (T, d) on the (unpadded) token stream."""
+        x = self.norm1(x + self.dropout(self.attn(x, info, slopes)))
+        return self.norm2(x + self.dropout(self.ffn(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The encoder trunk
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BertEncoder(nn.Module):
+    """Embeddings + N layers. ``forward(input_ids, attention_mask, token_type_ids=None) -> (B, S, d)``."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.n_layers))
+        slopes = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, Unpadded]:
+        """Hidden states of the real tokens only, (T, d), plus the unpadding info to scatter them back."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        info = unpad_info(attention_mask, keep_all=not self.cfg.unpad)
+        # Padding leaves here, before the embeddings: no later op ever sees it (ids are cheap to gather).
+        ids = unpad(input_ids, info)
+        types = unpad(token_type_ids, info) if token_type_ids is not None else None
+        positions = None
+        if self.embeddings.position is not None:
+            if info.seq_len > self.cfg.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {info.seq_len} exceeds max_position_embeddings="
+                    f"{self.cfg.max_position_embeddings} of learned positions (ALiBi models have no such limit)"
+                )
+            positions = info.indices % info.seq_len
+        x = self.embeddings(ids, types, positions)
+        for layer in self.layers:
+            x = layer(x, info, self.alibi_slopes)
+        return x, info
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Last hidden states (B, S, d); with unpadding, positions of padding tokens are zeros."""
+        x, info = self.encode(input_ids, attention_mask, token_type_ids)
+        return pad(x, info)
+
+    @classmethod
+    def from_hf(cls, path_or_name: str, **overrides: Any) -> BertEncoder:
+        """Classic-configuration encoder with the weights of a Hugging Face BERT checkpoint (folder or hub name).
+
+        ``overrides`` set execution/regularisation fields of :class:`BertConfig` (``unpad=True``,
+        ``hidden_dropout=0.0``...). By default padding positions are computed like transformers does.
+        """
+        cfg, enc_sd, _ = load_hf_bert(path_or_name, **{"unpad": False, **overrides})
+        enc = cls(cfg)
+        enc.load_state_dict(enc_sd)
+        return enc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masked-language-model head (only at masked positions; decoder tied to the word embeddings)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MLMHead(nn.Module):
+    """Dense -> GELU -> norm -> tied decoder + bias, as in BERT's ``cls.predictions``."""
+
+    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
+        self.word_embeddings = [word_embeddings]  # a list: tied, not registered twice
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        nn.init.normal_(self.transform.weight, std=cfg.init_std)
+        nn.init.zeros_(self.transform.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, d) -> (N, padded_vocab)."""
+        h = self.norm(F.gelu(self.transform(h)))
+        return F.linear(h, self.word_embeddings[0].weight, self.bias)
+
+
+@dataclass
+class MLMOutput:
+    """Training/eval output of :class:`BertMLM`: logits computed only where labels exist.
+
+    ``masked_logits`` (M, vocab) and ``masked_labels`` (M,) are what the loss and metrics use. The full
+    ``logits`` (B, S, vocab) satisfy the ``outputs.logits`` contract but are computed lazily, on first access,
+    by running the head over every real token (padding positions are zeros): nothing is paid unless asked for.
+    """
+
+    masked_logits: torch.Tensor
+    masked_labels: torch.Tensor
+    _hidden: torch.Tensor
+    _info: Unpadded
+    _head: MLMHead
+    _vocab: int
+    _logits: Optional[torch.Tensor] = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """All-position logits (B, S, vocab), materialised on first access."""
+        if self._logits is None:
+            self._logits = pad(self._head(self._hidden)[:, : self._vocab], self._info)
+        return self._logits
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face import
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_hf_bert(
+    path_or_name: str, key: str = "init_from_hf", **overrides: Any
+) -> tuple[BertConfig, dict, Optional[dict]]:
+    """(classic config, encoder state dict, MLM-head state dict or None) from an HF BERT checkpoint."""
+    from transformers import AutoConfig, BertForMaskedLM
+
+    try:
+        model_type = AutoConfig.from_pretrained(path_or_name).model_type
+        if model_type != "bert":
+            raise RecipeError(f"{path_or_name!r} is a {model_type!r} checkpoint, not BERT", key=key)
+        hf, info = BertForMaskedLM.from_pretrained(path_or_name, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RecipeError(
+            f"cannot load a Hugging Face BERT checkpoint from {path_or_name!r} ({first}); use a local folder "
+            "saved by transformers (hub names need internet)",
+            key=key,
+        ) from None
+    hc = hf.config
+    if getattr(hc, "position_embedding_type", "absolute") != "absolute":
+        raise RecipeError(f"{path_or_name}: only absolute position embeddings are supported", key=key)
+    if hc.hidden_act not in ("gelu", "gelu_python"):
+        raise RecipeError(
+            f"{path_or_name}: hidden_act {hc.hidden_act!r} is not supported (need 'gelu')", key=key
+        )
+    vocab = pad_vocab(hc.vocab_size)
+    kw = dict(
+        vocab_size=vocab,
+        d_model=hc.hidden_size,
+        n_layers=hc.num_hidden_layers,
+        n_heads=hc.num_attention_heads,
+        intermediate_size=hc.intermediate_size,
+        max_position_embeddings=hc.max_position_embeddings,
+        type_vocab_size=hc.type_vocab_size,
+        attention_dropout=hc.attention_probs_dropout_prob,
+        hidden_dropout=hc.hidden_dropout_prob,
+        layer_norm_eps=hc.layer_norm_eps,
+        init_std=hc.initializer_range,
+        pad_token_id=hc.pad_token_id if hc.pad_token_id is not None else 0,
+    )
+    cfg = BertConfig.classic(**{**kw, **overrides})
+    sd = hf.state_dict()
+    extra = vocab - hc.vocab_size
+
+    def padrows(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) if extra else t
+
+    e = "bert.embeddings."
+    enc = {
+        "embeddings.word.weight": padrows(sd[e + "word_embeddings.weight"]),
+        "embeddings.position.weight": sd[e + "position_embeddings.weight"],
+        "embeddings.token_type.weight": sd[e + "token_type_embeddings.weight"],
+        "embeddings.norm.weight": sd[e + "LayerNorm.weight"],
+        "embeddings.norm.bias": sd[e + "LayerNorm.bias"],
+    }
+    for i in range(hc.num_hidden_layers):
+        p, q = f"bert.encoder.layer.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            enc[q + f"attn.Wqkv.{kind}"] = torch.cat(
+                [sd[p + f"attention.self.{n}.{kind}"] for n in ("query", "key", "value")]
+            )
+            enc[q + f"attn.out.{kind}"] = sd[p + f"attention.output.dense.{kind}"]
+            enc[q + f"norm1.{kind}"] = sd[p + f"attention.output.LayerNorm.{kind}"]
+            enc[q + f"ffn.up.{kind}"] = sd[p + f"intermediate.dense.{kind}"]
+            enc[q + f"ffn.down.{kind}"] = sd[p + f"output.dense.{kind}"]
+            enc[q + f"norm2.{kind}"] = sd[p + f"output.LayerNorm.{kind}"]
+    head = None
+    if "cls.predictions.transform.dense.weight" not in set(info.get("missing_keys", [])):
+        c = "cls.predictions."
+        head = {
+            "transform.weight": sd[c + "transform.dense.weight"],
+            "transform.bias": sd[c + "transform.dense.bias"],
+            "norm.weight": sd[c + "transform.LayerNorm.weight"],
+            "norm.bias": sd[c + "transform.LayerNorm.bias"],
+            "bias": padrows(sd[c + "bias"]),
+        }
+    return cfg, {k: v.detach().clone() for k, v in enc.items()}, head
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Composer wrapper
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BertMLM(ComposerModel):
+    """Encoder + masked-only MLM head as a Composer model; ``.encoder`` is the trunk (for GLUE)."""
+
+    def __init__(self, cfg: BertConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size  # the tokenizer's; logits are sliced to it (padded rows never win)
+        self.encoder = BertEncoder(cfg)
+        self.head = MLMHead(cfg, self.encoder.embeddings.word)
+        self.train_metrics = {
+            "LanguageCrossEntropy": LanguageCrossEntropy(),
+            "MaskedAccuracy": MaskedAccuracy(),
+        }
+        self.val_metrics = {
+            "LanguageCrossEntropy": LanguageCrossEntropy(),
+            "MaskedAccuracy": MaskedAccuracy(),
+        }
+
+    def forward(self, batch: dict) -> MLMOutput:
+        """Run the trunk on real tokens, then the head only where ``labels != -100`` (all tokens if no labels)."""
+        h, info = self.encoder.encode(
+            batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
+        )
+        labels = batch.get("labels")
+        if labels is None:
+            labels = batch["input_ids"]
+        labels = unpad(labels.reshape(info.batch, info.seq_len), info)  # (T,) labels of real tokens
+        sel = torch.nonzero(labels != -100, as_tuple=False).flatten()
+        masked_logits = self.head(h.index_select(0, sel))[:, : self.vocab_size]
+        return MLMOutput(masked_logits, labels.index_select(0, sel), h, info, self.head, self.vocab_size)
+
+    def loss(self, outputs: Any, batch: dict) -> torch.Tensor:
+        """Mean cross-entropy over masked tokens."""
+        if isinstance(outputs, MLMOutput):
+            if outputs.masked_labels.numel() == 0:
+                return outputs.masked_logits.sum() * 0.0
+            return F.cross_entropy(outputs.masked_logits.float(), outputs.masked_labels)
+        logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1), ignore_index=-100
+        )
+
+    def eval_forward(self, batch: dict, outputs: Any = None) -> MLMOutput:
+        """Same as forward (metrics only need masked positions)."""
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict:
+        """Masked-token cross-entropy and masked accuracy."""
+        return self.train_metrics if is_train else self.val_metrics
+
+    def update_metric(self, batch: dict, outputs: Any, metric: Any) -> None:
+        """Feed the masked-position logits and labels to a metric."""
+        if isinstance(outputs, MLMOutput):
+            metric.update(outputs.masked_logits.contiguous(), outputs.masked_labels)
+        else:
+            logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+            metric.update(logits.reshape(-1, logits.shape[-1]).contiguous(), batch["labels"].reshape(-1))
+
+    def flops_per_batch(self, batch: dict) -> int:
+        """Training FLOPs (fwd+bwd = 3x fwd) counting real tokens only and the head on masked tokens only."""
+        c = self.cfg
+        mask = batch.get("attention_mask")
+        ids = batch["input_ids"]
+        lengths = mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+        tokens = int(lengths.sum())
+        labels = batch.get("labels")
+        masked = int((labels != -100).sum()) if labels is not None else tokens
+        ffn = (3 if c.ffn == "geglu" else 2) * c.d_model * c.intermediate_size
+        per_token = 2 * c.n_layers * (4 * c.d_model * c.d_model + ffn)
+        attn = 2 * 2 * c.n_layers * c.d_model * int((lengths.long() ** 2).sum())  # QK^T and AV, per sequence
+        head = 2 * masked * (c.d_model * c.d_model + c.d_model * c.vocab_size)
+        return 3 * (tokens * per_token + attn + head)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipe builders
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _tokenizer_vocab(tokenizer: Any, vocab_size: Optional[int]) -> int:
+    if vocab_size is not None:
+        return vocab_size
+    if tokenizer is None:
+        raise RecipeError(
+            "no tokenizer to size the vocabulary from; add a `tokenizer:` section or set model.vocab_size",
+            key="model.vocab_size",
+        )
+    return len(tokenizer)
+
+
+def build_bert_mlm(
+    tokenizer: Any,
+    cfg: BertConfig,
+    vocab_size: Optional[int],
+    vocab_multiple: int,
+    init_from_hf: Optional[str],
+) -> BertMLM:
+    """Shared body of the `mosaic_bert` and `bert` builders."""
+    if vocab_multiple <= 0:
+        raise RecipeError(f"must be a positive integer, got {vocab_multiple!r}", key="model.vocab_multiple")
+    real_vocab = _tokenizer_vocab(tokenizer, vocab_size)
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        cfg = replace(cfg, pad_token_id=tokenizer.pad_token_id)
+    cfg = replace(cfg, vocab_size=pad_vocab(real_vocab, vocab_multiple))
+    if init_from_hf is None:
+        cfg.validate("model")
+        return BertMLM(cfg, real_vocab)
+    if cfg.position != "learned" or cfg.ffn != "mlp":
+        raise RecipeError(
+            "a Hugging Face BERT checkpoint has learned positions and a GELU MLP; set "
+            "position: learned and ffn: mlp (or use the `bert` model)",
+            key="model.init_from_hf",
+        )
+    keep = {k: getattr(cfg, k) for k in ("norm", "unpad", "attention_dropout", "hidden_dropout", "init_std")}
+    hf_cfg, enc_sd, head_sd = load_hf_bert(init_from_hf, key="model.init_from_hf", **keep)
+    if hf_cfg.vocab_size < cfg.vocab_size:
+        raise RecipeError(
+            f"tokenizer has {real_vocab} tokens but {init_from_hf} has a vocabulary of {hf_cfg.vocab_size}",
+            key="model.init_from_hf",
+        )
+    shape = ("d_model", "n_layers", "n_heads", "intermediate_size")
+    if any(getattr(hf_cfg, k) != getattr(cfg, k) for k in shape):
+        log.warning(
+            "init_from_hf: model shape taken from %s (%s)",
+            init_from_hf,
+            ", ".join(f"{k}={getattr(hf_cfg, k)}" for k in shape),
+        )
+    model = BertMLM(hf_cfg, real_vocab)
+    model.encoder.load_state_dict(enc_sd)
+    if head_sd is not None:
+        model.head.load_state_dict(head_sd)
+    return model
+
+
+Position = Literal["alibi", "learned"]
+FFN = Literal["geglu", "mlp"]
+Norm = Literal["layernorm", "low_precision_layernorm"]
+
+
+@registry.models.register("mosaic_bert")
+def build_mosaic_bert(
+    tokenizer: Any = None,
+    *,
+    d_model: int = 768,
+    n_layers: int = 12,
+    n_heads: int = 12,
+    intermediate_size: int = 3072,
+    max_position_embeddings: int = 512,
+    type_vocab_size: int = 2,
+    position: Position = "alibi",
+    ffn: FFN = "geglu",
+    norm: Norm = "low_precision_layernorm",
+    unpad: bool = True,
+    attention_dropout: float = 0.0,
+    hidden_dropout: float = 0.1,
+    layer_norm_eps: float = 1e-12,
+    init_std: float = 0.02,
+    vocab_size: Optional[int] = None,
+    vocab_multiple: int = 64,
+    init_from_hf: Optional[str] = None,
+) -> BertMLM:
+    """MosaicBERT encoder for MLM: ALiBi, GeGLU, low-precision LayerNorm, unpadding, masked-only head."""
+    cfg = BertConfig.mosaic(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size, position=position,
+        ffn=ffn, norm=norm, unpad=unpad, attention_dropout=attention_dropout, hidden_dropout=hidden_dropout,
+        layer_norm_eps=layer_norm_eps, init_std=init_std,
+    )  # fmt: skip
+    return build_bert_mlm(tokenizer, cfg, vocab_size, vocab_multiple, init_from_hf)
+
+
+@registry.models.register("bert")
+def build_bert(
+    tokenizer: Any = None,
+    *,
+    d_model: int = 768,
+    n_layers: int = 12,
+    n_heads: int = 12,
+    intermediate_size: int = 3072,
+    max_position_embeddings: int = 512,
+    type_vocab_size: int = 2,
+    position: Position = "learned",
+    ffn: FFN = "mlp",
+    norm: Norm = "layernorm",
+    unpad: bool = True,
+    attention_dropout: float = 0.1,
+    hidden_dropout: float = 0.1,
+    layer_norm_eps: float = 1e-12,
+    init_std: float = 0.02,
+    vocab_size: Optional[int] = None,
+    vocab_multiple: int = 64,
+    init_from_hf: Optional[str] = None,
+) -> BertMLM:
+    """Classic BERT (learned positions, GELU MLP, LayerNorm) on the same encoder class; loads HF weights."""
+    cfg = BertConfig.classic(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size, position=position,
+        ffn=ffn, norm=norm, unpad=unpad, attention_dropout=attention_dropout, hidden_dropout=hidden_dropout,
+        layer_norm_eps=layer_norm_eps, init_std=init_std,
+    )  # fmt: skip
+    return build_bert_mlm(tokenizer, cfg, vocab_size, vocab_multiple, init_from_hf)
+
+
+__all__ = ["BertConfig", "BertEncoder", "BertMLM", "MLMOutput", "build_bert", "build_mosaic_bert"]

@@ -1,0 +1,178 @@
+"""Hugging Face models as baselines, built from a config (no download) and wrapped by Composer.
+
+``hf_bert``: ``BertForMaskedLM`` from ``BertConfig`` kwargs (the MosaicBERT paper's baseline; Composer's
+``alibi`` / ``gated_linear_units`` / ``low_precision_layernorm`` algorithms can rewrite it).
+``hf_causal_lm``: any ``AutoModelForCausalLM`` architecture (``llama``, ``gpt2``...) from a ``model_type``
+and config kwargs. Both accept ``init_from_hf`` (a local folder or hub name) to start from weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
+from composer.models import HuggingFaceModel
+from torch import nn
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.errors import RecipeError
+
+
+class HFEncoderAdapter(nn.Module):
+    """``forward(input_ids, attention_mask, token_type_ids=None) -> (B, S, hidden)`` over an HF ``BertModel``."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Last hidden states of the wrapped encoder."""
+        return self.base(input_ids=input_ids, attention_mask=attention_mask,
+                         token_type_ids=token_type_ids).last_hidden_state  # fmt: skip
+
+
+def _real_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+class HFMaskedLM(HuggingFaceModel):
+    """Composer-wrapped HF masked LM; ``.encoder`` adapts its trunk to the BERT-family encoder contract."""
+
+    @property
+    def encoder(self) -> HFEncoderAdapter:
+        """The trunk (``model.bert``) as an encoder returning last hidden states; not a registered submodule."""
+        return HFEncoderAdapter(self.model.base_model)
+
+    def flops_per_batch(self, batch: dict) -> int:
+        """Useful training FLOPs, counted as for MosaicBERT (real tokens; head on masked tokens) for fair MFU."""
+        c = self.model.config
+        d, L = c.hidden_size, c.num_hidden_layers
+        mask = batch.get("attention_mask")
+        lengths = (
+            mask.sum(dim=1)
+            if mask is not None
+            else torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1])
+        )
+        tokens = int(lengths.sum())
+        labels = batch.get("labels")
+        masked = int((labels != -100).sum()) if labels is not None else tokens
+        per_token = 2 * L * (4 * d * d + 2 * d * c.intermediate_size)
+        attn = 4 * L * d * int((lengths.long() ** 2).sum())
+        head = 2 * masked * (d * d + d * c.vocab_size)
+        return 3 * (tokens * per_token + attn + head)
+
+
+class HFCausalLM(HuggingFaceModel):
+    """Composer-wrapped HF causal LM (labels unshifted; the HF model shifts them)."""
+
+    def flops_per_batch(self, batch: dict) -> int:
+        """6 x non-embedding params x tokens + attention (12 x layers x d x seq per token)."""
+        c = self.model.config
+        emb = sum(p.numel() for p in self.model.get_input_embeddings().parameters())
+        params = sum(p.numel() for p in self.model.parameters()) - emb
+        out = self.model.get_output_embeddings()
+        if out is not None and out.weight is not self.model.get_input_embeddings().weight:
+            params -= out.weight.numel()
+        seq = batch["input_ids"].shape[1]
+        d = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
+        L = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 0)
+        return _real_tokens(batch) * (6 * params + 12 * L * d * seq)
+
+
+def _vocab(tokenizer: Any, vocab_size: Optional[int]) -> int:
+    if vocab_size is not None:
+        return vocab_size
+    if tokenizer is None:
+        raise RecipeError("no tokenizer to size the vocabulary from; add a `tokenizer:` section or set "
+                          "model.vocab_size", key="model.vocab_size")  # fmt: skip
+    return len(tokenizer)
+
+
+def _from_pretrained(cls: Any, path: str, **kw: Any) -> Any:
+    try:
+        return cls.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise RecipeError(
+            f"cannot load a Hugging Face checkpoint from {path!r}: {e}", key="model.init_from_hf"
+        ) from None
+
+
+@registry.models.register("hf_bert")
+def build_hf_bert(
+    tokenizer: Any = None,
+    *,
+    d_model: int = 768,
+    n_layers: int = 12,
+    n_heads: int = 12,
+    intermediate_size: int = 3072,
+    max_position_embeddings: int = 512,
+    attention_dropout: float = 0.1,
+    hidden_dropout: float = 0.1,
+    layer_norm_eps: float = 1e-12,
+    init_std: float = 0.02,
+    vocab_size: Optional[int] = None,
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa",
+    config_overrides: Optional[dict[str, Any]] = None,
+    init_from_hf: Optional[str] = None,
+) -> HFMaskedLM:
+    """Hugging Face BertForMaskedLM built from a BertConfig (the MosaicBERT paper's baseline)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    if d_model % n_heads:
+        raise RecipeError(f"d_model={d_model} is not divisible by n_heads={n_heads}", key="model.d_model")
+    if init_from_hf is not None:
+        model = _from_pretrained(
+            BertForMaskedLM,
+            init_from_hf,
+            attn_implementation=attn_implementation,
+            attention_probs_dropout_prob=attention_dropout,
+            hidden_dropout_prob=hidden_dropout,
+        )
+    else:
+        cfg = BertConfig(
+            vocab_size=_vocab(tokenizer, vocab_size), hidden_size=d_model, num_hidden_layers=n_layers,
+            num_attention_heads=n_heads, intermediate_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings, attention_probs_dropout_prob=attention_dropout,
+            hidden_dropout_prob=hidden_dropout, layer_norm_eps=layer_norm_eps, initializer_range=init_std,
+            pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0, **(config_overrides or {}),
+        )  # fmt: skip
+        model = BertForMaskedLM._from_config(cfg, attn_implementation=attn_implementation)
+    metrics = [LanguageCrossEntropy(), MaskedAccuracy(ignore_index=-100)]
+    return HFMaskedLM(model, tokenizer=tokenizer, use_logits=True, metrics=metrics)
+
+
+@registry.models.register("hf_causal_lm")
+def build_hf_causal_lm(
+    tokenizer: Any = None,
+    *,
+    model_type: str = "llama",
+    config: Optional[dict[str, Any]] = None,
+    vocab_size: Optional[int] = None,
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa",
+    init_from_hf: Optional[str] = None,
+) -> HFCausalLM:
+    """Any Hugging Face causal LM (model_type llama, gpt2, ...) built from config kwargs, as a baseline."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if init_from_hf is not None:
+        model = _from_pretrained(AutoModelForCausalLM, init_from_hf, attn_implementation=attn_implementation)
+    else:
+        kw = dict(config or {})
+        kw.setdefault("vocab_size", _vocab(tokenizer, vocab_size))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if tokenizer is not None and getattr(tokenizer, name, None) is not None:
+                kw.setdefault(name, getattr(tokenizer, name))
+        try:
+            cfg = AutoConfig.for_model(model_type, **kw)
+        except ValueError as e:
+            raise RecipeError(
+                f"unknown Hugging Face model_type {model_type!r}: {e}", key="model.model_type"
+            ) from None
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
+    metrics = [LanguageCrossEntropy(), LanguagePerplexity()]
+    return HFCausalLM(model, tokenizer=tokenizer, use_logits=True, metrics=metrics, shift_labels=True)

@@ -1,0 +1,251 @@
+"""Transformer building blocks shared by the model families: attention, unpadding, norms, feed-forward nets.
+
+Attention runs through flash-attn's variable-length kernel when flash-attn imports and the tensors are
+half precision on CUDA, otherwise through ``torch.nn.functional.scaled_dot_product_attention`` with an
+additive bias (ALiBi and/or key padding). Every choice here is an execution detail: both paths compute the
+same function, so models can be trained on GPU and evaluated on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------------------
+# flash-attn (optional, lazily imported: it only builds on CUDA machines)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _flash_varlen_qkvpacked():
+    try:
+        from flash_attn import flash_attn_varlen_qkvpacked_func
+    except Exception:  # ImportError, or a broken CUDA build: fall back to SDPA
+        return None
+    return flash_attn_varlen_qkvpacked_func
+
+
+def flash_attn_available(t: torch.Tensor) -> bool:
+    """Whether the flash-attn varlen kernel can run on ``t`` (CUDA, fp16/bf16, flash-attn installed)."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_qkvpacked() is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ALiBi (Press et al., "Train Short, Test Long")
+# ---------------------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Per-head ALiBi slopes: a geometric sequence 2^(-8/n)...; non-powers of two interleave the 2n sequence."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if n_heads <= 0:
+        raise ValueError(f"n_heads must be positive, got {n_heads}")
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = power_of_two_slopes(closest)
+    if closest != n_heads:
+        # The paper's rule: take the first closest slopes, then every other slope of the 2*closest sequence.
+        slopes += power_of_two_slopes(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Symmetric bidirectional ALiBi bias ``-slope * |i - j|`` of shape (heads, seq_len, seq_len)."""
+    pos = torch.arange(seq_len, device=slopes.device, dtype=torch.float32)
+    dist = (pos[None, :] - pos[:, None]).abs()
+    return -slopes.float()[:, None, None] * dist[None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unpadding: run token-wise layers only on real tokens
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Unpadded:
+    """Where the real tokens of a padded (batch, seq) block live once flattened to (tokens, ...)."""
+
+    indices: torch.Tensor  # (T,) positions of real tokens in the flattened batch*seq
+    cu_seqlens: torch.Tensor  # (B+1,) int32 cumulative sequence lengths (flash-attn's layout)
+    max_seqlen: int
+    batch: int
+    seq_len: int
+    key_mask: torch.Tensor  # (B, S) bool, True for real tokens (for the padded SDPA path)
+    padded_stream: bool = False  # padding tokens kept in the stream (classic padded execution)
+    _bias: dict = field(default_factory=dict, repr=False)  # SDPA masks, built once per forward
+
+    @property
+    def is_identity(self) -> bool:
+        """True when every position is kept (no padding removed)."""
+        return self.indices.numel() == self.batch * self.seq_len
+
+
+def unpad_info(attention_mask: torch.Tensor, keep_all: bool = False) -> Unpadded:
+    """Indices/cu_seqlens of the real tokens; ``keep_all`` keeps padding too (classic padded execution)."""
+    mask = attention_mask.bool()
+    batch, seq_len = mask.shape
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    if keep_all:
+        indices = torch.arange(batch * seq_len, device=mask.device)
+        full = torch.full_like(lengths, seq_len)
+        cu = F.pad(torch.cumsum(full, 0, dtype=torch.int32), (1, 0))
+        return Unpadded(indices, cu, seq_len, batch, seq_len, mask, padded_stream=not bool(mask.all()))
+    indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+    cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    max_len = int(lengths.max().item()) if batch else 0
+    return Unpadded(indices, cu, max_len, batch, seq_len, mask)
+
+
+def unpad(x: torch.Tensor, info: Unpadded) -> torch.Tensor:
+    """(B, S, ...) -> (T, ...): keep the real tokens only."""
+    flat = x.reshape(info.batch * info.seq_len, *x.shape[2:])
+    return flat if info.is_identity else flat.index_select(0, info.indices)
+
+
+def pad(x: torch.Tensor, info: Unpadded) -> torch.Tensor:
+    """(T, ...) -> (B, S, ...): scatter real tokens back, zeros at padding positions."""
+    if info.is_identity:
+        return x.reshape(info.batch, info.seq_len, *x.shape[1:])
+    out = x.new_zeros(info.batch * info.seq_len, *x.shape[1:])
+    out.index_copy_(0, info.indices, x)  # in place on a fresh buffer: no second copy
+    return out.reshape(info.batch, info.seq_len, *x.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------
+
+
+def attention_bias(info: Unpadded, slopes: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive SDPA mask: key padding (B,1,1,S) plus ALiBi (1,H,S,S) when ``slopes`` is given; None if neither.
+
+    Cached on ``info``, so it is built once per forward and shared by all layers. A large finite negative
+    (not -inf) keeps rows made only of padding finite.
+    """
+    if dtype in info._bias:
+        return info._bias[dtype]
+    has_padding = not bool(info.key_mask.all())
+    if slopes is None and not has_padding:
+        bias = None
+    else:
+        keymask = torch.zeros(info.key_mask.shape, dtype=dtype, device=info.key_mask.device)
+        keymask = keymask.masked_fill(~info.key_mask, torch.finfo(dtype).min)[:, None, None, :]
+        bias = keymask if slopes is None else alibi_bias(slopes, info.seq_len).to(dtype)[None] + keymask
+    info._bias[dtype] = bias
+    return bias
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention with a fused QKV projection, on unpadded tokens."""
+
+    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.attn_dropout = attn_dropout
+        self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # one GEMM instead of three
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        info: Unpadded,
+        slopes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(T, d) -> (T, d) over the sequences described by ``info``; ``slopes`` are ALiBi's (or None)."""
+        T, d = x.shape
+        qkv = self.Wqkv(x)
+        dropout = self.attn_dropout if self.training else 0.0
+        if flash_attn_available(qkv) and not info.padded_stream:  # varlen needs padding out of the stream
+            fn = _flash_varlen_qkvpacked()
+            ctx = fn(
+                qkv.view(T, 3, self.n_heads, self.head_dim),
+                info.cu_seqlens,
+                info.max_seqlen,
+                dropout_p=dropout,
+                causal=False,
+                alibi_slopes=None if slopes is None else slopes.to(qkv.device, torch.float32),
+            )
+            return self.out(ctx.reshape(T, d))
+        # SDPA path: attention itself is a small share of the FLOPs at BERT lengths, so it runs padded per
+        # batch (bias masks padded keys) while the projections and FFNs stay unpadded.
+        B, S = info.batch, info.seq_len
+        qkv = pad(qkv, info).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = attention_bias(info, slopes, q.dtype)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        ctx = ctx.transpose(1, 2).reshape(B, S, d)
+        return self.out(unpad(ctx, info))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feed-forward networks
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GeluMLP(nn.Module):
+    """Classic BERT feed-forward: Linear -> GELU (erf) -> Linear."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True):
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d)."""
+        return self.down(F.gelu(self.up(x)))
+
+
+class GeGLU(nn.Module):
+    """Gated GELU feed-forward (Shazeer 2020): one fused up-projection yields gate and value halves."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = True):
+        super().__init__()
+        self.d_ff = d_ff
+        self.up = nn.Linear(d_model, 2 * d_ff, bias=bias)  # [gate | value] in one GEMM
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., d)."""
+        gate, value = self.up(x).split(self.d_ff, dim=-1)
+        return self.down(F.gelu(gate) * value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Norms
+# ---------------------------------------------------------------------------------------------------------
+
+
+class LowPrecisionLayerNorm(nn.LayerNorm):
+    """LayerNorm that runs in the autocast dtype (e.g. bf16) instead of being upcast to fp32.
+
+    Outside autocast it is an ordinary LayerNorm; the parameters stay fp32 and are cast per call.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` in the current autocast precision."""
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device_type)
+        w = self.weight.to(dtype) if self.weight is not None else None
+        b = self.bias.to(dtype) if self.bias is not None else None
+        with torch.autocast(device_type=device_type, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps)
+
+
+def make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
+    """``layernorm`` or ``low_precision_layernorm``."""
+    if kind == "layernorm":
+        return nn.LayerNorm(d_model, eps=eps)
+    if kind == "low_precision_layernorm":
+        return LowPrecisionLayerNorm(d_model, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; choose layernorm or low_precision_layernorm")
