@@ -1,0 +1,494 @@
+"""GLUE finetuning: metrics, scoring convention, recipe parsing and errors, and real end-to-end finetuning runs
+of a tiny MosaicBERT through Composer on local GLUE-schema data (written from the embedded corpus)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfoundry_lite import glue
+from llmfoundry_lite.cli import main
+from llmfoundry_lite.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "glue" / "tiny.yaml")
+BASE = ROOT / "recipes" / "glue" / "mosaicbert-base.yaml"
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, bert_tokenizer_dir):
+    """Overrides making recipes/glue/tiny.yaml as small as possible (tokenizer, model shape, data)."""
+    return [
+        f"variables.tokenizer_path={bert_tokenizer_dir}",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.intermediate_size=64",
+        f"glue.data_dir={tmp_path / 'toy'}",
+        "glue.max_seq_len=32",
+        "glue.max_train_samples=32",
+        f"glue.dataset_cache_dir={tmp_path / 'hf-cache'}",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_metrics_on_hand_examples():
+    preds = torch.tensor([1, 1, 0, 0, 1, 0])
+    target = torch.tensor([1, 0, 0, 1, 1, 0])
+    # tp=2 fp=1 fn=1 tn=2
+    assert glue.accuracy(preds, target) == pytest.approx(4 / 6)
+    assert glue.f1_score(preds, target) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert glue.matthews_corrcoef(preds, target) == pytest.approx((2 * 2 - 1 * 1) / math.sqrt(3 * 3 * 3 * 3))
+    assert glue.matthews_corrcoef(target, target) == pytest.approx(1.0)
+    assert glue.matthews_corrcoef(1 - target, target) == pytest.approx(-1.0)
+    assert glue.matthews_corrcoef(torch.zeros(6, dtype=torch.long), target) == 0.0  # undefined -> 0
+    assert glue.f1_score(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)) == 0.0
+    # Spearman with ties: ranks x=[1, 2.5, 2.5, 4], y=[1, 3, 2, 4] -> 4.5 / sqrt(4.5 * 5)
+    x, y = torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([0.1, 0.9, 0.5, 7.0])
+    assert glue.spearman_corrcoef(x, y) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert glue.spearman_corrcoef(x, -y) == pytest.approx(-4.5 / math.sqrt(4.5 * 5))
+    assert glue.pearson_corrcoef(
+        torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])
+    ) == pytest.approx(1.0)
+
+
+def test_metrics_agree_with_torchmetrics():
+    from torchmetrics.functional import f1_score, matthews_corrcoef, spearman_corrcoef
+
+    g = torch.Generator().manual_seed(0)
+    preds, target = torch.randint(0, 2, (200,), generator=g), torch.randint(0, 2, (200,), generator=g)
+    assert glue.f1_score(preds, target) == pytest.approx(
+        float(f1_score(preds, target, task="binary")), abs=1e-6
+    )
+    assert glue.matthews_corrcoef(preds, target) == pytest.approx(
+        float(matthews_corrcoef(preds, target, task="binary")), abs=1e-6
+    )
+    p3, t3 = torch.randint(0, 3, (300,), generator=g), torch.randint(0, 3, (300,), generator=g)
+    assert glue.matthews_corrcoef(p3, t3) == pytest.approx(
+        float(matthews_corrcoef(p3, t3, task="multiclass", num_classes=3)), abs=1e-6
+    )
+    a, b = torch.randn(100, generator=g), torch.randn(100, generator=g)
+    assert glue.spearman_corrcoef(a, a + b) == pytest.approx(float(spearman_corrcoef(a, a + b)), abs=1e-5)
+
+
+def test_glue_metric_accumulates_batches():
+    m = glue.GlueMetric("matthews")
+    m.update(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]))
+    m.update(torch.tensor([0, 1, 0]), torch.tensor([1, 1, 0]))
+    assert float(m.compute()) == pytest.approx(
+        glue.matthews_corrcoef(torch.tensor([1, 1, 0, 0, 1, 0]), torch.tensor([1, 0, 0, 1, 1, 0]))
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring convention and job planning
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _run(task, seed, metrics):
+    return {
+        "task": task,
+        "seed": seed,
+        "metrics": metrics,
+        "score": sum(metrics.values()) / len(metrics),
+        "started_from": "x",
+        "seconds": 1.0,
+    }
+
+
+def test_summary_average_is_unweighted_mean_of_task_means():
+    runs = [
+        _run("mnli", 19, {"mnli_m/accuracy": 80.0, "mnli_mm/accuracy": 82.0}),  # 81
+        _run("mrpc", 19, {"mrpc/accuracy": 80.0, "mrpc/f1": 86.0}),  # 83
+        _run("mrpc", 8364, {"mrpc/accuracy": 70.0, "mrpc/f1": 76.0}),  # 73 -> task 78
+        _run("cola", 19, {"cola/matthews": 50.0}),
+        _run("cola", 8364, {"cola/matthews": 60.0}),
+        _run("cola", 717, {"cola/matthews": 70.0}),  # task 60
+    ]
+    s = glue.summarize(runs)
+    assert s["tasks"]["mnli"]["score"] == pytest.approx(81.0)
+    assert s["tasks"]["mrpc"]["score"] == pytest.approx(78.0)
+    assert s["tasks"]["mrpc"]["metrics"]["mrpc/f1"]["mean"] == pytest.approx(81.0)
+    assert s["tasks"]["cola"]["score_std"] == pytest.approx(10.0)
+    assert s["glue_average"] == pytest.approx((81 + 78 + 60) / 3)
+    assert list(s["tasks"]) == ["mnli", "cola", "mrpc"]  # GLUE table order
+    md = glue.results_markdown(s, runs)
+    assert "| **GLUE average** | | | **73.00** |" in md
+    assert "| MRPC | mrpc/accuracy 75.00, mrpc/f1 81.00 | 2 | 78.00 ± 7.07 |" in md
+
+
+def test_plan_jobs_uses_published_settings_and_seed_options():
+    cfg = glue.parse_glue_section({"tasks": {"MNLI": None, "rte": {"lr": 2e-5}, "SST-2": {"seeds": [1, 2]}}})
+    jobs = glue.plan_jobs(cfg)
+    assert [(j.task, j.seed) for j in jobs] == [("mnli", 19), ("sst2", 1), ("sst2", 2)] + [
+        ("rte", s) for s in (19, 8364, 717, 10536, 90166)
+    ]
+    mnli = jobs[0]
+    assert (mnli.lr, mnli.weight_decay, mnli.batch_size, mnli.epochs) == (5e-5, 5e-6, 48, 3)
+    assert jobs[-1].lr == 2e-5 and jobs[-1].weight_decay == 1e-5 and jobs[-1].batch_size == 16
+    three = glue.plan_jobs(cfg, tasks=["rte", "mnli"], num_seeds=3)
+    assert [j.seed for j in three if j.task == "rte"] == [19, 8364, 717]
+    mnli_seeds = [j.seed for j in three if j.task == "mnli"]
+    assert len(set(mnli_seeds)) == 3 and mnli_seeds[0] == 19
+    assert mnli_seeds == [j.seed for j in glue.plan_jobs(cfg, tasks=["mnli"], num_seeds=3)]  # deterministic
+    with pytest.raises(RecipeError, match=r"unknown GLUE task 'mnlii' \(did you mean 'mnli'"):
+        glue.plan_jobs(cfg, tasks=["mnlii"])
+    with pytest.raises(RecipeError, match="glue.tasks.rtee.*did you mean 'rte'"):
+        glue.parse_glue_section({"tasks": {"rtee": None}})
+    with pytest.raises(RecipeError, match="glue.tasks.rte.lrr.*did you mean 'lr'"):
+        glue.parse_glue_section({"tasks": {"rte": {"lrr": 1e-5}}})
+    with pytest.raises(RecipeError, match="glue.max_seq_length.*did you mean 'max_seq_len'"):
+        glue.parse_glue_section({"max_seq_length": 128})
+
+
+def test_mosaicbert_base_recipe_has_the_published_settings():
+    cfg, g = glue.load_glue_recipe(BASE)
+    assert cfg.model.name == "mosaic_bert"
+    assert g.max_seq_len == 256 and g.betas == [0.9, 0.98] and g.eps == 1e-6 and g.t_warmup == "0.06dur"
+    assert g.start_from_mnli == ["rte", "mrpc", "stsb"]
+    published = {
+        "mnli": (5e-5, 5e-6, 48, 3),
+        "qqp": (3e-5, 3e-6, 16, 5),
+        "qnli": (1e-5, 1e-6, 16, 10),
+        "sst2": (3e-5, 3e-6, 16, 3),
+        "cola": (5e-5, 5e-6, 32, 10),
+        "mrpc": (8e-5, 8e-6, 32, 10),
+        "rte": (1e-5, 1e-5, 16, 3),
+        "stsb": (3e-5, 3e-6, 32, 10),
+    }
+    jobs = glue.plan_jobs(g)
+    for j in jobs:
+        assert (j.lr, j.weight_decay, j.batch_size, j.epochs) == published[j.task]
+    assert {t: sum(j.task == t for j in jobs) for t in published} == {
+        "mnli": 1,
+        "qqp": 1,
+        "qnli": 1,
+        "sst2": 3,
+        "cola": 4,
+        "mrpc": 5,
+        "rte": 5,
+        "stsb": 5,
+    }
+    # The published recipe refuses to run without pretrained weights.
+    with pytest.raises(RecipeError, match="glue.checkpoint"):
+        glue.check_starting_weights(cfg, g)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input through the CLI (exit code 2, one line naming the key or path)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_errors_name_the_key(tiny_overrides, tmp_path, capsys):
+    def run(*args):
+        code = main(["glue", TINY, *tiny_overrides, *args])
+        return code, capsys.readouterr().err
+
+    code, err = run("--tasks", "rte,mnlii")
+    assert code == 2 and "unknown GLUE task 'mnlii' (did you mean 'mnli'" in err and "--tasks" in err
+    code, err = run("glue.tasks.rtee.lr=1e-5")
+    assert code == 2 and "glue.tasks.rtee" in err and "did you mean 'rte'" in err
+    code, err = run("glue.make_toy_data=false", f"glue.data_dir={tmp_path / 'nowhere'}")
+    assert code == 2 and "glue.data_dir" in err and "nowhere" in err and "does not exist" in err
+    (tmp_path / "partial" / "rte").mkdir(parents=True)
+    (tmp_path / "partial" / "rte" / "train.jsonl").write_text(
+        '{"sentence1": "a", "sentence2": "b", "label": 0}\n'
+    )
+    code, err = run("glue.make_toy_data=false", f"glue.data_dir={tmp_path / 'partial'}", "--tasks", "rte")
+    assert code == 2 and "missing split file" in err and "validation.jsonl" in err
+    code, err = run("--checkpoint", str(tmp_path / "missing.pt"))
+    assert code == 2 and "glue.checkpoint" in err and "missing.pt" in err and "does not exist" in err
+    code, err = run("glue.allow_random_init=false")
+    assert code == 2 and "no pretrained weights" in err and "--checkpoint" in err
+    assert not (tmp_path / "toy").exists()  # every error came before any data or training
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: real finetuning with Composer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_glue_end_to_end_tiny_recipe(tiny_overrides, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(
+        [
+            "glue",
+            TINY,
+            *tiny_overrides,
+            "glue.tasks.rte.epochs=1",
+            "glue.tasks.stsb.epochs=1",
+            "--tasks",
+            "mnli,rte,stsb",
+            "--out",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "GLUE average" in printed
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["tasks"]) == {"mnli", "rte", "stsb"}
+    runs = res["runs"]
+    assert [(r["task"], r["seed"]) for r in runs] == [("mnli", 19), ("stsb", 19), ("rte", 19), ("rte", 8364)]
+    mnli = runs[0]
+    assert set(mnli["metrics"]) == {"mnli_m/accuracy", "mnli_mm/accuracy"}
+    assert len(mnli["history"]) == 2  # evaluated after each of its 2 epochs
+    assert mnli["train_rows"] == 32
+    # RTE and STS-B started from the MNLI-finetuned checkpoint, a real Composer checkpoint on disk.
+    assert Path(mnli["checkpoint"]).is_file()
+    assert all(r["started_from"] == mnli["checkpoint"] for r in runs[1:])
+    assert set(runs[1]["metrics"]) == {"stsb/spearman"}
+    for r in runs:
+        for v in r["metrics"].values():
+            assert -100.0 <= v <= 100.0 and math.isfinite(v)
+    # The average follows the convention from the per-run numbers.
+    rte = (runs[2]["metrics"]["rte/accuracy"] + runs[3]["metrics"]["rte/accuracy"]) / 2
+    expect = (
+        (mnli["metrics"]["mnli_m/accuracy"] + mnli["metrics"]["mnli_mm/accuracy"]) / 2
+        + runs[1]["metrics"]["stsb/spearman"]
+        + rte
+    ) / 3
+    assert res["glue_average"] == pytest.approx(expect)
+    md = (out / "results.md").read_text()
+    assert f"**{res['glue_average']:.2f}**" in md and "| RTE |" in md
+    # The toy data was written in the GLUE schema (MNLI has matched and mismatched validation splits).
+    first = json.loads(
+        (tmp_path / "toy" / "mnli" / "validation_mismatched.jsonl").read_text().splitlines()[0]
+    )
+    assert set(first) == {"premise", "hypothesis", "label"}
+    # A later run can start RTE from this run's MNLI checkpoint without rerunning MNLI.
+    again = tmp_path / "again"
+    code = main(
+        [
+            "glue",
+            TINY,
+            *tiny_overrides,
+            "glue.tasks.rte.epochs=1",
+            f"glue.mnli_checkpoint={mnli['checkpoint']}",
+            "--tasks",
+            "rte",
+            "--seeds",
+            "1",
+            "--out",
+            str(again),
+        ]
+    )
+    assert code == 0
+    [rerun] = json.loads((again / "results.json").read_text())["runs"]
+    assert rerun["started_from"] == str(Path(mnli["checkpoint"]).resolve())
+    # Finetuning changed the encoder: the MNLI checkpoint's encoder differs from the model it started from.
+    ckpt = glue.checkpoint_model_state(mnli["checkpoint"])
+    cfg, g = glue.load_glue_recipe(TINY, tiny_overrides)
+    torch.manual_seed(19)
+    enc, _ = glue.build_encoder(cfg, g)
+    assert any(not torch.equal(v, ckpt[f"encoder.{k}"]) for k, v in enc.state_dict().items())
+
+
+def test_finetune_from_pretraining_checkpoint(tiny_overrides, tmp_path, bert_tokenizer_dir):
+    """A Composer checkpoint saved by a pretraining Trainer is loaded into the encoder, then finetuned."""
+    from composer import Trainer
+    from composer.optim import DecoupledAdamW
+    from torch.utils.data import DataLoader
+
+    from llmfoundry_lite import registry
+    from llmfoundry_lite.builders import build_model, build_tokenizer
+    from llmfoundry_lite.data.corpus import embedded_documents
+
+    cfg, g = glue.load_glue_recipe(TINY, tiny_overrides)
+    tok = build_tokenizer(cfg)
+    model = build_model(cfg, tok)
+    collator = registry.build(
+        "collators", {"name": "mlm", "mlm_probability": 0.3}, "c", tokenizer=tok, max_seq_len=32
+    )
+    texts = [{"text": d[:300]} for d in embedded_documents()[:16]]
+    trainer = Trainer(
+        model=model,
+        train_dataloader=DataLoader(texts, batch_size=8, collate_fn=collator),
+        max_duration="2ba",
+        optimizers=DecoupledAdamW(model.parameters(), lr=1e-2),
+        save_folder=str(tmp_path / "pretrain"),
+        save_interval="2ba",
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        loggers=[],
+    )
+    trainer.fit()
+    trainer.close()
+    trained = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+
+    # A save folder resolves to its latest checkpoint; the encoder gets exactly the trained weights.
+    g.checkpoint = str(tmp_path / "pretrain")
+    enc, _ = glue.build_encoder(cfg, g)
+    assert all(torch.equal(v, trained[k]) for k, v in enc.state_dict().items())
+
+    # A checkpoint of another shape is refused with a message naming the key.
+    cfg_big, g_big = glue.load_glue_recipe(TINY, [*tiny_overrides, "model.d_model=64"])
+    g_big.checkpoint = g.checkpoint
+    with pytest.raises(RecipeError, match="glue.checkpoint.*shape"):
+        glue.build_encoder(cfg_big, g_big)
+
+    # And it finetunes from there (CLI --checkpoint).
+    out = tmp_path / "out"
+    code = main(
+        [
+            "glue",
+            TINY,
+            *tiny_overrides,
+            "glue.tasks.sst2.epochs=1",
+            "--tasks",
+            "sst2",
+            "--checkpoint",
+            str(tmp_path / "pretrain"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["runs"][0]["started_from"] == str(tmp_path / "pretrain")
+    assert res["glue_average"] == pytest.approx(res["runs"][0]["metrics"]["sst2/accuracy"])
+
+
+def test_local_csv_and_tsv_files_load_through_datasets(tmp_path):
+    folder = tmp_path / "data" / "CoLA"  # GLUE's own folder spelling is accepted
+    folder.mkdir(parents=True)
+    (folder / "train.csv").write_text("sentence,label\nthe cat sat,1\ncat the sat,0\n")
+    (folder / "validation.tsv").write_text("sentence\tlabel\nthe dog ran\t1\n")
+    splits = glue.load_task_splits("cola", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert splits["train"]["sentence"] == ["the cat sat", "cat the sat"] and splits["validation"][
+        "label"
+    ] == [1]
+    (folder / "validation.tsv").write_text("text\tlabel\nthe dog ran\t1\n")
+    with pytest.raises(RecipeError, match="lacks column.*sentence"):
+        glue.load_task_splits("cola", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache2"))
+
+
+def _spec(tmp_path, task, **kw):
+    job = glue.Job(task=task, seed=7, lr=1e-3, weight_decay=0.0, batch_size=8, epochs=1)
+    return {
+        "job": glue.dataclasses.asdict(job),
+        "job_dir": str(tmp_path / "out" / job.name),
+        "init_checkpoint": None,
+        "wait_for_mnli": False,
+        "save_checkpoint": False,
+        **kw,
+    }
+
+
+def test_parallel_worker_runs_a_job_in_a_subprocess(tiny_overrides, tmp_path):
+    """The multi-GPU path on CPU: a job runs in `python -m llmfoundry_lite.glue SPEC.json` and reports back."""
+    glue.make_toy_glue(tmp_path / "toy", ["rte"], rows=16, eval_rows=8)
+    [res] = glue._run_parallel(TINY, [*tiny_overrides, "glue.device=cpu"], [_spec(tmp_path, "rte")], n_gpus=1)
+    assert res["task"] == "rte" and res["seed"] == 7 and res["train_rows"] == 16
+    assert set(res["metrics"]) == {"rte/accuracy"}
+    assert (tmp_path / "out" / "rte" / "seed=7" / "log.txt").exists()
+
+
+@pytest.mark.slow
+def test_parallel_workers_wait_for_mnli(tiny_overrides, tmp_path):
+    """With two slots, the RTE job (which starts from MNLI) is launched only once MNLI wrote its checkpoint."""
+    glue.make_toy_glue(tmp_path / "toy", ["mnli", "rte"], rows=16, eval_rows=8)
+    specs = [_spec(tmp_path, "mnli", save_checkpoint=True), _spec(tmp_path, "rte", wait_for_mnli=True)]
+    runs = glue._run_parallel(TINY, [*tiny_overrides, "glue.device=cpu"], specs, n_gpus=2)
+    mnli, rte = sorted(runs, key=lambda r: r["task"])
+    assert set(mnli["metrics"]) == {"mnli_m/accuracy", "mnli_mm/accuracy"}
+    assert Path(mnli["checkpoint"]).is_file() and rte["started_from"] == mnli["checkpoint"]
+
+
+def test_init_from_hf_encoder(tiny_overrides, tmp_path, bert_tokenizer_dir):
+    """glue.init_from_hf finetunes a Hugging Face BERT (saved locally by transformers) via BertEncoder.from_hf."""
+    import transformers
+
+    hf_cfg = transformers.BertConfig(
+        vocab_size=2048,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    transformers.BertModel(hf_cfg).save_pretrained(tmp_path / "hf-bert")
+    cfg, g = glue.load_glue_recipe(TINY, [*tiny_overrides, f"glue.init_from_hf={tmp_path / 'hf-bert'}"])
+    glue.check_starting_weights(cfg, g)
+    enc, tok = glue.build_encoder(cfg, g)
+    clf = glue.GlueClassifier(enc, 3, ("accuracy",))
+    assert clf.pooler.in_features == 32
+    batch = tok(["a cat", "the dog sat down"], ["sat", "ran"], padding=True, return_tensors="pt")
+    clf.eval()
+    logits = clf(dict(batch))
+    assert logits.shape == (2, 3)
+    with pytest.raises(RecipeError, match="either checkpoint or init_from_hf"):
+        glue.load_glue_recipe(TINY, [*tiny_overrides, "glue.init_from_hf=x", "glue.checkpoint=y"])
+
+
+def test_model_surgery_algorithms_are_replayed_before_loading(tiny_overrides, tmp_path):
+    """HF BERT pretrained with Composer's ALiBi and gated-linear-units surgery (the recipe-composition route to
+    the Mosaic architecture): GLUE replays the recipe's surgery so the checkpoint loads, then finetunes it."""
+    from composer import Trainer
+    from torch.utils.data import DataLoader
+
+    from llmfoundry_lite import registry
+    from llmfoundry_lite.builders import build_model, build_multi, build_tokenizer
+
+    hf = [*tiny_overrides, "model.name=hf_bert", "model.max_position_embeddings=64"]
+    surgery = ["+algorithms.alibi.max_sequence_length=64", "+algorithms.gated_linear_units={}"]
+    cfg, g = glue.load_glue_recipe(TINY, [*hf, *surgery])
+    tok = build_tokenizer(cfg)
+    model = build_model(cfg, tok)
+    collator = registry.build("collators", {"name": "mlm"}, "c", tokenizer=tok, max_seq_len=16)
+    loader = DataLoader([{"text": "a b c d e"}] * 4, batch_size=4, collate_fn=collator)
+    trainer = Trainer(
+        model=model,
+        train_dataloader=loader,
+        max_duration="1ba",
+        algorithms=build_multi(cfg, "algorithms"),
+        save_folder=str(tmp_path / "ck"),
+        save_interval="1ba",
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        loggers=[],
+    )
+    trainer.fit()
+    trainer.close()
+    trained = {k: v.clone() for k, v in model.model.bert.state_dict().items()}
+    assert any("gated_layer" in k for k in trained)  # the surgery really changed the structure
+
+    g.checkpoint = str(tmp_path / "ck")
+    enc, _ = glue.build_encoder(cfg, g)
+    assert {k: v for k, v in enc.base.state_dict().items()}.keys() == trained.keys()
+    assert all(torch.equal(v, trained[k]) for k, v in enc.base.state_dict().items())
+    # Without the recipe's algorithms the model has another structure: a clear error, not a silent partial load.
+    cfg_plain, g_plain = glue.load_glue_recipe(TINY, hf)
+    g_plain.checkpoint = g.checkpoint
+    with pytest.raises(RecipeError, match=r"glue.checkpoint.*model-surgery algorithms"):
+        glue.build_encoder(cfg_plain, g_plain)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "glue",
+            TINY,
+            *hf,
+            *surgery,
+            "glue.tasks.rte.epochs=1",
+            "--tasks",
+            "rte",
+            "--seeds",
+            "1",
+            "--checkpoint",
+            g.checkpoint,
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert set(json.loads((out / "results.json").read_text())["runs"][0]["metrics"]) == {"rte/accuracy"}
