@@ -257,6 +257,10 @@ def validate(data: dict, nproc: int | None = None) -> None:
     for section, reg in MULTI_SECTIONS.items():
         for keypath, default_name, block in iter_multi(section, data.get(section)):
             registry.check_component(reg, block if block is not None else {}, keypath, default_name)
+    if data.get("fsdp") is not None:
+        from llmfoundry_lite.train import validate_fsdp
+
+        validate_fsdp(data["fsdp"])
     if data.get("cost") is not None:
         from llmfoundry_lite.hardware import parse_cost
 

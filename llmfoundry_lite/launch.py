@@ -1,22 +1,52 @@
-"""Run a recipe in this process, or launch it on several processes/nodes through Composer's launcher."""
+"""Run a recipe in this process, or launch it on several processes/nodes through Composer's launcher.
+
+Exit codes: 0 done, 2 recipe error, 3 non-finite loss, 143 preempted (checkpoint written; rerun to resume).
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import traceback
 
+import click
+
+from llmfoundry_lite.callbacks.preemption import PREEMPTION_SIGNALS, RunStopped
 from llmfoundry_lite.errors import RecipeError
 
+DEFAULT_MASTER_PORT = 29500
 
-def run_local(recipe: str, overrides: list[str]) -> None:
-    """Load, validate and train a recipe in this process (one rank of a launched job, or alone)."""
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _run(recipe: str, overrides: list[str]) -> None:
     from llmfoundry_lite.config import load_recipe
     from llmfoundry_lite.train import train
 
     cfg = load_recipe(recipe, overrides)
-    train(cfg, recipe_path=recipe)
+    try:
+        train(cfg, recipe_path=recipe)
+    except RecipeError as e:  # raised while building (a missing dataset, ...): name the recipe
+        if e.file is None:
+            raise RecipeError(e.detail, file=recipe, key=e.key) from None
+        raise
+
+
+def run_local(recipe: str, overrides: list[str]) -> None:
+    """Load, validate and train a recipe in this process (one rank of a launched job, or alone).
+
+    A preempted or diverged run prints its one-line reason and exits with its code (click's ``Exit``).
+    """
+    try:
+        _run(recipe, overrides)
+    except RunStopped as e:
+        if _rank() == 0:
+            print(str(e), flush=True)
+        raise click.exceptions.Exit(e.exit_code) from None
 
 
 def launcher_command(
@@ -42,11 +72,38 @@ def launcher_command(
         "--base_rank",
         str(node_rank * nproc),
     ]
+    if nnodes > 1:
+        # Every node must agree on the rendezvous; the launcher picks a random port only for one node.
+        master_addr = master_addr or os.environ.get("MASTER_ADDR")
+        if not master_addr:
+            raise click.UsageError(
+                "--master-addr (or MASTER_ADDR) is required with --nnodes > 1: node 0's address"
+            )
+        master_port = master_port or int(os.environ.get("MASTER_PORT", DEFAULT_MASTER_PORT))
     if master_addr:
         cmd += ["--master_addr", master_addr]
     if master_port:
         cmd += ["--master_port", str(master_port)]
     return [*cmd, "-m", "llmfoundry_lite.launch", recipe, *overrides]
+
+
+def _forward_to_ranks(launcher: subprocess.Popen):
+    """A signal handler passing SIGTERM/SIGUSR1 to the training processes (Composer's launcher would die)."""
+
+    def handler(signum: int, frame: object) -> None:
+        import psutil
+
+        try:
+            ranks = psutil.Process(launcher.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        for p in ranks:
+            try:
+                p.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    return handler
 
 
 def launch(
@@ -58,23 +115,66 @@ def launch(
     master_addr: str | None = None,
     master_port: int | None = None,
 ) -> int:
-    """Start Composer's launcher for this node and return its exit code."""
+    """Start Composer's launcher for this node and return its exit code.
+
+    SIGTERM/SIGUSR1 sent to this process go to the training processes, which checkpoint and exit with 143.
+    """
     cmd = launcher_command(recipe, overrides, nproc, nnodes, node_rank, master_addr, master_port)
-    return subprocess.call(cmd, env=os.environ.copy())
+    # Composer's launcher has no SIGUSR1 handler: a scheduler signalling the whole job would kill it and
+    # orphan the ranks mid-checkpoint. It starts with SIGUSR1 ignored (inherited); the ranks install their
+    # own handler when training starts. SIGTERM is left alone: the launcher passes it on to the ranks.
+    previous_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        proc = subprocess.Popen(cmd, env=os.environ.copy())
+    finally:
+        signal.signal(signal.SIGUSR1, previous_usr1)
+    previous = {sig: signal.signal(sig, _forward_to_ranks(proc)) for sig in PREEMPTION_SIGNALS}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # Ctrl-C reaches the launcher too (same process group); let it clean up
+                continue
+    finally:
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
+
+
+def _die_with_parent() -> None:
+    """Under a launcher: get SIGTERM when the launcher dies (e.g. it was itself sent SIGTERM), to checkpoint."""
+    if not sys.platform.startswith("linux") or "LOCAL_RANK" not in os.environ:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def entrypoint(argv: list[str]) -> int:
-    """One training process: ``RECIPE [key=value ...]``; user errors exit 2 with one line."""
+    """One training process: ``RECIPE [key=value ...] [--debug]``; errors print one line (on rank 0)."""
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv:
         print("usage: composer scripts/train.py RECIPE.yaml [key=value ...]", file=sys.stderr)
         return 2
+    _die_with_parent()
     try:
-        run_local(argv[0], argv[1:])
+        _run(argv[0], argv[1:])
     except RecipeError as e:
-        if "--debug" in argv:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        # Every rank hits the same recipe error: say it once.
+        if _rank() == 0:
+            if debug:
+                traceback.print_exc()
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RunStopped as e:
+        if _rank() == 0:
+            print(str(e), flush=True)
+        return e.exit_code
     return 0
 
 

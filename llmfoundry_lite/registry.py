@@ -352,4 +352,10 @@ def build(
     check_args(registry, obj, kwargs, keypath, frozenset(injected))
     params, var_kw = signature_params(obj)
     supplied = {k: v for k, v in injected.items() if k in params}
-    return obj(**supplied, **kwargs)
+    try:
+        return obj(**supplied, **kwargs)
+    except RecipeError as e:  # an entry names its own argument ('local'); the user needs 'train_loader.local'
+        section = keypath.split(".")[0].split("[")[0]
+        if keypath and e.key and not e.key.startswith(section):
+            raise RecipeError(e.detail, file=e.file, key=f"{keypath}.{e.key}") from None
+        raise

@@ -1,0 +1,221 @@
+"""Surviving faults: SIGKILL + autoresume is bit-exact, SIGUSR1 preempts with a checkpoint, NaN losses and bad
+save folders stop early with one line, and `doctor` reports the stack."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from composer.core import Callback
+
+from llmfoundry_lite import load_recipe
+from llmfoundry_lite.callbacks.preemption import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from llmfoundry_lite.doctor import diagnose, explain_import_error, format_report
+from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.launch import entrypoint
+from llmfoundry_lite.train import build_trainer, check_save_folder, repair_latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
+ENV = {**os.environ, "WANDB_MODE": "offline"}
+
+# Test-only: a callback that SIGKILLs its own process once (a marker file remembers), so the rerun is the
+# exact same command and runs to the end.
+KILL_DRIVER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from composer.core import Callback
+    from llmfoundry_lite import registry
+    from llmfoundry_lite.launch import entrypoint
+
+    class KillOnce(Callback):
+        def __init__(self, batch: int, marker: str):
+            self.batch, self.marker = batch, Path(marker)
+
+        def batch_end(self, state, logger):
+            if int(state.timestamp.batch) == self.batch and not self.marker.exists():
+                self.marker.write_text("killed")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    registry.callbacks.register("kill_once", func=KillOnce)
+    sys.exit(entrypoint(sys.argv[1:]))
+    """
+)
+
+
+def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]["model"]
+
+
+class BatchCounter(Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def batch_end(self, state, logger):
+        self.batches += 1
+
+
+def test_sigkill_then_same_command_resumes_bit_exact(tiny_bert, tmp_path):
+    """MLM masking draws random numbers every batch, so this also checks that the RNG state is restored."""
+    common = dict(
+        max_duration="6ba",
+        save_interval="2ba",
+        save_num_checkpoints_to_keep=-1,
+        deterministic=True,
+        eval_interval="3ba",
+    )
+    # Uninterrupted reference, in this process.
+    cfg = load_recipe(QUICKSTART, tiny_bert(run_name="whole", **common))
+    trainer = build_trainer(cfg, QUICKSTART)
+    trainer.fit()
+    trainer.close()
+    reference = model_weights(tmp_path / "runs" / "whole" / "ep0-ba6-rank0.pt")
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(KILL_DRIVER)
+    marker = tmp_path / "killed-once"
+    cmd = [
+        sys.executable, str(driver), QUICKSTART,
+        *tiny_bert(run_name="crashy", **common),
+        "callbacks.kill_once.batch=3", f"callbacks.kill_once.marker={marker}",
+    ]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    run_dir = tmp_path / "runs" / "crashy"
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    assert (run_dir / "ep0-ba2-rank0.pt").exists() and not (run_dir / "ep0-ba4-rank0.pt").exists()
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming crashy from" in second.stdout and "[batch 3/6]" in second.stdout
+    assert "[batch 1/6]" not in second.stdout
+    resumed = model_weights(run_dir / "ep0-ba6-rank0.pt")
+    assert resumed.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(resumed[k], reference[k]), k
+
+    # A checkpoint cut short (a kill mid-write on a lossy filesystem) is skipped for the last complete one.
+    ba4 = run_dir / "ep0-ba4-rank0.pt"
+    ba6 = run_dir / "ep0-ba6-rank0.pt"
+    ba6.write_bytes(ba6.read_bytes()[: ba6.stat().st_size // 2])
+    assert repair_latest_checkpoint(run_dir) == ba4
+    assert os.readlink(run_dir / "latest-rank0.pt") == ba4.name
+
+
+def test_sigusr1_checkpoints_at_batch_boundary_and_rerun_resumes(tiny_bert, tmp_path):
+    overrides = tiny_bert(
+        run_name="pre", max_duration="1000ba", save_interval="1000ba", eval_interval="1000ba"
+    )
+    cmd = [sys.executable, "-m", "llmfoundry_lite.cli", "train", QUICKSTART, *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[batch 2/" in line and len(lines) < 1000:
+            proc.send_signal(signal.SIGUSR1)
+    rc = proc.wait(timeout=120)
+    err = proc.stderr.read()
+    assert rc == PREEMPTED_EXIT_CODE, err[-2000:]
+    stop = [ln.strip() for ln in lines if ln.startswith("preempted")]
+    assert len(stop) == 1, "".join(lines)[-2000:]
+    n = int(stop[0].split()[3].rstrip(";"))
+    assert stop[0] == f"preempted at batch {n}; rerun the same command to resume"
+    run_dir = tmp_path / "runs" / "pre"
+    assert 2 <= n < 1000 and (run_dir / f"ep0-ba{n}-rank0.pt").exists()
+    assert os.readlink(run_dir / "latest-rank0.pt") == f"ep0-ba{n}-rank0.pt"
+
+    # Rerun (shortened so the test ends): it continues after batch n.
+    cfg = load_recipe(
+        QUICKSTART, tiny_bert(run_name="pre", max_duration=f"{n + 1}ba", save_interval="1000ba")
+    )
+    trainer = build_trainer(cfg, QUICKSTART)
+    counter = BatchCounter()
+    trainer.state.callbacks.append(counter)
+    trainer.fit()
+    assert counter.batches == 1 and int(trainer.state.timestamp.batch) == n + 1
+    trainer.close()
+
+
+def test_nan_loss_stops_with_one_line_naming_the_batch(tiny_bert, capsys):
+    argv = [
+        QUICKSTART,
+        *tiny_bert(run_name="nan", max_duration="4ba", save_folder="null"),
+        "optimizer.lr=1e30",
+    ]
+    assert entrypoint(argv) == NONFINITE_EXIT_CODE
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("loss is")]
+    assert len(lines) == 1, out[-2000:]
+    assert lines[0].startswith(("loss is nan at batch 2;", "loss is inf at batch 2;")), lines[0]
+    assert "[batch 3/" not in out
+
+
+def test_unwritable_or_full_save_folder_is_a_recipe_error_before_training(tiny_bert, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = load_recipe(QUICKSTART, tiny_bert(run_name="x", save_folder=str(blocker / "ckpt")))
+    with pytest.raises(RecipeError) as e:
+        build_trainer(cfg, QUICKSTART)
+    assert e.value.key == "save_folder" and "cannot write checkpoints" in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        check_save_folder(tmp_path / "ok", need_bytes=2**62)
+    assert e.value.key == "save_folder" and "free" in str(e.value)
+    check_save_folder(tmp_path / "ok", need_bytes=1)
+
+
+def test_remote_save_folder_writes_no_local_run_folder(tiny_bert, tmp_path, monkeypatch):
+    from llmfoundry_lite.train import run_folder
+
+    cfg = load_recipe(QUICKSTART, tiny_bert(run_name="r", save_folder="s3://bucket/{run_name}/ckpt"))
+    assert run_folder(cfg) is None
+
+
+def test_debug_flag_is_not_an_override(capsys):
+    assert entrypoint([QUICKSTART, "optimizer.lrr=0.1", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "optimizer.lrr" in err and "'--debug'" not in err
+
+
+def test_doctor_reports_versions_and_recognises_flash_attn_abi_mismatch():
+    report = diagnose()
+    text = format_report(report)
+    labels = dict(report.lines)
+    assert labels["torch"].startswith(torch.__version__.split("+")[0]) and "CUDA build" in labels["torch"]
+    for name in ("python", "mosaicml", "mosaicml-streaming", "transformers", "flash-attn"):
+        assert name in labels, text
+    assert not report.fatal, text
+    err = ImportError(
+        "/venv/lib/python3.11/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: "
+        "undefined symbol: _ZN3c104cuda9SetDeviceEi"
+    )
+    msg = explain_import_error("flash-attn", err, "2.7.0")
+    assert "built for another torch/CUDA" in msg and "pip install --no-build-isolation flash-attn" in msg
+
+
+def test_doctor_cli_exit_zero(capsys):
+    from llmfoundry_lite.cli import main
+
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "mosaicml" in out and "problems:" in out
+
+
+def test_launcher_command_multinode_needs_master_addr(monkeypatch):
+    import click
+
+    from llmfoundry_lite.launch import launcher_command
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(click.UsageError):
+        launcher_command("r.yaml", [], nproc=8, nnodes=2, node_rank=1)
+    cmd = launcher_command("r.yaml", ["a=1"], nproc=8, nnodes=2, node_rank=1, master_addr="node0")
+    joined = " ".join(cmd)
+    assert "--world_size 16" in joined and "--base_rank 8" in joined and "--master_port 29500" in joined
+    assert cmd[-3:] == ["llmfoundry_lite.launch", "r.yaml", "a=1"]
