@@ -59,6 +59,7 @@ BUILTIN_MODULES = (
     "llmfoundry_lite.models.hf",
     "llmfoundry_lite.models.bert",
     "llmfoundry_lite.models.llama",
+    "llmfoundry_lite.sweep",
 )
 
 _registries: dict[str, catalogue.Registry] = {

@@ -462,6 +462,9 @@ def train(cfg: DictConfig, recipe_path: str | None = None) -> Trainer:
             "or autoresume=false save_overwrite=true, to train again",
             flush=True,
         )
+    if done:  # Composer's fit() would raise "No training would occur"; a finished run is a success
+        trainer.close()
+        return trainer
     try:
         trainer.fit()
     except RunStopped:

@@ -18,8 +18,10 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any, Optional
 
 from llmfoundry_lite import registry
@@ -41,6 +43,27 @@ def clean_stale_shared_memory_once() -> None:
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
+
+
+@contextlib.contextmanager
+def _single_process_init_lock() -> Iterator[None]:
+    """Serialise StreamingDataset construction among single-process runs on this machine.
+
+    Two runs that start together (a parallel sweep) can pick the same shared-memory name and fail with
+    FileExistsError. Multi-process runs are left alone: their ranks must construct together (a barrier inside).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    import fcntl
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "llmfoundry_lite_streaming.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _has_scheme(path: str) -> bool:
@@ -195,22 +218,23 @@ def build_text_dataloader(
     )
 
     try:
-        dataset = StreamingDataset(
-            local=os.path.expanduser(local) if local else None,
-            remote=remote,
-            split=split,
-            shuffle=shuffle,
-            shuffle_seed=shuffle_seed,
-            shuffle_algo=shuffle_algo,
-            shuffle_block_size=shuffle_block_size,
-            num_canonical_nodes=num_canonical_nodes,
-            predownload=predownload,
-            cache_limit=cache_limit,
-            download_retry=download_retry,
-            download_timeout=download_timeout,
-            epoch_size=epoch_size,
-            batch_size=device_batch_size,
-        )
+        with _single_process_init_lock():
+            dataset = StreamingDataset(
+                local=os.path.expanduser(local) if local else None,
+                remote=remote,
+                split=split,
+                shuffle=shuffle,
+                shuffle_seed=shuffle_seed,
+                shuffle_algo=shuffle_algo,
+                shuffle_block_size=shuffle_block_size,
+                num_canonical_nodes=num_canonical_nodes,
+                predownload=predownload,
+                cache_limit=cache_limit,
+                download_retry=download_retry,
+                download_timeout=download_timeout,
+                epoch_size=epoch_size,
+                batch_size=device_batch_size,
+            )
     except (FileNotFoundError, ValueError) as e:
         raise RecipeError(
             f"cannot open dataset local={local!r} remote={remote!r} split={split!r}: {e}"

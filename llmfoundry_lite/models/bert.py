@@ -407,6 +407,15 @@ class BertMLM(ComposerModel):
             "MaskedAccuracy": MaskedAccuracy(),
         }
 
+    # Composer's FSDP and activation checkpointing look for these: one unit per encoder layer.
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """FSDP wraps each encoder layer separately."""
+        return isinstance(module, BertLayer)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """Activation checkpointing recomputes each encoder layer."""
+        return isinstance(module, BertLayer)
+
     def forward(self, batch: dict) -> MLMOutput:
         """Run the trunk on real tokens, then the head only where ``labels != -100`` (all tokens if no labels)."""
         h, info = self.encoder.encode(
