@@ -6,7 +6,7 @@ PIP ?= $(PYTHON) -m pip
 QUICKSTART ?= recipes/quickstart/mosaicbert-tiny.yaml
 DATA ?= data/quickstart
 
-.PHONY: install install-dev quickstart quickstart-data test lint
+.PHONY: install install-dev quickstart quickstart-data quickstart-llama test lint
 
 install:
 	$(PIP) install -e .
@@ -20,6 +20,13 @@ quickstart-data:
 
 quickstart: install quickstart-data
 	llmfoundry-lite train $(QUICKSTART)
+
+# The LLaMA-style variant: byte-level BPE tokenizer, 128-token rows, tiny decoder; then export to Hugging Face.
+quickstart-llama: install
+	llmfoundry-lite data tokenizer --train --kind bpe --source embedded --vocab-size 4096 --out $(DATA)/bpe-tokenizer
+	llmfoundry-lite data convert --source embedded --out $(DATA)/llama-mds --tokenizer $(DATA)/bpe-tokenizer --concat-tokens 128 --splits train,val
+	llmfoundry-lite train recipes/quickstart/llama-tiny.yaml
+	llmfoundry-lite export runs/llama-tiny/checkpoints/latest-rank0.pt runs/llama-tiny/hf
 
 lint:
 	ruff check .

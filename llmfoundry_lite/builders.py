@@ -156,24 +156,49 @@ def build_multi(cfg: Any, section: str) -> list[Any]:
     return out
 
 
+def _meta_model(block: dict, tokenizer: Any) -> Any:
+    with torch.device("meta"):
+        return registry.build("models", block, "model", tokenizer=tokenizer)
+
+
 def count_parameters(cfg: Any) -> tuple[int, int] | None:
     """(total, non-embedding) parameters of the recipe's model, built on the meta device (no memory, no download).
 
-    Returns None when the model cannot be built without a tokenizer that is not available offline.
+    A model may define ``param_counts()`` (its own notion of non-embedding); otherwise embeddings are the
+    ``nn.Embedding`` weights. Returns None when the model needs a tokenizer that is not available offline.
     """
     block = dict(_section(cfg, "model") or {})
-    block.pop("init_from_hf", None)  # weights are irrelevant to the count
-    tokenizer = None
+    block.pop("init_from_hf", None)  # the recipe's shape; weights are irrelevant to the count
     try:
-        with torch.device("meta"):
-            model = registry.build("models", block, "model", tokenizer=None)
+        model = _meta_model(block, None)
     except Exception:
         try:
-            tokenizer = build_tokenizer(cfg)
+            model = _meta_model(block, build_tokenizer(cfg))
         except Exception:
             return None
-        with torch.device("meta"):
-            model = registry.build("models", block, "model", tokenizer=tokenizer)
+    if hasattr(model, "param_counts"):
+        return tuple(model.param_counts())
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     return total, total - embedding
+
+
+def check_model_shape(block: dict) -> None:
+    """Build the model block on the meta device (no memory) so shape errors surface at validation time.
+
+    The vocabulary comes from the tokenizer at train time; a placeholder stands in for it here.
+    """
+    from llmfoundry_lite.errors import RecipeError
+
+    kwargs = dict(block)
+    kwargs.pop("init_from_hf", None)
+    obj = registry.lookup("models", kwargs.get("name"), key="model.name")
+    params, _ = registry.signature_params(obj)
+    if "vocab_size" in params and kwargs.get("vocab_size") is None:
+        kwargs["vocab_size"] = 1024
+    try:
+        _meta_model(kwargs, None)
+    except RecipeError:
+        raise
+    except Exception:  # a builder that cannot run on the meta device: left to train time
+        return

@@ -257,6 +257,9 @@ def validate(data: dict, nproc: int | None = None) -> None:
     for section, reg in MULTI_SECTIONS.items():
         for keypath, default_name, block in iter_multi(section, data.get(section)):
             registry.check_component(reg, block if block is not None else {}, keypath, default_name)
+    from llmfoundry_lite.builders import check_model_shape
+
+    check_model_shape(data["model"])
     if data.get("fsdp") is not None:
         from llmfoundry_lite.train import validate_fsdp
 

@@ -157,3 +157,14 @@ def test_unresolvable_interpolation(child):
 def test_batch_not_divisible_by_processes(child):
     err = error_of(str(child("global_train_batch_size: 6\ndevice_train_microbatch_size: 3\n")), nproc=4)
     assert err.key == "global_train_batch_size" and "not divisible" in str(err)
+
+
+def test_model_shape_errors_caught_at_validation(child):
+    err = error_of(str(child()), ["model.n_heads=3"])  # d_model 128 is not divisible by 3
+    assert err.key.startswith("model.") and "divisible" in str(err)
+
+
+def test_every_shipped_recipe_validates():
+    for recipe in sorted((ROOT / "recipes").rglob("*.yaml")):
+        cfg = load_recipe(str(recipe))
+        assert cfg.model.name, recipe

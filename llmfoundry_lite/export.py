@@ -1,0 +1,186 @@
+"""Composer checkpoint of a llama run -> Hugging Face folder (config.json, safetensors, tokenizer).
+
+The model config travels inside the checkpoint (``ComposerLlama.get_extra_state`` stores it in the model state
+dict), so a checkpoint is self-describing; the run's ``recipe.yaml`` (written next to the checkpoints) is the
+fallback for the config and the tokenizer location.
+
+    llmfoundry-lite export runs/my-run/checkpoints/latest-rank0.pt hf-out/
+    python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained('hf-out')"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+
+from llmfoundry_lite.errors import RecipeError
+
+RECIPE_FILENAME = "recipe.yaml"
+# Wrapper prefixes FSDP / activation checkpointing may leave in parameter names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _resolve_checkpoint(path: pathlib.Path) -> pathlib.Path:
+    """A checkpoint file: the path itself, or inside a folder `latest-rank0.pt` / the newest `*.pt`."""
+    if not path.exists():
+        raise RecipeError(f"no such checkpoint {str(path)!r}", key="CHECKPOINT")
+    if path.is_file():
+        return path
+    latest = path / "latest-rank0.pt"
+    if latest.exists():
+        return latest.resolve()
+    candidates = sorted(path.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise RecipeError(
+            f"{str(path)!r} holds no *.pt Composer checkpoint (sharded checkpoints are not "
+            "supported: save with fsdp.state_dict_type: full)",
+            key="CHECKPOINT",
+        )
+    return candidates[-1]
+
+
+def _load_state(path: pathlib.Path) -> Mapping[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # unpicklable / truncated / not a torch file
+        raise RecipeError(
+            f"cannot read {str(path)!r} as a Composer checkpoint: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}",
+            key="CHECKPOINT",
+        ) from None
+    model_sd = ckpt.get("state", {}).get("model") if isinstance(ckpt, Mapping) else None
+    if not isinstance(model_sd, Mapping):
+        raise RecipeError(f"{str(path)!r} is not a Composer checkpoint (no state['model'])", key="CHECKPOINT")
+    return model_sd
+
+
+def _clean(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _recipe_near(path: pathlib.Path) -> Optional[Mapping[str, Any]]:
+    """The run's resolved recipe.yaml from the checkpoint's folder or its parent, if any."""
+    from omegaconf import OmegaConf
+
+    for folder in (path.parent, path.parent.parent):
+        recipe = folder / RECIPE_FILENAME
+        if recipe.is_file():
+            return OmegaConf.to_container(OmegaConf.load(recipe), resolve=False)
+    return None
+
+
+def _llama_config(extra: Any, recipe: Optional[Mapping[str, Any]], decoder_sd: Mapping[str, torch.Tensor]):
+    from llmfoundry_lite.models.llama import LlamaConfig
+
+    if isinstance(extra, Mapping) and extra.get("family") == "llama":
+        fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+        return LlamaConfig(**{k: v for k, v in extra["config"].items() if k in fields})
+    model_block = (recipe or {}).get("model") or {}
+    if model_block.get("name") == "llama" and "embed.weight" in decoder_sd:
+        fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+        kwargs = {k: v for k, v in model_block.items() if k in fields and v is not None}
+        kwargs["vocab_size"] = decoder_sd["embed.weight"].shape[0]
+        return LlamaConfig(**kwargs)
+    raise RecipeError(
+        "not a llama checkpoint (no llama model config in the checkpoint or its recipe.yaml); "
+        "only `model.name: llama` runs can be exported",
+        key="CHECKPOINT",
+    )
+
+
+def _tokenizer(name: Optional[str]) -> Any:
+    if not name:
+        raise RecipeError(
+            "the checkpoint does not say which tokenizer it was trained with; pass --tokenizer PATH",
+            key="--tokenizer",
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise RecipeError(
+            f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}; pass --tokenizer PATH",
+            key="--tokenizer",
+        ) from None
+
+
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tokenizer: Optional[str] = None,
+    dtype: Optional[str] = None,
+) -> pathlib.Path:
+    """Write a Hugging Face LlamaForCausalLM folder (config, safetensors, tokenizer) from a Composer checkpoint."""
+    from safetensors.torch import save_file
+
+    from llmfoundry_lite.models.llama import hf_config_dict, state_dict_to_hf
+
+    path = _resolve_checkpoint(pathlib.Path(checkpoint_path))
+    model_sd = _load_state(path)
+    extra = model_sd.get("_extra_state")
+    decoder_sd = {
+        _clean(k)[len("model.") :]: v for k, v in model_sd.items() if _clean(k).startswith("model.")
+    }
+    recipe = _recipe_near(path)
+    cfg = _llama_config(extra, recipe, decoder_sd)
+
+    tok_name = tokenizer
+    if tok_name is None and isinstance(extra, Mapping):
+        tok_name = extra.get("tokenizer")
+    if tok_name is None and recipe is not None:
+        tok_name = ((recipe.get("tokenizer") or {}).get("path")) or None
+    tok = _tokenizer(tok_name)  # before writing anything: a failed export leaves no half-written folder
+
+    try:
+        hf_sd = state_dict_to_hf(decoder_sd, cfg)
+    except KeyError as e:
+        raise RecipeError(
+            f"checkpoint weights do not match a llama model (missing {e})", key="CHECKPOINT"
+        ) from None
+    if dtype is not None:
+        target = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+        if target is None:
+            raise RecipeError(f"unknown dtype {dtype!r}; choose fp32, bf16 or fp16", key="--dtype")
+        hf_sd = {k: v.to(target) for k, v in hf_sd.items()}
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config_dict(cfg, tok)
+    config["torch_dtype"] = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
+        next(iter(hf_sd.values())).dtype
+    ]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(str(out))
+    return out
+
+
+def register_cli(app: Any) -> None:
+    """Add `llmfoundry-lite export CHECKPOINT OUT_DIR`."""
+    import typer
+
+    @app.command("export")
+    def export_cmd(
+        checkpoint: str = typer.Argument(..., help="Composer checkpoint (.pt) of a llama run, or its folder"),
+        out_dir: str = typer.Argument(..., help="folder to write the Hugging Face model into"),
+        tokenizer: Optional[str] = typer.Option(
+            None, help="tokenizer folder or hub name (default: the run's)"
+        ),
+        dtype: Optional[str] = typer.Option(
+            None, help="cast weights: fp32, bf16 or fp16 (default: as saved)"
+        ),
+    ) -> None:
+        """Export a Composer checkpoint to a Hugging Face folder (AutoModelForCausalLM loads it)."""
+        out = export_checkpoint(checkpoint, out_dir, tokenizer=tokenizer, dtype=dtype)
+        typer.echo(f"exported {checkpoint} -> {out} (LlamaForCausalLM, safetensors, tokenizer)")
