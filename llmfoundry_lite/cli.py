@@ -127,13 +127,7 @@ def register_plugins(argv: list[str] | None = None) -> None:
         if mod in _registered:
             continue
         _registered.add(mod)
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # TODO(lead): remove once every verb module has landed
-            if e.name == mod:
-                continue
-            raise
-        module.register_cli(app)
+        importlib.import_module(mod).register_cli(app)
 
 
 def main(argv: list[str] | None = None) -> int:

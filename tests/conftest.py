@@ -95,3 +95,19 @@ def _tiny_bert_overrides(tokenizer_dir: str, data_dir: str, tmp_path, **extra) -
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def bert_tok(bert_tokenizer_dir):
+    """The WordPiece test tokenizer, loaded."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(bert_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def llama_tok(llama_tokenizer_dir):
+    """The byte-level BPE test tokenizer, loaded."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama_tokenizer_dir)

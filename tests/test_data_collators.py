@@ -5,21 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.data.corpus import embedded_documents
 from llmfoundry_lite.errors import RecipeError
-
-
-@pytest.fixture(scope="module")
-def bert_tok(bert_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(bert_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def llama_tok(llama_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
 
 
 def _mlm(tok, p, max_seq_len=64):

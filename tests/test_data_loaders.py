@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 from composer.core import DataSpec
-from transformers import AutoTokenizer
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.data.convert import convert
@@ -30,16 +29,6 @@ def concat_dir(tmp_path_factory, llama_tokenizer_dir):
         "embedded", out, splits="train,val", tokenizer=llama_tokenizer_dir, concat_tokens=64, num_workers=0
     )
     return str(out)
-
-
-@pytest.fixture(scope="module")
-def bert_tok(bert_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(bert_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def llama_tok(llama_tokenizer_dir):
-    return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
 
 
 def _loader(tok, bs=4, **block) -> DataSpec:

@@ -11,20 +11,6 @@ from llmfoundry_lite.errors import RecipeError
 TINY_BERT = dict(d_model=32, n_layers=2, n_heads=4, intermediate_size=64, max_position_embeddings=64)
 
 
-@pytest.fixture(scope="module")
-def bert_tok(bert_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(bert_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def llama_tok(llama_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
-
-
 def _mlm_batch(V: int, B: int = 3, S: int = 16) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, V, (B, S), generator=g)
