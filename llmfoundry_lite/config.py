@@ -149,9 +149,17 @@ def _read_yaml(path: Path, referenced_from: tuple[str, str] | None) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
-def _load_chain(
-    path: Path, origins: Origins, stack: tuple[Path, ...], ref: tuple[str, str] | None
-) -> DictConfig:
+def deep_merge(base: Any, top: Any) -> Any:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists, scalars, null) replaces."""
+    if isinstance(base, Mapping) and isinstance(top, Mapping):
+        out = dict(base)
+        for k, v in top.items():
+            out[k] = deep_merge(out[k], v) if k in out else v
+        return out
+    return top
+
+
+def _load_chain(path: Path, origins: Origins, stack: tuple[Path, ...], ref: tuple[str, str] | None) -> dict:
     """Load ``path`` merged over its ``base:`` files (depth first, later wins)."""
     resolved = path.resolve()
     if resolved in stack:
@@ -167,16 +175,17 @@ def _load_chain(
         bases = [bases]
     elif not (isinstance(bases, list) and all(isinstance(b, str) for b in bases)):
         raise RecipeError("'base' must be a path or a list of paths", file=str(path), key="base")
-    merged = OmegaConf.create({})
+    merged: dict = {}
     for i, b in enumerate(bases):
         key = "base" if len(bases) == 1 else f"base[{i}]"
-        base_cfg = _load_chain(path.parent / b, origins, (*stack, resolved), (str(path), key))
-        merged = OmegaConf.merge(merged, base_cfg)
+        merged = deep_merge(
+            merged, _load_chain(path.parent / b, origins, (*stack, resolved), (str(path), key))
+        )
     origins.record(data, str(path))
-    return OmegaConf.merge(merged, OmegaConf.create(data))
+    return deep_merge(merged, data)
 
 
-def _parse_overrides(overrides: list[str], origins: Origins) -> DictConfig:
+def _parse_overrides(overrides: list[str], origins: Origins) -> dict:
     for ov in overrides:
         if "=" not in ov or ov.startswith("="):
             raise RecipeError(
@@ -187,19 +196,20 @@ def _parse_overrides(overrides: list[str], origins: Origins) -> DictConfig:
         cfg = OmegaConf.from_dotlist([ov.lstrip("+") for ov in overrides])
     except OmegaConfBaseException as e:
         raise RecipeError(f"malformed override: {str(e).splitlines()[0]}", file=OVERRIDE_ORIGIN) from None
-    origins.record(OmegaConf.to_container(cfg, resolve=False), OVERRIDE_ORIGIN)
-    return cfg
+    data = OmegaConf.to_container(cfg, resolve=False)
+    origins.record(data, OVERRIDE_ORIGIN)
+    return data
 
 
 def compose(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[dict, Origins]:
     """Merge the base chain and overrides and resolve interpolations; no validation."""
     path = Path(path)
     origins = Origins(str(path))
-    cfg = _load_chain(path, origins, (), None)
+    merged = _load_chain(path, origins, (), None)
     if overrides:
-        cfg = OmegaConf.merge(cfg, _parse_overrides(list(overrides), origins))
+        merged = deep_merge(merged, _parse_overrides(list(overrides), origins))
     try:
-        data = OmegaConf.to_container(cfg, resolve=True)
+        data = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or None
         msg = str(e).splitlines()[0]
@@ -228,6 +238,12 @@ def iter_multi(section: str, value: Any) -> list[tuple[str, str | None, Any]]:
     )
 
 
+def _duration_value(value: str | int) -> float:
+    from composer.core import Time
+
+    return value if isinstance(value, int) else Time.from_timestring(value).value
+
+
 def world_size() -> int:
     """Processes in this run (WORLD_SIZE from the launcher; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -251,6 +267,8 @@ def validate(data: dict, nproc: int | None = None) -> None:
             err = registry.time_error(data[key])
             if err:
                 raise RecipeError(err, key=key)
+            if _duration_value(data[key]) <= 0:
+                raise RecipeError(f"must be positive, got {data[key]!r}", key=key)
     for section, reg in COMPONENT_SECTIONS.items():
         if data.get(section) is not None:
             registry.check_component(reg, data[section], section)

@@ -160,6 +160,8 @@ def _type_hints(obj: Any) -> dict[str, Any]:
 
 
 def _describe_type(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

@@ -95,6 +95,10 @@ def test_overrides_scalars_and_lists(child):
             "missing required key",
         ),
         ("global_train_batch_size: 0\n", "global_train_batch_size", "positive"),
+        ("max_duration: -5ba\n", "max_duration", "must be positive"),
+        ("precision: fp16\n", "precision", "one of 'fp32'"),
+        ("model: 5\n", "model", "expected a mapping"),
+        ("callbacks: [{name: lr_monitor}, speed_monitor]\n", "callbacks[1]", "expected a mapping"),
     ],
 )
 def test_errors_name_file_and_key(child, extra, key, fragment):
@@ -168,3 +172,8 @@ def test_every_shipped_recipe_validates():
     for recipe in sorted((ROOT / "recipes").rglob("*.yaml")):
         cfg = load_recipe(str(recipe))
         assert cfg.model.name, recipe
+
+
+def test_child_list_replaces_base_mapping(child):
+    cfg = load_recipe(str(child("callbacks:\n  - name: lr_monitor\n")))
+    assert list(cfg.callbacks) == [{"name": "lr_monitor"}]
