@@ -128,3 +128,15 @@ def test_microbatching_accumulates(tiny_bert):
     assert trainer.state.device_train_microbatch_size == 2 and counter.batches == 1
     json.dumps(trainer.state.timestamp.state_dict(), default=str)
     trainer.close()
+
+
+def test_cpu_model_for_composer_env_comes_from_proc_cpuinfo():
+    """Composer logs the CPU name at Trainer init; train.py answers from /proc/cpuinfo (py-cpuinfo takes ~1 s)."""
+    from composer.utils import collect_env
+
+    import llmfoundry_lite.train  # noqa: F401  (installs the fast lookup)
+
+    name = collect_env.get_composer_env_dict()["cpu_model"]
+    assert isinstance(name, str) and name
+    if Path("/proc/cpuinfo").exists():
+        assert name in Path("/proc/cpuinfo").read_text()
