@@ -13,7 +13,11 @@ import traceback
 
 import click
 
-from llmfoundry_lite.callbacks.preemption import PREEMPTION_SIGNALS, RunStopped
+from llmfoundry_lite.callbacks.preemption import (
+    PREEMPTED_EXIT_CODE,
+    PREEMPTION_SIGNALS,
+    RunStopped,
+)
 from llmfoundry_lite.errors import RecipeError
 
 DEFAULT_MASTER_PORT = 29500
@@ -87,11 +91,13 @@ def launcher_command(
     return [*cmd, "-m", "llmfoundry_lite.launch", recipe, *overrides]
 
 
-def _forward_to_ranks(launcher: subprocess.Popen):
+def _forward_to_ranks(launcher: subprocess.Popen, forwarded: list[int]):
     """A signal handler passing SIGTERM/SIGUSR1 to the training processes (Composer's launcher would die)."""
 
     def handler(signum: int, frame: object) -> None:
         import psutil
+
+        forwarded.append(signum)
 
         try:
             ranks = psutil.Process(launcher.pid).children()
@@ -128,13 +134,25 @@ def launch(
         proc = subprocess.Popen(cmd, env=os.environ.copy())
     finally:
         signal.signal(signal.SIGUSR1, previous_usr1)
-    previous = {sig: signal.signal(sig, _forward_to_ranks(proc)) for sig in PREEMPTION_SIGNALS}
+    forwarded: list[int] = []
+    previous = {sig: signal.signal(sig, _forward_to_ranks(proc, forwarded)) for sig in PREEMPTION_SIGNALS}
     try:
         while True:
             try:
-                return proc.wait()
+                rc = proc.wait()
+                break
             except KeyboardInterrupt:  # Ctrl-C reaches the launcher too (same process group); let it clean up
                 continue
+        # The ranks leave only after the checkpoint that all of them agreed on. When one leaves first, Composer's
+        # launcher takes its exit as a crash and terminates the others (still closing loggers), so the launcher's
+        # code can be the SIGTERM of a rank rather than 143.
+        killed = (
+            256 - signal.SIGTERM,
+            256 - signal.SIGKILL,
+        )  # the launcher exits with a rank's negative code
+        if forwarded and rc in killed:
+            return PREEMPTED_EXIT_CODE
+        return rc
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)

@@ -111,3 +111,9 @@ def llama_tok(llama_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own folder, so default run folders (runs/<name>) never land in the checkout."""
+    monkeypatch.chdir(tmp_path)

@@ -140,3 +140,29 @@ def test_cpu_model_for_composer_env_comes_from_proc_cpuinfo():
     assert isinstance(name, str) and name
     if Path("/proc/cpuinfo").exists():
         assert name in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.mark.parametrize(
+    "duration, check",
+    [
+        ("8sp", lambda ts: int(ts.sample) == 8 and int(ts.batch) == 2),
+        ("150tok", lambda ts: int(ts.token) >= 150),
+    ],
+)
+def test_durations_in_samples_and_tokens(tiny_bert, duration, check):
+    trainer, _ = fit(tiny_bert(run_name=f"d-{duration}", max_duration=duration, save_folder="null"))
+    assert check(trainer.state.timestamp), trainer.state.timestamp
+    trainer.close()
+
+
+def test_load_path_weights_only_starts_a_new_run_from_a_checkpoint(tiny_bert, tmp_path):
+    trainer, _ = fit(tiny_bert(run_name="source", max_duration="2ba"))
+    saved = {k: v.clone() for k, v in trainer.state.model.state_dict().items()}
+    trainer.close()
+    ckpt = tmp_path / "runs" / "source" / "latest-rank0.pt"
+    cfg = load_recipe(QUICKSTART, tiny_bert(run_name="finetune", load_path=str(ckpt), load_weights_only=True))
+    trainer2 = build_trainer(cfg, QUICKSTART)
+    assert int(trainer2.state.timestamp.batch) == 0  # weights only: a fresh schedule and data order
+    loaded = trainer2.state.model.state_dict()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    trainer2.close()
