@@ -23,6 +23,7 @@ from composer.utils import collect_env, dist, get_device, reproducibility
 from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_lite import builders
+from llmfoundry_lite.bench import cpu_model
 from llmfoundry_lite.callbacks.cost import apply_recipe_cost
 from llmfoundry_lite.callbacks.preemption import NonFiniteLossGuard, Preemption, RunStopped
 from llmfoundry_lite.config import to_yaml
@@ -341,22 +342,9 @@ def _device_name(cfg: DictConfig) -> str:
     return requested
 
 
-def _fast_cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo, else Composer's own lookup."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return _composer_cpu_model()
-
-
 # Trainer.__init__ logs the CPU model through py-cpuinfo, which takes about a second to start (a subprocess):
 # a sixth of a small run's start-up. Reading /proc/cpuinfo gives the same string.
-_composer_cpu_model = collect_env.get_cpu_model
-collect_env.get_cpu_model = _fast_cpu_model
+collect_env.get_cpu_model = cpu_model
 
 # Composer warnings that fire on every small eval set or last partial batch and tell the user nothing actionable.
 _QUIET_WARNINGS = (r"DataloaderNumBatchesWarning", r"Cannot split tensor of length")

@@ -11,6 +11,7 @@ GELU MLP, LayerNorm; it loads Hugging Face ``BertModel`` / ``BertForMaskedLM`` w
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -569,36 +570,27 @@ def build_mosaic_bert(
     return build_bert_mlm(tokenizer, cfg, vocab_size, vocab_multiple, init_from_hf)
 
 
-@registry.models.register("bert")
-def build_bert(
-    tokenizer: Any = None,
-    *,
-    d_model: int = 768,
-    n_layers: int = 12,
-    n_heads: int = 12,
-    intermediate_size: int = 3072,
-    max_position_embeddings: int = 512,
-    type_vocab_size: int = 2,
-    position: Position = "learned",
-    ffn: FFN = "mlp",
-    norm: Norm = "layernorm",
-    unpad: bool = True,
-    attention_dropout: float = 0.1,
-    hidden_dropout: float = 0.1,
-    layer_norm_eps: float = 1e-12,
-    init_std: float = 0.02,
-    vocab_size: Optional[int] = None,
-    vocab_multiple: int = 64,
-    init_from_hf: Optional[str] = None,
-) -> BertMLM:
+# Classic BERT is the same builder with other defaults. The recipe validator reads the typed signature, so
+# `bert` gets `mosaic_bert`'s signature with these defaults rather than an unchecked **kwargs.
+CLASSIC_DEFAULTS: dict[str, Any] = {
+    "position": "learned",
+    "ffn": "mlp",
+    "norm": "layernorm",
+    "attention_dropout": 0.1,
+}
+
+
+def build_bert(tokenizer: Any = None, **kwargs: Any) -> BertMLM:
     """Classic BERT (learned positions, GELU MLP, LayerNorm) on the same encoder class; loads HF weights."""
-    cfg = BertConfig.classic(
-        d_model=d_model, n_layers=n_layers, n_heads=n_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size, position=position,
-        ffn=ffn, norm=norm, unpad=unpad, attention_dropout=attention_dropout, hidden_dropout=hidden_dropout,
-        layer_norm_eps=layer_norm_eps, init_std=init_std,
-    )  # fmt: skip
-    return build_bert_mlm(tokenizer, cfg, vocab_size, vocab_multiple, init_from_hf)
+    return build_mosaic_bert(tokenizer, **{**CLASSIC_DEFAULTS, **kwargs})
+
+
+_sig = inspect.signature(build_mosaic_bert)
+build_bert.__signature__ = _sig.replace(
+    parameters=[p.replace(default=CLASSIC_DEFAULTS.get(p.name, p.default)) for p in _sig.parameters.values()]
+)
+build_bert.__annotations__ = dict(build_mosaic_bert.__annotations__)
+registry.models.register("bert", func=build_bert)
 
 
 __all__ = ["BertConfig", "BertEncoder", "BertMLM", "MLMOutput", "build_bert", "build_mosaic_bert"]
