@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +16,7 @@ from composer import optim as co
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.config import COMPONENT_SECTIONS, MULTI_SECTIONS, iter_multi
+from llmfoundry_lite.errors import RecipeError
 
 # Names follow llm-foundry's, so recipes written for it read the same here.
 for _name, _obj in {
@@ -104,7 +108,8 @@ for _name, _obj in {
     registry.metrics.register(_name, func=_obj)
 
 
-def _section(cfg: Any, name: str) -> Any:
+def recipe_section(cfg: Any, name: str) -> Any:
+    """A top-level recipe section as plain data (None when absent)."""
     value = cfg.get(name) if hasattr(cfg, "get") else None
     if value is not None and hasattr(value, "_content"):
         from omegaconf import OmegaConf
@@ -115,21 +120,21 @@ def _section(cfg: Any, name: str) -> Any:
 
 def build_tokenizer(cfg: Any) -> Any:
     """The recipe's tokenizer (a Hugging Face ``PreTrainedTokenizerBase``)."""
-    return registry.build(COMPONENT_SECTIONS["tokenizer"], _section(cfg, "tokenizer"), "tokenizer")
+    return registry.build(COMPONENT_SECTIONS["tokenizer"], recipe_section(cfg, "tokenizer"), "tokenizer")
 
 
 def build_model(cfg: Any, tokenizer: Any = None) -> Any:
     """The recipe's Composer model (builds the tokenizer first unless given)."""
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg)
-    return registry.build("models", _section(cfg, "model"), "model", tokenizer=tokenizer)
+    return registry.build("models", recipe_section(cfg, "model"), "model", tokenizer=tokenizer)
 
 
 def build_dataloader(cfg: Any, section: str, tokenizer: Any, device_batch_size: int) -> Any:
     """A train or eval dataloader (DataSpec or DataLoader) from a recipe section."""
     return registry.build(
         "dataloaders",
-        _section(cfg, section),
+        recipe_section(cfg, section),
         section,
         tokenizer=tokenizer,
         device_batch_size=device_batch_size,
@@ -139,19 +144,19 @@ def build_dataloader(cfg: Any, section: str, tokenizer: Any, device_batch_size: 
 def build_optimizer(cfg: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return registry.build("optimizers", _section(cfg, "optimizer"), "optimizer", params=params)
+    return registry.build("optimizers", recipe_section(cfg, "optimizer"), "optimizer", params=params)
 
 
 def build_scheduler(cfg: Any) -> Any:
     """The LR scheduler, or None."""
-    block = _section(cfg, "scheduler")
+    block = recipe_section(cfg, "scheduler")
     return None if block is None else registry.build("schedulers", block, "scheduler")
 
 
 def build_multi(cfg: Any, section: str) -> list[Any]:
     """All algorithms, callbacks or loggers of a recipe section."""
     out = []
-    for keypath, default_name, block in iter_multi(section, _section(cfg, section)):
+    for keypath, default_name, block in iter_multi(section, recipe_section(cfg, section)):
         out.append(registry.build(MULTI_SECTIONS[section], block or {}, keypath, default_name))
     return out
 
@@ -161,26 +166,70 @@ def _meta_model(block: dict, tokenizer: Any) -> Any:
         return registry.build("models", block, "model", tokenizer=tokenizer)
 
 
-def count_parameters(cfg: Any) -> tuple[int, int] | None:
-    """(total, non-embedding) parameters of the recipe's model, built on the meta device (no memory, no download).
+@contextlib.contextmanager
+def _hub_offline() -> Any:
+    """Cached hub files only: counting parameters never downloads, nor spends a minute retrying offline."""
+    import huggingface_hub.constants as hc
+    import transformers.utils.hub as th
 
-    A model may define ``param_counts()`` (its own notion of non-embedding); otherwise embeddings are the
-    ``nn.Embedding`` weights. Returns None when the model needs a tokenizer that is not available offline.
-    """
-    block = dict(_section(cfg, "model") or {})
-    block.pop("init_from_hf", None)  # the recipe's shape; weights are irrelevant to the count
+    saved = hc.HF_HUB_OFFLINE, getattr(th, "_is_offline_mode", None)
+    hc.HF_HUB_OFFLINE, th._is_offline_mode = True, True
     try:
-        model = _meta_model(block, None)
-    except Exception:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE, th._is_offline_mode = saved
+
+
+def build_meta_model(cfg: Any) -> Any:
+    """The recipe's model with every tensor on the meta device (a 7B recipe allocates nothing).
+
+    The tokenizer is only loaded when the model block does not set ``vocab_size``; a tokenizer that is not
+    available offline (a hub name) then raises a RecipeError asking for ``model.vocab_size``.
+    """
+    block = dict(recipe_section(cfg, "model") or {})
+    block.pop("init_from_hf", None)  # weights are irrelevant; the block's shape keys describe the model
+    tokenizer = None
+    if block.get("vocab_size") is None:
         try:
-            model = _meta_model(block, build_tokenizer(cfg))
-        except Exception:
-            return None
+            with _hub_offline():
+                tokenizer = build_tokenizer(cfg)
+        except Exception:  # hub names offline, missing folders: say how to avoid needing it
+            path = str((recipe_section(cfg, "tokenizer") or {}).get("path"))
+            local = os.sep in path or path.startswith(".") or Path(path).exists()
+            why = (
+                "that folder does not exist yet (build it first, or)"
+                if local
+                else "that hub name is not in the local cache and nothing is downloaded here;"
+            )
+            example = " (model.vocab_size=30522 for bert-base-uncased)" if "bert" in path else ""
+            raise RecipeError(
+                f"the model takes its vocabulary size from the tokenizer {path!r}: {why} "
+                f"set model.vocab_size{example}",
+                key="model.vocab_size",
+            ) from None
+    return _meta_model(block, tokenizer)
+
+
+def parameter_counts(model: Any) -> tuple[int, int]:
+    """(total, non-embedding): non-embedding leaves out token/position embedding tables and an untied LM head."""
     if hasattr(model, "param_counts"):
-        return tuple(model.param_counts())
+        return tuple(int(x) for x in model.param_counts())  # type: ignore[return-value]
     total = sum(p.numel() for p in model.parameters())
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    return total, total - embedding
+    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    inner = getattr(model, "model", None)
+    out = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is not None:
+        emb_ids.add(id(out.weight))
+    emb = sum(p.numel() for p in model.parameters() if id(p) in emb_ids)
+    return total, total - emb
+
+
+def count_parameters(cfg: Any) -> tuple[int, int] | None:
+    """(total, non-embedding) parameters of the recipe's model, or None when its tokenizer is not available."""
+    try:
+        return parameter_counts(build_meta_model(cfg))
+    except RecipeError:
+        return None
 
 
 def check_model_shape(block: dict) -> None:
@@ -188,8 +237,6 @@ def check_model_shape(block: dict) -> None:
 
     The vocabulary comes from the tokenizer at train time; a placeholder stands in for it here.
     """
-    from llmfoundry_lite.errors import RecipeError
-
     kwargs = dict(block)
     kwargs.pop("init_from_hf", None)
     obj = registry.lookup("models", kwargs.get("name"), key="model.name")

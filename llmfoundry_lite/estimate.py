@@ -70,78 +70,9 @@ class Estimate:
 
 
 def _block(cfg: Any, name: str) -> Any:
-    from omegaconf import OmegaConf
+    from llmfoundry_lite.builders import recipe_section
 
-    value = cfg.get(name)
-    return OmegaConf.to_container(value, resolve=True) if hasattr(value, "_content") else value
-
-
-def build_meta_model(cfg: Any) -> Any:
-    """The recipe's model with every tensor on the meta device (a 7B recipe allocates nothing).
-
-    The tokenizer is only loaded when the model block does not set ``vocab_size``; a tokenizer that is not
-    available offline (a hub name) then raises a RecipeError asking for ``model.vocab_size``.
-    """
-    import torch
-
-    from llmfoundry_lite import builders, registry
-
-    block = dict(_block(cfg, "model") or {})
-    block.pop("init_from_hf", None)  # weights are irrelevant; the block's shape keys describe the model
-    tokenizer = None
-    if block.get("vocab_size") is None:
-        try:
-            with _hub_offline():
-                tokenizer = builders.build_tokenizer(cfg)
-        except Exception:  # hub names offline, missing folders: say how to avoid needing it
-            path = str((_block(cfg, "tokenizer") or {}).get("path"))
-            local = os.sep in path or path.startswith(".") or Path(path).exists()
-            why = (
-                "that folder does not exist yet (build it first, or)"
-                if local
-                else "that hub name is not in the local cache and estimate downloads nothing;"
-            )
-            example = " (model.vocab_size=30522 for bert-base-uncased)" if "bert" in path else ""
-            raise RecipeError(
-                f"the model takes its vocabulary size from the tokenizer {path!r}: {why} "
-                f"set model.vocab_size{example}",
-                key="model.vocab_size",
-            ) from None
-    with torch.device("meta"):
-        return registry.build("models", block, "model", tokenizer=tokenizer)
-
-
-@contextlib.contextmanager
-def _hub_offline() -> Any:
-    """Cached hub files only: an estimate never downloads, and must not spend a minute retrying offline."""
-    import huggingface_hub.constants as hc
-    import transformers.utils.hub as th
-
-    saved = hc.HF_HUB_OFFLINE, getattr(th, "_is_offline_mode", None)
-    hc.HF_HUB_OFFLINE, th._is_offline_mode = True, True
-    try:
-        yield
-    finally:
-        hc.HF_HUB_OFFLINE, th._is_offline_mode = saved
-
-
-def parameter_counts(model: Any) -> tuple[int, int]:
-    """(total, non-embedding): non-embedding leaves out token/position embedding tables and an untied LM head."""
-    import torch
-
-    if hasattr(model, "param_counts"):
-        return tuple(int(x) for x in model.param_counts())  # type: ignore[return-value]
-    total = sum(p.numel() for p in model.parameters())
-    emb_ids = set()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
-            emb_ids.add(id(m.weight))
-    inner = getattr(model, "model", None)
-    out = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if out is not None and getattr(out, "weight", None) is not None:
-        emb_ids.add(id(out.weight))
-    emb = sum(p.numel() for p in model.parameters() if id(p) in emb_ids)
-    return total, total - emb
+    return recipe_section(cfg, name)
 
 
 def mlm_probability(cfg: Any) -> Optional[float]:
@@ -183,6 +114,8 @@ def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[f
             return float(total) / seq_len, "model.flops_per_batch"
         except NotImplementedError:
             pass
+    from llmfoundry_lite.builders import parameter_counts
+
     _, non_emb = parameter_counts(model)
     n_layers, d_model = _shape(model)
     return 6.0 * non_emb + 12.0 * n_layers * d_model * seq_len, "shapes: 6N + 12*L*d*seq"
@@ -357,6 +290,8 @@ def estimate(
         raise RecipeError(f"--hours must be positive, got {hours}", key="--hours")
     cost = hardware.parse_cost(cfg.get("cost"))
     assumptions: list[str] = []
+
+    from llmfoundry_lite.builders import build_meta_model, parameter_counts
 
     model = build_meta_model(cfg)
     total, non_emb = parameter_counts(model)
