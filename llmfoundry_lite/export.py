@@ -139,6 +139,7 @@ def export_checkpoint(
     if tok_name is None and recipe is not None:
         tok_name = ((recipe.get("tokenizer") or {}).get("path")) or None
     tok = _tokenizer(tok_name)  # before writing anything: a failed export leaves no half-written folder
+    prepare_tokenizer_for_decoder(tok, cfg.max_seq_len)
 
     try:
         hf_sd = state_dict_to_hf(decoder_sd, cfg)
@@ -164,6 +165,20 @@ def export_checkpoint(
     save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(str(out))
     return out
+
+
+def prepare_tokenizer_for_decoder(tok: Any, max_seq_len: int) -> None:
+    """Make the saved tokenizer fit the standard HF calls: ``model.generate(**tok(text, return_tensors="pt"))``.
+
+    A WordPiece/BERT-style tokenizer also returns ``token_type_ids``, which ``LlamaForCausalLM.generate`` rejects;
+    and ``model_max_length`` should be the model's context, not the tokenizer's default (often 1e30).
+    """
+    # Set on the instance and in init_kwargs: save_pretrained writes tokenizer_config.json from init_kwargs.
+    tok.model_input_names = ["input_ids", "attention_mask"]
+    tok.model_max_length = int(max_seq_len)
+    tok.init_kwargs.update(model_input_names=tok.model_input_names, model_max_length=tok.model_max_length)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # batched generate/padding needs one; decoders conventionally reuse EOS
 
 
 def register_cli(app: Any) -> None:

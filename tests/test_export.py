@@ -68,6 +68,27 @@ def test_export_roundtrip_logits_equal(trained_checkpoint, tmp_path):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
+def test_export_works_with_standard_hf_calls(trained_checkpoint, tmp_path, bert_tokenizer_dir):
+    """``model.generate(**tok(text, return_tensors="pt"))`` works, even with a WordPiece tokenizer that returns
+    token_type_ids by default; the tokenizer's model_max_length is the model's context."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt, _ = trained_checkpoint
+    for name, tok_dir in (("bpe", None), ("wordpiece", bert_tokenizer_dir)):
+        out = tmp_path / name
+        if tok_dir is None:
+            export_checkpoint(ckpt, out)
+        else:  # a BERT tokenizer over the same ids range is enough to exercise the call
+            export_checkpoint(ckpt, out, tokenizer=tok_dir)
+        tok = AutoTokenizer.from_pretrained(out)
+        hf = AutoModelForCausalLM.from_pretrained(out).eval()
+        inputs = tok("The quick brown fox", return_tensors="pt")
+        assert "token_type_ids" not in inputs, name
+        assert tok.model_max_length == TINY["max_seq_len"] == hf.config.max_position_embeddings
+        gen = hf.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert gen.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
 def test_export_tied_embeddings(tmp_path, llama_tokenizer_dir):
     """Tied models export without a separate lm_head (transformers re-ties it) and still match."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
