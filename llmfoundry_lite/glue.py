@@ -34,6 +34,7 @@ from composer.models import ComposerModel
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError, suggest
+from llmfoundry_lite.quiet import quiet_dependency_warnings
 
 # ---------------------------------------------------------------------------------------------------------
 # Tasks: schema of each dataset and the published MosaicBERT finetuning settings
@@ -758,6 +759,37 @@ class _EvalHistory(Callback):
         self.history.append(row)
 
 
+class _JobProgress(Callback):
+    """One console line per GLUE job as it starts, at each evaluation, and as it finishes."""
+
+    def __init__(self, label: str, started_from: str, stream: Any = None) -> None:
+        self.label = label
+        self.started_from = started_from
+        self.stream = stream or sys.stdout
+        self._t0 = time.time()
+
+    def _say(self, text: str) -> None:
+        print(f"[glue {self.label}] {text}", file=self.stream, flush=True)
+
+    def fit_start(self, state: Any, logger: Any) -> None:
+        """Announce the job: batches to train and where the weights come from."""
+        self._t0 = time.time()
+        self._say(f"start: {state.max_duration.value} batches from {self.started_from}")
+
+    def eval_after_all(self, state: Any, logger: Any) -> None:
+        """Print this evaluation's metrics (percent)."""
+        scores = "  ".join(
+            f"{label}/{name} {100.0 * float(m.compute()):.2f}"
+            for label, metrics in state.eval_metrics.items()
+            for name, m in metrics.items()
+        )
+        self._say(f"eval at epoch {int(state.timestamp.epoch)} batch {int(state.timestamp.batch)}: {scores}")
+
+    def done(self, score: float) -> None:
+        """Say the job is done, its score and how long it took."""
+        self._say(f"done in {time.time() - self._t0:.0f} s: score {score:.2f}")
+
+
 def _device(glue: GlueConfig) -> str:
     if glue.device == "gpu" and not torch.cuda.is_available():
         raise RecipeError("device 'gpu' requested but CUDA is not available", key="glue.device")
@@ -825,6 +857,9 @@ def run_job(
 
     micro = glue.device_train_microbatch_size or ("auto" if device == "gpu" else None)
     history = _EvalHistory()
+    started_from = _started_from(cfg, glue, init_checkpoint or pretrained_checkpoint)
+    progress = _JobProgress(job.name, started_from)
+    quiet_dependency_warnings()
     save_kwargs: dict[str, Any] = {}
     if save_checkpoint:
         save_kwargs = dict(
@@ -853,7 +888,7 @@ def run_job(
         precision=precision,
         device_train_microbatch_size=micro,
         seed=job.seed,
-        callbacks=[history],
+        callbacks=[history, progress],
         loggers=[],
         progress_bar=False,
         log_to_console=False,
@@ -880,12 +915,13 @@ def run_job(
         "metrics": metrics,
         "score": sum(metrics.values()) / len(metrics),
         "history": [{k: (100.0 * v if "/" in k else v) for k, v in row.items()} for row in history.history],
-        "started_from": _started_from(cfg, glue, init_checkpoint or pretrained_checkpoint),
+        "started_from": started_from,
         "checkpoint": checkpoint,
         "train_rows": len(train_ds),
         "seconds": round(time.time() - start, 2),
     }
     (job_dir / "result.json").write_text(json.dumps(result, indent=2))
+    progress.done(result["score"])
     return result
 
 
@@ -951,6 +987,10 @@ def _run_parallel(recipe: str, overrides: Sequence[str], specs: list[dict], n_gp
             cmd = [sys.executable, "-m", "llmfoundry_lite.glue", str(spec_file)]
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[gpu] = (proc, spec, log)
+            print(
+                f"[glue {Job(**spec['job']).name}] started on GPU {gpu}; log {spec_file.parent}/log.txt",
+                flush=True,
+            )
         if not running:
             raise RuntimeError("jobs wait for the MNLI checkpoint but no MNLI job produced one")
         time.sleep(0.5)
@@ -970,6 +1010,10 @@ def _run_parallel(recipe: str, overrides: Sequence[str], specs: list[dict], n_gp
                     f"log {spec['job_dir']}/log.txt ends with:\n{tail}"
                 )
             result = json.loads(result_file.read_text())
+            print(
+                f"[glue {Job(**spec['job']).name}] done in {result['seconds']:.0f} s: score {result['score']:.2f}",
+                flush=True,
+            )
             if spec["save_checkpoint"]:
                 mnli_ckpt = result["checkpoint"]
             results.append(result)

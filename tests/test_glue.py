@@ -234,6 +234,11 @@ def test_glue_end_to_end_tiny_recipe(tiny_overrides, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert "GLUE average" in printed
+    # One line per job as it starts, at each eval and as it finishes; no Composer warnings on the console.
+    lines = printed.splitlines()
+    assert sum(line.startswith("[glue mnli/seed=19] start: ") for line in lines) == 1
+    assert sum(line.startswith("[glue mnli/seed=19] eval at epoch ") for line in lines) == 2
+    assert sum(line.startswith("[glue rte/seed=8364] done in ") for line in lines) == 1
     res = json.loads((out / "results.json").read_text())
     assert set(res["tasks"]) == {"mnli", "rte", "stsb"}
     runs = res["runs"]
@@ -492,3 +497,21 @@ def test_model_surgery_algorithms_are_replayed_before_loading(tiny_overrides, tm
     )
     assert code == 0
     assert set(json.loads((out / "results.json").read_text())["runs"][0]["metrics"]) == {"rte/accuracy"}
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_unactionable_composer_warnings_hidden_unless_debug(monkeypatch, debug):
+    import warnings
+
+    from llmfoundry_lite.quiet import DEBUG_ENV, quiet_dependency_warnings
+
+    monkeypatch.setenv(DEBUG_ENV, debug)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_dependency_warnings()
+        warnings.warn("Cannot split tensor of length 16 into batches of size 32.", UserWarning, stacklevel=1)
+        warnings.warn("The warmup duration is 0. If you specified warmup ...", UserWarning, stacklevel=1)
+        warnings.warn("something the user should see", UserWarning, stacklevel=1)
+    shown = [str(w.message) for w in seen]
+    assert "something the user should see" in shown
+    assert len(shown) == (3 if debug else 1)
