@@ -50,6 +50,16 @@ def tokenizer(bert_tokenizer_dir):
 # ---- layers ---------------------------------------------------------------------------------------------
 
 
+def test_alibi_slopes_stay_exact_fp32_when_the_model_is_cast():
+    # FSDP's mixed precision casts buffers to bf16 (Composer's DEFAULT under amp_bf16), as .to(bf16) does:
+    # flash-attn wants fp32 slopes, and rounded ones (2^-0.5 -> 0.70703125) would change the model.
+    enc = BertEncoder(BertConfig(vocab_size=128, d_model=48, n_layers=1, n_heads=12, intermediate_size=48))
+    enc = enc.to(torch.bfloat16)
+    slopes = enc.alibi_slopes(torch.device("cpu"))
+    assert slopes.dtype == torch.float32 and torch.equal(slopes, alibi_slopes(12))
+    assert not any("slope" in k for k in enc.state_dict())  # derived from n_heads: nothing to checkpoint
+
+
 def test_alibi_slopes_follow_press_rule_for_any_head_count():
     assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
     assert torch.allclose(alibi_slopes(4), torch.tensor([0.25, 0.0625, 0.015625, 0.00390625]))
@@ -297,23 +307,18 @@ def test_bad_shapes_raise_recipe_error_naming_the_key(tokenizer):
 
 
 @pytest.mark.gpu
-def test_flash_attn_and_sdpa_paths_agree_in_bf16():
+@pytest.mark.parametrize("position", ["alibi", "learned"])
+def test_flash_attn_and_sdpa_paths_agree_in_bf16(position):
     pytest.importorskip("flash_attn")
     torch.manual_seed(0)
-    enc = BertEncoder(BertConfig(vocab_size=128, **TINY)).cuda().eval()
+    enc = BertEncoder(BertConfig(vocab_size=128, position=position, attn_impl="flash", **TINY)).cuda().eval()
     b = _batch()
     ids, mask = b["input_ids"].cuda(), b["attention_mask"].cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        flash = enc(ids, mask).float()
-    import llmfoundry_lite.models.layers as layers
-
-    layers._flash_varlen_qkvpacked.cache_clear()
-    orig = layers._flash_varlen_qkvpacked
-    layers._flash_varlen_qkvpacked = lambda: None
-    try:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            sdpa = enc(ids, mask).float()
-    finally:
-        layers._flash_varlen_qkvpacked = orig
+        flash = enc(ids, mask).float()  # attn_impl: flash raises rather than run anything else
+    for layer in enc.layers:
+        layer.attn.attn_impl = "sdpa"
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        sdpa = enc(ids, mask).float()
     m = mask.bool()
     assert (flash[m] - sdpa[m]).abs().max() < 5e-2

@@ -276,3 +276,17 @@ def test_recipe_param_counts(name, low, high):
     block = OmegaConf.to_container(cfg.model, resolve=True)
     total, non_emb = param_counts(block)
     assert low <= total <= high and non_emb < total
+
+
+@pytest.mark.gpu
+def test_flash_attn_runs_under_autocast_and_matches_sdpa(tokenizer):
+    # Under amp_bf16 (no FSDP) the block input stays fp32 while q/k/v are bf16: `flash` must run, not refuse.
+    pytest.importorskip("flash_attn")
+    model = build(tokenizer, **TINY, attn_impl="flash").cuda().eval()
+    ids = torch.randint(0, len(tokenizer), (2, 64), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        flash = model.model(ids).float()
+        for block in model.model.blocks:
+            block.attn.attn_impl = "sdpa"
+        sdpa = model.model(ids).float()
+    assert (flash - sdpa).abs().max() < 5e-2

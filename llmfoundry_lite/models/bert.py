@@ -26,6 +26,8 @@ from torch import nn
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.layers import (
+    ATTN_IMPLS,
+    AttnImpl,
     GeGLU,
     GeluMLP,
     SelfAttention,
@@ -64,6 +66,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
     pad_token_id: int = 0
+    attn_impl: str = "auto"  # auto | flash | sdpa: an execution choice, same function either way
 
     @classmethod
     def mosaic(cls, **kw: Any) -> BertConfig:
@@ -114,6 +117,10 @@ class BertConfig:
             raise err("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
         if self.init_std <= 0:
             raise err("init_std", f"must be positive, got {self.init_std!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise err(
+                "attn_impl", f"expected one of {', '.join(map(repr, ATTN_IMPLS))}, got {self.attn_impl!r}"
+            )
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -158,7 +165,7 @@ class BertLayer(nn.Module):
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, attn_impl=cfg.attn_impl)
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
         ffn_cls = GeGLU if cfg.ffn == "geglu" else GeluMLP
         self.ffn = ffn_cls(cfg.d_model, cfg.intermediate_size)
@@ -185,9 +192,18 @@ class BertEncoder(nn.Module):
         self.cfg = cfg
         self.embeddings = BertEmbeddings(cfg)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.n_layers))
-        slopes = alibi_slopes(cfg.n_heads) if cfg.position == "alibi" else None
-        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        # ALiBi slopes per device, fp32, not a buffer: FSDP's mixed precision (and .half()) would round
+        # buffers to bf16, and flash-attn wants fp32 slopes. Nothing to checkpoint: they follow from n_heads.
+        self._slopes: dict[torch.device, torch.Tensor] = {}
         self.apply(self._init_weights)
+
+    def alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
+        """fp32 ALiBi slopes (n_heads,) on ``device``; None with learned positions."""
+        if self.cfg.position != "alibi":
+            return None
+        if device not in self._slopes:
+            self._slopes[device] = alibi_slopes(self.cfg.n_heads).to(device)
+        return self._slopes[device]
 
     def _init_weights(self, m: nn.Module) -> None:
         std = self.cfg.init_std
@@ -226,8 +242,9 @@ class BertEncoder(nn.Module):
                 )
             positions = info.indices % info.seq_len
         x = self.embeddings(ids, types, positions)
+        slopes = self.alibi_slopes(x.device)
         for layer in self.layers:
-            x = layer(x, info, self.alibi_slopes)
+            x = layer(x, info, slopes)
         return x, info
 
     def forward(
@@ -512,7 +529,8 @@ def build_bert_mlm(
             "position: learned and ffn: mlp (or use the `bert` model)",
             key="model.init_from_hf",
         )
-    keep = {k: getattr(cfg, k) for k in ("norm", "unpad", "attention_dropout", "hidden_dropout", "init_std")}
+    execution = ("norm", "unpad", "attention_dropout", "hidden_dropout", "init_std", "attn_impl")
+    keep = {k: getattr(cfg, k) for k in execution}
     hf_cfg, enc_sd, head_sd = load_hf_bert(init_from_hf, key="model.init_from_hf", **keep)
     if hf_cfg.vocab_size < cfg.vocab_size:
         raise RecipeError(
@@ -556,6 +574,7 @@ def build_mosaic_bert(
     hidden_dropout: float = 0.1,
     layer_norm_eps: float = 1e-12,
     init_std: float = 0.02,
+    attn_impl: AttnImpl = "auto",
     vocab_size: Optional[int] = None,
     vocab_multiple: int = 64,
     init_from_hf: Optional[str] = None,
@@ -565,7 +584,7 @@ def build_mosaic_bert(
         d_model=d_model, n_layers=n_layers, n_heads=n_heads, intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size, position=position,
         ffn=ffn, norm=norm, unpad=unpad, attention_dropout=attention_dropout, hidden_dropout=hidden_dropout,
-        layer_norm_eps=layer_norm_eps, init_std=init_std,
+        layer_norm_eps=layer_norm_eps, init_std=init_std, attn_impl=attn_impl,
     )  # fmt: skip
     return build_bert_mlm(tokenizer, cfg, vocab_size, vocab_multiple, init_from_hf)
 

@@ -1,38 +1,77 @@
 """Transformer building blocks shared by the model families: attention, unpadding, norms, feed-forward nets.
 
-Attention runs through flash-attn's variable-length kernel when flash-attn imports and the tensors are
-half precision on CUDA, otherwise through ``torch.nn.functional.scaled_dot_product_attention`` with an
-additive bias (ALiBi and/or key padding). Every choice here is an execution detail: both paths compute the
-same function, so models can be trained on GPU and evaluated on CPU.
+Attention runs through flash-attn or ``torch.nn.functional.scaled_dot_product_attention``; which one is
+decided per call by :func:`select_attention_kernel` from what actually reaches the kernel (device, dtype of
+q/k/v, mask). Both compute the same function, so models can be trained on GPU and evaluated on CPU.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmfoundry_lite.errors import RecipeError
+
 # ---------------------------------------------------------------------------------------------------------
-# flash-attn (optional, lazily imported: it only builds on CUDA machines)
+# flash-attn (optional, lazily imported: it only builds on CUDA machines) and the choice of kernel
 # ---------------------------------------------------------------------------------------------------------
 
+AttnImpl = Literal["auto", "flash", "sdpa"]
+ATTN_IMPLS: tuple[str, ...] = ("auto", "flash", "sdpa")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
-@lru_cache(maxsize=1)
-def _flash_varlen_qkvpacked():
+
+@cache
+def flash_attn_function(name: str):
+    """``flash_attn.<name>`` when flash-attn imports, else None (a missing or broken CUDA build alike)."""
     try:
-        from flash_attn import flash_attn_varlen_qkvpacked_func
-    except Exception:  # ImportError, or a broken CUDA build: fall back to SDPA
+        import flash_attn
+    except Exception:
         return None
-    return flash_attn_varlen_qkvpacked_func
+    return getattr(flash_attn, name, None)
 
 
-def flash_attn_available(t: torch.Tensor) -> bool:
-    """Whether the flash-attn varlen kernel can run on ``t`` (CUDA, fp16/bf16, flash-attn installed)."""
-    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_qkvpacked() is not None
+def select_attention_kernel(
+    requested: str,
+    device_type: str,
+    dtype: torch.dtype,
+    flash_importable: bool,
+    unsupported_mask: Optional[str] = None,
+) -> Literal["flash", "sdpa"]:
+    """The kernel for one attention call: ``"flash"`` or ``"sdpa"``.
+
+    ``dtype`` is that of the q/k/v tensors handed to the kernel (under autocast they are bf16 even when the
+    block input is fp32); ``unsupported_mask`` names a mask this flash path cannot apply (None if there is
+    none). ``auto`` takes flash when it can run and SDPA otherwise; an explicit ``flash`` that cannot run
+    raises RecipeError (``model.attn_impl``) with the reason instead of falling back silently.
+    """
+    if requested not in ATTN_IMPLS:
+        raise RecipeError(
+            f"expected one of {', '.join(map(repr, ATTN_IMPLS))}, got {requested!r}", key="model.attn_impl"
+        )
+    if requested == "sdpa":
+        return "sdpa"
+    if not flash_importable:
+        why = "flash-attn is not installed or does not import (pip install 'llmfoundry-lite[gpu]')"
+    elif device_type != "cuda":
+        why = f"the model runs on {device_type}, and flash-attn needs a CUDA GPU"
+    elif dtype not in FLASH_DTYPES:
+        why = f"attention inputs are {dtype}, and flash-attn needs bf16/fp16 (precision: amp_bf16)"
+    elif unsupported_mask is not None:
+        why = f"the batch needs {unsupported_mask}, which this flash-attn path cannot apply"
+    else:
+        return "flash"
+    if requested == "flash":
+        raise RecipeError(
+            f"'flash' cannot run: {why}; set auto (falls back to SDPA) or sdpa", key="model.attn_impl"
+        )
+    return "sdpa"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -146,11 +185,19 @@ def attention_bias(info: Unpadded, slopes: torch.Tensor | None, dtype: torch.dty
 class SelfAttention(nn.Module):
     """Bidirectional multi-head self-attention with a fused QKV projection, on unpadded tokens."""
 
-    def __init__(self, d_model: int, n_heads: int, attn_dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        attn_dropout: float = 0.0,
+        bias: bool = True,
+        attn_impl: str = "auto",
+    ):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.attn_dropout = attn_dropout
+        self.attn_impl = attn_impl
         self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # one GEMM instead of three
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
@@ -162,16 +209,27 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """(T, d) -> (T, d) over the sequences described by ``info``; ``slopes`` are ALiBi's (or None)."""
         T, d = x.shape
-        qkv = self.Wqkv(x)
+        qkv = self.Wqkv(x)  # under autocast this is bf16 whatever x is: choose the kernel from it
         dropout = self.attn_dropout if self.training else 0.0
-        if flash_attn_available(qkv) and not info.padded_stream:  # varlen needs padding out of the stream
-            fn = _flash_varlen_qkvpacked()
+        fn = flash_attn_function("flash_attn_varlen_qkvpacked_func")
+        kernel = select_attention_kernel(
+            self.attn_impl,
+            qkv.device.type,
+            qkv.dtype,
+            fn is not None,
+            # the varlen kernel takes sequence boundaries, not a key-padding mask inside the stream
+            "a key-padding mask over padding kept in the token stream (unpad: false)"
+            if info.padded_stream
+            else None,
+        )
+        if kernel == "flash":
             ctx = fn(
                 qkv.view(T, 3, self.n_heads, self.head_dim),
-                info.cu_seqlens,
-                info.max_seqlen,
+                info.cu_seqlens,  # int32 (B+1,), on the tokens' device
+                info.max_seqlen,  # a Python int: a tensor here would sync or fail
                 dropout_p=dropout,
                 causal=False,
+                # flash-attn wants fp32 (nheads,) slopes; its bias -slope*|i-j| is ALiBi's symmetric one
                 alibi_slopes=None if slopes is None else slopes.to(qkv.device, torch.float32),
             )
             return self.out(ctx.reshape(T, d))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from torch import nn
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.layers import ATTN_IMPLS, flash_attn_function, select_attention_kernel
 
 IGNORE_INDEX = -100
 
@@ -111,8 +111,10 @@ class LlamaConfig:
             raise err("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.rope_theta <= 0:
             raise err("rope_theta", f"must be positive, got {self.rope_theta}")
-        if self.attn_impl not in ("auto", "flash", "sdpa"):
-            raise err("attn_impl", f"expected one of 'auto', 'flash', 'sdpa', got {self.attn_impl!r}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise err(
+                "attn_impl", f"expected one of {', '.join(map(repr, ATTN_IMPLS))}, got {self.attn_impl!r}"
+            )
 
 
 def param_count_for(cfg: LlamaConfig) -> tuple[int, int]:
@@ -192,16 +194,6 @@ def rope_permutation(head_dim: int) -> torch.Tensor:
     return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
 
 
-@functools.cache
-def _flash_attn_func():
-    """flash_attn's kernel when importable (lazy: it cannot even be installed on CPU machines)."""
-    try:
-        from flash_attn import flash_attn_func
-    except Exception:
-        return None
-    return flash_attn_func
-
-
 class Attention(nn.Module):
     """Causal grouped-query self-attention with rotary embeddings and one fused QKV projection."""
 
@@ -219,14 +211,16 @@ class Attention(nn.Module):
         # split (not slicing): its backward is one cat instead of zero-filled full-size buffers per slice
         qk, v = self.wqkv(x).view(B, S, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=2)
         q, k = apply_rotary(qk, freqs_cis).split([H, Hkv], dim=2)  # one rotary pass for q and k together
-        flash = _flash_attn_func() if self.attn_impl != "sdpa" and mask is None and x.is_cuda else None
-        if self.attn_impl == "flash" and flash is None and mask is None:
-            raise RecipeError(
-                "flash-attn is not importable or the model is not on CUDA; "
-                "install the [gpu] extra or set attn_impl: sdpa",
-                key="model.attn_impl",
-            )
-        if flash is not None and x.dtype in (torch.float16, torch.bfloat16):
+        # Decide from q/k/v themselves: under autocast they are bf16 while x (the block input) stays fp32.
+        flash = flash_attn_function("flash_attn_func")
+        kernel = select_attention_kernel(
+            self.attn_impl,
+            q.device.type,
+            q.dtype,
+            flash is not None,
+            None if mask is None else "a padding or document (sequence_id) mask",
+        )
+        if kernel == "flash":
             out = flash(q, k, v, causal=True)  # (B, S, H, hd); handles GQA natively
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
