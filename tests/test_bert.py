@@ -216,7 +216,10 @@ def test_registered_builders_pad_vocab_and_tie_decoder(tokenizer):
     model = registry.build("models", {"name": "mosaic_bert", **TINY}, "model", tokenizer=tokenizer)
     assert isinstance(model, BertMLM) and isinstance(model.encoder, BertEncoder)
     assert model.cfg.vocab_size % 64 == 0 and model.cfg.vocab_size >= len(tokenizer)
-    assert model.head.word_embeddings[0].weight is model.encoder.embeddings.word.weight
+    # Tied by calling the encoder's embedding module (never a stored weight): one Parameter, registered once.
+    assert model.head.word is model.encoder.embeddings.word
+    assert sum(p is model.encoder.embeddings.word.weight for p in model.parameters()) == 1
+    assert not any(k.startswith("head.word") or k.startswith("head._") for k in model.state_dict())
     classic = registry.build("models", {"name": "bert", **TINY}, "model", tokenizer=tokenizer)
     assert classic.cfg.position == "learned" and classic.cfg.ffn == "mlp" and classic.cfg.norm == "layernorm"
     assert "bert" in registry.names("models") and "mosaic_bert" in registry.names("models")

@@ -31,6 +31,7 @@ from llmfoundry_lite.models.layers import (
     GeGLU,
     GeluMLP,
     SelfAttention,
+    TiedEmbedding,
     Unpadded,
     alibi_slopes,
     make_norm,
@@ -138,7 +139,8 @@ class BertEmbeddings(nn.Module):
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.word = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        # Also the MLM decoder (tied): the head calls it with unembed=True, so FSDP gathers it for that call.
+        self.word = TiedEmbedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.position = (
             nn.Embedding(cfg.max_position_embeddings, cfg.d_model) if cfg.position == "learned" else None
         )
@@ -184,7 +186,11 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """Embeddings + N layers. ``forward(input_ids, attention_mask, token_type_ids=None) -> (B, S, d)``."""
+    """Embeddings + N layers. ``forward(input_ids, attention_mask, token_type_ids=None) -> (B, S, d)``.
+
+    Composer's FSDP wraps each child of the ComposerModel (this encoder, the MLM head) as a root and asks
+    *that child* for ``fsdp_wrap_fn`` / ``activation_checkpointing_fn`` / ``param_init_fn``: they live here.
+    """
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -195,7 +201,15 @@ class BertEncoder(nn.Module):
         # ALiBi slopes per device, fp32, not a buffer: FSDP's mixed precision (and .half()) would round
         # buffers to bf16, and flash-attn wants fp32 slopes. Nothing to checkpoint: they follow from n_heads.
         self._slopes: dict[torch.device, torch.Tensor] = {}
-        self.apply(self._init_weights)
+        self.apply(self.param_init_fn)
+
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        """One FSDP unit per encoder layer, and one for the word embedding the MLM head also multiplies by."""
+        return isinstance(module, (BertLayer, TiedEmbedding))
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        """Activation checkpointing recomputes each encoder layer."""
+        return isinstance(module, BertLayer)
 
     def alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
         """fp32 ALiBi slopes (n_heads,) on ``device``; None with learned positions."""
@@ -205,7 +219,8 @@ class BertEncoder(nn.Module):
             self._slopes[device] = alibi_slopes(self.cfg.n_heads).to(device)
         return self._slopes[device]
 
-    def _init_weights(self, m: nn.Module) -> None:
+    def param_init_fn(self, m: nn.Module) -> None:
+        """Initialise one module's own parameters (BERT's N(0, std), zero biases, unit norms)."""
         std = self.cfg.init_std
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=std)
@@ -226,7 +241,10 @@ class BertEncoder(nn.Module):
         attention_mask: torch.Tensor | None,
         token_type_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Unpadded]:
-        """Hidden states of the real tokens only, (T, d), plus the unpadding info to scatter them back."""
+        """Hidden states of the real tokens only, (T, d), plus the unpadding info to scatter them back.
+
+        Under FSDP call ``encoder(..., unpadded=True)`` instead: only ``forward`` gathers the sharded weights.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         info = unpad_info(attention_mask, keep_all=not self.cfg.unpad)
@@ -252,10 +270,11 @@ class BertEncoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Last hidden states (B, S, d); with unpadding, positions of padding tokens are zeros."""
+        unpadded: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, Unpadded]:
+        """Last hidden states (B, S, d), zeros at padding; ``unpadded=True``: :meth:`encode`'s ((T, d), info)."""
         x, info = self.encode(input_ids, attention_mask, token_type_ids)
-        return pad(x, info)
+        return (x, info) if unpadded else pad(x, info)
 
     @classmethod
     def from_hf(cls, path_or_name: str, **overrides: Any) -> BertEncoder:
@@ -276,21 +295,42 @@ class BertEncoder(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """Dense -> GELU -> norm -> tied decoder + bias, as in BERT's ``cls.predictions``."""
+    """Dense -> GELU -> norm -> tied decoder + bias, as in BERT's ``cls.predictions``.
 
-    def __init__(self, cfg: BertConfig, word_embeddings: nn.Embedding):
+    The decoder is the encoder's word embedding, reached through ``embeddings.word`` at call time and
+    *called* (``unembed=True``), never read as ``.weight``: under FSDP that attribute is the embedding's own
+    unit, which gathers its weight for the call; a stored weight is a shard outside the encoder's forward.
+    """
+
+    def __init__(self, cfg: BertConfig, embeddings: BertEmbeddings):
         super().__init__()
+        self.cfg = cfg
         self.transform = nn.Linear(cfg.d_model, cfg.d_model)
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
-        self.word_embeddings = [word_embeddings]  # a list: tied, not registered twice
+        self._embeddings = [embeddings]  # a list: tied, not registered (or sharded) twice
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        nn.init.normal_(self.transform.weight, std=cfg.init_std)
-        nn.init.zeros_(self.transform.bias)
+        self.apply(self.param_init_fn)
+
+    @property
+    def word(self) -> nn.Module:
+        """The tied word embedding (its FSDP wrapper once sharded)."""
+        return self._embeddings[0].word
+
+    def param_init_fn(self, m: nn.Module) -> None:
+        """N(0, std) dense weight, zero biases, unit norm (Composer's FSDP asks the head for this)."""
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, MLMHead):
+            nn.init.zeros_(m.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(N, d) -> (N, padded_vocab)."""
         h = self.norm(F.gelu(self.transform(h)))
-        return F.linear(h, self.word_embeddings[0].weight, self.bias)
+        return self.word(h, unembed=True, bias=self.bias)
 
 
 @dataclass
@@ -415,7 +455,7 @@ class BertMLM(ComposerModel):
         self.cfg = cfg
         self.vocab_size = vocab_size  # the tokenizer's; logits are sliced to it (padded rows never win)
         self.encoder = BertEncoder(cfg)
-        self.head = MLMHead(cfg, self.encoder.embeddings.word)
+        self.head = MLMHead(cfg, self.encoder.embeddings)
         self.train_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(),
             "MaskedAccuracy": MaskedAccuracy(),
@@ -425,19 +465,11 @@ class BertMLM(ComposerModel):
             "MaskedAccuracy": MaskedAccuracy(),
         }
 
-    # Composer's FSDP and activation checkpointing look for these: one unit per encoder layer.
-    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
-        """FSDP wraps each encoder layer separately."""
-        return isinstance(module, BertLayer)
-
-    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
-        """Activation checkpointing recomputes each encoder layer."""
-        return isinstance(module, BertLayer)
-
     def forward(self, batch: dict) -> MLMOutput:
         """Run the trunk on real tokens, then the head only where ``labels != -100`` (all tokens if no labels)."""
-        h, info = self.encoder.encode(
-            batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
+        # Through the modules' __call__ (not .encode): under FSDP that is what gathers each unit's weights.
+        h, info = self.encoder(
+            batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), unpadded=True
         )
         labels = batch.get("labels")
         if labels is None:

@@ -8,6 +8,7 @@ and config kwargs. Both accept ``init_from_hf`` (a local folder or hub name) to 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, Optional
 
 import torch
@@ -33,6 +34,35 @@ class HFEncoderAdapter(nn.Module):
         """Last hidden states of the wrapped encoder."""
         return self.base(input_ids=input_ids, attention_mask=attention_mask,
                          token_type_ids=token_type_ids).last_hidden_state  # fmt: skip
+
+
+def _is_block(classes: tuple[type, ...], module: nn.Module) -> bool:
+    return isinstance(module, classes)
+
+
+def declare_fsdp_blocks(model: nn.Module) -> nn.Module:
+    """Give an HF model the ``fsdp_wrap_fn`` / ``activation_checkpointing_fn`` Composer's FSDP asks it for.
+
+    Composer wraps the HF model (the ComposerModel's child) as one FSDP root and asks it which submodules get
+    their own unit; HF models define neither hook, so without this the whole model is one unit and activation
+    checkpointing does nothing. The blocks are the classes in ``_no_split_modules``, or (BERT declares none)
+    the repeated layers: the ModuleList holding ``num_hidden_layers`` modules of one class. Embeddings and the
+    (tied) LM head stay in the root unit together.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    for m in model.modules():
+        if classes:
+            break
+        if isinstance(m, nn.ModuleList) and len(m) == n_layers and len({type(c) for c in m}) == 1:
+            classes.add(type(m[0]))
+    if classes:
+        # a partial, not a lambda: the model stays picklable
+        check = functools.partial(_is_block, tuple(classes))
+        model.fsdp_wrap_fn = check
+        model.activation_checkpointing_fn = check
+    return model
 
 
 def _real_tokens(batch: dict) -> int:
@@ -143,7 +173,7 @@ def build_hf_bert(
         )  # fmt: skip
         model = BertForMaskedLM._from_config(cfg, attn_implementation=attn_implementation)
     metrics = [LanguageCrossEntropy(), MaskedAccuracy(ignore_index=-100)]
-    return HFMaskedLM(model, tokenizer=tokenizer, use_logits=True, metrics=metrics)
+    return HFMaskedLM(declare_fsdp_blocks(model), tokenizer=tokenizer, use_logits=True, metrics=metrics)
 
 
 @registry.models.register("hf_causal_lm")
@@ -175,4 +205,6 @@ def build_hf_causal_lm(
             ) from None
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation)
     metrics = [LanguageCrossEntropy(), LanguagePerplexity()]
-    return HFCausalLM(model, tokenizer=tokenizer, use_logits=True, metrics=metrics, shift_labels=True)
+    return HFCausalLM(
+        declare_fsdp_blocks(model), tokenizer=tokenizer, use_logits=True, metrics=metrics, shift_labels=True
+    )

@@ -244,6 +244,20 @@ class SelfAttention(nn.Module):
         return self.out(unpad(ctx, info))
 
 
+class TiedEmbedding(nn.Embedding):
+    """An embedding that is also the tied output projection: ``forward(h, unembed=True) = h @ weight.T``.
+
+    Models call it for both uses instead of reading ``.weight`` elsewhere, so when FSDP wraps it as a unit every
+    use runs inside that unit's forward, with its weight gathered.
+    """
+
+    def forward(
+        self, x: torch.Tensor, unembed: bool = False, bias: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Ids (...) -> (..., d); with ``unembed``, hidden states (..., d) -> logits (..., vocab) plus ``bias``."""
+        return F.linear(x, self.weight, bias) if unembed else super().forward(x)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Feed-forward networks
 # ---------------------------------------------------------------------------------------------------------

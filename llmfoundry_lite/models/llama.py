@@ -302,7 +302,8 @@ class LlamaOutput:
 
     ``loss`` is the mean cross-entropy over labelled positions; ``label_logits``/``label_targets`` are the
     logits and targets at those positions only (for metrics); ``logits`` (full ``(B, S, vocab)``) is computed
-    on first access from the final hidden states (outside FSDP's forward, so use eval mode under FSDP).
+    on first access from the final hidden states by ``_head`` (ComposerLlama routes it through the decoder's
+    forward, so under FSDP the head's weight is gathered for it).
     """
 
     loss: torch.Tensor
@@ -391,13 +392,19 @@ class LlamaDecoder(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         sequence_id: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         last_logits_only: bool = False,
+        head_only: Optional[torch.Tensor] = None,
     ) -> torch.Tensor | LlamaOutput:
-        """Logits (B, S, vocab) without labels; with labels a LlamaOutput whose head ran on labelled positions only."""
+        """Logits (B, S, vocab) without labels; with labels a LlamaOutput whose head ran on labelled positions only.
+
+        ``head_only``: final hidden states to run just the LM head on (through forward, so FSDP gathers it).
+        """
+        if head_only is not None:
+            return self.head(head_only)
         hidden = self.hidden_states(input_ids, attention_mask, sequence_id)
         if labels is None:
             return self.head(hidden[:, -1:] if last_logits_only else hidden)
@@ -455,12 +462,19 @@ class ComposerLlama(ComposerModel):
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor | LlamaOutput:
         """Logits (B, S, vocab), or a LlamaOutput (loss, ``.logits``) when the batch has labels."""
-        return self.model(
+        out = self.model(
             batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             sequence_id=batch.get("sequence_id"),
             labels=batch.get("labels"),
         )
+        if isinstance(out, LlamaOutput):
+            out._head = self._lm_head
+        return out
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        # `self.model` is looked up per call: once Composer wraps it in FSDP, this goes through the wrapper.
+        return self.model(head_only=hidden)
 
     def loss(self, outputs: Any, batch: Mapping[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Mean token cross-entropy of next-token prediction (labels shifted by one, -100 ignored)."""
