@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,9 @@ from composer import metrics as cm
 from composer import optim as co
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.config import COMPONENT_SECTIONS, MULTI_SECTIONS, iter_multi
+from llmfoundry_lite.config import COMPONENT_SECTIONS, MULTI_SECTIONS, WANDB_FIX, iter_multi
+from llmfoundry_lite.data.checks import check_loader, check_loader_fit, looks_local
+from llmfoundry_lite.data.tokenizers import hub_offline
 from llmfoundry_lite.errors import RecipeError
 
 # Names follow llm-foundry's, so recipes written for it read the same here.
@@ -88,6 +88,16 @@ class WandBLogger(cl.WandBLogger):
             raise FileNotFoundError(remote_file_name)
         super().download_file(remote_file_name, destination, overwrite, progress_bar)
 
+    def init(self, state: Any, logger: Any) -> None:
+        """Start the wandb run; a missing login or an unreachable server is one line naming the fix."""
+        import wandb
+
+        try:
+            super().init(state, logger)
+        except wandb.errors.Error as e:  # e.g. UsageError: api_key not configured (no-tty)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RecipeError(f"wandb cannot start ({first}); {WANDB_FIX}", key="loggers.wandb") from None
+
 
 for _name, _obj in {
     "file": cl.FileLogger,
@@ -127,14 +137,36 @@ def build_model(cfg: Any, tokenizer: Any = None) -> Any:
     """The recipe's Composer model (builds the tokenizer first unless given)."""
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg)
-    return registry.build("models", recipe_section(cfg, "model"), "model", tokenizer=tokenizer)
+    block = recipe_section(cfg, "model")
+    vocab = block.get("vocab_size") if isinstance(block, dict) else None
+    # Token ids beyond the embedding table fail deep inside the first forward pass (or index garbage on GPU).
+    if (
+        isinstance(vocab, int)
+        and tokenizer is not None
+        and not block.get("init_from_hf")
+        and vocab < len(tokenizer)
+    ):
+        raise RecipeError(
+            f"{vocab} is smaller than the tokenizer's vocabulary ({len(tokenizer)} ids); remove model.vocab_size "
+            f"(it defaults to the tokenizer's) or set at least {len(tokenizer)}",
+            key="model.vocab_size",
+        )
+    return registry.build("models", block, "model", tokenizer=tokenizer)
 
 
 def build_dataloader(cfg: Any, section: str, tokenizer: Any, device_batch_size: int) -> Any:
     """A train or eval dataloader (DataSpec or DataLoader) from a recipe section."""
+    block = recipe_section(cfg, section)
+    if isinstance(block, dict) and block.get("name") == "text":
+        # The same checks as `validate`, so `train` never runs on data that does not fit the recipe.
+        index = check_loader(section, block)
+        if index is not None:
+            model_name = (recipe_section(cfg, "model") or {}).get("name")
+            has_mask = None if tokenizer is None else getattr(tokenizer, "mask_token", None) is not None
+            check_loader_fit(section, block, index, model_name, has_mask)
     return registry.build(
         "dataloaders",
-        recipe_section(cfg, section),
+        block,
         section,
         tokenizer=tokenizer,
         device_batch_size=device_batch_size,
@@ -166,20 +198,6 @@ def _meta_model(block: dict, tokenizer: Any) -> Any:
         return registry.build("models", block, "model", tokenizer=tokenizer)
 
 
-@contextlib.contextmanager
-def _hub_offline() -> Any:
-    """Cached hub files only: counting parameters never downloads, nor spends a minute retrying offline."""
-    import huggingface_hub.constants as hc
-    import transformers.utils.hub as th
-
-    saved = hc.HF_HUB_OFFLINE, getattr(th, "_is_offline_mode", None)
-    hc.HF_HUB_OFFLINE, th._is_offline_mode = True, True
-    try:
-        yield
-    finally:
-        hc.HF_HUB_OFFLINE, th._is_offline_mode = saved
-
-
 def build_meta_model(cfg: Any) -> Any:
     """The recipe's model with every tensor on the meta device (a 7B recipe allocates nothing).
 
@@ -191,16 +209,16 @@ def build_meta_model(cfg: Any) -> Any:
     tokenizer = None
     if block.get("vocab_size") is None:
         try:
-            with _hub_offline():
+            with hub_offline():
                 tokenizer = build_tokenizer(cfg)
         except Exception:  # hub names offline, missing folders: say how to avoid needing it
             path = str((recipe_section(cfg, "tokenizer") or {}).get("path"))
-            local = os.sep in path or path.startswith(".") or Path(path).exists()
-            why = (
-                "that folder does not exist yet (build it first, or)"
-                if local
-                else "that hub name is not in the local cache and nothing is downloaded here;"
-            )
+            if Path(path).expanduser().exists():
+                why = "that folder holds no tokenizer that loads;"
+            elif looks_local(path):
+                why = "that folder does not exist yet (build it first, or)"
+            else:
+                why = "that hub name is not in the local cache and nothing is downloaded here;"
             example = " (model.vocab_size=30522 for bert-base-uncased)" if "bert" in path else ""
             raise RecipeError(
                 f"the model takes its vocabulary size from the tokenizer {path!r}: {why} "

@@ -88,7 +88,28 @@ class RecipeSchema:
 
 SCHEMA_FIELDS = {f.name: f for f in dataclasses.fields(RecipeSchema)}
 _SCHEMA_HINTS = typing.get_type_hints(RecipeSchema)
-DURATION_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
+# Duration keys and the units each accepts. Composer reads a bare number as epochs (`max_duration: 100` is 100
+# epochs), so a unit is always required. Composer refuses `dur` and `sec` for max_duration; the progress line
+# cannot count `dur` for console_log_interval; eval and save intervals take any unit, `dur` as a fraction.
+DURATION_UNITS = {
+    "max_duration": ("ba", "sp", "tok", "ep", "iter"),
+    "eval_interval": ("ba", "sp", "tok", "ep", "iter", "dur", "sec"),
+    "save_interval": ("ba", "sp", "tok", "ep", "iter", "dur", "sec"),
+    "console_log_interval": ("ba", "sp", "tok", "ep", "iter", "sec"),
+}
+DURATION_KEYS = tuple(DURATION_UNITS)
+# Keys of an optimizer block (any registry entry: llm-foundry, Composer and torch use the same names) and the
+# range each must lie in; torch would only say so with a traceback once the run has started.
+OPTIMIZER_RANGES = {
+    "lr": ("> 0", lambda v: v > 0),
+    "eps": ("> 0", lambda v: v > 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "momentum": (">= 0", lambda v: v >= 0),
+}
+WANDB_FIX = (
+    "run `wandb login` (or set WANDB_API_KEY), or log locally with WANDB_MODE=offline "
+    "(WANDB_MODE=disabled turns wandb off)"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,10 +259,155 @@ def iter_multi(section: str, value: Any) -> list[tuple[str, str | None, Any]]:
     )
 
 
-def _duration_value(value: str | int) -> float:
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_duration(key: str, value: Any) -> None:
+    """RecipeError unless ``value`` is a positive Composer duration with a unit that ``key`` accepts."""
+    allowed = DURATION_UNITS[key]
+    is_num = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_num or (isinstance(value, str) and _is_number(value.strip())):
+        v = str(value).strip()
+        if float(v).is_integer():  # 100.0 or 1e3 -> '100ba', '1000ba'
+            v = str(int(float(v)))
+        frac = f", '{v}dur' (fraction of the run)" if "dur" in allowed and 0 < float(v) <= 1 else ""
+        raise RecipeError(
+            f"a bare number is ambiguous (Composer would read {v} as {v} epochs); add a unit: '{v}ba' (batches), "
+            f"'{v}ep' (epochs), '{v}sp' (samples), '{v}tok' (tokens){frac}",
+            key=key,
+        )
+    err = registry.time_error(value)
+    if err:
+        raise RecipeError(err, key=key)
     from composer.core import Time
 
-    return value if isinstance(value, int) else Time.from_timestring(value).value
+    t = Time.from_timestring(value)
+    if t.value <= 0:
+        raise RecipeError(f"must be positive, got {value!r}", key=key)
+    unit = t.unit.value
+    if unit not in allowed:
+        why = {
+            "dur": "a fraction of the run cannot set the run's own length" if key == "max_duration" else "",
+            "sec": "Composer does not stop on wall-clock time" if key == "max_duration" else "",
+        }.get(unit) or "the progress line cannot count it"
+        raise RecipeError(
+            f"unit {unit!r} is not allowed here ({why}); use one of {', '.join(allowed)} (e.g. '100ba')",
+            key=key,
+        )
+    if unit == "dur" and t.value > 1:
+        raise RecipeError(f"a fraction of the run must be in (0, 1], got {value!r}", key=key)
+
+
+def check_optimizer_values(block: Any, keypath: str = "optimizer") -> None:
+    """RecipeError for an optimizer value torch would reject: lr/eps > 0, weight_decay/momentum >= 0, betas in [0, 1)."""
+    if not isinstance(block, Mapping):
+        return
+    for k, (rule, ok) in OPTIMIZER_RANGES.items():
+        v = block.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not ok(v):
+            raise RecipeError(f"must be {rule}, got {v!r}", key=f"{keypath}.{k}")
+    betas = block.get("betas")
+    if betas is None:
+        return
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise RecipeError(f"expected two numbers [beta1, beta2], got {betas!r}", key=f"{keypath}.betas")
+    for i, b in enumerate(betas):
+        if isinstance(b, (int, float)) and not isinstance(b, bool) and not 0 <= b < 1:
+            raise RecipeError(
+                f"beta{i + 1} must be in [0, 1), got {b!r} (e.g. betas: [0.9, 0.98])", key=f"{keypath}.betas"
+            )
+
+
+def check_auto_microbatching(
+    data: Mapping[str, Any], torch_version: str | None = None, composer_version: str | None = None
+) -> None:
+    """RecipeError for FSDP with ``device_train_microbatch_size: auto`` where Composer 0.32 breaks on it.
+
+    Composer 0.32.x defines its FSDP unshard patch only for torch < 2.7.1, and automatic microbatching calls it
+    anyway: ``NameError: patch_unshard_for_automicrobatching`` at the first batch. Versions default to the
+    installed ones.
+    """
+    if data.get("fsdp") is None or data.get("device_train_microbatch_size") != "auto":
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        torch_version = torch_version or version("torch")
+        composer_version = composer_version or version("mosaicml")
+    except PackageNotFoundError:
+        return
+    if Version(torch_version) >= Version("2.7.1") and Version(composer_version) < Version("0.33"):
+        raise RecipeError(
+            f"'auto' with an fsdp block fails with torch {torch_version} and Composer {composer_version} "
+            "(NameError: patch_unshard_for_automicrobatching); set a number such as 8, or use torch 2.7.0",
+            key="device_train_microbatch_size",
+        )
+
+
+def _wandb_settings_mode() -> str:
+    import configparser
+
+    config_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join(
+        os.path.expanduser("~"), ".config", "wandb"
+    )
+    for path in (os.path.join("wandb", "settings"), os.path.join(config_dir, "settings")):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+        except configparser.Error:
+            continue
+        mode = parser.get("default", "mode", fallback="")
+        if mode:
+            return mode
+    return ""
+
+
+def wandb_login_problem(init_kwargs: Any = None) -> str | None:
+    """Why a wandb run could not start here (no login, not offline), or None; looks only at env and files."""
+    import netrc
+    from urllib.parse import urlparse
+
+    mode = os.environ.get("WANDB_MODE") or (init_kwargs or {}).get("mode") or _wandb_settings_mode()
+    if str(mode).lower() in ("offline", "disabled", "dryrun"):
+        return None
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    home = os.path.expanduser("~")
+    # wandb's own lookup: $NETRC alone when set, else ~/.netrc or ~/_netrc.
+    netrc_env = os.environ.get("NETRC")
+    candidates = [netrc_env] if netrc_env else [os.path.join(home, ".netrc"), os.path.join(home, "_netrc")]
+    for path in candidates:
+        try:
+            if netrc.netrc(os.path.expanduser(path)).authenticators(host):
+                return None
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return (
+        f"no wandb login found (no WANDB_API_KEY, no {host} entry in ~/.netrc) and WANDB_MODE is not offline"
+    )
+
+
+def validate_resources(data: Mapping[str, Any]) -> None:
+    """What a run needs outside the recipe: data splits, tokenizer files (or a reachable hub), a wandb login."""
+    from llmfoundry_lite.data.checks import check_recipe_data
+
+    check_recipe_data(data)
+    for keypath, default_name, block in iter_multi("loggers", data.get("loggers")):
+        block = block or {}
+        if block.get("name", default_name) == "wandb":
+            problem = wandb_login_problem(block.get("init_kwargs"))
+            if problem:
+                raise RecipeError(f"{problem}; {WANDB_FIX}", key=keypath)
 
 
 def world_size() -> int:
@@ -249,8 +415,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def validate(data: dict, nproc: int | None = None) -> None:
-    """Raise RecipeError (key only; the caller adds the file) for the first problem in a resolved recipe."""
+def validate(data: dict, nproc: int | None = None, check_resources: bool = False) -> None:
+    """Raise RecipeError (key only; the caller adds the file) for the first problem in a resolved recipe.
+
+    With ``check_resources``, also what the run needs outside the recipe (:func:`validate_resources`).
+    """
     for k in data:
         if k not in SCHEMA_FIELDS:
             raise RecipeError(f"unknown top-level key {k!r}{suggest(k, SCHEMA_FIELDS)}", key=str(k))
@@ -259,22 +428,19 @@ def validate(data: dict, nproc: int | None = None) -> None:
         if required and data.get(name) is None:
             raise RecipeError(f"missing required key {name!r}", key=name)
         if name in data and data[name] is not None:
+            if name in DURATION_UNITS:
+                check_duration(name, data[name])
+                continue
             err = registry.type_error(data[name], _SCHEMA_HINTS[name])
             if err:
                 raise RecipeError(err, key=name)
-    for key in DURATION_KEYS:
-        if key in data and data[key] is not None:
-            err = registry.time_error(data[key])
-            if err:
-                raise RecipeError(err, key=key)
-            if _duration_value(data[key]) <= 0:
-                raise RecipeError(f"must be positive, got {data[key]!r}", key=key)
     for section, reg in COMPONENT_SECTIONS.items():
         if data.get(section) is not None:
             registry.check_component(reg, data[section], section)
     for section, reg in MULTI_SECTIONS.items():
         for keypath, default_name, block in iter_multi(section, data.get(section)):
             registry.check_component(reg, block if block is not None else {}, keypath, default_name)
+    check_optimizer_values(data["optimizer"])
     from llmfoundry_lite.builders import check_model_shape
 
     check_model_shape(data["model"])
@@ -282,6 +448,7 @@ def validate(data: dict, nproc: int | None = None) -> None:
         from llmfoundry_lite.train import validate_fsdp
 
         validate_fsdp(data["fsdp"])
+        check_auto_microbatching(data)
     if data.get("cost") is not None:
         from llmfoundry_lite.hardware import parse_cost
 
@@ -291,6 +458,8 @@ def validate(data: dict, nproc: int | None = None) -> None:
 
         parse_glue_section(data["glue"])
     _check_batch_sizes(data, nproc or world_size())
+    if check_resources:
+        validate_resources(data)
 
 
 def _check_batch_sizes(data: dict, nproc: int) -> None:
@@ -317,12 +486,19 @@ def _check_batch_sizes(data: dict, nproc: int) -> None:
 
 
 def load_recipe(
-    path: str | os.PathLike, overrides: list[str] | None = None, nproc: int | None = None
+    path: str | os.PathLike,
+    overrides: list[str] | None = None,
+    nproc: int | None = None,
+    check_resources: bool = False,
 ) -> DictConfig:
-    """Load, resolve and validate a recipe; return it as a DictConfig (``base`` removed)."""
+    """Load, resolve and validate a recipe; return it as a DictConfig (``base`` removed).
+
+    ``check_resources=True`` (``validate``, ``train``) also checks data splits, tokenizer and logger login;
+    ``show`` and ``estimate`` leave it off, as they need none of them.
+    """
     data, origins = compose(path, overrides)
     try:
-        validate(data, nproc)
+        validate(data, nproc, check_resources)
     except RecipeError as e:
         raise RecipeError(e.detail, file=e.file or origins.file_of(e.key), key=e.key) from None
     return OmegaConf.create(with_defaults(data))

@@ -99,6 +99,24 @@ def test_overrides_scalars_and_lists(child):
         ("precision: fp16\n", "precision", "one of 'fp32'"),
         ("model: 5\n", "model", "expected a mapping"),
         ("callbacks: [{name: lr_monitor}, speed_monitor]\n", "callbacks[1]", "expected a mapping"),
+        # A bare number would be epochs in Composer: every duration key asks for a unit instead.
+        ("max_duration: 100\n", "max_duration", "add a unit: '100ba'"),
+        ("max_duration: '100'\n", "max_duration", "bare number"),
+        ("eval_interval: 2\n", "eval_interval", "'2ep'"),
+        ("save_interval: 1000\n", "save_interval", "'1000ba'"),
+        ("console_log_interval: 10\n", "console_log_interval", "'10ba'"),
+        ("max_duration: 0.5dur\n", "max_duration", "unit 'dur' is not allowed"),
+        ("max_duration: 60sec\n", "max_duration", "wall-clock"),
+        ("eval_interval: 1.5dur\n", "eval_interval", "in (0, 1]"),
+        ("console_log_interval: 0.1dur\n", "console_log_interval", "unit 'dur' is not allowed"),
+        # Optimizer values torch rejects only after "valid".
+        ("optimizer:\n  lr: -1.0e-3\n", "optimizer.lr", "must be > 0"),
+        ("optimizer:\n  lr: 0\n", "optimizer.lr", "must be > 0"),
+        ("optimizer:\n  betas: [0.9, 1.0]\n", "optimizer.betas", "beta2 must be in [0, 1)"),
+        ("optimizer:\n  betas: [-0.1, 0.9]\n", "optimizer.betas", "beta1 must be in [0, 1)"),
+        ("optimizer:\n  betas: [0.9]\n", "optimizer.betas", "expected two numbers"),
+        ("optimizer:\n  eps: 0\n", "optimizer.eps", "must be > 0"),
+        ("optimizer:\n  weight_decay: -1.0e-5\n", "optimizer.weight_decay", "must be >= 0"),
     ],
 )
 def test_errors_name_file_and_key(child, extra, key, fragment):
@@ -172,6 +190,21 @@ def test_every_shipped_recipe_validates():
     for recipe in sorted((ROOT / "recipes").rglob("*.yaml")):
         cfg = load_recipe(str(recipe))
         assert cfg.model.name, recipe
+
+
+def test_sgd_momentum_checked(tmp_path):
+    import yaml
+
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["optimizer"] = {"name": "sgd", "lr": 0.1, "momentum": -0.9}
+    path = write(tmp_path / "sgd.yaml", yaml.safe_dump(data))
+    err = error_of(str(path))
+    assert err.key == "optimizer.momentum" and "must be >= 0" in str(err)
+
+
+def test_fractional_intervals_stay_allowed(child):
+    cfg = load_recipe(str(child("eval_interval: 0.5dur\nsave_interval: 0.25dur\n")))
+    assert (cfg.eval_interval, cfg.save_interval) == ("0.5dur", "0.25dur")
 
 
 def test_child_list_replaces_base_mapping(child):

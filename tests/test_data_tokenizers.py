@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerFast
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.data.checks import (
+    locate_tokenizer,
+    looks_local,
+    tokenizer_has_mask,
+    tokenizer_vocab_size,
+)
 from llmfoundry_lite.data.corpus import embedded_documents
 from llmfoundry_lite.data.tokenizers import check_mlm_tokenizer, prepare_causal_tokenizer, train_tokenizer
 from llmfoundry_lite.errors import RecipeError
@@ -82,3 +92,71 @@ def test_special_token_checks(bert_tokenizer_dir, llama_tokenizer_dir):
     bert = AutoTokenizer.from_pretrained(bert_tokenizer_dir)
     with pytest.raises(RecipeError, match="eos"):
         prepare_causal_tokenizer(bert)
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [
+        ("bert-base-uncased", False),
+        ("google-bert/bert-base-uncased", False),
+        ("huggyllama/llama-7b", False),
+        ("data/tok", True),  # `data/` exists in the working directory (made below)
+        ("./tok", True),
+        ("/abs/tok", True),
+        ("~/tok", True),
+        ("a/b/c", True),
+        ("C:\\tok", True),
+        ("my tok", True),  # not a valid hub id
+    ],
+)
+def test_local_paths_and_hub_ids_are_told_apart(tmp_path, name, local):
+    (tmp_path / "data").mkdir()
+    assert looks_local(name) is local
+
+
+def test_tokenizer_files_give_vocab_size_and_mask(
+    bert_tokenizer_dir, llama_tokenizer_dir, bert_tok, llama_tok
+):
+    # Read from tokenizer.json/tokenizer_config.json without loading the tokenizer; same as len(tokenizer).
+    assert tokenizer_vocab_size(bert_tokenizer_dir) == len(bert_tok) == 2000
+    assert tokenizer_vocab_size(llama_tokenizer_dir) == len(llama_tok)
+    assert tokenizer_has_mask(bert_tokenizer_dir) is True
+    assert tokenizer_has_mask(llama_tokenizer_dir) is False
+
+
+def test_hf_entry_on_an_mds_folder_is_one_short_line(mlm_mds_dir):
+    with pytest.raises(RecipeError) as e:
+        registry.build("tokenizers", {"name": "hf", "path": mlm_mds_dir}, "tokenizer")
+    assert (
+        "MDS dataset folder" in str(e.value) and e.value.key == "tokenizer.path" and len(str(e.value)) < 400
+    )
+
+
+def test_hub_name_without_network_fails_within_seconds(tmp_path):
+    """HF_HUB_OFFLINE unset and a hub that never answers: one probe bounded at ~2 s, not ~50 s of retries."""
+    code = (
+        "import os, socket, time\n"
+        "silent = socket.socket(); silent.bind(('127.0.0.1', 0)); silent.listen(1)  # accepts, never answers\n"
+        "os.environ['HF_ENDPOINT'] = f'http://127.0.0.1:{silent.getsockname()[1]}'\n"
+        "from llmfoundry_lite import registry\n"
+        "from llmfoundry_lite.errors import RecipeError\n"
+        "registry.load_builtins()  # imports (torch, Composer) are not what is measured\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        "    registry.build('tokenizers', {'name': 'hf', 'path': 'some-org/some-tokenizer'}, 'tokenizer')\n"
+        "except RecipeError as e:\n"
+        "    print(f'{time.perf_counter() - t:.2f}', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    seconds, _, message = out.stdout.strip().partition(" ")
+    assert "some-org/some-tokenizer" in message and "cannot be reached" in message, (
+        out.stdout + out.stderr[-2000:]
+    )
+    assert float(seconds) < 10  # the probe gives up after 2 s
+
+
+def test_locate_tokenizer_finds_local_folders(bert_tokenizer_dir):
+    files = locate_tokenizer(bert_tokenizer_dir)
+    assert files.local and files.folder == bert_tokenizer_dir

@@ -20,12 +20,14 @@ Trained tokenizers are saved in Hugging Face format (``tokenizer.json`` + ``toke
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.data.checks import TRAIN_HINT, hub_offline_reason, locate_tokenizer, resolve
 from llmfoundry_lite.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
 
 WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 BPE_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
-TRAIN_HINT = "`llmfoundry-lite data tokenizer --train --kind wordpiece|bpe --out DIR` builds one offline"
 
 
 def train_tokenizer(
@@ -101,9 +102,18 @@ def train_tokenizer(
     return out
 
 
-def _looks_local(path: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything with more parts, a leading ./ ~ /, or a drive is a path.
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Cached hub files only: no download, and no minute of retries when there is no network."""
+    import huggingface_hub.constants as hc
+    import transformers.utils.hub as th
+
+    saved = hc.HF_HUB_OFFLINE, getattr(th, "_is_offline_mode", None)
+    hc.HF_HUB_OFFLINE, th._is_offline_mode = True, True
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE, th._is_offline_mode = saved
 
 
 @registry.tokenizers.register("hf")
@@ -115,24 +125,23 @@ def hf_tokenizer(
     """A Hugging Face tokenizer by hub name or local folder (AutoTokenizer)."""
     from transformers import AutoTokenizer
 
-    expanded = os.path.expanduser(path)
-    if os.path.exists(expanded):
-        if not os.path.isdir(expanded):
-            raise RecipeError(
-                f"tokenizer path {path!r} is a file; point to the folder holding tokenizer.json"
-            )
-    elif _looks_local(path):
-        raise RecipeError(f"tokenizer folder {path!r} does not exist; {TRAIN_HINT}", key="tokenizer.path")
+    # Fails at once for a missing folder, an MDS folder, or a hub name that is neither cached nor reachable.
+    files = locate_tokenizer(path)
     extra: dict[str, Any] = dict(kwargs or {})
     if model_max_length is not None:
         extra["model_max_length"] = model_max_length
+    # A cached hub tokenizer without network: load it from the cache instead of retrying the hub for a minute.
+    cached_only = not files.local and files.folder is not None and hub_offline_reason() is not None
     try:
-        return AutoTokenizer.from_pretrained(expanded, **extra)
+        with hub_offline() if cached_only else contextlib.nullcontext():
+            return AutoTokenizer.from_pretrained(os.path.expanduser(path), **extra)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if len(first) > 200:  # transformers lists every model type it knows in one line
+            first = first[:200] + "..."
+        where = resolve(path) if files.local else path
         raise RecipeError(
-            f"cannot load tokenizer {path!r} ({first}); use a local folder (hub names need internet) - {TRAIN_HINT}",
-            key="tokenizer.path",
+            f"cannot load tokenizer {where!r} ({first}); {TRAIN_HINT}", key="tokenizer.path"
         ) from None
 
 

@@ -1,0 +1,361 @@
+"""Cheap checks that a recipe's data and tokenizer exist and fit it: run by ``validate``, before anything is built.
+
+They read only small files (``index.json``, ``tokenizer_config.json``, ``tokenizer.json`` as JSON) and never load
+a tokenizer or a dataset. Relative data and tokenizer paths resolve against the working directory (not the
+recipe file, unlike ``base:``); every error names the resolved absolute path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from llmfoundry_lite.data.loaders import columns, concat_length, read_index, split_dir
+from llmfoundry_lite.errors import RecipeError
+
+# Files any Hugging Face tokenizer folder has at least one of.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+TRAIN_HINT = "`llmfoundry-lite data tokenizer --train --kind wordpiece|bpe --out DIR` builds one offline"
+CONVERT_HINT = "`llmfoundry-lite data convert`"
+# Registry names of the built-in models and the objective they train; plugins are not checked.
+MODEL_OBJECTIVES = {
+    "mosaic_bert": "mlm",
+    "bert": "mlm",
+    "hf_bert": "mlm",
+    "llama": "causal_lm",
+    "hf_causal_lm": "causal_lm",
+}
+HUB_PROBE_SECONDS = 2.0
+# huggingface_hub's repo-id rule: "name" or "org/name", word characters, '-', '.', no '--' or '..'.
+_REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")
+
+
+def resolve(path: str) -> str:
+    """``path`` as the loaders and tokenizers will open it: ``~`` expanded, absolute against the working directory."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def relative_note(path: str) -> str:
+    """'' for an absolute path; else a note saying that it resolved against the working directory."""
+    if os.path.isabs(os.path.expanduser(path)):
+        return ""
+    return f" ({path!r} is relative to the working directory {os.getcwd()})"
+
+
+def _is_tokenizer_folder(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def _is_mds_folder(path: str) -> bool:
+    if os.path.isfile(os.path.join(path, "index.json")):
+        return True
+    try:
+        subs = os.listdir(path)
+    except OSError:
+        return False
+    return any(os.path.isfile(os.path.join(path, d, "index.json")) for d in subs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_loader(section: str, block: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """Check a ``text`` loader's local split (folder, index.json, shard files); its index, or None for a remote."""
+    local, remote, split = block.get("local"), block.get("remote"), block.get("split")
+    if local is None and remote is None:
+        raise RecipeError(
+            "set `local:` (an MDS folder) or `remote:` (s3://..., gs://...)", key=f"{section}.local"
+        )
+    if remote is not None and "://" in str(remote):
+        return None  # streaming downloads it into `local` at train time; nothing to look at here
+    # Like the loader: a remote that is a plain path is a local dataset that streaming copies into `local`.
+    key = "remote" if remote is not None else "local"
+    src = str(remote if remote is not None else local)
+    try:
+        index = read_index(split_dir(resolve(src), split, key=key))
+    except RecipeError as e:
+        detail = e.detail
+        root = resolve(src)
+        if os.path.isdir(root) and _is_tokenizer_folder(root) and not _is_mds_folder(root):
+            detail = f"{root!r} is a tokenizer folder, not an MDS dataset; point it at a folder made by {CONVERT_HINT}"
+        raise RecipeError(detail + relative_note(src), key=f"{section}.{e.key or key}") from None
+    n = concat_length(index)
+    max_seq_len = block.get("max_seq_len")
+    if n is not None and isinstance(max_seq_len, int) and max_seq_len > n:
+        raise RecipeError(
+            f"max_seq_len {max_seq_len} is larger than the {n}-token rows of {resolve(src)!r}; lower max_seq_len "
+            f"or reconvert with `--concat-tokens {max_seq_len}`",
+            key=f"{section}.max_seq_len",
+        )
+    return index
+
+
+def check_loader_fit(
+    section: str,
+    block: Mapping[str, Any],
+    index: Mapping[str, Any],
+    model_name: Any = None,
+    tokenizer_has_mask: Optional[bool] = None,
+) -> None:
+    """RecipeError when the shards do not fit the recipe's objective (MLM on token rows, causal LM on raw text)."""
+    cols = columns(dict(index))
+    rows, text = "tokens" in cols, "text" in cols
+    collator = block.get("collator")
+    explicit = collator.get("name") if isinstance(collator, Mapping) else None
+    model_objective = MODEL_OBJECTIVES.get(model_name) if isinstance(model_name, str) else None
+    if explicit in ("mlm", "causal_lm") and model_objective and explicit != model_objective:
+        kind = "a masked LM" if model_objective == "mlm" else "a causal (decoder) LM"
+        raise RecipeError(
+            f"collator {explicit!r} does not fit model {model_name!r}, {kind}; use collator {model_objective!r}",
+            key=f"{section}.collator.name",
+        )
+    objective = explicit or model_objective
+    if objective is None and rows:
+        objective = "causal_lm"  # the loader's own default for token rows
+    if objective is None and text and tokenizer_has_mask is not None:
+        objective = "mlm" if tokenizer_has_mask else "causal_lm"
+    src = str(block.get("remote") or block.get("local"))
+    where = repr(os.path.join(resolve(src), block["split"]) if block.get("split") else resolve(src))
+    key = (
+        f"{section}.collator.name"
+        if explicit
+        else f"{section}.{'remote' if block.get('remote') else 'local'}"
+    )
+    if objective == "mlm" and rows:
+        raise RecipeError(
+            f"masked LM on token rows: {where} holds packed token ids (a `tokens` column, made with "
+            f"--concat-tokens for causal LM); MLM masks raw text: convert without --tokenizer/--concat-tokens, "
+            "or train a decoder with collator causal_lm",
+            key=key,
+        )
+    if objective == "causal_lm" and text:
+        raise RecipeError(
+            f"causal LM on raw text: {where} holds untokenized text (a `text` column), which would be truncated "
+            f"to max_seq_len per document; reconvert to packed rows with {CONVERT_HINT} --tokenizer TOKENIZER "
+            "--concat-tokens MAX_SEQ_LEN",
+            key=key,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizerFiles:
+    """Where a tokenizer's files are: a local folder, or a hub id (with its cached snapshot, if any)."""
+
+    name: str  # as written in the recipe
+    local: bool
+    folder: Optional[
+        str
+    ]  # the folder holding the files (local, or the cached hub snapshot); None if not cached
+
+
+def looks_local(path: str) -> bool:
+    """True when ``path`` can only be a local folder, not a hub id (``org/name`` or ``name``).
+
+    ``./tok``, ``/abs/x``, ``~/x``, ``a/b/c``, a Windows path, something that is not a valid hub id, or
+    ``data/tok`` when ``data/`` is a local folder. A two-part name whose first part is not a local folder
+    (``google-bert/bert-base-uncased``) is a hub id.
+    """
+    if path.startswith((".", "/", "~")) or "\\" in path or (os.altsep and os.altsep in path):
+        return True
+    if path.count("/") > 1 or not _REPO_ID.match(path) or "--" in path or ".." in path:
+        return True
+    return "/" in path and os.path.isdir(path.split("/", 1)[0])
+
+
+def hub_offline_reason() -> Optional[str]:
+    """Why the Hugging Face hub cannot be reached ('HF_HUB_OFFLINE=1', 'no network ...'), or None if it can."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{var}={os.environ[var]}"
+    hc = sys.modules.get("huggingface_hub.constants")
+    if hc is not None and getattr(hc, "HF_HUB_OFFLINE", False):  # set in-process (e.g. by hub_offline())
+        return "offline mode"
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    return None if _reachable(endpoint) else f"{urlparse(endpoint).netloc} cannot be reached (no network?)"
+
+
+@functools.lru_cache(maxsize=8)
+def _reachable(url: str) -> bool:
+    # One HEAD request (through HTTPS_PROXY like huggingface_hub) in a daemon thread: name resolution has no
+    # timeout of its own, so the join bounds the whole probe; huggingface_hub would retry for ~50 s instead.
+    import urllib.error
+    import urllib.request
+
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(
+                urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_SECONDS
+            ).close()
+            ok.append(True)
+        except urllib.error.HTTPError:  # the server answered: it is reachable
+            ok.append(True)
+        except (OSError, ValueError):
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(HUB_PROBE_SECONDS)
+    return bool(ok)
+
+
+def _hub_snapshot(repo_id: str) -> Optional[str]:
+    """The cached snapshot folder of a hub repo holding tokenizer files, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for fname in ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "config.json"):
+        try:
+            found = try_to_load_from_cache(repo_id, fname)
+        except Exception:  # an id the hub library rejects: not cached
+            return None
+        if isinstance(found, str):
+            return os.path.dirname(found)
+    return None
+
+
+def locate_tokenizer(path: str, key: str = "tokenizer.path") -> TokenizerFiles:
+    """Where the tokenizer ``path`` is; RecipeError (at once, no download) when it cannot be loaded from there.
+
+    A local-looking path must be a tokenizer folder (not a file, not an MDS dataset). A hub id must be in the
+    local cache or the hub must be reachable (HF_HUB_OFFLINE unset and a TCP connection within 2 s).
+    """
+    resolved = resolve(path)
+    if os.path.exists(resolved):
+        if not os.path.isdir(resolved):
+            raise RecipeError(
+                f"tokenizer path {resolved!r} is a file; point it at the folder holding tokenizer.json"
+                + relative_note(path),
+                key=key,
+            )
+        if not _is_tokenizer_folder(resolved):
+            what = (
+                "is an MDS dataset folder (it has index.json), not a tokenizer"
+                if _is_mds_folder(resolved)
+                else f"has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+            )
+            raise RecipeError(
+                f"tokenizer folder {resolved!r} {what}; point it at the tokenizer folder (the --tokenizer given to "
+                f"`data convert`), or {TRAIN_HINT}" + relative_note(path),
+                key=key,
+            )
+        return TokenizerFiles(path, True, resolved)
+    if looks_local(path):
+        raise RecipeError(
+            f"tokenizer folder {resolved!r} does not exist{relative_note(path)}; {TRAIN_HINT}", key=key
+        )
+    snapshot = _hub_snapshot(path)
+    if snapshot is None:
+        reason = hub_offline_reason()
+        if reason is not None:
+            local_too = f" nor a local folder ({resolved!r} does not exist)" if "/" in path else ""
+            raise RecipeError(
+                f"tokenizer {path!r} is not in the Hugging Face cache{local_too}, and the hub is offline "
+                f"({reason}); download it once with network (`hf download {path}`), use a local folder, or "
+                f"{TRAIN_HINT}",
+                key=key,
+            )
+    return TokenizerFiles(path, False, snapshot)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def tokenizer_vocab_size(folder: str) -> Optional[int]:
+    """Token ids a tokenizer folder can produce (largest id + 1), read from its files; None when unknown."""
+    ids: list[int] = []
+    data = _read_json(os.path.join(folder, "tokenizer.json"))
+    if isinstance(data, dict):
+        vocab = (data.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            ids += [v for v in vocab.values() if isinstance(v, int)]
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
+            ids.append(len(vocab) - 1)
+        ids += [t["id"] for t in data.get("added_tokens") or [] if isinstance(t.get("id"), int)]
+    else:
+        vocab_txt = os.path.join(folder, "vocab.txt")
+        if os.path.isfile(vocab_txt):
+            with open(vocab_txt, encoding="utf-8") as f:
+                ids.append(sum(1 for _ in f) - 1)
+        vocab_json = _read_json(os.path.join(folder, "vocab.json"))
+        if isinstance(vocab_json, dict):
+            ids += [v for v in vocab_json.values() if isinstance(v, int)]
+        added = _read_json(os.path.join(folder, "added_tokens.json"))
+        if ids and isinstance(added, dict):
+            ids += [v for v in added.values() if isinstance(v, int)]
+    return max(ids) + 1 if ids else None
+
+
+def tokenizer_has_mask(folder: str) -> Optional[bool]:
+    """Whether the tokenizer defines a mask token (MLM needs one); None when its config files say nothing."""
+    found = None
+    for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = _read_json(os.path.join(folder, fname))
+        if isinstance(data, dict):
+            if data.get("mask_token"):
+                return True
+            found = False
+    return found
+
+
+def check_vocab_size(model_block: Mapping[str, Any], folder: Optional[str]) -> None:
+    """RecipeError when ``model.vocab_size`` is set smaller than the tokenizer's vocabulary (both known)."""
+    vocab = model_block.get("vocab_size")
+    if not isinstance(vocab, int) or model_block.get("init_from_hf") or folder is None:
+        return  # unset: taken from the tokenizer; init_from_hf: the checkpoint's, checked when it is loaded
+    tok_vocab = tokenizer_vocab_size(folder)
+    if tok_vocab is not None and vocab < tok_vocab:
+        raise RecipeError(
+            f"{vocab} is smaller than the vocabulary of the tokenizer in {folder!r} ({tok_vocab} ids); remove "
+            f"model.vocab_size (it defaults to the tokenizer's) or set at least {tok_vocab}",
+            key="model.vocab_size",
+        )
+
+
+def check_recipe_data(data: Mapping[str, Any]) -> None:
+    """All data and tokenizer checks of a resolved recipe: tokenizer found, splits there, data fits the model."""
+    model = data.get("model") if isinstance(data.get("model"), Mapping) else {}
+    tok_block = data.get("tokenizer")
+    folder: Optional[str] = None
+    if (
+        isinstance(tok_block, Mapping)
+        and tok_block.get("name") == "hf"
+        and isinstance(tok_block.get("path"), str)
+    ):
+        folder = locate_tokenizer(tok_block["path"]).folder
+        check_vocab_size(model, folder)
+    has_mask = tokenizer_has_mask(folder) if folder else None
+    for section in ("train_loader", "eval_loader"):
+        block = data.get(section)
+        if isinstance(block, Mapping) and block.get("name") == "text":
+            index = check_loader(section, block)
+            if index is not None:
+                check_loader_fit(section, block, index, model.get("name"), has_mask)
