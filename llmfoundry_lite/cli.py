@@ -1,17 +1,25 @@
-"""The ``llmfoundry-lite`` command: thin; parses, calls into the modules, maps user errors to exit code 2."""
+"""The ``llmfoundry-lite`` command: thin; parses, calls into the modules, maps user errors to exit code 2.
+
+Start-up matters here: ``--help``, ``list`` and usage errors import neither torch nor Composer (seconds each).
+Verbs of other modules are imported only when they run; the root help lists them from a static table.
+"""
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import traceback
-from typing import Optional
+from typing import Any, Optional
 
 import click
 import typer
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, suggest
+from llmfoundry_lite.quiet import DEBUG_ENV
+
+PROG = "llmfoundry-lite"
 
 app = typer.Typer(
     add_completion=False,
@@ -21,18 +29,36 @@ app = typer.Typer(
     help="YAML-driven pretraining recipes (MosaicBERT, LLaMA) on Composer.",
 )
 
-_DEBUG = {"on": False}
-
-# Verbs that live in other modules, which add them through ``register_cli(app)``. Only the module of the verb
-# being run is imported (some import torch and Composer, seconds of start-up); help lists them all.
-CLI_MODULES = {
-    "data": "llmfoundry_lite.data.cli",
-    "export": "llmfoundry_lite.export",
-    "glue": "llmfoundry_lite.glue",
-    "sweep": "llmfoundry_lite.sweep",
-    "estimate": "llmfoundry_lite.estimate",
-    "doctor": "llmfoundry_lite.doctor",
+# Verbs that live in other modules, which add them through ``register_cli(app)``: verb -> (module, one-line
+# help). Only the module of the verb being run is imported (export and glue import torch and Composer); the
+# root help and did-you-mean read this table. tests/test_cli.py checks the help lines match the modules'.
+PLUGIN_VERBS: dict[str, tuple[str, str]] = {
+    "data": (
+        "llmfoundry_lite.data.cli",
+        "Convert corpora to MDS shards, train tokenizers, inspect datasets.",
+    ),
+    "sweep": (
+        "llmfoundry_lite.sweep",
+        "Run a grid or random search over recipe keys; trials are `llmfoundry-lite train` runs.",
+    ),
+    "estimate": (
+        "llmfoundry_lite.estimate",
+        "Parameters, training FLOPs, wall time, GPU-hours and dollars of a recipe.",
+    ),
+    "glue": (
+        "llmfoundry_lite.glue",
+        "Finetune a pretrained checkpoint on GLUE and report per-task scores and the GLUE average.",
+    ),
+    "export": (
+        "llmfoundry_lite.export",
+        "Export a Composer checkpoint to a Hugging Face folder (AutoModelForCausalLM loads it).",
+    ),
+    "doctor": (
+        "llmfoundry_lite.doctor",
+        "Print versions (torch, composer, streaming, flash-attn, ...), GPUs, and install problems found.",
+    ),
 }
+CLI_MODULES = {verb: module for verb, (module, _) in PLUGIN_VERBS.items()}
 BUILTIN_VERBS = ("train", "show", "validate", "list")
 
 RecipeArg = typer.Argument(..., help="Path to the recipe YAML.")
@@ -40,10 +66,11 @@ OverridesArg = typer.Argument(None, help="Overrides in dotlist syntax: optimizer
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (anywhere on the line)."),
+) -> None:
     """YAML-driven pretraining recipes (MosaicBERT, LLaMA) on Composer."""
-    if debug:
-        _DEBUG["on"] = True
+    # main() takes --debug out of the line before parsing, so that it also works after the verb.
 
 
 @app.command()
@@ -99,58 +126,272 @@ def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = Overrides
 
 @app.command("list")
 def list_(
-    registry_name: Optional[str] = typer.Argument(None, metavar="[REGISTRY]", help="e.g. callbacks"),
+    registry: Optional[str] = typer.Argument(None, help="A registry, e.g. callbacks (all when omitted)."),
+    name: Optional[str] = typer.Argument(None, help="An entry: prints its recipe keys, types and defaults."),
 ) -> None:
-    """List the names a recipe may use, with a one-line description each."""
-    from llmfoundry_lite import registry
+    """List the names a recipe may use, with a one-line description each; REGISTRY NAME shows one entry."""
+    from llmfoundry_lite import registry as reg_mod
 
-    regs = [registry_name] if registry_name else list(registry.REGISTRY_NAMES)
-    for reg in regs:
-        reg_obj = registry.get_registry(reg)
-        typer.echo(f"{reg}:")
-        entries = reg_obj.get_all()
-        width = max((len(n) for n in entries), default=0)
-        for name in sorted(entries):
-            typer.echo(f"  {name.ljust(width)}  {registry.describe(entries[name])}")
-
-
-_registered: set[str] = set()
-
-
-def register_plugins(argv: list[str] | None = None) -> None:
-    """Add the verbs of other modules: only the one ``argv`` asks for, or all of them (help, unknown verb)."""
-    verb = next((a for a in argv or [] if not a.startswith("-")), None)
-    if verb in BUILTIN_VERBS:
+    if name is not None:
+        _print_entry(registry, name)
         return
-    wanted = [CLI_MODULES[verb]] if verb in CLI_MODULES else list(CLI_MODULES.values())
-    for mod in wanted:
-        if mod in _registered:
-            continue
-        _registered.add(mod)
-        importlib.import_module(mod).register_cli(app)
+    for reg in [registry] if registry else list(reg_mod.REGISTRY_NAMES):
+        entries = reg_mod.listing(reg)
+        typer.echo(f"{reg}:")
+        width = max((len(n) for n in entries), default=0)
+        for entry in sorted(entries):
+            typer.echo(f"  {entry.ljust(width)}  {entries[entry]}".rstrip())
+
+
+def _print_entry(registry: str, name: str) -> None:
+    """``list REGISTRY NAME``: an entry's description and recipe keys (type, default) from its signature."""
+    from llmfoundry_lite import registry as reg_mod
+
+    names = reg_mod.listing(registry)  # unknown registry or name: fail before importing torch and Composer
+    if name not in names:
+        raise RecipeError(
+            f"unknown {registry[:-1]} {name!r}{suggest(name, names)}; "
+            f"`{PROG} list {registry}` shows all {len(names)}"
+        )
+    obj = reg_mod.lookup(registry, name)
+    args, supplied, var_kw = reg_mod.entry_args(registry, obj)
+    where = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', name)}"
+    typer.echo(f"{name} ({registry}): {reg_mod.describe(obj)}".rstrip())
+    typer.echo(f"  defined in {where}")
+    if args:
+        rows = [("key", "type", "default")] + [(a.name, a.type, a.default or "(required)") for a in args]
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        typer.echo("")
+        for key, tp, default in rows:
+            typer.echo(f"  {key.ljust(widths[0])}  {tp.ljust(widths[1])}  {default}")
+    else:
+        typer.echo("  takes no keys besides name")
+    if var_kw:
+        typer.echo("  other keys are passed on unchecked (**kwargs)")
+    if supplied:
+        typer.echo(f"  set by the framework, not the recipe: {', '.join(supplied)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verbs of other modules
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _stub_commands() -> dict[str, Any]:
+    """Placeholder commands carrying the plugin verbs' help lines, for the root help and did-you-mean."""
+    stubs = typer.Typer()
+
+    @stubs.callback()
+    def _group() -> None:  # a callback makes typer build a group even from one command
+        pass
+
+    def _not_loaded() -> None:
+        raise RuntimeError("the verb's module was not imported; run it through llmfoundry_lite.cli.main()")
+
+    for verb, (_, help_line) in PLUGIN_VERBS.items():
+        stubs.command(verb, help=help_line)(_not_loaded)
+    return dict(typer.main.get_command(stubs).commands)
+
+
+def _plugin_commands(verb: str) -> dict[str, Any]:
+    """The real commands of the module that adds ``verb`` (imported now)."""
+    module = importlib.import_module(CLI_MODULES[verb])
+    scratch = typer.Typer()
+
+    @scratch.callback()
+    def _group() -> None:
+        pass
+
+    module.register_cli(scratch)
+    return dict(typer.main.get_command(scratch).commands)
+
+
+def build_command(argv: list[str]) -> Any:
+    """The root click command for ``argv``: built-in verbs, the plugin verb it runs, stubs for the others."""
+    group = typer.main.get_command(app)
+    verb = _verb(argv)
+    commands = _stub_commands()
+    if verb in CLI_MODULES:
+        commands.update(_plugin_commands(verb))
+    for name in PLUGIN_VERBS:
+        group.add_command(commands[name], name)
+    return group
+
+
+def _verb(argv: list[str]) -> str | None:
+    # The root takes no option with a value, so the first word that is not an option is the verb.
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Usage errors: one line on stderr, exit code 2, whichever click typer carries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _click_classes(name: str) -> tuple[type, ...]:
+    """``click.exceptions.<name>`` and, for typer >= 0.26 (which vendors click), ``typer._click``'s too."""
+    classes: list[type] = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        if hasattr(vendored, name) and getattr(vendored, name) not in classes:
+            classes.append(getattr(vendored, name))
+    return tuple(classes)
+
+
+_USAGE_ERRORS = _click_classes("ClickException")  # UsageError, BadParameter, NoSuchOption, ... are subclasses
+_EXIT = _click_classes("Exit")
+_ABORT = _click_classes("Abort")
+
+_OVERRIDE_HINT = "overrides are written key=value without dashes"
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split()).rstrip(".")
+    return text[:1].lower() + text[1:]
+
+
+def _options_of(command: Any) -> list[str]:
+    return [
+        o for p in getattr(command, "params", []) for o in (*p.opts, *p.secondary_opts) if o.startswith("-")
+    ]
+
+
+def _takes_overrides(command: Any) -> bool:
+    """Whether the verb's positional arguments include free ``key=value`` words (train, show, sweep, ...)."""
+    return any(p.param_type_name == "argument" and p.nargs == -1 for p in getattr(command, "params", []))
+
+
+def _flag_value(argv: list[str], option: str) -> str | None:
+    """The value a user gave an unknown option: ``--opt=value`` or ``--opt value``."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(option + "="):
+            return arg[len(option) + 1 :]
+        if arg == option and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            return argv[i + 1]
+    return None
+
+
+def _key_paths(argv: list[str], leaf: str) -> list[str]:
+    """Dotted paths in the recipe named on the line that end in ``leaf`` (``lr`` -> ``optimizer.lr``)."""
+    recipe = next((a for a in argv[1:] if not a.startswith("-") and os.path.isfile(a)), None)
+    try:
+        from llmfoundry_lite.config import SCHEMA_FIELDS, compose
+
+        if leaf in SCHEMA_FIELDS:
+            return [leaf]
+        if recipe is None:
+            return []
+        data, _ = compose(recipe)
+    except Exception:  # only a hint: an unreadable recipe gets the generic one
+        return []
+    found: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                path = f"{prefix}.{k}" if prefix else str(k)
+                if str(k) == leaf and not path.startswith("variables."):
+                    found.append(path)
+                walk(v, path)
+
+    walk(data, "")
+    return found
+
+
+def _no_such_option(e: Any, argv: list[str]) -> str:
+    ctx = e.ctx
+    option = e.option_name
+    close = suggest(option, _options_of(ctx.command)) if ctx is not None else ""
+    message = f"no such option {option!r} for {ctx.info_name if ctx is not None else PROG}"
+    key = option.lstrip("-")
+    overridable = ctx is not None and _takes_overrides(ctx.command) and option.startswith("--") and key
+    if not overridable or (close and "." not in key):  # --nprocs is a typo of --nproc, not an override
+        return message + close
+    # A dotlist override written like a flag: --optimizer.lr=3e-4, --lr 3e-4.
+    value = _flag_value(argv, option)
+    snake = key.replace("-", "_")  # --max-duration means max_duration
+    paths = [key] if "." in key else (_key_paths(argv, key) or _key_paths(argv, snake) or [snake])
+    fixed = " or ".join(f"{p}={value if value is not None else 'VALUE'}" for p in paths[:3])
+    return f"{message}; {_OVERRIDE_HINT}: {fixed}"
+
+
+def usage_message(e: Any, argv: list[str]) -> str:
+    """One line for a click usage error, ending with where to read the verb's usage."""
+    ctx = getattr(e, "ctx", None)
+    raw = e.format_message() if hasattr(e, "format_message") else str(e)
+    try:
+        message = _usage_detail(e, ctx, raw, argv)
+    except Exception:  # click's internals differ between versions: never let the message itself fail
+        message = _one_line(raw)
+    if ctx is not None:
+        see = ctx.command_path
+    else:  # some errors (e.g. an option missing its value) come without a context
+        verb = _verb(argv)
+        see = f"{PROG} {verb}" if verb in (*BUILTIN_VERBS, *PLUGIN_VERBS) else PROG
+    return f"{message}; see {see} --help"
+
+
+def _usage_detail(e: Any, ctx: Any, raw: str, argv: list[str]) -> str:
+    kind = type(e).__name__
+    if kind == "NoSuchOption":
+        return _no_such_option(e, argv)
+    if kind == "MissingParameter" and ctx is not None and getattr(e, "param", None) is not None:
+        usage = " ".join([ctx.command_path, *ctx.command.collect_usage_pieces(ctx)])
+        return f"missing {e.param.param_type_name} {e.param.human_readable_name} (usage: {usage})"
+    if (m := re.match(r"No such command ['\"](.+?)['\"]", raw)) and ctx is not None:
+        where = f" for {ctx.info_name}" if ctx.parent else ""
+        return f"no such command {m.group(1)!r}{where}" + suggest(m.group(1), ctx.command.list_commands(ctx))
+    if m := re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)", raw, re.IGNORECASE):
+        where = f" for {ctx.info_name}" if ctx is not None else ""
+        return f"unexpected extra argument(s){where}: {m.group(1)}"
+    return _one_line(raw.split("Did you mean")[0])  # click's own suggestions come in varying forms
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line (users add it after the verb when a command fails).
     debug = "--debug" in argv
-    register_plugins(argv)
-    command = typer.main.get_command(app)
+    argv = [a for a in argv if a != "--debug"]
+    previous = os.environ.get(DEBUG_ENV)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # worker and launcher processes inherit it (see quiet.py)
     try:
-        rv = command.main(args=argv, prog_name="llmfoundry-lite", standalone_mode=False)
+        return _main(argv, debug)
+    finally:
+        if previous is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = previous
+
+
+def _main(argv: list[str], debug: bool) -> int:
+    try:
+        command = build_command(argv)
+        rv = command.main(args=argv, prog_name=PROG, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except RecipeError as e:
         if debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as e:
+    except _EXIT as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         print("aborted", file=sys.stderr)
         return 130
-    except click.ClickException as e:
-        e.show()
+    except _USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare group (`llmfoundry-lite`, `... data`): its help
+            # Building the error rendered the help: rich printed it already, plain click returns the text.
+            if e.format_message().strip():
+                typer.echo(e.format_message())
+            return 0
+        if debug:
+            traceback.print_exc()
+        print(f"error: {usage_message(e, argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -89,13 +89,18 @@ def load_builtins() -> None:
         importlib.import_module(mod)
 
 
-def get_registry(registry: str) -> catalogue.Registry:
-    """The registry called ``registry`` (one of REGISTRY_NAMES)."""
+def check_registry_name(registry: str) -> None:
+    """Raise RecipeError (with the close names) unless ``registry`` is one of REGISTRY_NAMES."""
     if registry not in _registries:
         raise RecipeError(
             f"unknown registry {registry!r}{suggest(registry, REGISTRY_NAMES)}; "
             f"choose from {', '.join(REGISTRY_NAMES)}"
         )
+
+
+def get_registry(registry: str) -> catalogue.Registry:
+    """The registry called ``registry`` (one of REGISTRY_NAMES)."""
+    check_registry_name(registry)
     load_builtins()
     return _registries[registry]
 
@@ -358,3 +363,137 @@ def build(
         if keypath and e.key and not e.key.startswith(section):
             raise RecipeError(e.detail, file=e.file, key=f"{keypath}.{e.key}") from None
         raise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Describing entries (``llmfoundry-lite list [REGISTRY [NAME]]``)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def builtin_entries(registry: str) -> dict[str, Any]:
+    """The built-in entries of a registry (entry-point plugins left out), importing the modules that add them."""
+    check_registry_name(registry)
+    load_builtins()
+    namespace = ("llmfoundry_lite", registry)
+    return {keys[-1]: obj for keys, obj in catalogue.REGISTRY.copy().items() if tuple(keys[:-1]) == namespace}
+
+
+def plugin_entry_points(registry: str) -> list[Any]:
+    """The (unloaded) entry points third-party packages declare for a registry."""
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=f"llmfoundry_lite_{registry}"))
+
+
+def listing(registry: str) -> dict[str, str]:
+    """Entry name -> one-line description, without importing the built-in modules.
+
+    The built-ins' descriptions come from the generated ``registry_index`` (their modules import torch and
+    Composer, seconds of start-up that a listing does not need); plugins are imported for their docstrings.
+    Built-ins win over a plugin of the same name, as in ``catalogue.Registry.get_all``.
+    """
+    check_registry_name(registry)
+    from llmfoundry_lite.registry_index import BUILTINS
+
+    result: dict[str, str] = {}
+    for ep in plugin_entry_points(registry):
+        try:
+            result[ep.name] = describe(ep.load())
+        except Exception as e:  # a broken plugin must not hide the other names
+            first = (str(e).strip().splitlines() or [""])[0]
+            result[ep.name] = f"(cannot be imported from {ep.value}: {type(e).__name__}: {first})"
+    result.update(BUILTINS.get(registry, {}))
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class ArgInfo:
+    """One recipe key of a registry entry: its name, type and default (None when the key is required)."""
+
+    name: str
+    type: str
+    default: str | None
+
+
+def format_value(value: Any) -> str:
+    """A default value spelled as in a YAML recipe (null, true, [0.9, 0.95], '{run_name}/x.txt')."""
+    import enum
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return format_value(value.value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        import yaml
+
+        text = yaml.safe_dump(value, width=10**9).strip()  # quotes only what YAML would misread
+        return text[: -len("\n...")] if text.endswith("\n...") else text
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return getattr(value, "__qualname__", None) or repr(value)
+
+
+def describe_annotation(tp: Any) -> str:
+    """A type annotation as a recipe author reads it: 'float', 'int | null', 'duration', "one of 'a', 'b'"."""
+    if tp is inspect.Parameter.empty or tp is Any:
+        return "any"
+    if tp is None or tp is type(None):
+        return "null"
+    if isinstance(tp, str):  # an unresolved forward reference
+        return tp
+    if _is_time_type(tp):
+        return "duration"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return describe_annotation(args[0])
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is typing.Union or origin is types.UnionType:
+        if any(_is_time_type(a) for a in args):  # Union[str, Time]: a recipe writes a duration string
+            args = tuple(a for a in args if a not in (str, int))
+        parts = list(dict.fromkeys(describe_annotation(a) for a in args))
+        return " | ".join(sorted(parts, key=lambda p: p == "null"))  # null last
+    if origin is not None:
+        name = getattr(origin, "__name__", None) or str(origin).replace("typing.", "")
+        if not args:
+            return name
+        inner = []
+        for a in args:
+            if a is Ellipsis:
+                inner.append("...")
+            elif isinstance(a, list):  # Callable[[A, B], C]
+                inner.append("[" + ", ".join(describe_annotation(x) for x in a) + "]")
+            else:
+                inner.append(describe_annotation(a))
+        return f"{name}[{', '.join(inner)}]"
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def entry_args(registry: str, obj: Any) -> tuple[list[ArgInfo], list[str], bool]:
+    """An entry's recipe keys with types and defaults, the arguments the framework supplies, and ``**kwargs``."""
+    params, var_kw = signature_params(obj)
+    hints = _type_hints(obj)
+    nested = getattr(obj, "__nested_components__", {})
+    injected = INJECTED.get(registry, frozenset())
+    args: list[ArgInfo] = []
+    supplied: list[str] = []
+    for name, p in params.items():
+        if name in injected:
+            supplied.append(name)
+            continue
+        if name in nested:
+            tp = f"{nested[name]} block ({{name: ..., ...}})"
+        else:
+            tp = describe_annotation(hints.get(name, p.annotation))
+        # torch's `required` sentinel (e.g. SGD's lr) is a default that means "required".
+        required = p.default is p.empty or type(p.default).__name__ == "_RequiredParameter"
+        args.append(ArgInfo(name, tp, None if required else format_value(p.default)))
+    return args, supplied, var_kw
