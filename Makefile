@@ -5,8 +5,12 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 QUICKSTART ?= recipes/quickstart/mosaicbert-tiny.yaml
 DATA ?= data/quickstart
+# make gpu-check [WHEELS=dir]: wheels from scripts/gpu_wheels.sh, installed --no-deps into GPU_SITE.
+WHEELS ?=
+GPU_SITE ?= build/gpu-site
+GPU_CHECK_OUT ?= gpu_check.json
 
-.PHONY: install install-dev quickstart quickstart-data quickstart-llama test lint
+.PHONY: install install-dev quickstart quickstart-data quickstart-llama test lint gpu-check
 
 install:
 	$(PIP) install -e .
@@ -34,3 +38,14 @@ lint:
 
 test: install-dev lint
 	$(PYTHON) -m pytest -q
+
+# One command that checks a GPU (scripts/gpu_check.py: versions, bf16 peak, ours vs transformers, Trainer runs with
+# FSDP and resume). On a machine without internet, WHEELS=dir installs the wheels of `scripts/gpu_wheels.sh dir`
+# into GPU_SITE with --no-deps, ahead of the image's packages on PYTHONPATH; its torch, numpy, torchmetrics stay.
+gpu-check:
+ifneq ($(strip $(WHEELS)),)
+	$(PIP) install --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(WHEELS)/*.whl
+	PYTHONPATH="$(CURDIR):$(abspath $(GPU_SITE))$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT)
+else
+	$(PYTHON) scripts/gpu_check.py --out $(GPU_CHECK_OUT)
+endif

@@ -22,13 +22,28 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Optional
 
 import torch
 
 from llmfoundry_lite import bench
+from llmfoundry_lite.bench import Pair, block_params
 
 HERE = Path(__file__).resolve().parent
+
+
+# The CPU shapes of BENCHMARKS.md; scripts/gpu_check.py passes GPU shapes (MosaicBERT-Base, LLaMA-1B).
+BERT_SHAPE = {"L": 4, "d": 256, "heads": 4, "ffn": 1024, "seq": 128, "batch": 32, "vocab": 30522}
+LLAMA_SHAPE = {
+    "d": 512,
+    "L": 8,
+    "heads": 8,
+    "kv_heads": 8,
+    "ffn": 1376,
+    "seq": 512,
+    "batch": 4,
+    "vocab": 8192,
+}
 
 
 def _load_script(name: str) -> Any:
@@ -40,144 +55,138 @@ def _load_script(name: str) -> Any:
     return module
 
 
-def block_params(blocks: torch.nn.Module) -> int:
-    """Parameters of the transformer blocks (P of the MFU definition)."""
-    return sum(p.numel() for p in blocks.parameters())
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-class Pair:
-    """Two training-step functions over the same batches, timed in interleaved rounds."""
+def bert_batches(shape: dict, n_batches: int, seed: int = 17) -> tuple[list[dict], int]:
+    """Batches of real text (the embedded corpus) with natural padding and 30% masking, and the pad id.
 
-    def __init__(self, steps: dict[str, Callable[[dict], Any]], batches: list[dict]):
-        self.steps = steps
-        self.batches = batches
-        self.seconds: dict[str, list[float]] = {n: [] for n in steps}
-        self.tokens: dict[str, list[int]] = {n: [] for n in steps}
-        self._pos = {n: 0 for n in steps}
-
-    def _run(self, name: str, n: int) -> tuple[float, int]:
-        tokens, elapsed = 0, 0.0
-        for _ in range(n):
-            batch = self.batches[self._pos[name] % len(self.batches)]
-            self._pos[name] += 1
-            t = time.perf_counter()
-            self.steps[name](batch)
-            elapsed += time.perf_counter() - t
-            mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-        return elapsed, tokens
-
-    def run(self, rounds: int, steps_per_round: int, peaks: list[float]) -> None:
-        """Warm up once, then ``rounds`` rounds in alternating order; a matmul peak before each round."""
-        for name in self.steps:
-            self._run(name, 1)
-        names = list(self.steps)
-        for r in range(rounds):
-            peaks.append(bench.matmul_peak())
-            for name in names if r % 2 == 0 else names[::-1]:
-                dt, tok = self._run(name, steps_per_round)
-                self.seconds[name].append(dt)
-                self.tokens[name].append(tok)
-
-    def tokens_per_s(self, name: str) -> float:
-        """Median over rounds of tokens/s."""
-        return statistics.median(t / s for t, s in zip(self.tokens[name], self.seconds[name]))
-
-    def per_round_ratio(self, a: str, b: str) -> list[float]:
-        """tokens/s of ``a`` over ``b``, round by round."""
-        return [
-            (ta / sa) / (tb / sb)
-            for ta, sa, tb, sb in zip(self.tokens[a], self.seconds[a], self.tokens[b], self.seconds[b])
-        ]
-
-
-def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-5)
-
-
-def _step_fn(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor]) -> Callable:
-    opt = _adamw(model)
-    model.train()
-
-    def step(batch: dict) -> None:
-        loss_fn(model, batch).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def bert_pair(args: argparse.Namespace) -> tuple[Pair, dict[str, int], dict[str, str]]:
-    """MosaicBERT vs BertForMaskedLM on real text with natural padding (helpers of benchmark_bert.py)."""
+    Helpers of benchmark_bert.py: paragraphs grouped to random lengths (~40% padding at seq 128). At most one
+    pass over the corpus: callers cycle through the batches.
+    """
     from tokenizers import BertWordPieceTokenizer
-    from transformers import BertConfig, BertForMaskedLM
 
     from llmfoundry_lite.data.corpus import embedded_documents
+
+    bb = _load_script("benchmark_bert")
+    seq, bs = shape["seq"], shape["batch"]
+    rng, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    docs = embedded_documents()
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(docs, vocab_size=shape["vocab"], show_progress=False)
+    samples = bb.make_samples(tok, docs, seq, rng)
+    rng.shuffle(samples)
+    n = max(1, min(n_batches, len(samples) // bs))
+    batches = [bb.make_batch(samples[i * bs : (i + 1) * bs], tok, seq, 0.3, g) for i in range(n)]
+    return batches, tok.token_to_id("[PAD]")
+
+
+def bert_pair(
+    shape: dict,
+    batches: list[dict],
+    pad_id: int,
+    device: str = "cpu",
+    autocast: Optional[torch.dtype] = None,
+    attn_impl: Optional[str] = None,
+    hf_attn: str = "sdpa",
+) -> tuple[Pair, dict[str, int], dict[str, Any]]:
+    """MosaicBERT vs BertForMaskedLM at one shape on the same batches (helpers of benchmark_bert.py).
+
+    ``attn_impl``, when given, goes to the mosaic_bert builder; ``hf_attn`` is transformers' attn_implementation.
+    """
+    from transformers import BertConfig, BertForMaskedLM
+
     from llmfoundry_lite.models.bert import build_mosaic_bert
 
     bb = _load_script("benchmark_bert")
-    L, d, heads, ffn, seq, bs, vocab = 4, 256, 4, 1024, 128, 32, 30522
-    rng, g = random.Random(17), torch.Generator().manual_seed(17)
-    docs = embedded_documents()
-    tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(docs, vocab_size=vocab)
-    samples = bb.make_samples(tok, docs, seq, rng)
-    rng.shuffle(samples)
-    n_batches = args.rounds * args.steps + 1
-    batches = [bb.make_batch(samples[i * bs : (i + 1) * bs], tok, seq, 0.3, g) for i in range(n_batches)]
+    L, d, heads, ffn, seq, vocab = (shape[k] for k in ("L", "d", "heads", "ffn", "seq", "vocab"))
     torch.manual_seed(0)
     hf_cfg = BertConfig(
         vocab_size=vocab, hidden_size=d, num_hidden_layers=L, num_attention_heads=heads, intermediate_size=ffn,
-        pad_token_id=tok.token_to_id("[PAD]"),
+        pad_token_id=pad_id,
     )  # fmt: skip
-    hf = BertForMaskedLM._from_config(hf_cfg, attn_implementation="sdpa")
+    hf = BertForMaskedLM._from_config(hf_cfg, attn_implementation=hf_attn).to(device)
+    extra = {"attn_impl": attn_impl} if attn_impl is not None else {}
     ours = build_mosaic_bert(
-        None, vocab_size=vocab, d_model=d, n_layers=L, n_heads=heads, intermediate_size=ffn
-    )
-    names = {"ours": "MosaicBERT (llmfoundry_lite)", "hf": "transformers BertForMaskedLM (SDPA)"}
-    pair = Pair(
-        {names["ours"]: _step_fn(ours, bb.mosaic_loss), names["hf"]: _step_fn(hf, bb.hf_loss)}, batches
-    )
+        None, vocab_size=vocab, d_model=d, n_layers=L, n_heads=heads, intermediate_size=ffn, **extra
+    ).to(device)
+    names = {
+        "ours": "MosaicBERT (llmfoundry_lite)",
+        "hf": f"transformers BertForMaskedLM ({_label(hf_attn)})",
+    }
+    steps = {
+        names["ours"]: bench.train_step_fn(ours, bb.mosaic_loss, autocast),
+        names["hf"]: bench.train_step_fn(hf, bb.hf_loss, autocast),
+    }
+    pair = Pair(steps, [_to(b, device) for b in batches], device)
     p = {names["ours"]: block_params(ours.encoder.layers), names["hf"]: block_params(hf.bert.encoder.layer)}
     pad = 1 - statistics.mean(float(b["attention_mask"].float().mean()) for b in batches)
-    shape = f"L={L}, d={d}, {heads} heads, FFN {ffn}, seq {seq}, batch {bs}, vocab {vocab}, padding {pad:.0%}, mask 30%"
-    return pair, p, {"shape": shape, "seq": seq, "L": L, "d": d, **names}
+    text = (
+        f"L={L}, d={d}, {heads} heads, FFN {ffn}, seq {seq}, batch {shape['batch']}, vocab {vocab}, "
+        f"padding {pad:.0%}, mask 30%"
+    )
+    return pair, p, {"shape": text, "seq": seq, "L": L, "d": d, "padding": pad, **names}
 
 
-def llama_pair(args: argparse.Namespace) -> tuple[Pair, dict[str, int], dict[str, Any]]:
-    """Our LLaMA decoder vs LlamaForCausalLM with the same weights and batches."""
+def llama_pair(
+    shape: dict,
+    n_batches: int = 3,
+    device: str = "cpu",
+    autocast: Optional[torch.dtype] = None,
+    attn_impl: str = "sdpa",
+    hf_attn: str = "sdpa",
+) -> tuple[Pair, dict[str, int], dict[str, Any]]:
+    """Our LLaMA (the Composer model a recipe trains) vs LlamaForCausalLM with the same weights and batches.
+
+    ``info["flops_per_token"]`` is our model's training FLOPs per token (``flops_per_batch``: blocks, LM head
+    and attention); the shapes are identical, so it holds for both.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmfoundry_lite.models.llama import LlamaDecoder, config_from_hf, state_dict_from_hf
+    from llmfoundry_lite.models.llama import ComposerLlama, config_from_hf, state_dict_from_hf
 
-    d, L, heads, ffn, seq, bs, vocab = 512, 8, 8, 1376, 512, 4, args.llama_vocab
+    d, L, heads, kv, ffn, seq, bs, vocab = (
+        shape[k] for k in ("d", "L", "heads", "kv_heads", "ffn", "seq", "batch", "vocab")
+    )
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=L, num_attention_heads=heads,
-        num_key_value_heads=heads, max_position_embeddings=2048, tie_word_embeddings=False,
-        attn_implementation="sdpa", use_cache=False,
+        num_key_value_heads=kv, max_position_embeddings=max(2048, seq), tie_word_embeddings=False,
+        attn_implementation=hf_attn, use_cache=False,
     )  # fmt: skip
-    hf = LlamaForCausalLM(hf_cfg)
-    cfg = config_from_hf(hf_cfg, attn_impl="sdpa")
-    ours = LlamaDecoder(cfg)
-    ours.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg))
+    with torch.device(device):  # built in place: initialising a 1B model on the CPU first takes a minute
+        hf = LlamaForCausalLM(hf_cfg)
+        cfg = config_from_hf(hf_cfg, attn_impl=attn_impl)
+        ours = ComposerLlama(cfg)
+    ours.model.load_state_dict(state_dict_from_hf(hf.state_dict(), cfg))
     g = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(3):
+    for _ in range(n_batches):
         ids = torch.randint(0, vocab, (bs, seq), generator=g)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        batches.append(_to(batch, device))
 
     def ours_loss(model: torch.nn.Module, b: dict) -> torch.Tensor:
-        return model(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        return model.loss(model(b), b)
 
     def hf_loss(model: torch.nn.Module, b: dict) -> torch.Tensor:
         return model(**b).loss
 
-    names = {"ours": "LLaMA (llmfoundry_lite)", "hf": "transformers LlamaForCausalLM (SDPA)"}
-    pair = Pair({names["ours"]: _step_fn(ours, ours_loss), names["hf"]: _step_fn(hf, hf_loss)}, batches)
-    p = {names["ours"]: block_params(ours.blocks), names["hf"]: block_params(hf.model.layers)}
-    shape = f"d={d}, L={L}, {heads} heads, FFN {ffn}, seq {seq}, batch {bs}, vocab {vocab}"
-    return pair, p, {"shape": shape, "seq": seq, "L": L, "d": d, **names}
+    names = {"ours": "LLaMA (llmfoundry_lite)", "hf": f"transformers LlamaForCausalLM ({_label(hf_attn)})"}
+    steps = {
+        names["ours"]: bench.train_step_fn(ours, ours_loss, autocast),
+        names["hf"]: bench.train_step_fn(hf, hf_loss, autocast),
+    }
+    pair = Pair(steps, batches, device)
+    p = {names["ours"]: block_params(ours.model.blocks), names["hf"]: block_params(hf.model.layers)}
+    flops = ours.flops_per_batch({"input_ids": batches[0]["input_ids"][:1]}) / seq
+    text = f"d={d}, L={L}, {heads} heads ({kv} KV), FFN {ffn}, seq {seq}, batch {bs}, vocab {vocab}"
+    return pair, p, {"shape": text, "seq": seq, "L": L, "d": d, "flops_per_token": flops, **names}
+
+
+def _label(hf_attn: str) -> str:
+    return {"sdpa": "SDPA", "flash_attention_2": "flash-attn 2"}.get(hf_attn, hf_attn)
 
 
 def main() -> None:
@@ -197,10 +206,18 @@ def main() -> None:
 
     peaks: list[float] = []
     results = []
-    for which, build in (("bert", bert_pair), ("llama", llama_pair)):
+
+    def bert() -> tuple:
+        batches, pad_id = bert_batches(BERT_SHAPE, args.rounds * args.steps + 1)
+        return bert_pair(BERT_SHAPE, batches, pad_id)
+
+    def llama() -> tuple:
+        return llama_pair({**LLAMA_SHAPE, "vocab": args.llama_vocab})
+
+    for which, build in (("bert", bert), ("llama", llama)):
         if args.only and args.only != which:
             continue
-        pair, p, info = build(args)
+        pair, p, info = build()
         pair.run(args.rounds, args.steps, peaks)
         results.append((pair, p, info))
     peak = max(peaks)

@@ -71,7 +71,7 @@ def test_build_checks_signature_and_injects():
     assert "supplied by the framework" in str(ei.value)
 
 
-def test_entry_point_plugin(tmp_path):
+def test_entry_point_plugin(tmp_path, bert_tokenizer_dir, mlm_mds_dir):
     """A third-party package adds a callback through the `llmfoundry_lite_callbacks` entry-point group."""
     pkg = tmp_path / "lfl_plugin_demo"
     pkg.mkdir()
@@ -99,8 +99,13 @@ def test_entry_point_plugin(tmp_path):
         "[llmfoundry_lite_callbacks]\ncount_batches = lfl_plugin_demo:CountBatches\n"
     )
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"base: {QUICKSTART}\ncallbacks:\n  count_batches:\n    every: 2\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    recipe.write_text(
+        f"base: {QUICKSTART}\nvariables: {{tokenizer_path: {bert_tokenizer_dir}, data_local: {mlm_mds_dir}}}\n"
+        "callbacks:\n  count_batches:\n    every: 2\n"
+    )
+    # Prepend, not replace: packages installed with --target live on PYTHONPATH.
+    path = os.pathsep.join(filter(None, (str(tmp_path), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "PYTHONPATH": path}
     cli = [sys.executable, "-m", "llmfoundry_lite.cli"]
     out = subprocess.run([*cli, "list", "callbacks"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

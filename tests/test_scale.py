@@ -138,7 +138,9 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(
         "run_name=elastic", f"save_folder={f2}", "max_duration=1000ba", "save_interval=1000ba",
         f"callbacks.record_losses.path={losses2}",
     ]  # fmt: skip
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": plugin_dir}
+    # Prepend, not replace: packages installed with --target live on PYTHONPATH.
+    path = os.pathsep.join(filter(None, (str(plugin_dir), os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": path}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     out, deadline, signalled = [], time.time() + 240, False
     for line in proc.stdout:
