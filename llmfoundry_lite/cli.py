@@ -91,7 +91,9 @@ def train(
     if world > 1 and "WORLD_SIZE" not in os.environ:
         from llmfoundry_lite.config import load_recipe
 
-        load_recipe(recipe, overrides, nproc=world)  # fail fast, before any process starts
+        load_recipe(
+            recipe, overrides, nproc=world, check_resources=True
+        )  # fail fast, before any process starts
         raise typer.Exit(launch.launch(recipe, overrides, nproc, nnodes, node_rank, master_addr, master_port))
     launch.run_local(recipe, overrides)
 
@@ -120,7 +122,7 @@ def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = Overrides
     """Check a recipe without training: exit 0 when valid, 2 with a message otherwise."""
     from llmfoundry_lite.config import load_recipe
 
-    load_recipe(recipe, list(overrides or []))
+    load_recipe(recipe, list(overrides or []), check_resources=True)
     typer.echo(f"{recipe}: valid")
 
 

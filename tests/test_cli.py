@@ -23,8 +23,9 @@ def run(*args: str, cwd: str | None = None, timeout: int = 300) -> subprocess.Co
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
-def test_validate_ok_and_errors_exit_2_without_traceback(tmp_path):
-    ok = run("validate", QUICKSTART)
+def test_validate_ok_and_errors_exit_2_without_traceback(tmp_path, bert_tokenizer_dir, mlm_mds_dir):
+    data = [f"variables.tokenizer_path={bert_tokenizer_dir}", f"variables.data_local={mlm_mds_dir}"]
+    ok = run("validate", QUICKSTART, *data)
     assert ok.returncode == 0, ok.stderr
     bad = run("validate", QUICKSTART, "optimizer.lrr=0.1")
     assert bad.returncode == 2
