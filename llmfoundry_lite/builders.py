@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,8 +13,7 @@ from composer import optim as co
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.config import COMPONENT_SECTIONS, MULTI_SECTIONS, WANDB_FIX, iter_multi
-from llmfoundry_lite.data.checks import check_loader, check_loader_fit, looks_local
-from llmfoundry_lite.data.tokenizers import hub_offline
+from llmfoundry_lite.data.checks import check_loader, check_loader_fit
 from llmfoundry_lite.errors import RecipeError
 
 # Names follow llm-foundry's, so recipes written for it read the same here.
@@ -191,79 +189,3 @@ def build_multi(cfg: Any, section: str) -> list[Any]:
     for keypath, default_name, block in iter_multi(section, recipe_section(cfg, section)):
         out.append(registry.build(MULTI_SECTIONS[section], block or {}, keypath, default_name))
     return out
-
-
-def _meta_model(block: dict, tokenizer: Any) -> Any:
-    with torch.device("meta"):
-        return registry.build("models", block, "model", tokenizer=tokenizer)
-
-
-def build_meta_model(cfg: Any) -> Any:
-    """The recipe's model with every tensor on the meta device (a 7B recipe allocates nothing).
-
-    The tokenizer is only loaded when the model block does not set ``vocab_size``; a tokenizer that is not
-    available offline (a hub name) then raises a RecipeError asking for ``model.vocab_size``.
-    """
-    block = dict(recipe_section(cfg, "model") or {})
-    block.pop("init_from_hf", None)  # weights are irrelevant; the block's shape keys describe the model
-    tokenizer = None
-    if block.get("vocab_size") is None:
-        try:
-            with hub_offline():
-                tokenizer = build_tokenizer(cfg)
-        except Exception:  # hub names offline, missing folders: say how to avoid needing it
-            path = str((recipe_section(cfg, "tokenizer") or {}).get("path"))
-            if Path(path).expanduser().exists():
-                why = "that folder holds no tokenizer that loads;"
-            elif looks_local(path):
-                why = "that folder does not exist yet (build it first, or)"
-            else:
-                why = "that hub name is not in the local cache and nothing is downloaded here;"
-            example = " (model.vocab_size=30522 for bert-base-uncased)" if "bert" in path else ""
-            raise RecipeError(
-                f"the model takes its vocabulary size from the tokenizer {path!r}: {why} "
-                f"set model.vocab_size{example}",
-                key="model.vocab_size",
-            ) from None
-    return _meta_model(block, tokenizer)
-
-
-def parameter_counts(model: Any) -> tuple[int, int]:
-    """(total, non-embedding): non-embedding leaves out token/position embedding tables and an untied LM head."""
-    if hasattr(model, "param_counts"):
-        return tuple(int(x) for x in model.param_counts())  # type: ignore[return-value]
-    total = sum(p.numel() for p in model.parameters())
-    emb_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    inner = getattr(model, "model", None)
-    out = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if out is not None and getattr(out, "weight", None) is not None:
-        emb_ids.add(id(out.weight))
-    emb = sum(p.numel() for p in model.parameters() if id(p) in emb_ids)
-    return total, total - emb
-
-
-def count_parameters(cfg: Any) -> tuple[int, int] | None:
-    """(total, non-embedding) parameters of the recipe's model, or None when its tokenizer is not available."""
-    try:
-        return parameter_counts(build_meta_model(cfg))
-    except RecipeError:
-        return None
-
-
-def check_model_shape(block: dict) -> None:
-    """Build the model block on the meta device (no memory) so shape errors surface at validation time.
-
-    The vocabulary comes from the tokenizer at train time; a placeholder stands in for it here.
-    """
-    kwargs = dict(block)
-    kwargs.pop("init_from_hf", None)
-    obj = registry.lookup("models", kwargs.get("name"), key="model.name")
-    params, _ = registry.signature_params(obj)
-    if "vocab_size" in params and kwargs.get("vocab_size") is None:
-        kwargs["vocab_size"] = 1024
-    try:
-        _meta_model(kwargs, None)
-    except RecipeError:
-        raise
-    except Exception:  # a builder that cannot run on the meta device: left to train time
-        return

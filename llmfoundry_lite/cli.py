@@ -101,8 +101,8 @@ def train(
 @app.command()
 def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the fully resolved recipe as YAML, with its parameter count."""
-    from llmfoundry_lite.builders import count_parameters
     from llmfoundry_lite.config import load_recipe, to_yaml
+    from llmfoundry_lite.models.meta import count_parameters
 
     cfg = load_recipe(recipe, list(overrides or []))
     counts = count_parameters(cfg)

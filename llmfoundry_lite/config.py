@@ -441,7 +441,7 @@ def validate(data: dict, nproc: int | None = None, check_resources: bool = False
         for keypath, default_name, block in iter_multi(section, data.get(section)):
             registry.check_component(reg, block if block is not None else {}, keypath, default_name)
     check_optimizer_values(data["optimizer"])
-    from llmfoundry_lite.builders import check_model_shape
+    from llmfoundry_lite.models.meta import check_model_shape
 
     check_model_shape(data["model"])
     if data.get("fsdp") is not None:

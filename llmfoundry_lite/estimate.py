@@ -114,7 +114,7 @@ def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[f
             return float(total) / seq_len, "model.flops_per_batch"
         except NotImplementedError:
             pass
-    from llmfoundry_lite.builders import parameter_counts
+    from llmfoundry_lite.models.accounting import parameter_counts
 
     _, non_emb = parameter_counts(model)
     n_layers, d_model = _shape(model)
@@ -291,7 +291,8 @@ def estimate(
     cost = hardware.parse_cost(cfg.get("cost"))
     assumptions: list[str] = []
 
-    from llmfoundry_lite.builders import build_meta_model, parameter_counts
+    from llmfoundry_lite.models.accounting import parameter_counts
+    from llmfoundry_lite.models.meta import build_meta_model
 
     model = build_meta_model(cfg)
     total, non_emb = parameter_counts(model)

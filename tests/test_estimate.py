@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from llmfoundry_lite import hardware
-from llmfoundry_lite.builders import build_meta_model
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.config import load_recipe
 from llmfoundry_lite.estimate import estimate
+from llmfoundry_lite.models.meta import build_meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "recipes" / "mosaicbert" / "base.yaml")

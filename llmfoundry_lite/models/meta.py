@@ -1,0 +1,95 @@
+"""A recipe's model built on the meta device: shapes and parameter counts without allocating or downloading."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.accounting import parameter_counts
+
+# Stands in for the tokenizer's vocabulary when a block is checked before any tokenizer exists.
+PLACEHOLDER_VOCAB = 1024
+
+
+def _section(cfg: Any, name: str) -> Any:
+    value = cfg.get(name) if hasattr(cfg, "get") else None
+    if value is not None and hasattr(value, "_content"):  # an OmegaConf node
+        from omegaconf import OmegaConf
+
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def meta_model(block: Mapping[str, Any], tokenizer: Any = None) -> Any:
+    """The ``model:`` block's model with every tensor on the meta device."""
+    with torch.device("meta"):
+        return registry.build("models", dict(block), "model", tokenizer=tokenizer)
+
+
+def _offline_tokenizer(cfg: Any) -> Any:
+    """The recipe's tokenizer from local files only; RecipeError asking for ``model.vocab_size`` otherwise."""
+    from llmfoundry_lite.data.checks import looks_local
+    from llmfoundry_lite.data.tokenizers import hub_offline
+
+    block = _section(cfg, "tokenizer")
+    try:
+        with hub_offline():
+            return registry.build("tokenizers", block, "tokenizer")
+    except Exception:  # hub names offline, missing folders: say how to avoid needing it
+        path = str((block or {}).get("path"))
+        if Path(path).expanduser().exists():
+            why = "that folder holds no tokenizer that loads;"
+        elif looks_local(path):
+            why = "that folder does not exist yet (build it first, or)"
+        else:
+            why = "that hub name is not in the local cache and nothing is downloaded here;"
+        example = " (model.vocab_size=30522 for bert-base-uncased)" if "bert" in path else ""
+        raise RecipeError(
+            f"the model takes its vocabulary size from the tokenizer {path!r}: {why} "
+            f"set model.vocab_size{example}",
+            key="model.vocab_size",
+        ) from None
+
+
+def build_meta_model(cfg: Any) -> Any:
+    """The recipe's model with every tensor on the meta device (a 7B recipe allocates nothing).
+
+    The tokenizer is only loaded when the model block does not set ``vocab_size``; a tokenizer that is not
+    available offline (a hub name) then raises a RecipeError asking for ``model.vocab_size``.
+    """
+    block = dict(_section(cfg, "model") or {})
+    block.pop("init_from_hf", None)  # weights are irrelevant; the block's shape keys describe the model
+    tokenizer = _offline_tokenizer(cfg) if block.get("vocab_size") is None else None
+    return meta_model(block, tokenizer)
+
+
+def count_parameters(cfg: Any) -> tuple[int, int] | None:
+    """(total, non-embedding) parameters of the recipe's model, or None when its tokenizer is not available."""
+    try:
+        return parameter_counts(build_meta_model(cfg))
+    except RecipeError:
+        return None
+
+
+def check_model_shape(block: Mapping[str, Any]) -> None:
+    """Build the model block on the meta device (no memory) so shape errors surface at validation time.
+
+    The vocabulary comes from the tokenizer at train time; a placeholder stands in for it here.
+    """
+    kwargs = dict(block)
+    kwargs.pop("init_from_hf", None)
+    obj = registry.lookup("models", kwargs.get("name"), key="model.name")
+    params, _ = registry.signature_params(obj)
+    if "vocab_size" in params and kwargs.get("vocab_size") is None:
+        kwargs["vocab_size"] = PLACEHOLDER_VOCAB
+    try:
+        meta_model(kwargs)
+    except RecipeError:
+        raise
+    except Exception:  # a builder that cannot run on the meta device: left to train time
+        return
