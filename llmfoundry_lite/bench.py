@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 
 from llmfoundry_lite import hardware
+from llmfoundry_lite.models.accounting import batch_tokens
 
 
 def matmul_peak(
@@ -110,11 +111,6 @@ def machine_description() -> dict[str, Any]:
     }
 
 
-def block_params(blocks: torch.nn.Module) -> int:
-    """Parameters of the transformer blocks (P of the MFU definition)."""
-    return sum(p.numel() for p in blocks.parameters())
-
-
 def train_step_fn(
     model: torch.nn.Module,
     loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
@@ -139,12 +135,6 @@ def train_step_fn(
     return step
 
 
-def batch_tokens(batch: dict) -> int:
-    """Real (non-padding) tokens of a batch: the attention mask's sum, else every position."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
 class Pair:
     """Training-step functions (two or more) over the same batches, timed in interleaved rounds.
 
@@ -157,7 +147,7 @@ class Pair:
         self.steps = steps
         self.batches = batches
         self.device = device
-        self.batch_tokens = [batch_tokens(b) for b in batches]
+        self.batch_tokens = [batch_tokens(b).tokens for b in batches]
         self.seconds: dict[str, list[float]] = {n: [] for n in steps}
         self.tokens: dict[str, list[int]] = {n: [] for n in steps}
         self._pos = {n: 0 for n in steps}
@@ -204,8 +194,3 @@ class Pair:
             (ta / sa) / (tb / sb)
             for ta, sa, tb, sb in zip(self.tokens[a], self.seconds[a], self.tokens[b], self.seconds[b])
         ]
-
-
-def median(values: list[float]) -> float:
-    """Median (statistics.median; here so scripts need one import)."""
-    return statistics.median(values)

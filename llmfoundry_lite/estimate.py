@@ -99,41 +99,22 @@ def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[f
     """Training FLOPs per token of full-length sequences: from ``model.flops_per_batch``, else from shapes."""
     import torch
 
+    from llmfoundry_lite.models.accounting import TransformerFlops, layer_shape, model_flops, parameter_counts
+
     ids = torch.zeros((1, seq_len), dtype=torch.long)
     mask = torch.ones_like(ids)
-    fn = getattr(model, "flops_per_batch", None)
-    if callable(fn):
-        try:
-            if mlm_p is not None:
-                # flops_per_batch is affine in the number of labelled (masked) tokens: interpolate exactly.
-                none = fn({"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, -100)})
-                every = fn({"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
-                total = none + mlm_p * (every - none)
-            else:
-                total = fn({"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
-            return float(total) / seq_len, "model.flops_per_batch"
-        except NotImplementedError:
-            pass
-    from llmfoundry_lite.models.accounting import parameter_counts
-
+    every = model_flops(model, {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
+    if every is not None:
+        if mlm_p is not None:
+            # flops_per_batch is affine in the number of labelled (masked) tokens: interpolate exactly.
+            none = model_flops(
+                model, {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, -100)}
+            )
+            every = none + mlm_p * (every - none)
+        return every / seq_len, "model.flops_per_batch"
     _, non_emb = parameter_counts(model)
-    n_layers, d_model = _shape(model)
-    return 6.0 * non_emb + 12.0 * n_layers * d_model * seq_len, "shapes: 6N + 12*L*d*seq"
-
-
-def _shape(model: Any) -> tuple[int, int]:
-    for obj in (getattr(model, "cfg", None), getattr(getattr(model, "model", None), "config", None)):
-        if obj is None:
-            continue
-        L = (
-            getattr(obj, "n_layers", None)
-            or getattr(obj, "num_hidden_layers", None)
-            or getattr(obj, "n_layer", 0)
-        )
-        d = getattr(obj, "d_model", None) or getattr(obj, "hidden_size", None) or getattr(obj, "n_embd", 0)
-        if L and d:
-            return int(L), int(d)
-    return 0, 0
+    shape = TransformerFlops(non_emb, *layer_shape(model))
+    return shape.per_token(seq_len), "shapes: 6N + 12*L*d*seq"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,6 +175,7 @@ def measure_throughput(cfg: Any, steps: int = 4, peak_flops: Optional[float] = N
     from composer.core import Callback
 
     from llmfoundry_lite import bench
+    from llmfoundry_lite.models.accounting import batch_tokens, model_flops
     from llmfoundry_lite.train import build_trainer
 
     if steps < 1:
@@ -207,11 +189,8 @@ def measure_throughput(cfg: Any, steps: int = 4, peak_flops: Optional[float] = N
 
         def batch_end(self, state: Any, logger: Any) -> None:  # noqa: D102
             self.times.append(time.perf_counter())
-            batch = state.batch
-            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-            self.tokens.append(int(mask.sum()) if mask is not None else int(batch["input_ids"].numel()))
-            fn = getattr(state.model, "flops_per_batch", None)
-            self.flops.append(float(fn(batch)) if callable(fn) else 0.0)
+            self.tokens.append(batch_tokens(state.batch).tokens)
+            self.flops.append(model_flops(state.model, state.batch) or 0.0)
 
     c = cfg.copy()
     run_name = f"estimate-measure-{os.getpid()}-{int(time.time())}"

@@ -27,7 +27,8 @@ from typing import Any, Optional
 import torch
 
 from llmfoundry_lite import bench
-from llmfoundry_lite.bench import Pair, block_params
+from llmfoundry_lite.bench import Pair
+from llmfoundry_lite.models.accounting import TransformerFlops, count_params
 
 HERE = Path(__file__).resolve().parent
 
@@ -120,7 +121,7 @@ def bert_pair(
         names["hf"]: bench.train_step_fn(hf, bb.hf_loss, autocast),
     }
     pair = Pair(steps, [_to(b, device) for b in batches], device)
-    p = {names["ours"]: block_params(ours.encoder.layers), names["hf"]: block_params(hf.bert.encoder.layer)}
+    p = {names["ours"]: count_params(ours.encoder.layers), names["hf"]: count_params(hf.bert.encoder.layer)}
     pad = 1 - statistics.mean(float(b["attention_mask"].float().mean()) for b in batches)
     text = (
         f"L={L}, d={d}, {heads} heads, FFN {ffn}, seq {seq}, batch {shape['batch']}, vocab {vocab}, "
@@ -179,7 +180,7 @@ def llama_pair(
         names["hf"]: bench.train_step_fn(hf, hf_loss, autocast),
     }
     pair = Pair(steps, batches, device)
-    p = {names["ours"]: block_params(ours.model.blocks), names["hf"]: block_params(hf.model.layers)}
+    p = {names["ours"]: count_params(ours.model.blocks), names["hf"]: count_params(hf.model.layers)}
     flops = ours.flops_per_batch({"input_ids": batches[0]["input_ids"][:1]}) / seq
     text = f"d={d}, L={L}, {heads} heads ({kv} KV), FFN {ffn}, seq {seq}, batch {bs}, vocab {vocab}"
     return pair, p, {"shape": text, "seq": seq, "L": L, "d": d, "flops_per_token": flops, **names}
@@ -240,7 +241,7 @@ def main() -> None:
         ratios = pair.per_round_ratio(ours, hf)
         for name in (ours, hf):
             tps = pair.tokens_per_s(name)
-            mfu = tps * (6 * p[name] + 12 * info["L"] * info["d"] * info["seq"]) / peak
+            mfu = tps * TransformerFlops(p[name], info["L"], info["d"]).per_token(info["seq"]) / peak
             ratio = f"**{statistics.median(ratios):.2f}x**" if name == ours else ""
             per_round = ", ".join(f"{r:.2f}" for r in ratios) if name == ours else ""
             label = "MLM" if "BERT" in ours else "causal LM"

@@ -23,6 +23,7 @@ from transformers import BertConfig as HFBertConfig
 from transformers import BertForMaskedLM
 
 from llmfoundry_lite.data.corpus import embedded_documents
+from llmfoundry_lite.models.accounting import count_params
 from llmfoundry_lite.models.bert import build_mosaic_bert
 
 
@@ -195,7 +196,7 @@ def main() -> None:
         None, vocab_size=vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
         intermediate_size=args.ffn, attention_dropout=0.0, hidden_dropout=0.1,
     )  # fmt: skip
-    nparams = {n: sum(p.numel() for p in m.parameters()) for n, m in (("hf", hf), ("mosaic", mosaic))}
+    nparams = {n: count_params(m) for n, m in (("hf", hf), ("mosaic", mosaic))}
     runners = [
         Runner("HF BertForMaskedLM", hf, hf_loss, args.lr, warmup=10),
         Runner("MosaicBERT (llmfoundry_lite)", mosaic, mosaic_loss, args.lr, warmup=10),

@@ -52,7 +52,8 @@ def main() -> None:
     from transformers import LlamaConfig as HFConfig
     from transformers import LlamaForCausalLM
 
-    from llmfoundry_lite.models.llama import LlamaDecoder, config_from_hf, param_count_for, state_dict_from_hf
+    from llmfoundry_lite.models.accounting import TransformerFlops, count_params
+    from llmfoundry_lite.models.llama import LlamaDecoder, config_from_hf, state_dict_from_hf
 
     torch.manual_seed(0)
     hf_cfg = HFConfig(
@@ -112,9 +113,10 @@ def main() -> None:
                 fn(opt)
             times[name].append((time.perf_counter() - t) / args.steps)
     peak = max(peaks)
-    _, non_emb = param_count_for(cfg)
-    p_blocks = non_emb - cfg.d_model  # blocks only (final norm excluded), as BENCHMARKS.md defines P
-    flops_per_token = 6 * p_blocks + 12 * cfg.n_layers * cfg.d_model * args.seq
+    # P = the transformer blocks only, as BENCHMARKS.md defines it for MFU
+    flops_per_token = TransformerFlops(count_params(ours.blocks), cfg.n_layers, cfg.d_model).per_token(
+        args.seq
+    )
 
     print(
         f"\nLLaMA training step, CPU fp32, {torch.get_num_threads()} threads: d={cfg.d_model} L={cfg.n_layers} "

@@ -2,7 +2,9 @@
 
 flash-attn cannot run here, so the models are checked by what they hand to the selection function (device and
 dtype of the tensors that reach the kernel, the mask) and by explicit ``flash`` stopping instead of falling
-back. The flash kernels themselves are exercised by the ``gpu``-marked tests in test_bert.py/test_llama.py.
+back. What the run's device and precision decide is a recipe error before the first batch
+(``model.check_runtime``); what only a batch shows is a model error (AttentionKernelError) from ``forward``.
+The flash kernels themselves are exercised by the ``gpu``-marked tests in test_bert.py/test_llama.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models import layers
-from llmfoundry_lite.models.layers import select_attention_kernel
+from llmfoundry_lite.models.layers import AttentionKernelError, check_attn_impl, select_attention_kernel
 
 REQUESTS = ("auto", "flash", "sdpa")
 DEVICES = ("cuda", "cpu")
@@ -38,10 +40,11 @@ def test_every_case_of_the_table(requested, device, dtype, importable, mask):
     else:
         expected = None  # explicit flash that cannot run: an error, never a silent fallback
     if expected is None:
-        with pytest.raises(RecipeError) as e:
+        with pytest.raises(AttentionKernelError) as e:
             select_attention_kernel(requested, device, dtype, importable, mask)
-        assert e.value.key == "model.attn_impl"
+        assert not isinstance(e.value, RecipeError)  # raised from forward: a model error, not a recipe key's
         assert "\n" not in str(e.value) and "auto" in str(e.value) and "sdpa" in str(e.value)
+        assert "attn_impl" in str(e.value)
     else:
         assert select_attention_kernel(requested, device, dtype, importable, mask) == expected
 
@@ -56,15 +59,40 @@ def test_every_case_of_the_table(requested, device, dtype, importable, mask):
     ],
 )
 def test_explicit_flash_says_why_it_cannot_run(device, dtype, importable, mask, reason):
-    with pytest.raises(RecipeError, match="flash") as e:
+    with pytest.raises(AttentionKernelError, match="flash") as e:
         select_attention_kernel("flash", device, dtype, importable, mask)
     assert reason in str(e.value), str(e.value)
 
 
-def test_unknown_request_is_a_recipe_error():
-    with pytest.raises(RecipeError) as e:
+def test_unknown_request_is_a_value_error():
+    with pytest.raises(ValueError) as e:
         select_attention_kernel("xformers", "cuda", torch.bfloat16, True)
-    assert e.value.key == "model.attn_impl" and "'auto'" in str(e.value)
+    assert "'auto'" in str(e.value) and "xformers" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "requested,device,precision,importable,reason",
+    [
+        ("flash", "cpu", "amp_bf16", True, "runs on cpu"),
+        ("flash", "gpu", "amp_bf16", False, "not installed"),
+        ("flash", "gpu", "fp32", True, "torch.float32"),
+        ("flash", "gpu", "amp_bf16", True, None),
+        ("flash", "cuda", "amp_fp16", True, None),
+        ("auto", "cpu", "fp32", False, None),
+        ("sdpa", "cpu", "fp32", True, None),
+    ],
+)
+def test_run_settings_flash_cannot_serve_are_a_recipe_error(
+    monkeypatch, requested, device, precision, importable, reason
+):
+    # Whether flash-attn imports is this machine's fact; the table is about what the run asks for.
+    monkeypatch.setattr(layers, "flash_attn_function", lambda name: object() if importable else None)
+    if reason is None:
+        check_attn_impl(requested, device, precision)
+        return
+    with pytest.raises(RecipeError) as e:
+        check_attn_impl(requested, device, precision)
+    assert e.value.key == "model.attn_impl" and reason in str(e.value) and "\n" not in str(e.value)
 
 
 # ---- the models choose from the tensors that reach the kernel ------------------------------------------
@@ -73,7 +101,7 @@ def test_unknown_request_is_a_recipe_error():
 @pytest.fixture
 def spy(monkeypatch):
     """Record every (requested, device, dtype, importable, mask) the models ask about; answer truthfully."""
-    import llmfoundry_lite.models.llama as llama
+    import llmfoundry_lite.models.llama.model as llama
 
     calls = []
 
@@ -147,9 +175,9 @@ def test_explicit_flash_never_falls_back_silently(family):
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0  # padding: the old LLaMA code took SDPA silently whenever a mask was present
     model = _llama(attn_impl="flash") if family == "llama" else _bert(attn_impl="flash")
-    with pytest.raises(RecipeError) as e:
+    with pytest.raises(AttentionKernelError) as e:
         model(ids, attention_mask=mask)
-    assert e.value.key == "model.attn_impl" and "\n" not in str(e.value)
+    assert "attn_impl" in str(e.value) and "\n" not in str(e.value)
     for impl in ("auto", "sdpa"):  # the same batch runs with the other settings
         model = _llama(attn_impl=impl) if family == "llama" else _bert(attn_impl=impl)
         model(ids, attention_mask=mask)
@@ -167,3 +195,16 @@ def test_attn_impl_is_a_checked_recipe_key_of_both_families():
     with pytest.raises(RecipeError) as e:
         build_llama(vocab_size=64, d_model=32, n_layers=1, n_heads=4, attn_impl="fa3")
     assert e.value.key == "model.attn_impl"
+
+
+@pytest.mark.parametrize("name", ["llama", "mosaic_bert", "bert"])
+def test_built_models_check_the_run_before_the_first_batch(name):
+    """``check_runtime``: flash on a CPU run is the recipe key's error before any batch; auto is always fine."""
+    from llmfoundry_lite import registry
+
+    block = {"name": name, "vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 4}
+    model = registry.build("models", {**block, "attn_impl": "flash"}, "model")
+    with pytest.raises(RecipeError) as e:
+        model.check_runtime("cpu", "amp_bf16")
+    assert e.value.key == "model.attn_impl" and "cpu" in str(e.value)
+    registry.build("models", {**block, "attn_impl": "auto"}, "model").check_runtime("cpu", "fp32")

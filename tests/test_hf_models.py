@@ -106,3 +106,33 @@ def test_hf_causal_lm_bad_model_type_is_recipe_error(llama_tok):
             "models", {"name": "hf_causal_lm", "model_type": "not_a_model"}, "model", tokenizer=llama_tok
         )
     assert e.value.key == "model.model_type"
+
+
+def test_baselines_count_flops_like_our_models(bert_tok, llama_tok):
+    """One FLOPs definition: at the same shape and batch a baseline counts exactly what our model counts."""
+    hf = registry.build("models", {"name": "hf_bert", **TINY_BERT}, "model", tokenizer=bert_tok)
+    ours = (
+        registry.build(  # classic BERT is HF BERT's architecture; vocab_multiple 1 keeps the vocabulary equal
+            "models", {"name": "bert", **TINY_BERT, "vocab_multiple": 1}, "model", tokenizer=bert_tok
+        )
+    )
+    b = _mlm_batch(len(bert_tok))
+    assert hf.flops_per_batch(b) == ours.flops_per_batch(b) > 0
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    hf = registry.build(
+        "models",
+        {"name": "hf_causal_lm", "model_type": "llama", "config": shape},
+        "model",
+        tokenizer=llama_tok,
+    )
+    ours = registry.build(
+        "models",
+        {"name": "llama", "d_model": 32, "n_layers": 2, "n_heads": 4, "ffn_hidden_size": 64},
+        "model",
+        tokenizer=llama_tok,
+    )
+    ids = torch.randint(5, len(llama_tok), (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    b = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    assert hf.flops_per_batch(b) == ours.flops_per_batch(b) > 0

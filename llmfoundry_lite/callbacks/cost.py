@@ -26,10 +26,10 @@ from typing import Any, Optional
 from composer.callbacks import RuntimeEstimator
 from composer.core import Callback, State
 from composer.loggers import Logger
-from composer.models import ComposerModel
 from composer.utils import dist
 
 from llmfoundry_lite import hardware, registry
+from llmfoundry_lite.models.accounting import model_flops
 
 METRICS = (
     "cost/mfu",
@@ -152,19 +152,12 @@ class CostMonitor(Callback):
     def _model_flops(self, state: State) -> float:
         if not self._has_flops:
             return 0.0
-        model = (
-            state.model if isinstance(state.model, ComposerModel) else getattr(state.model, "module", None)
-        )
-        fn = getattr(model, "flops_per_batch", None)
-        if not callable(fn):
+        flops = model_flops(state.model, state.batch)
+        if flops is None:
             self._has_flops = False
             return 0.0
-        try:
-            # Per-device batch; ranks see batches of the same shape, so scale by the device count.
-            return float(fn(state.batch)) * self.devices
-        except NotImplementedError:
-            self._has_flops = False
-            return 0.0
+        # Per-device batch; ranks see batches of the same shape, so scale by the device count.
+        return flops * self.devices
 
     def batch_end(self, state: State, logger: Logger) -> None:
         """Log the cost metrics for this batch."""

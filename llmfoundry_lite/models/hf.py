@@ -18,6 +18,8 @@ from torch import nn
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.accounting import TransformerFlops, count_params, layer_shape, parameter_counts
+from llmfoundry_lite.models.schema import vocab_size_from
 
 
 class HFEncoderAdapter(nn.Module):
@@ -65,13 +67,20 @@ def declare_fsdp_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-def _real_tokens(batch: dict) -> int:
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
 class HFMaskedLM(HuggingFaceModel):
     """Composer-wrapped HF masked LM; ``.encoder`` adapts its trunk to the BERT-family encoder contract."""
+
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any):
+        super().__init__(model, *args, **kwargs)
+        # Counted as for MosaicBERT, for a fair MFU: the layers' matrices per real token, the MLM head
+        # (transform + tied decoder) per masked token. Counted now, before FSDP shards the parameters.
+        n_layers, d_model = layer_shape(self)
+        self.flops = TransformerFlops(
+            matmul_params=count_params(model.base_model.encoder.layer, matrices_only=True),
+            n_layers=n_layers,
+            d_model=d_model,
+            head_params=count_params(model.cls, matrices_only=True),
+        )
 
     @property
     def encoder(self) -> HFEncoderAdapter:
@@ -80,47 +89,25 @@ class HFMaskedLM(HuggingFaceModel):
 
     def flops_per_batch(self, batch: dict) -> int:
         """Useful training FLOPs, counted as for MosaicBERT (real tokens; head on masked tokens) for fair MFU."""
-        c = self.model.config
-        d, L = c.hidden_size, c.num_hidden_layers
-        mask = batch.get("attention_mask")
-        lengths = (
-            mask.sum(dim=1)
-            if mask is not None
-            else torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1])
-        )
-        tokens = int(lengths.sum())
-        labels = batch.get("labels")
-        masked = int((labels != -100).sum()) if labels is not None else tokens
-        per_token = 2 * L * (4 * d * d + 2 * d * c.intermediate_size)
-        attn = 4 * L * d * int((lengths.long() ** 2).sum())
-        head = 2 * masked * (d * d + d * c.vocab_size)
-        return 3 * (tokens * per_token + attn + head)
+        return self.flops.per_batch(batch)
 
 
 class HFCausalLM(HuggingFaceModel):
     """Composer-wrapped HF causal LM (labels unshifted; the HF model shifts them)."""
 
+    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any):
+        super().__init__(model, *args, **kwargs)
+        # Counted as for our LLaMA: non-embedding weights plus the LM head's matmul, before FSDP shards them.
+        n_layers, d_model = layer_shape(self)
+        self.flops = TransformerFlops(
+            matmul_params=parameter_counts(self)[1] + model.config.vocab_size * d_model,
+            n_layers=n_layers,
+            d_model=d_model,
+        )
+
     def flops_per_batch(self, batch: dict) -> int:
-        """6 x non-embedding params x tokens + attention (12 x layers x d x seq per token)."""
-        c = self.model.config
-        emb = sum(p.numel() for p in self.model.get_input_embeddings().parameters())
-        params = sum(p.numel() for p in self.model.parameters()) - emb
-        out = self.model.get_output_embeddings()
-        if out is not None and out.weight is not self.model.get_input_embeddings().weight:
-            params -= out.weight.numel()
-        seq = batch["input_ids"].shape[1]
-        d = getattr(c, "hidden_size", None) or getattr(c, "n_embd", 0)
-        L = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", 0)
-        return _real_tokens(batch) * (6 * params + 12 * L * d * seq)
-
-
-def _vocab(tokenizer: Any, vocab_size: Optional[int]) -> int:
-    if vocab_size is not None:
-        return vocab_size
-    if tokenizer is None:
-        raise RecipeError("no tokenizer to size the vocabulary from; add a `tokenizer:` section or set "
-                          "model.vocab_size", key="model.vocab_size")  # fmt: skip
-    return len(tokenizer)
+        """6 x (non-embedding params + LM head) per real token plus attention (accounting.py)."""
+        return self.flops.per_batch(batch)
 
 
 def _from_pretrained(cls: Any, path: str, **kw: Any) -> Any:
@@ -165,7 +152,7 @@ def build_hf_bert(
         )
     else:
         cfg = BertConfig(
-            vocab_size=_vocab(tokenizer, vocab_size), hidden_size=d_model, num_hidden_layers=n_layers,
+            vocab_size=vocab_size_from(tokenizer, vocab_size), hidden_size=d_model, num_hidden_layers=n_layers,
             num_attention_heads=n_heads, intermediate_size=intermediate_size,
             max_position_embeddings=max_position_embeddings, attention_probs_dropout_prob=attention_dropout,
             hidden_dropout_prob=hidden_dropout, layer_norm_eps=layer_norm_eps, initializer_range=init_std,
@@ -193,7 +180,7 @@ def build_hf_causal_lm(
         model = _from_pretrained(AutoModelForCausalLM, init_from_hf, attn_implementation=attn_implementation)
     else:
         kw = dict(config or {})
-        kw.setdefault("vocab_size", _vocab(tokenizer, vocab_size))
+        kw.setdefault("vocab_size", vocab_size_from(tokenizer, vocab_size))
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             if tokenizer is not None and getattr(tokenizer, name, None) is not None:
                 kw.setdefault(name, getattr(tokenizer, name))

@@ -8,6 +8,7 @@ q/k/v, mask). Both compute the same function, so models can be trained on GPU an
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Literal, Optional
@@ -23,8 +24,14 @@ from llmfoundry_lite.errors import RecipeError
 # ---------------------------------------------------------------------------------------------------------
 
 AttnImpl = Literal["auto", "flash", "sdpa"]
-ATTN_IMPLS: tuple[str, ...] = ("auto", "flash", "sdpa")
+ATTN_IMPLS: tuple[str, ...] = typing.get_args(AttnImpl)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+# Composer precisions under which q/k/v reach the kernel in fp32 (flash-attn takes bf16/fp16 only).
+FP32_PRECISIONS = ("fp32",)
+
+
+class AttentionKernelError(ValueError):
+    """An attention call that cannot run with the kernel its model was configured for."""
 
 
 @cache
@@ -35,6 +42,40 @@ def flash_attn_function(name: str):
     except Exception:
         return None
     return getattr(flash_attn, name, None)
+
+
+def flash_unavailable(
+    device_type: str,
+    dtype: Optional[torch.dtype],
+    flash_importable: bool,
+    unsupported_mask: Optional[str] = None,
+) -> Optional[str]:
+    """Why flash-attn cannot run an attention call (None when it can); ``dtype`` None: not known yet."""
+    if device_type not in ("cuda", "gpu"):
+        return f"the model runs on {device_type}, and flash-attn needs a CUDA GPU"
+    if not flash_importable:
+        return "flash-attn is not installed or does not import (pip install 'llmfoundry-lite[gpu]')"
+    if dtype is not None and dtype not in FLASH_DTYPES:
+        return f"attention inputs are {dtype}, and flash-attn needs bf16/fp16 (precision: amp_bf16)"
+    if unsupported_mask is not None:
+        return f"the batch needs {unsupported_mask}, which this flash-attn path cannot apply"
+    return None
+
+
+def check_attn_impl(attn_impl: str, device_type: str, precision: Optional[str] = None) -> None:
+    """RecipeError (``model.attn_impl``) when ``flash`` is requested for a run it cannot serve.
+
+    For the train side to call before the first batch, when the device and precision are known; what only a
+    batch shows (a mask flash cannot apply) is left to :func:`select_attention_kernel`.
+    """
+    if attn_impl != "flash":
+        return
+    dtype = torch.float32 if precision in FP32_PRECISIONS else None
+    why = flash_unavailable(device_type, dtype, flash_attn_function("flash_attn_func") is not None)
+    if why is not None:
+        raise RecipeError(
+            f"'flash' cannot run: {why}; set auto (falls back to SDPA) or sdpa", key="model.attn_impl"
+        )
 
 
 def select_attention_kernel(
@@ -49,27 +90,20 @@ def select_attention_kernel(
     ``dtype`` is that of the q/k/v tensors handed to the kernel (under autocast they are bf16 even when the
     block input is fp32); ``unsupported_mask`` names a mask this flash path cannot apply (None if there is
     none). ``auto`` takes flash when it can run and SDPA otherwise; an explicit ``flash`` that cannot run
-    raises RecipeError (``model.attn_impl``) with the reason instead of falling back silently.
+    raises AttentionKernelError with the reason instead of falling back silently.
     """
     if requested not in ATTN_IMPLS:
-        raise RecipeError(
-            f"expected one of {', '.join(map(repr, ATTN_IMPLS))}, got {requested!r}", key="model.attn_impl"
+        raise AttentionKernelError(
+            f"attn_impl must be one of {', '.join(map(repr, ATTN_IMPLS))}, got {requested!r}"
         )
     if requested == "sdpa":
         return "sdpa"
-    if not flash_importable:
-        why = "flash-attn is not installed or does not import (pip install 'llmfoundry-lite[gpu]')"
-    elif device_type != "cuda":
-        why = f"the model runs on {device_type}, and flash-attn needs a CUDA GPU"
-    elif dtype not in FLASH_DTYPES:
-        why = f"attention inputs are {dtype}, and flash-attn needs bf16/fp16 (precision: amp_bf16)"
-    elif unsupported_mask is not None:
-        why = f"the batch needs {unsupported_mask}, which this flash-attn path cannot apply"
-    else:
+    why = flash_unavailable(device_type, dtype, flash_importable, unsupported_mask)
+    if why is None:
         return "flash"
     if requested == "flash":
-        raise RecipeError(
-            f"'flash' cannot run: {why}; set auto (falls back to SDPA) or sdpa", key="model.attn_impl"
+        raise AttentionKernelError(
+            f"attn_impl 'flash' cannot run: {why}; set model.attn_impl to auto (falls back to SDPA) or sdpa"
         )
     return "sdpa"
 
@@ -314,10 +348,13 @@ class LowPrecisionLayerNorm(nn.LayerNorm):
             return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps)
 
 
-def make_norm(kind: str, d_model: int, eps: float) -> nn.Module:
-    """``layernorm`` or ``low_precision_layernorm``."""
-    if kind == "layernorm":
-        return nn.LayerNorm(d_model, eps=eps)
-    if kind == "low_precision_layernorm":
-        return LowPrecisionLayerNorm(d_model, eps=eps)
-    raise ValueError(f"unknown norm {kind!r}; choose layernorm or low_precision_layernorm")
+Norm = Literal["layernorm", "low_precision_layernorm"]
+NORMS: dict[str, type[nn.LayerNorm]] = {
+    "layernorm": nn.LayerNorm,
+    "low_precision_layernorm": LowPrecisionLayerNorm,
+}
+
+
+def make_norm(kind: Norm, d_model: int, eps: float) -> nn.Module:
+    """A norm of one of the :data:`Norm` kinds (the choice is checked where the config is)."""
+    return NORMS[kind](d_model, eps=eps)

@@ -1,7 +1,7 @@
 """LLaMA-style decoder: RMSNorm, SwiGLU, rotary embeddings, grouped-query attention, no biases.
 
 Read top to bottom: config -> norm -> rotary -> attention -> feed-forward -> block -> decoder -> Composer wrapper
--> Hugging Face conversion -> registry entry. Parallelism (FSDP), precision and activation checkpointing are
+(Hugging Face conversion: ``hf_adapter.py``; the ``llama`` recipe entry: ``builder.py``). Parallelism (FSDP), precision and activation checkpointing are
 applied from outside: the decoder only *declares* which modules are blocks (``fsdp_wrap_fn``,
 ``activation_checkpointing_fn``, ``param_init_fn``, the hooks Composer's FSDP wrapper looks for).
 
@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,13 @@ from torch import nn
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.models.layers import ATTN_IMPLS, flash_attn_function, select_attention_kernel
+from llmfoundry_lite.models.accounting import TransformerFlops, parameter_counts
+from llmfoundry_lite.models.layers import (
+    AttnImpl,
+    check_attn_impl,
+    flash_attn_function,
+    select_attention_kernel,
+)
 
 IGNORE_INDEX = -100
 
@@ -41,7 +46,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LlamaConfig:
-    """Shape and numerics of a LLaMA-style decoder (the recipe's ``model:`` block minus framework keys)."""
+    """Shape and numerics of a LLaMA-style decoder; also the schema of the ``llama`` recipe entry (builder.py)."""
 
     vocab_size: int = 32000
     d_model: int = 768
@@ -56,7 +61,7 @@ class LlamaConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
-    attn_impl: str = "auto"  # auto | flash | sdpa
+    attn_impl: AttnImpl = "auto"  # an execution choice: the same function either way
 
     @property
     def kv_heads(self) -> int:
@@ -79,11 +84,13 @@ class LlamaConfig:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def validate(self, prefix: str = "model") -> None:
-        """Raise RecipeError naming the offending key for shapes the architecture cannot run."""
+        """Raise RecipeError naming the offending key for ill-typed fields and shapes the architecture cannot run."""
 
         def err(key: str, msg: str) -> RecipeError:
             return RecipeError(msg, key=f"{prefix}.{key}" if prefix else key)
 
+        # Types and choices (attn_impl) come from the annotations, as for a recipe block.
+        registry.check_dataclass(type(self), dataclasses.asdict(self), prefix)
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             if getattr(self, key) <= 0:
                 raise err(key, f"must be a positive integer, got {getattr(self, key)}")
@@ -111,24 +118,6 @@ class LlamaConfig:
             raise err("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.rope_theta <= 0:
             raise err("rope_theta", f"must be positive, got {self.rope_theta}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise err(
-                "attn_impl", f"expected one of {', '.join(map(repr, ATTN_IMPLS))}, got {self.attn_impl!r}"
-            )
-
-
-def param_count_for(cfg: LlamaConfig) -> tuple[int, int]:
-    """(total, non-embedding) parameter counts of a config, computed analytically (no allocation).
-
-    Non-embedding excludes the input embedding and the LM head (the MFU convention of BENCHMARKS.md).
-    """
-    d, hd = cfg.d_model, cfg.head_dim
-    attn = d * (cfg.n_heads + 2 * cfg.kv_heads) * hd + cfg.n_heads * hd * d
-    ffn = 3 * d * cfg.ffn_dim
-    block = attn + ffn + 2 * d
-    non_embedding = cfg.n_layers * block + d
-    embeddings = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    return non_embedding + embeddings, non_embedding
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,7 +149,7 @@ class RotaryEmbedding(nn.Module):
 
     Pairs are adjacent dimensions (2j, 2j+1) of a head (Meta's layout), so the rotation is one complex multiply:
     3.5x faster than HF's rotate-half form on CPU (fwd+bwd microbenchmark). Converting HF weights permutes the
-    q/k projection rows accordingly (``rope_permutation``); attention scores are unchanged.
+    q/k projection rows accordingly (``hf_adapter.rope_permutation``); attention scores are unchanged.
     """
 
     def __init__(self, head_dim: int, theta: float):
@@ -186,12 +175,6 @@ def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2j], x[2j+1]) of x (B, S, heads, head_dim) by position-dependent angles (fp32 math)."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
-
-
-def rope_permutation(head_dim: int) -> torch.Tensor:
-    """Row order taking HF's rotate-half layout (pairs j, j + d/2) to ours (pairs 2j, 2j+1) within a head."""
-    half = head_dim // 2
-    return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
 
 
 class Attention(nn.Module):
@@ -378,10 +361,9 @@ class LlamaDecoder(nn.Module):
         """Final-norm hidden states (B, S, d_model)."""
         B, S = input_ids.shape
         if S > self.cfg.max_seq_len:
-            raise RecipeError(
+            raise ValueError(
                 f"input sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}; raise "
-                "model.max_seq_len or shorten the data's sequences",
-                key="model.max_seq_len",
+                "model.max_seq_len or shorten the data's sequences"
             )
         x = self.embed(input_ids)
         freqs_cis = self.rotary(S, x.device)
@@ -415,11 +397,9 @@ class LlamaDecoder(nn.Module):
         loss = F.cross_entropy(label_logits.float(), label_targets, reduction="sum") / keep.sum().clamp(min=1)
         return LlamaOutput(loss, label_logits, label_targets, hidden, self.head)
 
-    def num_parameters(self) -> tuple[int, int]:
-        """(total, non-embedding) parameters; non-embedding excludes the input embedding and the LM head."""
-        total = sum(p.numel() for p in self.parameters())
-        emb = self.embed.weight.numel() + (0 if self.lm_head is None else self.lm_head.weight.numel())
-        return total, total - emb
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
+        """The untied LM head (None when tied to the input embedding), as Hugging Face models name it."""
+        return self.lm_head
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -436,6 +416,13 @@ class ComposerLlama(ComposerModel):
         # "meta": allocate nothing; Composer's FSDP materialises each block with LlamaDecoder.param_init_fn.
         with torch.device("meta") if init_device == "meta" else contextlib.nullcontext():
             self.model = LlamaDecoder(cfg)
+        # Counted now, before FSDP shards the parameters: every non-embedding weight, plus the LM head's matmul,
+        # which runs whether tied or not.
+        self.flops = TransformerFlops(
+            matmul_params=parameter_counts(self)[1] + cfg.vocab_size * cfg.d_model,
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+        )
         self.tokenizer = tokenizer
         self.train_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
@@ -501,16 +488,13 @@ class ComposerLlama(ComposerModel):
             logits, targets = logits.flatten(0, 1), shifted_targets(batch["labels"]).flatten()
         metric.update(logits.detach().float(), targets)
 
-    def flops_per_batch(self, batch: Mapping[str, Any]) -> float:
-        """6 * N * tokens (N = params doing matmuls: blocks + LM head) plus 12 * L * d * S per token for attention."""
-        B, S = batch["input_ids"].shape
-        total, non_emb = param_count_for(self.cfg)
-        n = non_emb + self.cfg.vocab_size * self.cfg.d_model  # the head matmul runs whether tied or not
-        return float(6 * n * B * S + 12 * self.cfg.n_layers * self.cfg.d_model * S * S * B)
+    def flops_per_batch(self, batch: Mapping[str, Any]) -> int:
+        """Training FLOPs: 6 x (non-embedding params + LM head) per real token plus attention (accounting.py)."""
+        return self.flops.per_batch(batch)
 
-    def param_counts(self) -> tuple[int, int]:
-        """(total, non-embedding) parameter counts."""
-        return param_count_for(self.cfg)
+    def check_runtime(self, device_type: str, precision: Optional[str] = None) -> None:
+        """RecipeError (``model.attn_impl``) when the configured attention kernel cannot run on this device."""
+        check_attn_impl(self.cfg.attn_impl, device_type, precision)
 
     @torch.no_grad()
     def generate(
@@ -545,278 +529,3 @@ class ComposerLlama(ComposerModel):
             if stop_early and eos_token_id is not None and bool(done.all()):
                 break
         return ids
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hugging Face conversion (LlamaForCausalLM <-> ours)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def config_from_hf(hf_config: Any, **overrides: Any) -> LlamaConfig:
-    """LlamaConfig from a transformers LlamaConfig; RecipeError for features we do not implement."""
-    key = "model.init_from_hf"
-    if getattr(hf_config, "model_type", None) != "llama":
-        raise RecipeError(
-            f"not a Llama checkpoint (model_type={getattr(hf_config, 'model_type', None)!r})", key=key
-        )
-    if getattr(hf_config, "rope_scaling", None):
-        raise RecipeError(f"rope_scaling={hf_config.rope_scaling!r} is not supported", key=key)
-    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-        raise RecipeError("checkpoints with attention/MLP biases are not supported", key=key)
-    if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise RecipeError(f"hidden_act={hf_config.hidden_act!r} is not supported (only silu)", key=key)
-    head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-        raise RecipeError("head_dim * num_attention_heads != hidden_size is not supported", key=key)
-    return LlamaConfig(
-        vocab_size=hf_config.vocab_size,
-        d_model=hf_config.hidden_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_heads=hf_config.num_attention_heads,
-        n_kv_heads=hf_config.num_key_value_heads,
-        ffn_hidden_size=hf_config.intermediate_size,
-        norm_eps=hf_config.rms_norm_eps,
-        rope_theta=float(hf_config.rope_theta),
-        max_seq_len=hf_config.max_position_embeddings,
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
-        init_std=hf_config.initializer_range,
-        **overrides,
-    )
-
-
-def hf_config_dict(cfg: LlamaConfig, tokenizer: Any = None) -> dict[str, Any]:
-    """config.json content for transformers' LlamaForCausalLM with our shape."""
-    d: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "torch_dtype": "float32",
-        "use_cache": True,
-    }
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, name, None) if tokenizer is not None else None
-        if value is not None:
-            d[name] = value
-    return d
-
-
-def _permute_heads(w: torch.Tensor, n_heads: int, order: torch.Tensor) -> torch.Tensor:
-    """Reorder the rows of each head's block of a q/k projection weight."""
-    return w.unflatten(0, (n_heads, -1))[:, order].flatten(0, 1)
-
-
-def state_dict_from_hf(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Map a LlamaForCausalLM state dict onto LlamaDecoder's (fusing q/k/v and gate/up, RoPE pair layout)."""
-    perm = rope_permutation(cfg.head_dim)
-    out = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        out[f"blocks.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[f"blocks.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        out[f"blocks.{i}.attn.wqkv.weight"] = torch.cat(
-            [
-                _permute_heads(sd[a + "q_proj.weight"], cfg.n_heads, perm),
-                _permute_heads(sd[a + "k_proj.weight"], cfg.kv_heads, perm),
-                sd[a + "v_proj.weight"],
-            ],
-            dim=0,
-        )
-        out[f"blocks.{i}.attn.wo.weight"] = sd[a + "o_proj.weight"]
-        out[f"blocks.{i}.ffn.w13.weight"] = torch.cat(
-            [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]], dim=0
-        )
-        out[f"blocks.{i}.ffn.w2.weight"] = sd[p + "mlp.down_proj.weight"]
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    return out
-
-
-def state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Map LlamaDecoder's state dict onto LlamaForCausalLM's names (splitting the fused projections)."""
-    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-    inverse = torch.argsort(rope_permutation(cfg.head_dim))
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
-    for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        b = f"blocks.{i}."
-        q, k, v = sd[b + "attn.wqkv.weight"].split([q_rows, kv_rows, kv_rows], dim=0)
-        gate, up = sd[b + "ffn.w13.weight"].split([cfg.ffn_dim, cfg.ffn_dim], dim=0)
-        out.update(
-            {
-                p + "input_layernorm.weight": sd[b + "attn_norm.weight"],
-                p + "post_attention_layernorm.weight": sd[b + "ffn_norm.weight"],
-                p + "self_attn.q_proj.weight": _permute_heads(q, cfg.n_heads, inverse),
-                p + "self_attn.k_proj.weight": _permute_heads(k, cfg.kv_heads, inverse),
-                p + "self_attn.v_proj.weight": v,
-                p + "self_attn.o_proj.weight": sd[b + "attn.wo.weight"],
-                p + "mlp.gate_proj.weight": gate,
-                p + "mlp.up_proj.weight": up,
-                p + "mlp.down_proj.weight": sd[b + "ffn.w2.weight"],
-            }
-        )
-    # safetensors refuses shared storage: tied checkpoints omit lm_head (transformers re-ties on load)
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
-
-
-def load_hf_llama(
-    name_or_path: str, key: str = "model.init_from_hf"
-) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Config and (our-layout) weights of a Hugging Face Llama checkpoint: a local folder or a hub name."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if os.path.sep in name_or_path or name_or_path.startswith("."):
-        if not os.path.isdir(name_or_path):
-            raise RecipeError(f"no such checkpoint folder {name_or_path!r}", key=key)
-    try:
-        hf_config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise RecipeError(
-            f"cannot load a Hugging Face config from {name_or_path!r}: {str(e).splitlines()[0]}", key=key
-        ) from None
-    cfg = config_from_hf(hf_config)
-    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
-    return cfg, state_dict_from_hf(hf_model.state_dict(), cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Registry entry and helpers for `show` / `estimate`
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _tokenizer_vocab(tokenizer: Any) -> Optional[int]:
-    return len(tokenizer) if tokenizer is not None else None
-
-
-@registry.models.register("llama")
-def build_llama(
-    tokenizer: Any = None,
-    *,
-    d_model: int = 768,
-    n_layers: int = 12,
-    n_heads: int = 12,
-    n_kv_heads: Optional[int] = None,
-    ffn_hidden_size: Optional[int] = None,
-    multiple_of: int = 256,
-    ffn_dim_multiplier: Optional[float] = None,
-    norm_eps: float = 1e-5,
-    rope_theta: float = 10000.0,
-    max_seq_len: int = 2048,
-    vocab_size: Optional[int] = None,
-    tie_embeddings: bool = False,
-    init_std: float = 0.02,
-    attn_impl: Literal["auto", "flash", "sdpa"] = "auto",
-    init_from_hf: Optional[str] = None,
-    init_device: Literal["cpu", "meta"] = "cpu",
-) -> ComposerLlama:
-    """LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, GQA); `init_from_hf` starts from a HF Llama checkpoint."""
-    tok_vocab = _tokenizer_vocab(tokenizer)
-    if init_from_hf is not None:
-        # The checkpoint fixes the architecture; the shape keys of the block are not used.
-        cfg, weights = load_hf_llama(init_from_hf)
-        cfg.attn_impl = attn_impl
-    else:
-        if vocab_size is None and tok_vocab is None:
-            raise RecipeError(
-                "no tokenizer to take the vocabulary size from; set model.vocab_size", key="model.vocab_size"
-            )
-        cfg = LlamaConfig(
-            vocab_size=vocab_size if vocab_size is not None else tok_vocab,
-            d_model=d_model,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            ffn_hidden_size=ffn_hidden_size,
-            multiple_of=multiple_of,
-            ffn_dim_multiplier=ffn_dim_multiplier,
-            norm_eps=norm_eps,
-            rope_theta=rope_theta,
-            max_seq_len=max_seq_len,
-            tie_embeddings=tie_embeddings,
-            init_std=init_std,
-            attn_impl=attn_impl,
-        )
-        weights = None
-    cfg.validate()
-    if tok_vocab is not None and cfg.vocab_size < tok_vocab:
-        key = "model.init_from_hf" if init_from_hf else "model.vocab_size"
-        raise RecipeError(
-            f"vocabulary size {cfg.vocab_size} is smaller than the tokenizer's {tok_vocab}; "
-            "remove vocab_size (it defaults to the tokenizer's) or raise it",
-            key=key,
-        )
-    model = ComposerLlama(cfg, tokenizer, init_device="cpu" if weights is not None else init_device)
-    if weights is not None:
-        model.model.load_state_dict(weights, strict=True)
-    return model
-
-
-def param_counts(model_block: Mapping[str, Any], vocab_size: Optional[int] = None) -> tuple[int, int]:
-    """(total, non-embedding) parameters of a recipe's ``model:`` block for ``llama``, without building it.
-
-    ``vocab_size`` (e.g. the tokenizer's) is used when the block does not set one; with ``init_from_hf`` the
-    checkpoint's local config.json decides the shape.
-    """
-    block = dict(model_block)
-    block.pop("name", None)
-    hf = block.get("init_from_hf")
-    if hf:
-        from transformers import AutoConfig
-
-        try:
-            return param_count_for(config_from_hf(AutoConfig.from_pretrained(hf)))
-        except OSError as e:
-            raise RecipeError(
-                f"cannot read the config of {hf!r}: {str(e).splitlines()[0]}", key="model.init_from_hf"
-            ) from None
-    fields = {f.name for f in dataclasses.fields(LlamaConfig)}
-    kwargs = {k: v for k, v in block.items() if k in fields and v is not None}
-    if "vocab_size" not in kwargs:
-        if vocab_size is None:
-            raise RecipeError(
-                "set model.vocab_size or pass the tokenizer's vocabulary size", key="model.vocab_size"
-            )
-        kwargs["vocab_size"] = vocab_size
-    cfg = LlamaConfig(**kwargs)
-    cfg.validate()
-    return param_count_for(cfg)
-
-
-def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
-    """Wrap every LlamaBlock of ``model`` in non-reentrant activation checkpointing (outside FSDP)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        CheckpointImpl,
-        apply_activation_checkpointing,
-        checkpoint_wrapper,
-    )
-
-    apply_activation_checkpointing(
-        model,
-        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-        check_fn=lambda m: isinstance(m, LlamaBlock),
-    )
-    return model
-
-
-def read_config_json(path: str) -> dict[str, Any]:
-    """config.json of a HF folder as a dict (used by export tests and tools)."""
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)

@@ -1,7 +1,7 @@
 """BERT-family encoders: MosaicBERT and classic BERT are two configurations of one class.
 
 Read top to bottom: config -> embeddings -> Post-LN layer -> encoder trunk (with unpadding) -> masked-only
-MLM head -> Hugging Face checkpoint import -> Composer wrapper and recipe builders.
+MLM head -> Composer wrapper. Hugging Face checkpoint import: ``hf_adapter.py``; recipe entries: ``builder.py``.
 
 MosaicBERT (Portes et al. 2023) = ALiBi instead of learned positions, GeGLU feed-forward, low-precision
 LayerNorm, unpadding (padding tokens never reach the projections/FFNs), an MLM head evaluated only at
@@ -11,10 +11,9 @@ GELU MLP, LayerNorm; it loads Hugging Face ``BertModel`` / ``BertForMaskedLM`` w
 
 from __future__ import annotations
 
-import inspect
-import logging
+import dataclasses
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
@@ -25,31 +24,41 @@ from torch import nn
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.accounting import TransformerFlops, count_params
 from llmfoundry_lite.models.layers import (
-    ATTN_IMPLS,
     AttnImpl,
     GeGLU,
     GeluMLP,
+    Norm,
     SelfAttention,
     TiedEmbedding,
     Unpadded,
     alibi_slopes,
+    check_attn_impl,
     make_norm,
     pad,
     unpad,
     unpad_info,
 )
 
-log = logging.getLogger(__name__)
-
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------
 
 
+Position = Literal["alibi", "learned"]
+FFN = Literal["geglu", "mlp"]
+
+# Original BERT's choices where MosaicBERT (the dataclass defaults) differs.
+CLASSIC: dict[str, Any] = {"position": "learned", "ffn": "mlp", "norm": "layernorm", "attention_dropout": 0.1}
+
+
 @dataclass
 class BertConfig:
-    """Shape ("science") and execution ("impl") knobs of the encoder; ``unpad`` never changes results."""
+    """Shape ("science") and execution ("impl") knobs of the encoder; ``unpad`` never changes results.
+
+    Also the schema of the ``mosaic_bert`` and ``bert`` recipe entries (builder.py): a field here is a key there.
+    """
 
     vocab_size: int = 30528  # already padded to a multiple of 64 by the builders
     d_model: int = 768
@@ -58,34 +67,30 @@ class BertConfig:
     intermediate_size: int = 3072
     max_position_embeddings: int = 512  # learned positions only; ALiBi extrapolates beyond it
     type_vocab_size: int = 2
-    position: Literal["alibi", "learned"] = "alibi"
-    ffn: Literal["geglu", "mlp"] = "geglu"
-    norm: Literal["layernorm", "low_precision_layernorm"] = "low_precision_layernorm"
+    position: Position = "alibi"
+    ffn: FFN = "geglu"
+    norm: Norm = "low_precision_layernorm"
     unpad: bool = True
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     init_std: float = 0.02
     pad_token_id: int = 0
-    attn_impl: str = "auto"  # auto | flash | sdpa: an execution choice, same function either way
-
-    @classmethod
-    def mosaic(cls, **kw: Any) -> BertConfig:
-        """MosaicBERT: ALiBi, GeGLU, low-precision LayerNorm, unpadding, no attention dropout."""
-        return cls(**kw)
+    attn_impl: AttnImpl = "auto"  # an execution choice: the same function either way
 
     @classmethod
     def classic(cls, **kw: Any) -> BertConfig:
         """Original BERT: learned positions, GELU MLP, LayerNorm, attention dropout 0.1."""
-        base = dict(position="learned", ffn="mlp", norm="layernorm", attention_dropout=0.1)
-        return cls(**{**base, **kw})
+        return cls(**{**CLASSIC, **kw})
 
     def validate(self, keypath: str = "model") -> None:
-        """Raise RecipeError naming the offending key for impossible shapes and values."""
+        """Raise RecipeError naming the offending key for ill-typed fields, impossible shapes and values."""
 
         def err(key: str, msg: str) -> RecipeError:
             return RecipeError(msg, key=f"{keypath}.{key}" if keypath else key)
 
+        # Types and choices (position, ffn, norm, attn_impl) come from the annotations, as for a recipe block.
+        registry.check_dataclass(type(self), dataclasses.asdict(self), keypath)
         for key in (
             "vocab_size",
             "d_model",
@@ -95,9 +100,8 @@ class BertConfig:
             "max_position_embeddings",
             "type_vocab_size",
         ):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise err(key, f"must be a positive integer, got {v!r}")
+            if getattr(self, key) <= 0:
+                raise err(key, f"must be a positive integer, got {getattr(self, key)!r}")
         if self.d_model % self.n_heads:
             raise err(
                 "d_model",
@@ -108,20 +112,10 @@ class BertConfig:
             v = getattr(self, key)
             if not 0.0 <= v < 1.0:
                 raise err(key, f"must be in [0, 1), got {v!r}")
-        if self.position not in ("alibi", "learned"):
-            raise err("position", f"expected 'alibi' or 'learned', got {self.position!r}")
-        if self.ffn not in ("geglu", "mlp"):
-            raise err("ffn", f"expected 'geglu' or 'mlp', got {self.ffn!r}")
-        if self.norm not in ("layernorm", "low_precision_layernorm"):
-            raise err("norm", f"expected 'layernorm' or 'low_precision_layernorm', got {self.norm!r}")
         if self.layer_norm_eps <= 0:
             raise err("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
         if self.init_std <= 0:
             raise err("init_std", f"must be positive, got {self.init_std!r}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise err(
-                "attn_impl", f"expected one of {', '.join(map(repr, ATTN_IMPLS))}, got {self.attn_impl!r}"
-            )
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -283,6 +277,8 @@ class BertEncoder(nn.Module):
         ``overrides`` set execution/regularisation fields of :class:`BertConfig` (``unpad=True``,
         ``hidden_dropout=0.0``...). By default padding positions are computed like transformers does.
         """
+        from llmfoundry_lite.models.bert.hf_adapter import load_hf_bert
+
         cfg, enc_sd, _ = load_hf_bert(path_or_name, **{"unpad": False, **overrides})
         enc = cls(cfg)
         enc.load_state_dict(enc_sd)
@@ -359,90 +355,6 @@ class MLMOutput:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hugging Face import
-# ---------------------------------------------------------------------------------------------------------
-
-
-def load_hf_bert(
-    path_or_name: str, key: str = "init_from_hf", **overrides: Any
-) -> tuple[BertConfig, dict, Optional[dict]]:
-    """(classic config, encoder state dict, MLM-head state dict or None) from an HF BERT checkpoint."""
-    from transformers import AutoConfig, BertForMaskedLM
-
-    try:
-        model_type = AutoConfig.from_pretrained(path_or_name).model_type
-        if model_type != "bert":
-            raise RecipeError(f"{path_or_name!r} is a {model_type!r} checkpoint, not BERT", key=key)
-        hf, info = BertForMaskedLM.from_pretrained(path_or_name, output_loading_info=True)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RecipeError(
-            f"cannot load a Hugging Face BERT checkpoint from {path_or_name!r} ({first}); use a local folder "
-            "saved by transformers (hub names need internet)",
-            key=key,
-        ) from None
-    hc = hf.config
-    if getattr(hc, "position_embedding_type", "absolute") != "absolute":
-        raise RecipeError(f"{path_or_name}: only absolute position embeddings are supported", key=key)
-    if hc.hidden_act not in ("gelu", "gelu_python"):
-        raise RecipeError(
-            f"{path_or_name}: hidden_act {hc.hidden_act!r} is not supported (need 'gelu')", key=key
-        )
-    vocab = pad_vocab(hc.vocab_size)
-    kw = dict(
-        vocab_size=vocab,
-        d_model=hc.hidden_size,
-        n_layers=hc.num_hidden_layers,
-        n_heads=hc.num_attention_heads,
-        intermediate_size=hc.intermediate_size,
-        max_position_embeddings=hc.max_position_embeddings,
-        type_vocab_size=hc.type_vocab_size,
-        attention_dropout=hc.attention_probs_dropout_prob,
-        hidden_dropout=hc.hidden_dropout_prob,
-        layer_norm_eps=hc.layer_norm_eps,
-        init_std=hc.initializer_range,
-        pad_token_id=hc.pad_token_id if hc.pad_token_id is not None else 0,
-    )
-    cfg = BertConfig.classic(**{**kw, **overrides})
-    sd = hf.state_dict()
-    extra = vocab - hc.vocab_size
-
-    def padrows(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) if extra else t
-
-    e = "bert.embeddings."
-    enc = {
-        "embeddings.word.weight": padrows(sd[e + "word_embeddings.weight"]),
-        "embeddings.position.weight": sd[e + "position_embeddings.weight"],
-        "embeddings.token_type.weight": sd[e + "token_type_embeddings.weight"],
-        "embeddings.norm.weight": sd[e + "LayerNorm.weight"],
-        "embeddings.norm.bias": sd[e + "LayerNorm.bias"],
-    }
-    for i in range(hc.num_hidden_layers):
-        p, q = f"bert.encoder.layer.{i}.", f"layers.{i}."
-        for kind in ("weight", "bias"):
-            enc[q + f"attn.Wqkv.{kind}"] = torch.cat(
-                [sd[p + f"attention.self.{n}.{kind}"] for n in ("query", "key", "value")]
-            )
-            enc[q + f"attn.out.{kind}"] = sd[p + f"attention.output.dense.{kind}"]
-            enc[q + f"norm1.{kind}"] = sd[p + f"attention.output.LayerNorm.{kind}"]
-            enc[q + f"ffn.up.{kind}"] = sd[p + f"intermediate.dense.{kind}"]
-            enc[q + f"ffn.down.{kind}"] = sd[p + f"output.dense.{kind}"]
-            enc[q + f"norm2.{kind}"] = sd[p + f"output.LayerNorm.{kind}"]
-    head = None
-    if "cls.predictions.transform.dense.weight" not in set(info.get("missing_keys", [])):
-        c = "cls.predictions."
-        head = {
-            "transform.weight": sd[c + "transform.dense.weight"],
-            "transform.bias": sd[c + "transform.dense.bias"],
-            "norm.weight": sd[c + "transform.LayerNorm.weight"],
-            "norm.bias": sd[c + "transform.LayerNorm.bias"],
-            "bias": padrows(sd[c + "bias"]),
-        }
-    return cfg, {k: v.detach().clone() for k, v in enc.items()}, head
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Composer wrapper
 # ---------------------------------------------------------------------------------------------------------
 
@@ -456,6 +368,15 @@ class BertMLM(ComposerModel):
         self.vocab_size = vocab_size  # the tokenizer's; logits are sliced to it (padded rows never win)
         self.encoder = BertEncoder(cfg)
         self.head = MLMHead(cfg, self.encoder.embeddings)
+        # Counted now, before FSDP shards the parameters: the trunk's matrices for every real token; the head
+        # (transform + tied decoder) only for masked tokens.
+        self.flops = TransformerFlops(
+            matmul_params=count_params(self.encoder.layers, matrices_only=True),
+            n_layers=cfg.n_layers,
+            d_model=cfg.d_model,
+            head_params=count_params(self.head.transform, matrices_only=True)
+            + count_params(self.encoder.embeddings.word),
+        )
         self.train_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(),
             "MaskedAccuracy": MaskedAccuracy(),
@@ -508,140 +429,8 @@ class BertMLM(ComposerModel):
 
     def flops_per_batch(self, batch: dict) -> int:
         """Training FLOPs (fwd+bwd = 3x fwd) counting real tokens only and the head on masked tokens only."""
-        c = self.cfg
-        mask = batch.get("attention_mask")
-        ids = batch["input_ids"]
-        lengths = mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
-        tokens = int(lengths.sum())
-        labels = batch.get("labels")
-        masked = int((labels != -100).sum()) if labels is not None else tokens
-        ffn = (3 if c.ffn == "geglu" else 2) * c.d_model * c.intermediate_size
-        per_token = 2 * c.n_layers * (4 * c.d_model * c.d_model + ffn)
-        attn = 2 * 2 * c.n_layers * c.d_model * int((lengths.long() ** 2).sum())  # QK^T and AV, per sequence
-        head = 2 * masked * (c.d_model * c.d_model + c.d_model * c.vocab_size)
-        return 3 * (tokens * per_token + attn + head)
+        return self.flops.per_batch(batch)
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Recipe builders
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _tokenizer_vocab(tokenizer: Any, vocab_size: Optional[int]) -> int:
-    if vocab_size is not None:
-        return vocab_size
-    if tokenizer is None:
-        raise RecipeError(
-            "no tokenizer to size the vocabulary from; add a `tokenizer:` section or set model.vocab_size",
-            key="model.vocab_size",
-        )
-    return len(tokenizer)
-
-
-def build_bert_mlm(
-    tokenizer: Any,
-    cfg: BertConfig,
-    vocab_size: Optional[int],
-    vocab_multiple: int,
-    init_from_hf: Optional[str],
-) -> BertMLM:
-    """Shared body of the `mosaic_bert` and `bert` builders."""
-    if vocab_multiple <= 0:
-        raise RecipeError(f"must be a positive integer, got {vocab_multiple!r}", key="model.vocab_multiple")
-    real_vocab = _tokenizer_vocab(tokenizer, vocab_size)
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        cfg = replace(cfg, pad_token_id=tokenizer.pad_token_id)
-    cfg = replace(cfg, vocab_size=pad_vocab(real_vocab, vocab_multiple))
-    if init_from_hf is None:
-        cfg.validate("model")
-        return BertMLM(cfg, real_vocab)
-    if cfg.position != "learned" or cfg.ffn != "mlp":
-        raise RecipeError(
-            "a Hugging Face BERT checkpoint has learned positions and a GELU MLP; set "
-            "position: learned and ffn: mlp (or use the `bert` model)",
-            key="model.init_from_hf",
-        )
-    execution = ("norm", "unpad", "attention_dropout", "hidden_dropout", "init_std", "attn_impl")
-    keep = {k: getattr(cfg, k) for k in execution}
-    hf_cfg, enc_sd, head_sd = load_hf_bert(init_from_hf, key="model.init_from_hf", **keep)
-    if hf_cfg.vocab_size < cfg.vocab_size:
-        raise RecipeError(
-            f"tokenizer has {real_vocab} tokens but {init_from_hf} has a vocabulary of {hf_cfg.vocab_size}",
-            key="model.init_from_hf",
-        )
-    shape = ("d_model", "n_layers", "n_heads", "intermediate_size")
-    if any(getattr(hf_cfg, k) != getattr(cfg, k) for k in shape):
-        log.warning(
-            "init_from_hf: model shape taken from %s (%s)",
-            init_from_hf,
-            ", ".join(f"{k}={getattr(hf_cfg, k)}" for k in shape),
-        )
-    model = BertMLM(hf_cfg, real_vocab)
-    model.encoder.load_state_dict(enc_sd)
-    if head_sd is not None:
-        model.head.load_state_dict(head_sd)
-    return model
-
-
-Position = Literal["alibi", "learned"]
-FFN = Literal["geglu", "mlp"]
-Norm = Literal["layernorm", "low_precision_layernorm"]
-
-
-@registry.models.register("mosaic_bert")
-def build_mosaic_bert(
-    tokenizer: Any = None,
-    *,
-    d_model: int = 768,
-    n_layers: int = 12,
-    n_heads: int = 12,
-    intermediate_size: int = 3072,
-    max_position_embeddings: int = 512,
-    type_vocab_size: int = 2,
-    position: Position = "alibi",
-    ffn: FFN = "geglu",
-    norm: Norm = "low_precision_layernorm",
-    unpad: bool = True,
-    attention_dropout: float = 0.0,
-    hidden_dropout: float = 0.1,
-    layer_norm_eps: float = 1e-12,
-    init_std: float = 0.02,
-    attn_impl: AttnImpl = "auto",
-    vocab_size: Optional[int] = None,
-    vocab_multiple: int = 64,
-    init_from_hf: Optional[str] = None,
-) -> BertMLM:
-    """MosaicBERT encoder for MLM: ALiBi, GeGLU, low-precision LayerNorm, unpadding, masked-only head."""
-    cfg = BertConfig.mosaic(
-        d_model=d_model, n_layers=n_layers, n_heads=n_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, type_vocab_size=type_vocab_size, position=position,
-        ffn=ffn, norm=norm, unpad=unpad, attention_dropout=attention_dropout, hidden_dropout=hidden_dropout,
-        layer_norm_eps=layer_norm_eps, init_std=init_std, attn_impl=attn_impl,
-    )  # fmt: skip
-    return build_bert_mlm(tokenizer, cfg, vocab_size, vocab_multiple, init_from_hf)
-
-
-# Classic BERT is the same builder with other defaults. The recipe validator reads the typed signature, so
-# `bert` gets `mosaic_bert`'s signature with these defaults rather than an unchecked **kwargs.
-CLASSIC_DEFAULTS: dict[str, Any] = {
-    "position": "learned",
-    "ffn": "mlp",
-    "norm": "layernorm",
-    "attention_dropout": 0.1,
-}
-
-
-def build_bert(tokenizer: Any = None, **kwargs: Any) -> BertMLM:
-    """Classic BERT (learned positions, GELU MLP, LayerNorm) on the same encoder class; loads HF weights."""
-    return build_mosaic_bert(tokenizer, **{**CLASSIC_DEFAULTS, **kwargs})
-
-
-_sig = inspect.signature(build_mosaic_bert)
-build_bert.__signature__ = _sig.replace(
-    parameters=[p.replace(default=CLASSIC_DEFAULTS.get(p.name, p.default)) for p in _sig.parameters.values()]
-)
-build_bert.__annotations__ = dict(build_mosaic_bert.__annotations__)
-registry.models.register("bert", func=build_bert)
-
-
-__all__ = ["BertConfig", "BertEncoder", "BertMLM", "MLMOutput", "build_bert", "build_mosaic_bert"]
+    def check_runtime(self, device_type: str, precision: Optional[str] = None) -> None:
+        """RecipeError (``model.attn_impl``) when the configured attention kernel cannot run on this device."""
+        check_attn_impl(self.cfg.attn_impl, device_type, precision)

@@ -1,0 +1,167 @@
+"""Hugging Face ``LlamaForCausalLM`` <-> :class:`LlamaDecoder`: configs, state dicts, checkpoint loading.
+
+Our layout fuses q/k/v and gate/up and pairs rotary dimensions (2j, 2j+1) (Meta's layout); HF pairs (j, j + d/2),
+so q/k rows are permuted per head on the way in and back on the way out. Attention scores are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.llama.model import LlamaConfig
+
+
+def rope_permutation(head_dim: int) -> torch.Tensor:
+    """Row order taking HF's rotate-half layout (pairs j, j + d/2) to ours (pairs 2j, 2j+1) within a head."""
+    half = head_dim // 2
+    return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> LlamaConfig:
+    """LlamaConfig from a transformers LlamaConfig; RecipeError for features we do not implement."""
+    key = "model.init_from_hf"
+    if getattr(hf_config, "model_type", None) != "llama":
+        raise RecipeError(
+            f"not a Llama checkpoint (model_type={getattr(hf_config, 'model_type', None)!r})", key=key
+        )
+    if getattr(hf_config, "rope_scaling", None):
+        raise RecipeError(f"rope_scaling={hf_config.rope_scaling!r} is not supported", key=key)
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        raise RecipeError("checkpoints with attention/MLP biases are not supported", key=key)
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise RecipeError(f"hidden_act={hf_config.hidden_act!r} is not supported (only silu)", key=key)
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
+        raise RecipeError("head_dim * num_attention_heads != hidden_size is not supported", key=key)
+    return LlamaConfig(
+        vocab_size=hf_config.vocab_size,
+        d_model=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=hf_config.num_attention_heads,
+        n_kv_heads=hf_config.num_key_value_heads,
+        ffn_hidden_size=hf_config.intermediate_size,
+        norm_eps=hf_config.rms_norm_eps,
+        rope_theta=float(hf_config.rope_theta),
+        max_seq_len=hf_config.max_position_embeddings,
+        tie_embeddings=bool(hf_config.tie_word_embeddings),
+        init_std=hf_config.initializer_range,
+        **overrides,
+    )
+
+
+def hf_config_dict(cfg: LlamaConfig, tokenizer: Any = None) -> dict[str, Any]:
+    """config.json content for transformers' LlamaForCausalLM with our shape."""
+    d: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": "float32",
+        "use_cache": True,
+    }
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if value is not None:
+            d[name] = value
+    return d
+
+
+def _permute_heads(w: torch.Tensor, n_heads: int, order: torch.Tensor) -> torch.Tensor:
+    """Reorder the rows of each head's block of a q/k projection weight."""
+    return w.unflatten(0, (n_heads, -1))[:, order].flatten(0, 1)
+
+
+def state_dict_from_hf(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Map a LlamaForCausalLM state dict onto LlamaDecoder's (fusing q/k/v and gate/up, RoPE pair layout)."""
+    perm = rope_permutation(cfg.head_dim)
+    out = {"embed.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        out[f"blocks.{i}.attn_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[f"blocks.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        out[f"blocks.{i}.attn.wqkv.weight"] = torch.cat(
+            [
+                _permute_heads(sd[a + "q_proj.weight"], cfg.n_heads, perm),
+                _permute_heads(sd[a + "k_proj.weight"], cfg.kv_heads, perm),
+                sd[a + "v_proj.weight"],
+            ],
+            dim=0,
+        )
+        out[f"blocks.{i}.attn.wo.weight"] = sd[a + "o_proj.weight"]
+        out[f"blocks.{i}.ffn.w13.weight"] = torch.cat(
+            [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]], dim=0
+        )
+        out[f"blocks.{i}.ffn.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
+def state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """Map LlamaDecoder's state dict onto LlamaForCausalLM's names (splitting the fused projections)."""
+    q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    inverse = torch.argsort(rope_permutation(cfg.head_dim))
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        b = f"blocks.{i}."
+        q, k, v = sd[b + "attn.wqkv.weight"].split([q_rows, kv_rows, kv_rows], dim=0)
+        gate, up = sd[b + "ffn.w13.weight"].split([cfg.ffn_dim, cfg.ffn_dim], dim=0)
+        out.update(
+            {
+                p + "input_layernorm.weight": sd[b + "attn_norm.weight"],
+                p + "post_attention_layernorm.weight": sd[b + "ffn_norm.weight"],
+                p + "self_attn.q_proj.weight": _permute_heads(q, cfg.n_heads, inverse),
+                p + "self_attn.k_proj.weight": _permute_heads(k, cfg.kv_heads, inverse),
+                p + "self_attn.v_proj.weight": v,
+                p + "self_attn.o_proj.weight": sd[b + "attn.wo.weight"],
+                p + "mlp.gate_proj.weight": gate,
+                p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": sd[b + "ffn.w2.weight"],
+            }
+        )
+    # safetensors refuses shared storage: tied checkpoints omit lm_head (transformers re-ties on load)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def load_hf_llama(
+    name_or_path: str, key: str = "model.init_from_hf"
+) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """Config and (our-layout) weights of a Hugging Face Llama checkpoint: a local folder or a hub name."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if os.path.sep in name_or_path or name_or_path.startswith("."):
+        if not os.path.isdir(name_or_path):
+            raise RecipeError(f"no such checkpoint folder {name_or_path!r}", key=key)
+    try:
+        hf_config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise RecipeError(
+            f"cannot load a Hugging Face config from {name_or_path!r}: {str(e).splitlines()[0]}", key=key
+        ) from None
+    cfg = config_from_hf(hf_config)
+    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
+    return cfg, state_dict_from_hf(hf_model.state_dict(), cfg)
