@@ -309,6 +309,45 @@ def test_bad_shapes_raise_recipe_error_naming_the_key(tokenizer):
     assert e.value.key == "model.init_from_hf" and "/nonexistent/folder" in str(e.value)
 
 
+def test_recipe_keys_are_the_config_fields(tokenizer):
+    """`mosaic_bert` and `bert` take BertConfig's fields (types, defaults) plus their own vocabulary/init keys."""
+    import dataclasses
+
+    from llmfoundry_lite.models.bert import CLASSIC
+
+    fields = {f.name: f.default for f in dataclasses.fields(BertConfig)}
+    own = {"vocab_size": "null", "vocab_multiple": "64", "init_from_hf": "null"}
+    for name, defaults in (("mosaic_bert", {}), ("bert", CLASSIC)):
+        args, supplied, var_kw = registry.entry_args("models", registry.lookup("models", name))
+        shown = {a.name: a.default for a in args}
+        expected = {
+            k: registry.format_value(defaults.get(k, v)) for k, v in fields.items() if k != "pad_token_id"
+        }
+        assert shown == {**expected, **own} and supplied == ["tokenizer"] and not var_kw
+        norm = next(a for a in args if a.name == "norm")
+        assert norm.type == "one of 'layernorm', 'low_precision_layernorm'"
+    # The classic defaults are those of BertConfig.classic, the configuration HF checkpoints load into.
+    classic = registry.build("models", {"name": "bert", **TINY}, "model", tokenizer=tokenizer)
+    assert classic.cfg == BertConfig.classic(
+        **TINY, vocab_size=classic.cfg.vocab_size, pad_token_id=tokenizer.pad_token_id
+    )
+
+
+def test_config_is_checked_once_per_build_and_also_when_built_in_python(tokenizer, monkeypatch):
+    calls = []
+    real = BertConfig.validate
+    monkeypatch.setattr(BertConfig, "validate", lambda self, *a: calls.append(1) or real(self, *a))
+    registry.build("models", {"name": "mosaic_bert", **TINY}, "model", tokenizer=tokenizer)
+    assert len(calls) == 1
+    # Built without the registry, the dataclass's annotations still decide (no second list of choices).
+    with pytest.raises(RecipeError) as e:
+        BertEncoder(BertConfig(vocab_size=64, norm="rmsnorm", **TINY))
+    assert e.value.key == "model.norm" and "'low_precision_layernorm'" in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        BertEncoder(BertConfig(vocab_size=64, **{**TINY, "n_layers": 2.5}))
+    assert e.value.key == "model.n_layers"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("position", ["alibi", "learned"])
 def test_flash_attn_and_sdpa_paths_agree_in_bf16(position):

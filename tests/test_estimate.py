@@ -270,3 +270,22 @@ def test_measure_runs_real_steps_here(tiny_bert, tmp_path, monkeypatch, capsys):
     )
     assert e["hours"] * 3600 == pytest.approx(e["total_flops"] / m["flops_per_s"], rel=1e-6)
     assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")  # leaves nothing behind
+
+
+def test_model_without_flops_per_batch_is_counted_from_its_shapes():
+    """A plugin model that does not count its FLOPs: 6 x non-embedding parameters + 12 x L x d x seq per token."""
+    from transformers import BertConfig, BertModel
+
+    from llmfoundry_lite.estimate import flops_per_token
+
+    class Plugin(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=64))  # fmt: skip
+
+    model = Plugin()
+    tables = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    non_emb = sum(p.numel() for p in model.parameters()) - tables
+    fpt, source = flops_per_token(model, 128, None)
+    assert source.startswith("shapes") and fpt == 6 * non_emb + 12 * 2 * 32 * 128

@@ -282,6 +282,24 @@ def test_recipe_param_counts(name, low, high):
     assert low <= total <= high and non_emb < total
 
 
+def test_recipe_keys_are_the_config_fields(tokenizer, monkeypatch):
+    """`llama` takes LlamaConfig's fields (types, defaults) plus its own keys; the config is validated once."""
+    import dataclasses
+
+    args, supplied, _ = registry.entry_args("models", registry.lookup("models", "llama"))
+    shown = {a.name: (a.type, a.default) for a in args}
+    for f in dataclasses.fields(LlamaConfig):
+        if f.name != "vocab_size":  # the tokenizer's unless set: the builder's own optional key
+            assert shown[f.name][1] == registry.format_value(f.default), f.name
+    assert shown["vocab_size"] == ("int | null", "null") and shown["init_device"][0] == "one of 'cpu', 'meta'"
+    assert shown["attn_impl"] == ("one of 'auto', 'flash', 'sdpa'", "auto") and supplied == ["tokenizer"]
+    calls = []
+    real = LlamaConfig.validate
+    monkeypatch.setattr(LlamaConfig, "validate", lambda self, *a: calls.append(1) or real(self, *a))
+    build(tokenizer, **TINY)
+    assert len(calls) == 1
+
+
 @pytest.mark.gpu
 def test_flash_attn_runs_under_autocast_and_matches_sdpa(tokenizer):
     # Under amp_bf16 (no FSDP) the block input stays fp32 while q/k/v are bf16: `flash` must run, not refuse.
