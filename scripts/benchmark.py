@@ -96,7 +96,7 @@ def bert_pair(
 
     ``attn_impl``, when given, goes to the mosaic_bert builder; ``hf_attn`` is transformers' attn_implementation.
     """
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import AutoModelForMaskedLM, BertConfig
 
     from llmfoundry_lite.models.bert import build_mosaic_bert
 
@@ -107,7 +107,7 @@ def bert_pair(
         vocab_size=vocab, hidden_size=d, num_hidden_layers=L, num_attention_heads=heads, intermediate_size=ffn,
         pad_token_id=pad_id,
     )  # fmt: skip
-    hf = BertForMaskedLM._from_config(hf_cfg, attn_implementation=hf_attn).to(device)
+    hf = AutoModelForMaskedLM.from_config(hf_cfg, attn_implementation=hf_attn).to(device)
     extra = {"attn_impl": attn_impl} if attn_impl is not None else {}
     ours = build_mosaic_bert(
         None, vocab_size=vocab, d_model=d, n_layers=L, n_heads=heads, intermediate_size=ffn, **extra

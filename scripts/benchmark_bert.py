@@ -19,8 +19,8 @@ import time
 
 import torch
 from tokenizers import BertWordPieceTokenizer
+from transformers import AutoModelForMaskedLM
 from transformers import BertConfig as HFBertConfig
-from transformers import BertForMaskedLM
 
 from llmfoundry_lite.data.corpus import embedded_documents
 from llmfoundry_lite.models.accounting import count_params
@@ -191,7 +191,7 @@ def main() -> None:
         num_attention_heads=args.heads, intermediate_size=args.ffn, max_position_embeddings=512,
         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, pad_token_id=tok.token_to_id("[PAD]"),
     )  # fmt: skip
-    hf = BertForMaskedLM._from_config(hf_cfg, attn_implementation="sdpa")
+    hf = AutoModelForMaskedLM.from_config(hf_cfg, attn_implementation="sdpa")
     mosaic = build_mosaic_bert(
         None, vocab_size=vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
         intermediate_size=args.ffn, attention_dropout=0.0, hidden_dropout=0.1,

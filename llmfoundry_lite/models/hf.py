@@ -138,7 +138,7 @@ def build_hf_bert(
     init_from_hf: Optional[str] = None,
 ) -> HFMaskedLM:
     """Hugging Face BertForMaskedLM built from a BertConfig (the MosaicBERT paper's baseline)."""
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
     if d_model % n_heads:
         raise RecipeError(f"d_model={d_model} is not divisible by n_heads={n_heads}", key="model.d_model")
@@ -158,7 +158,7 @@ def build_hf_bert(
             hidden_dropout_prob=hidden_dropout, layer_norm_eps=layer_norm_eps, initializer_range=init_std,
             pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0, **(config_overrides or {}),
         )  # fmt: skip
-        model = BertForMaskedLM._from_config(cfg, attn_implementation=attn_implementation)
+        model = AutoModelForMaskedLM.from_config(cfg, attn_implementation=attn_implementation)
     metrics = [LanguageCrossEntropy(), MaskedAccuracy(ignore_index=-100)]
     return HFMaskedLM(declare_fsdp_blocks(model), tokenizer=tokenizer, use_logits=True, metrics=metrics)
 
