@@ -1,0 +1,97 @@
+"""Composer checkpoints on disk: find the file a path means, and read the model weights out of it.
+
+One locator and one loader for everything that starts from a run's checkpoint (``glue``, ``export``). A path is
+a checkpoint file, or a run's save folder: then its ``latest-rank0.pt`` (Composer's symlink), else the newest
+complete ``*.pt`` in it. Sharded (FSDP) checkpoints are folders of shards that only Composer reads back; they are
+refused with a message saying how to save a monolithic one.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llmfoundry_lite.errors import RecipeError
+
+LATEST = "latest-rank0.pt"  # Composer's symlink to the last checkpoint of rank 0
+# Prefixes DDP / FSDP / activation checkpointing / torch.compile may leave in parameter names.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a whole ``torch.save`` file (a folder of shards counts as complete).
+
+    torch.save writes a zip whose directory comes last, so a file cut short by a kill has none.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return True
+        with zipfile.ZipFile(path) as z:
+            return len(z.namelist()) > 0
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def find_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> Path:
+    """The checkpoint file ``path`` names: itself, or in a save folder its latest (or newest complete) ``*.pt``.
+
+    Errors are RecipeErrors naming ``key`` (the recipe key or argument the path came from).
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise RecipeError(
+            f"no such checkpoint {str(path)!r}: it does not exist; point to a Composer checkpoint file "
+            "(e.g. CHECKPOINT_FOLDER/latest-rank0.pt) or a run's save_folder",
+            key=key,
+        )
+    # A kill while saving leaves the pointer dangling or at a partial file: then take the newest whole file.
+    if (p / LATEST).exists() and is_complete(p / LATEST):
+        return (p / LATEST).resolve()
+    files = [f for f in p.glob("*.pt") if f.is_file() and is_complete(f)]  # is_file: not a dangling link
+    files.sort(key=lambda f: f.stat().st_mtime)
+    if files:
+        return files[-1]
+    if (p / ".metadata").exists():
+        raise RecipeError(
+            f"{str(path)!r} is a sharded (FSDP) checkpoint; save a monolithic one "
+            "(fsdp state_dict_type: full) and point to it",
+            key=key,
+        )
+    raise RecipeError(f"no Composer checkpoint (*.pt) in folder {str(path)!r}", key=key)
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without the wrapper prefixes DDP, FSDP, activation checkpointing or compile add."""
+    if name.startswith("module."):
+        name = name[len("module.") :]
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def load_model_state(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
+    """The model state dict of the Composer checkpoint at ``path`` (file or save folder), names cleaned.
+
+    Entries are tensors, plus any ``_extra_state`` a model stores (e.g. its config).
+    """
+    import torch
+
+    file = find_checkpoint(path, key)
+    try:  # full unpickling: Composer checkpoints hold Python objects besides tensors
+        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, unpicklable, not a torch file
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise RecipeError(
+            f"cannot read checkpoint {str(file)!r}: {type(e).__name__}: {first}", key=key
+        ) from None
+    state = ckpt.get("state", ckpt) if isinstance(ckpt, Mapping) else None
+    model_state = state.get("model") if isinstance(state, Mapping) else None
+    if not isinstance(model_state, Mapping):
+        raise RecipeError(f"{str(file)!r} is not a Composer checkpoint (no state['model'])", key=key)
+    return {clean_name(k): v for k, v in model_state.items()}
