@@ -42,7 +42,7 @@ PLUGIN_VERBS: dict[str, tuple[str, str]] = {
         "Run a grid or random search over recipe keys; trials are `llmfoundry-lite train` runs.",
     ),
     "estimate": (
-        "llmfoundry_lite.estimate",
+        "llmfoundry_lite.apps.estimate",
         "Parameters, training FLOPs, wall time, GPU-hours and dollars of a recipe.",
     ),
     "glue": (
@@ -50,11 +50,11 @@ PLUGIN_VERBS: dict[str, tuple[str, str]] = {
         "Finetune a pretrained checkpoint on GLUE and report per-task scores and the GLUE average.",
     ),
     "export": (
-        "llmfoundry_lite.export",
+        "llmfoundry_lite.apps.export",
         "Export a Composer checkpoint to a Hugging Face folder (AutoModelForCausalLM loads it).",
     ),
     "doctor": (
-        "llmfoundry_lite.doctor",
+        "llmfoundry_lite.apps.doctor",
         "Print versions (torch, composer, streaming, flash-attn, ...), GPUs, and install problems found.",
     ),
 }

@@ -6,7 +6,7 @@
 Steps (each isolated: a failing step is reported with a one-line reason and the others still run; a step that
 needs something optional which is missing, such as flash-attn, is "skipped" with the reason):
 
-1. ``doctor``: torch, CUDA, flash-attn, composer, streaming, transformers versions and the GPU (doctor.py);
+1. ``doctor``: torch, CUDA, flash-attn, composer, streaming, transformers versions and the GPU (apps/doctor.py);
    ``peak``: the bf16 matmul peak measured now (bench.matmul_peak), the denominator of every MFU here.
 2. ``throughput``: training-step throughput under bf16 autocast, ours vs transformers at the same shape, same
    batches, interleaved rounds (scripts/benchmark.py): MosaicBERT-Base vs ``BertForMaskedLM`` at seq 128 on
@@ -336,8 +336,8 @@ def goals(results: list[StepResult]) -> dict[str, dict]:
 
 
 def step_doctor(check: Check) -> tuple[str, dict]:
-    """Versions and GPU from doctor.py."""
-    from llmfoundry_lite import doctor
+    """Versions and GPU from apps/doctor.py."""
+    from llmfoundry_lite.apps import doctor
 
     report = doctor.diagnose()
     info = dict(report.lines)
@@ -417,7 +417,7 @@ def flash_status(device: str) -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 (a broken binary is a finding, reported as the reason)
         import torch
 
-        from llmfoundry_lite.doctor import explain_import_error
+        from llmfoundry_lite.apps.doctor import explain_import_error
 
         return False, explain_import_error("flash-attn", e, torch.__version__)
     return True, getattr(flash_attn, "__version__", "installed")

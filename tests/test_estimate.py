@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from llmfoundry_lite import hardware
+from llmfoundry_lite.apps.estimate import estimate
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.config import load_recipe
-from llmfoundry_lite.estimate import estimate
 from llmfoundry_lite.models.meta import build_meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_llama_7b_builds_on_meta_without_allocating():
     """The 7B recipe's model is never materialised: the estimate process stays far below 7B x 4 bytes."""
     code = (
         "import json, resource; from llmfoundry_lite.config import load_recipe; "
-        "from llmfoundry_lite.estimate import estimate; "
+        "from llmfoundry_lite.apps.estimate import estimate; "
         f"e = estimate(load_recipe({LLAMA_7B!r}), gpu='h100-sxm', gpus=64, mfu=0.45); "
         "print(json.dumps({'params': e.params, 'fpt': e.flops_per_token, 'non': e.non_embedding_params, "
         "'rss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))"
@@ -276,7 +276,7 @@ def test_model_without_flops_per_batch_is_counted_from_its_shapes():
     """A plugin model that does not count its FLOPs: 6 x non-embedding parameters + 12 x L x d x seq per token."""
     from transformers import BertConfig, BertModel
 
-    from llmfoundry_lite.estimate import flops_per_token
+    from llmfoundry_lite.apps.estimate import flops_per_token
 
     class Plugin(torch.nn.Module):
         def __init__(self) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.apps.export import export_checkpoint
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.export import export_checkpoint
 
 TINY = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=96, max_seq_len=64)
 

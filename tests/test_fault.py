@@ -15,8 +15,8 @@ import torch
 from composer.core import Callback
 
 from llmfoundry_lite import load_recipe
+from llmfoundry_lite.apps.doctor import diagnose, explain_import_error, format_report
 from llmfoundry_lite.callbacks.preemption import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
-from llmfoundry_lite.doctor import diagnose, explain_import_error, format_report
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.launch import entrypoint
 from llmfoundry_lite.train import build_trainer, check_save_folder, repair_latest_checkpoint

@@ -19,51 +19,10 @@ from typing import Any, Optional
 
 import torch
 
+from llmfoundry_lite.checkpoints import find_checkpoint, load_model_state
 from llmfoundry_lite.errors import RecipeError
 
 RECIPE_FILENAME = "recipe.yaml"
-# Wrapper prefixes FSDP / activation checkpointing may leave in parameter names.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def _resolve_checkpoint(path: pathlib.Path) -> pathlib.Path:
-    """A checkpoint file: the path itself, or inside a folder `latest-rank0.pt` / the newest `*.pt`."""
-    if not path.exists():
-        raise RecipeError(f"no such checkpoint {str(path)!r}", key="CHECKPOINT")
-    if path.is_file():
-        return path
-    latest = path / "latest-rank0.pt"
-    if latest.exists():
-        return latest.resolve()
-    candidates = sorted(path.glob("*.pt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise RecipeError(
-            f"{str(path)!r} holds no *.pt Composer checkpoint (sharded checkpoints are not "
-            "supported: save with fsdp.state_dict_type: full)",
-            key="CHECKPOINT",
-        )
-    return candidates[-1]
-
-
-def _load_state(path: pathlib.Path) -> Mapping[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # unpicklable / truncated / not a torch file
-        raise RecipeError(
-            f"cannot read {str(path)!r} as a Composer checkpoint: {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}",
-            key="CHECKPOINT",
-        ) from None
-    model_sd = ckpt.get("state", {}).get("model") if isinstance(ckpt, Mapping) else None
-    if not isinstance(model_sd, Mapping):
-        raise RecipeError(f"{str(path)!r} is not a Composer checkpoint (no state['model'])", key="CHECKPOINT")
-    return model_sd
-
-
-def _clean(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 def _recipe_near(path: pathlib.Path) -> Optional[Mapping[str, Any]]:
@@ -124,12 +83,10 @@ def export_checkpoint(
 
     from llmfoundry_lite.models.llama import hf_config_dict, state_dict_to_hf
 
-    path = _resolve_checkpoint(pathlib.Path(checkpoint_path))
-    model_sd = _load_state(path)
+    path = find_checkpoint(checkpoint_path, key="CHECKPOINT")
+    model_sd = load_model_state(path, key="CHECKPOINT")
     extra = model_sd.get("_extra_state")
-    decoder_sd = {
-        _clean(k)[len("model.") :]: v for k, v in model_sd.items() if _clean(k).startswith("model.")
-    }
+    decoder_sd = {k[len("model.") :]: v for k, v in model_sd.items() if k.startswith("model.")}
     recipe = _recipe_near(path)
     cfg = _llama_config(extra, recipe, decoder_sd)
 

@@ -1,0 +1,1 @@
+"""Applications built on the framework, one verb each: ``glue``, ``estimate``, ``export``, ``doctor``."""
