@@ -46,7 +46,7 @@ PLUGIN_VERBS: dict[str, tuple[str, str]] = {
         "Parameters, training FLOPs, wall time, GPU-hours and dollars of a recipe.",
     ),
     "glue": (
-        "llmfoundry_lite.glue",
+        "llmfoundry_lite.apps.glue.cli",
         "Finetune a pretrained checkpoint on GLUE and report per-task scores and the GLUE average.",
     ),
     "export": (

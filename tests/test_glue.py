@@ -3,6 +3,7 @@ of a tiny MosaicBERT through Composer on local GLUE-schema data (written from th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmfoundry_lite import glue
+from llmfoundry_lite.apps.glue.config import TASKS, Job, load_glue_recipe, parse_glue_section, plan_jobs
+from llmfoundry_lite.apps.glue.data import load_task_splits, make_toy_glue
+from llmfoundry_lite.apps.glue.model import GlueClassifier, build_encoder, check_starting_weights, glue_metric
+from llmfoundry_lite.apps.glue.orchestrate import _run_parallel
+from llmfoundry_lite.apps.glue.results import results_markdown, summarize
+from llmfoundry_lite.checkpoints import load_model_state
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.errors import RecipeError
 
@@ -40,51 +46,72 @@ def tiny_overrides(tmp_path, bert_tokenizer_dir):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _score(name, num_labels, preds, target, batches=2):
+    """``glue_metric(name)`` fed ``preds``/``target`` in ``batches`` pieces, as Composer feeds an evaluation."""
+    m = glue_metric(name, num_labels)
+    for p, t in zip(torch.tensor_split(preds, batches), torch.tensor_split(target, batches)):
+        m.update(p, t)
+    return float(m.compute())
+
+
 def test_metrics_on_hand_examples():
     preds = torch.tensor([1, 1, 0, 0, 1, 0])
     target = torch.tensor([1, 0, 0, 1, 1, 0])
     # tp=2 fp=1 fn=1 tn=2
-    assert glue.accuracy(preds, target) == pytest.approx(4 / 6)
-    assert glue.f1_score(preds, target) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
-    assert glue.matthews_corrcoef(preds, target) == pytest.approx((2 * 2 - 1 * 1) / math.sqrt(3 * 3 * 3 * 3))
-    assert glue.matthews_corrcoef(target, target) == pytest.approx(1.0)
-    assert glue.matthews_corrcoef(1 - target, target) == pytest.approx(-1.0)
-    assert glue.matthews_corrcoef(torch.zeros(6, dtype=torch.long), target) == 0.0  # undefined -> 0
-    assert glue.f1_score(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)) == 0.0
+    assert _score("accuracy", 2, preds, target) == pytest.approx(4 / 6)
+    assert _score("f1", 2, preds, target) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert _score("matthews", 2, preds, target) == pytest.approx((2 * 2 - 1 * 1) / math.sqrt(3 * 3 * 3 * 3))
+    assert _score("matthews", 2, target, target) == pytest.approx(1.0)
+    assert _score("matthews", 2, 1 - target, target) == pytest.approx(-1.0)
+    assert _score("matthews", 2, torch.zeros(6, dtype=torch.long), target) == 0.0  # undefined -> 0
+    assert _score("f1", 2, torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)) == 0.0
+    # Accuracy is the fraction of exact matches, not torchmetrics' default mean of per-class recalls.
+    three = torch.tensor([0, 0, 0, 0, 1, 2]), torch.tensor([0, 0, 0, 0, 2, 1])
+    assert _score("accuracy", 3, *three) == pytest.approx(4 / 6)
     # Spearman with ties: ranks x=[1, 2.5, 2.5, 4], y=[1, 3, 2, 4] -> 4.5 / sqrt(4.5 * 5)
     x, y = torch.tensor([1.0, 2.0, 2.0, 3.0]), torch.tensor([0.1, 0.9, 0.5, 7.0])
-    assert glue.spearman_corrcoef(x, y) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
-    assert glue.spearman_corrcoef(x, -y) == pytest.approx(-4.5 / math.sqrt(4.5 * 5))
-    assert glue.pearson_corrcoef(
-        torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])
+    assert _score("spearman", 1, x, y) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
+    assert _score("spearman", 1, x, -y) == pytest.approx(-4.5 / math.sqrt(4.5 * 5))
+    assert _score(
+        "pearson", 1, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0]), 1
     ) == pytest.approx(1.0)
+    # A collapsed regression head (constant scores): correlation undefined -> 0, not NaN in the GLUE average.
+    assert _score("spearman", 1, torch.ones(4), y) == 0.0
+    assert _score("pearson", 1, torch.ones(4), y) == 0.0
 
 
-def test_metrics_agree_with_torchmetrics():
+def test_each_task_scores_with_its_metrics_through_the_classifier():
+    """The classifier feeds argmax labels (classification) or fp32 scores (regression, even from bf16 logits) to
+    each task's metrics, over several batches; the scores are those of the metric definitions."""
     from torchmetrics.functional import f1_score, matthews_corrcoef, spearman_corrcoef
 
+    reference = {
+        "accuracy": lambda p, t: (p == t).double().mean(),
+        "f1": lambda p, t: f1_score(p, t, task="binary"),
+        "matthews": lambda p, t: matthews_corrcoef(p, t, task="binary"),
+        "spearman": spearman_corrcoef,
+    }
     g = torch.Generator().manual_seed(0)
-    preds, target = torch.randint(0, 2, (200,), generator=g), torch.randint(0, 2, (200,), generator=g)
-    assert glue.f1_score(preds, target) == pytest.approx(
-        float(f1_score(preds, target, task="binary")), abs=1e-6
-    )
-    assert glue.matthews_corrcoef(preds, target) == pytest.approx(
-        float(matthews_corrcoef(preds, target, task="binary")), abs=1e-6
-    )
+    n = 64
+    for task in ("mnli", "qqp", "cola", "stsb"):
+        spec = TASKS[task]
+        clf = GlueClassifier(torch.nn.Identity(), spec.num_labels, spec.metrics, hidden_size=4)
+        assert set(clf.get_metrics()) == set(spec.metrics) and clf.get_metrics(is_train=True) == {}
+        if spec.num_labels == 1:
+            logits = torch.randn(n, 1, generator=g).bfloat16()
+            labels, preds = torch.rand(n, generator=g) * 5, logits.squeeze(-1).float()
+        else:
+            logits = torch.randn(n, spec.num_labels, generator=g)
+            labels = torch.randint(0, spec.num_labels, (n,), generator=g)
+            preds = logits.argmax(-1)
+        for name, metric in clf.get_metrics().items():
+            for rows in (slice(0, n // 2), slice(n // 2, n)):
+                clf.update_metric({"labels": labels[rows]}, logits[rows], metric)
+            expect = float(reference[name](preds, labels))
+            assert float(metric.compute()) == pytest.approx(expect, abs=1e-6), (task, name)
     p3, t3 = torch.randint(0, 3, (300,), generator=g), torch.randint(0, 3, (300,), generator=g)
-    assert glue.matthews_corrcoef(p3, t3) == pytest.approx(
+    assert _score("matthews", 3, p3, t3) == pytest.approx(
         float(matthews_corrcoef(p3, t3, task="multiclass", num_classes=3)), abs=1e-6
-    )
-    a, b = torch.randn(100, generator=g), torch.randn(100, generator=g)
-    assert glue.spearman_corrcoef(a, a + b) == pytest.approx(float(spearman_corrcoef(a, a + b)), abs=1e-5)
-
-
-def test_glue_metric_accumulates_batches():
-    m = glue.GlueMetric("matthews")
-    m.update(torch.tensor([1, 1, 0]), torch.tensor([1, 0, 0]))
-    m.update(torch.tensor([0, 1, 0]), torch.tensor([1, 1, 0]))
-    assert float(m.compute()) == pytest.approx(
-        glue.matthews_corrcoef(torch.tensor([1, 1, 0, 0, 1, 0]), torch.tensor([1, 0, 0, 1, 1, 0]))
     )
 
 
@@ -113,61 +140,63 @@ def test_summary_average_is_unweighted_mean_of_task_means():
         _run("cola", 8364, {"cola/matthews": 60.0}),
         _run("cola", 717, {"cola/matthews": 70.0}),  # task 60
     ]
-    s = glue.summarize(runs)
+    s = summarize(runs)
     assert s["tasks"]["mnli"]["score"] == pytest.approx(81.0)
     assert s["tasks"]["mrpc"]["score"] == pytest.approx(78.0)
     assert s["tasks"]["mrpc"]["metrics"]["mrpc/f1"]["mean"] == pytest.approx(81.0)
     assert s["tasks"]["cola"]["score_std"] == pytest.approx(10.0)
     assert s["glue_average"] == pytest.approx((81 + 78 + 60) / 3)
     assert list(s["tasks"]) == ["mnli", "cola", "mrpc"]  # GLUE table order
-    md = glue.results_markdown(s, runs)
+    md = results_markdown(s, runs)
     assert "| **GLUE average** | | | **73.00** |" in md
     assert "| MRPC | mrpc/accuracy 75.00, mrpc/f1 81.00 | 2 | 78.00 ± 7.07 |" in md
 
 
 def test_plan_jobs_uses_published_settings_and_seed_options():
-    cfg = glue.parse_glue_section({"tasks": {"MNLI": None, "rte": {"lr": 2e-5}, "SST-2": {"seeds": [1, 2]}}})
-    jobs = glue.plan_jobs(cfg)
+    cfg = parse_glue_section({"tasks": {"MNLI": None, "rte": {"lr": 2e-5}, "SST-2": {"seeds": [1, 2]}}})
+    jobs = plan_jobs(cfg)
     assert [(j.task, j.seed) for j in jobs] == [("mnli", 19), ("sst2", 1), ("sst2", 2)] + [
         ("rte", s) for s in (19, 8364, 717, 10536, 90166)
     ]
     mnli = jobs[0]
     assert (mnli.lr, mnli.weight_decay, mnli.batch_size, mnli.epochs) == (5e-5, 5e-6, 48, 3)
     assert jobs[-1].lr == 2e-5 and jobs[-1].weight_decay == 1e-5 and jobs[-1].batch_size == 16
-    three = glue.plan_jobs(cfg, tasks=["rte", "mnli"], num_seeds=3)
+    three = plan_jobs(cfg, tasks=["rte", "mnli"], num_seeds=3)
     assert [j.seed for j in three if j.task == "rte"] == [19, 8364, 717]
     mnli_seeds = [j.seed for j in three if j.task == "mnli"]
     assert len(set(mnli_seeds)) == 3 and mnli_seeds[0] == 19
-    assert mnli_seeds == [j.seed for j in glue.plan_jobs(cfg, tasks=["mnli"], num_seeds=3)]  # deterministic
+    assert mnli_seeds == [j.seed for j in plan_jobs(cfg, tasks=["mnli"], num_seeds=3)]  # deterministic
     with pytest.raises(RecipeError, match=r"unknown GLUE task 'mnlii' \(did you mean 'mnli'"):
-        glue.plan_jobs(cfg, tasks=["mnlii"])
+        plan_jobs(cfg, tasks=["mnlii"])
     with pytest.raises(RecipeError, match="glue.tasks.rtee.*did you mean 'rte'"):
-        glue.parse_glue_section({"tasks": {"rtee": None}})
+        parse_glue_section({"tasks": {"rtee": None}})
     with pytest.raises(RecipeError, match="glue.tasks.rte.lrr.*did you mean 'lr'"):
-        glue.parse_glue_section({"tasks": {"rte": {"lrr": 1e-5}}})
+        parse_glue_section({"tasks": {"rte": {"lrr": 1e-5}}})
     with pytest.raises(RecipeError, match="glue.max_seq_length.*did you mean 'max_seq_len'"):
-        glue.parse_glue_section({"max_seq_length": 128})
+        parse_glue_section({"max_seq_length": 128})
 
 
 def test_mosaicbert_base_recipe_has_the_published_settings():
-    cfg, g = glue.load_glue_recipe(BASE)
+    """The published settings are written once (TASKS and the glue: section's defaults); the recipe uses them."""
+    cfg, g = load_glue_recipe(BASE)
     assert cfg.model.name == "mosaic_bert"
     assert g.max_seq_len == 256 and g.betas == [0.9, 0.98] and g.eps == 1e-6 and g.t_warmup == "0.06dur"
     assert g.start_from_mnli == ["rte", "mrpc", "stsb"]
-    published = {
-        "mnli": (5e-5, 5e-6, 48, 3),
-        "qqp": (3e-5, 3e-6, 16, 5),
-        "qnli": (1e-5, 1e-6, 16, 10),
-        "sst2": (3e-5, 3e-6, 16, 3),
-        "cola": (5e-5, 5e-6, 32, 10),
-        "mrpc": (8e-5, 8e-6, 32, 10),
-        "rte": (1e-5, 1e-5, 16, 3),
-        "stsb": (3e-5, 3e-6, 32, 10),
-    }
-    jobs = glue.plan_jobs(g)
+    jobs = plan_jobs(g)
     for j in jobs:
-        assert (j.lr, j.weight_decay, j.batch_size, j.epochs) == published[j.task]
-    assert {t: sum(j.task == t for j in jobs) for t in published} == {
+        spec = TASKS[j.task]
+        assert (j.lr, j.weight_decay, j.batch_size, j.epochs) == (
+            spec.lr,
+            spec.weight_decay,
+            spec.batch_size,
+            spec.epochs,
+        )
+    assert sorted((j.task, j.seed) for j in jobs) == sorted((t, s) for t in TASKS for s in TASKS[t].seeds)
+    # Spot checks against the reference YAML: MNLI's batch of 48, RTE's weight decay equal to its lr, and the
+    # number of seeds per task (more for the small, noisy tasks).
+    assert (TASKS["mnli"].lr, TASKS["mnli"].batch_size, TASKS["mnli"].epochs) == (5e-5, 48, 3)
+    assert TASKS["rte"].weight_decay == TASKS["rte"].lr == 1e-5
+    assert {t: sum(j.task == t for j in jobs) for t in TASKS} == {
         "mnli": 1,
         "qqp": 1,
         "qnli": 1,
@@ -179,7 +208,7 @@ def test_mosaicbert_base_recipe_has_the_published_settings():
     }
     # The published recipe refuses to run without pretrained weights.
     with pytest.raises(RecipeError, match="glue.checkpoint"):
-        glue.check_starting_weights(cfg, g)
+        check_starting_weights(cfg, g)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,10 +319,10 @@ def test_glue_end_to_end_tiny_recipe(tiny_overrides, tmp_path, capsys):
     [rerun] = json.loads((again / "results.json").read_text())["runs"]
     assert rerun["started_from"] == str(Path(mnli["checkpoint"]).resolve())
     # Finetuning changed the encoder: the MNLI checkpoint's encoder differs from the model it started from.
-    ckpt = glue.checkpoint_model_state(mnli["checkpoint"])
-    cfg, g = glue.load_glue_recipe(TINY, tiny_overrides)
+    ckpt = load_model_state(mnli["checkpoint"])
+    cfg, g = load_glue_recipe(TINY, tiny_overrides)
     torch.manual_seed(19)
-    enc, _ = glue.build_encoder(cfg, g)
+    enc, _ = build_encoder(cfg, g)
     assert any(not torch.equal(v, ckpt[f"encoder.{k}"]) for k, v in enc.state_dict().items())
 
 
@@ -307,7 +336,7 @@ def test_finetune_from_pretraining_checkpoint(tiny_overrides, tmp_path, bert_tok
     from llmfoundry_lite.builders import build_model, build_tokenizer
     from llmfoundry_lite.data.corpus import embedded_documents
 
-    cfg, g = glue.load_glue_recipe(TINY, tiny_overrides)
+    cfg, g = load_glue_recipe(TINY, tiny_overrides)
     tok = build_tokenizer(cfg)
     model = build_model(cfg, tok)
     collator = registry.build(
@@ -332,14 +361,14 @@ def test_finetune_from_pretraining_checkpoint(tiny_overrides, tmp_path, bert_tok
 
     # A save folder resolves to its latest checkpoint; the encoder gets exactly the trained weights.
     g.checkpoint = str(tmp_path / "pretrain")
-    enc, _ = glue.build_encoder(cfg, g)
+    enc, _ = build_encoder(cfg, g)
     assert all(torch.equal(v, trained[k]) for k, v in enc.state_dict().items())
 
     # A checkpoint of another shape is refused with a message naming the key.
-    cfg_big, g_big = glue.load_glue_recipe(TINY, [*tiny_overrides, "model.d_model=64"])
+    cfg_big, g_big = load_glue_recipe(TINY, [*tiny_overrides, "model.d_model=64"])
     g_big.checkpoint = g.checkpoint
     with pytest.raises(RecipeError, match="glue.checkpoint.*shape"):
-        glue.build_encoder(cfg_big, g_big)
+        build_encoder(cfg_big, g_big)
 
     # And it finetunes from there (CLI --checkpoint).
     out = tmp_path / "out"
@@ -368,19 +397,19 @@ def test_local_csv_and_tsv_files_load_through_datasets(tmp_path):
     folder.mkdir(parents=True)
     (folder / "train.csv").write_text("sentence,label\nthe cat sat,1\ncat the sat,0\n")
     (folder / "validation.tsv").write_text("sentence\tlabel\nthe dog ran\t1\n")
-    splits = glue.load_task_splits("cola", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    splits = load_task_splits("cola", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
     assert splits["train"]["sentence"] == ["the cat sat", "cat the sat"] and splits["validation"][
         "label"
     ] == [1]
     (folder / "validation.tsv").write_text("text\tlabel\nthe dog ran\t1\n")
     with pytest.raises(RecipeError, match="lacks column.*sentence"):
-        glue.load_task_splits("cola", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache2"))
+        load_task_splits("cola", str(tmp_path / "data"), cache_dir=str(tmp_path / "cache2"))
 
 
 def _spec(tmp_path, task, **kw):
-    job = glue.Job(task=task, seed=7, lr=1e-3, weight_decay=0.0, batch_size=8, epochs=1)
+    job = Job(task=task, seed=7, lr=1e-3, weight_decay=0.0, batch_size=8, epochs=1)
     return {
-        "job": glue.dataclasses.asdict(job),
+        "job": dataclasses.asdict(job),
         "job_dir": str(tmp_path / "out" / job.name),
         "init_checkpoint": None,
         "wait_for_mnli": False,
@@ -390,9 +419,9 @@ def _spec(tmp_path, task, **kw):
 
 
 def test_parallel_worker_runs_a_job_in_a_subprocess(tiny_overrides, tmp_path):
-    """The multi-GPU path on CPU: a job runs in `python -m llmfoundry_lite.glue SPEC.json` and reports back."""
-    glue.make_toy_glue(tmp_path / "toy", ["rte"], rows=16, eval_rows=8)
-    [res] = glue._run_parallel(TINY, [*tiny_overrides, "glue.device=cpu"], [_spec(tmp_path, "rte")], n_gpus=1)
+    """The multi-GPU path on CPU: a job runs in `python -m llmfoundry_lite.apps.glue SPEC.json` and reports back."""
+    make_toy_glue(tmp_path / "toy", ["rte"], rows=16, eval_rows=8)
+    [res] = _run_parallel(TINY, [*tiny_overrides, "glue.device=cpu"], [_spec(tmp_path, "rte")], n_gpus=1)
     assert res["task"] == "rte" and res["seed"] == 7 and res["train_rows"] == 16
     assert set(res["metrics"]) == {"rte/accuracy"}
     assert (tmp_path / "out" / "rte" / "seed=7" / "log.txt").exists()
@@ -401,12 +430,81 @@ def test_parallel_worker_runs_a_job_in_a_subprocess(tiny_overrides, tmp_path):
 @pytest.mark.slow
 def test_parallel_workers_wait_for_mnli(tiny_overrides, tmp_path):
     """With two slots, the RTE job (which starts from MNLI) is launched only once MNLI wrote its checkpoint."""
-    glue.make_toy_glue(tmp_path / "toy", ["mnli", "rte"], rows=16, eval_rows=8)
+    make_toy_glue(tmp_path / "toy", ["mnli", "rte"], rows=16, eval_rows=8)
     specs = [_spec(tmp_path, "mnli", save_checkpoint=True), _spec(tmp_path, "rte", wait_for_mnli=True)]
-    runs = glue._run_parallel(TINY, [*tiny_overrides, "glue.device=cpu"], specs, n_gpus=2)
+    runs = _run_parallel(TINY, [*tiny_overrides, "glue.device=cpu"], specs, n_gpus=2)
     mnli, rte = sorted(runs, key=lambda r: r["task"])
     assert set(mnli["metrics"]) == {"mnli_m/accuracy", "mnli_mm/accuracy"}
     assert Path(mnli["checkpoint"]).is_file() and rte["started_from"] == mnli["checkpoint"]
+
+
+def _processes_running(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains ``marker`` (Linux /proc)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = next(ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if marker in cmdline and "zombie" not in state:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_parallel_failure_stops_the_other_jobs(tiny_overrides, tmp_path):
+    """When one worker fails, the error names the job and shows its log, and the other workers are stopped."""
+    make_toy_glue(tmp_path / "toy", ["rte"], rows=16, eval_rows=8)
+    overrides = [*tiny_overrides, "glue.device=cpu", "glue.make_toy_data=false"]
+    long_rte = _spec(tmp_path, "rte", job={**_spec(tmp_path, "rte")["job"], "epochs": 100000})
+    no_data = _spec(tmp_path, "cola")  # the toy data has no CoLA: this worker fails at once
+    with pytest.raises(RuntimeError, match=r"(?s)GLUE job cola seed 7 failed.*no folder for task 'cola'"):
+        _run_parallel(TINY, overrides, [long_rte, no_data], n_gpus=2)
+    assert _processes_running(str(tmp_path / "out" / "rte")) == []
+    assert not (tmp_path / "out" / "rte" / "seed=7" / "result.json").exists()
+
+
+GLUE_ONLY = """
+variables:
+  tokenizer_path: {tok}
+tokenizer: {{name: hf, path: "${{variables.tokenizer_path}}"}}
+model: {{name: mosaic_bert, d_model: 32, n_layers: 1, n_heads: 2, intermediate_size: 64}}
+glue:
+  allow_random_init: true
+  data_dir: {data}
+  make_toy_data: true
+  max_seq_len: 32
+  max_train_samples: 32
+  dataset_cache_dir: {cache}
+  tasks:
+    rte: {{lr: 1.0e-3, batch_size: 16, epochs: 1, seeds: [19]}}
+"""
+
+
+def test_glue_recipe_needs_no_pretraining_keys(tmp_path, bert_tokenizer_dir, capsys):
+    """A GLUE recipe of model, tokenizer and glue: only finetunes; a pretraining key in it is named, not ignored."""
+    recipe = tmp_path / "glue-only.yaml"
+    recipe.write_text(
+        GLUE_ONLY.format(tok=bert_tokenizer_dir, data=tmp_path / "toy", cache=tmp_path / "hf-cache")
+    )
+    assert main(["glue", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    [run] = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["task"] == "rte" and set(run["metrics"]) == {"rte/accuracy"}
+    capsys.readouterr()
+
+    def error(*overrides):
+        assert main(["glue", str(recipe), *overrides]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    err = error("optimizer.lr=1e-3")
+    assert "optimizer" in err and "finetuning does not read" in err and "glue.tasks.<task>.lr" in err
+    assert "train_loader" in err  # what a whole pretraining recipe would still need
+    assert "did you mean 'model'" in error("modle.d_model=32")
+    assert "model.d_modle" in error("model.d_modle=32")
+    assert "missing required key 'tokenizer'" in error("tokenizer=null")
 
 
 def test_init_from_hf_encoder(tiny_overrides, tmp_path, bert_tokenizer_dir):
@@ -422,17 +520,17 @@ def test_init_from_hf_encoder(tiny_overrides, tmp_path, bert_tokenizer_dir):
         max_position_embeddings=64,
     )
     transformers.BertModel(hf_cfg).save_pretrained(tmp_path / "hf-bert")
-    cfg, g = glue.load_glue_recipe(TINY, [*tiny_overrides, f"glue.init_from_hf={tmp_path / 'hf-bert'}"])
-    glue.check_starting_weights(cfg, g)
-    enc, tok = glue.build_encoder(cfg, g)
-    clf = glue.GlueClassifier(enc, 3, ("accuracy",))
+    cfg, g = load_glue_recipe(TINY, [*tiny_overrides, f"glue.init_from_hf={tmp_path / 'hf-bert'}"])
+    check_starting_weights(cfg, g)
+    enc, tok = build_encoder(cfg, g)
+    clf = GlueClassifier(enc, 3, ("accuracy",))
     assert clf.pooler.in_features == 32
     batch = tok(["a cat", "the dog sat down"], ["sat", "ran"], padding=True, return_tensors="pt")
     clf.eval()
     logits = clf(dict(batch))
     assert logits.shape == (2, 3)
     with pytest.raises(RecipeError, match="either checkpoint or init_from_hf"):
-        glue.load_glue_recipe(TINY, [*tiny_overrides, "glue.init_from_hf=x", "glue.checkpoint=y"])
+        load_glue_recipe(TINY, [*tiny_overrides, "glue.init_from_hf=x", "glue.checkpoint=y"])
 
 
 def test_model_surgery_algorithms_are_replayed_before_loading(tiny_overrides, tmp_path):
@@ -446,7 +544,7 @@ def test_model_surgery_algorithms_are_replayed_before_loading(tiny_overrides, tm
 
     hf = [*tiny_overrides, "model.name=hf_bert", "model.max_position_embeddings=64"]
     surgery = ["+algorithms.alibi.max_sequence_length=64", "+algorithms.gated_linear_units={}"]
-    cfg, g = glue.load_glue_recipe(TINY, [*hf, *surgery])
+    cfg, g = load_glue_recipe(TINY, [*hf, *surgery])
     tok = build_tokenizer(cfg)
     model = build_model(cfg, tok)
     collator = registry.build("collators", {"name": "mlm"}, "c", tokenizer=tok, max_seq_len=16)
@@ -469,14 +567,14 @@ def test_model_surgery_algorithms_are_replayed_before_loading(tiny_overrides, tm
     assert any("gated_layer" in k for k in trained)  # the surgery really changed the structure
 
     g.checkpoint = str(tmp_path / "ck")
-    enc, _ = glue.build_encoder(cfg, g)
+    enc, _ = build_encoder(cfg, g)
     assert {k: v for k, v in enc.base.state_dict().items()}.keys() == trained.keys()
     assert all(torch.equal(v, trained[k]) for k, v in enc.base.state_dict().items())
     # Without the recipe's algorithms the model has another structure: a clear error, not a silent partial load.
-    cfg_plain, g_plain = glue.load_glue_recipe(TINY, hf)
+    cfg_plain, g_plain = load_glue_recipe(TINY, hf)
     g_plain.checkpoint = g.checkpoint
     with pytest.raises(RecipeError, match=r"glue.checkpoint.*model-surgery algorithms"):
-        glue.build_encoder(cfg_plain, g_plain)
+        build_encoder(cfg_plain, g_plain)
     out = tmp_path / "out"
     code = main(
         [
