@@ -12,9 +12,10 @@ from composer import metrics as cm
 from composer import optim as co
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.config import COMPONENT_SECTIONS, MULTI_SECTIONS, WANDB_FIX, iter_multi
 from llmfoundry_lite.data.checks import check_loader, check_loader_fit
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.recipe import COMPONENT_SECTIONS, MULTI_SECTIONS, iter_multi
+from llmfoundry_lite.train_checks import WANDB_FIX
 
 # Names follow llm-foundry's, so recipes written for it read the same here.
 for _name, _obj in {

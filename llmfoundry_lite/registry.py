@@ -406,6 +406,34 @@ def listing(registry: str) -> dict[str, str]:
     return result
 
 
+def builtin_index() -> dict[str, dict[str, str]]:
+    """Registry -> entry name -> description of the built-ins, read from the live registries (imports torch)."""
+    return {
+        reg: {name: describe(obj) for name, obj in sorted(builtin_entries(reg).items())}
+        for reg in REGISTRY_NAMES
+    }
+
+
+def render_index(index: dict[str, dict[str, str]]) -> str:
+    """The source of ``registry_index.py`` with ``index`` as BUILTINS, laid out as ruff formats it."""
+    from llmfoundry_lite import registry_index
+
+    with open(registry_index.__file__, encoding="utf-8") as f:
+        head = f.read().split("BUILTINS: dict[str, dict[str, str]] = ", 1)[0]
+    lines = ["{"]
+    for reg, entries in index.items():
+        lines.append(f"    {_quote(reg)}: {{")
+        lines.extend(f"        {_quote(name)}: {_quote(desc)}," for name, desc in entries.items())
+        lines.append("    },")
+    lines.append("}")
+    return head + "BUILTINS: dict[str, dict[str, str]] = " + "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    # ruff's formatter prefers double quotes unless the text holds one.
+    return '"' + text.replace("\\", "\\\\") + '"' if '"' not in text else repr(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class ArgInfo:
     """One recipe key of a registry entry: its name, type and default (None when the key is required)."""

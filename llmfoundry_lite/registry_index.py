@@ -2,7 +2,8 @@
 
 The live registries are filled by importing the modules that define the entries, and those import torch and
 Composer (4-10 s); listing names needs none of it. GENERATED: after adding, renaming or re-documenting a
-built-in entry, run `python -m llmfoundry_lite.registry_index` (tests/test_cli.py fails until you do).
+built-in entry, run `python scripts/registry_index.py` (tests/test_cli.py fails until you do). Data only: the
+generator lives in ``registry.py`` (``builtin_index``, ``render_index``), which imports this module.
 """
 
 from __future__ import annotations
@@ -90,40 +91,3 @@ BUILTINS: dict[str, dict[str, str]] = {
         "masked_accuracy": "Computes accuracy with support for masked indices.",
     },
 }
-
-
-def generate() -> dict[str, dict[str, str]]:
-    """Registry -> entry name -> description, read from the live registries (imports torch and Composer)."""
-    from llmfoundry_lite import registry
-
-    return {
-        reg: {name: registry.describe(obj) for name, obj in sorted(registry.builtin_entries(reg).items())}
-        for reg in registry.REGISTRY_NAMES
-    }
-
-
-def render(index: dict[str, dict[str, str]]) -> str:
-    """This module's source with ``index`` as BUILTINS, laid out as ruff formats it (one entry a line)."""
-    with open(__file__, encoding="utf-8") as f:
-        source = f.read()
-    head, rest = source.split("BUILTINS: dict[str, dict[str, str]] = ", 1)
-    tail = rest[rest.index("\n\n\ndef generate") :]
-    lines = ["{"]
-    for reg, entries in index.items():
-        lines.append(f"    {_quote(reg)}: {{")
-        lines.extend(f"        {_quote(name)}: {_quote(desc)}," for name, desc in entries.items())
-        lines.append("    },")
-    lines.append("}")
-    return head + "BUILTINS: dict[str, dict[str, str]] = " + "\n".join(lines) + tail
-
-
-def _quote(text: str) -> str:
-    # ruff's formatter prefers double quotes unless the text holds one.
-    return '"' + text.replace("\\", "\\\\") + '"' if '"' not in text else repr(text)
-
-
-if __name__ == "__main__":
-    new_source = render(generate())  # read this file before overwriting it
-    with open(__file__, "w", encoding="utf-8") as f:
-        f.write(new_source)
-    print(f"wrote {__file__}")

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from llmfoundry_lite.cli import main
-from llmfoundry_lite.config import check_auto_microbatching, load_recipe
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.recipe import load_recipe
+from llmfoundry_lite.train_checks import check_auto_microbatching
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")

@@ -1,0 +1,142 @@
+"""Checks of the sections training builds, registered with :mod:`llmfoundry_lite.recipe.sections`: the model
+block (built on the meta device), the ``fsdp:`` block (Composer's FSDPConfig), and what a run needs outside the
+recipe (data splits, tokenizer files, logger logins)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from llmfoundry_lite.data.checks import check_recipe_data
+from llmfoundry_lite.errors import RecipeError, suggest
+from llmfoundry_lite.models.meta import check_model_shape
+from llmfoundry_lite.recipe import iter_multi
+from llmfoundry_lite.recipe.sections import register_check, register_section
+
+WANDB_FIX = (
+    "run `wandb login` (or set WANDB_API_KEY), or log locally with WANDB_MODE=offline "
+    "(WANDB_MODE=disabled turns wandb off)"
+)
+
+
+def fsdp_keys() -> list[str]:
+    """Keys an ``fsdp:`` block may set: the public fields of Composer's ``FSDPConfig``."""
+    from composer.utils import FSDPConfig
+
+    return [f.name for f in dataclasses.fields(FSDPConfig) if not f.name.startswith("_")]
+
+
+def validate_fsdp(block: Any) -> dict:
+    """The ``fsdp:`` block as a plain dict, checked against Composer's FSDPConfig (RecipeError otherwise)."""
+    if block is None:
+        return {}
+    if isinstance(block, DictConfig):
+        block = OmegaConf.to_container(block, resolve=True)
+    if not isinstance(block, dict):
+        raise RecipeError(f"expected a mapping of FSDP settings, got {block!r}", key="fsdp")
+    keys = fsdp_keys()
+    for k in block:
+        if k not in keys:
+            raise RecipeError(f"unknown FSDP setting {k!r}{suggest(str(k), keys)}", key=f"fsdp.{k}")
+    from composer.utils import FSDPConfig
+
+    try:
+        FSDPConfig(**block)  # Composer's own checks (sharding strategy names, state dict type, ...)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"invalid FSDP settings: {e}", key="fsdp") from None
+    return block
+
+
+def check_auto_microbatching(
+    data: Mapping[str, Any], torch_version: str | None = None, composer_version: str | None = None
+) -> None:
+    """RecipeError for FSDP with ``device_train_microbatch_size: auto`` where Composer 0.32 breaks on it.
+
+    Composer 0.32.x defines its FSDP unshard patch only for torch < 2.7.1, and automatic microbatching calls it
+    anyway: ``NameError: patch_unshard_for_automicrobatching`` at the first batch. Versions default to the
+    installed ones.
+    """
+    if data.get("fsdp") is None or data.get("device_train_microbatch_size") != "auto":
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        torch_version = torch_version or version("torch")
+        composer_version = composer_version or version("mosaicml")
+    except PackageNotFoundError:
+        return
+    if Version(torch_version) >= Version("2.7.1") and Version(composer_version) < Version("0.33"):
+        raise RecipeError(
+            f"'auto' with an fsdp block fails with torch {torch_version} and Composer {composer_version} "
+            "(NameError: patch_unshard_for_automicrobatching); set a number such as 8, or use torch 2.7.0",
+            key="device_train_microbatch_size",
+        )
+
+
+def _wandb_settings_mode() -> str:
+    import configparser
+
+    config_dir = os.environ.get("WANDB_CONFIG_DIR") or os.path.join(
+        os.path.expanduser("~"), ".config", "wandb"
+    )
+    for path in (os.path.join("wandb", "settings"), os.path.join(config_dir, "settings")):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(path)
+        except configparser.Error:
+            continue
+        mode = parser.get("default", "mode", fallback="")
+        if mode:
+            return mode
+    return ""
+
+
+def wandb_login_problem(init_kwargs: Any = None) -> str | None:
+    """Why a wandb run could not start here (no login, not offline), or None; looks only at env and files."""
+    import netrc
+    from urllib.parse import urlparse
+
+    mode = os.environ.get("WANDB_MODE") or (init_kwargs or {}).get("mode") or _wandb_settings_mode()
+    if str(mode).lower() in ("offline", "disabled", "dryrun"):
+        return None
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return None
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return None
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    home = os.path.expanduser("~")
+    # wandb's own lookup: $NETRC alone when set, else ~/.netrc or ~/_netrc.
+    netrc_env = os.environ.get("NETRC")
+    candidates = [netrc_env] if netrc_env else [os.path.join(home, ".netrc"), os.path.join(home, "_netrc")]
+    for path in candidates:
+        try:
+            if netrc.netrc(os.path.expanduser(path)).authenticators(host):
+                return None
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return (
+        f"no wandb login found (no WANDB_API_KEY, no {host} entry in ~/.netrc) and WANDB_MODE is not offline"
+    )
+
+
+def check_logger_logins(data: Mapping[str, Any]) -> None:
+    """RecipeError naming a wandb logger that could not start here (no login and not offline)."""
+    for keypath, default_name, block in iter_multi("loggers", data.get("loggers")):
+        block = block or {}
+        if block.get("name", default_name) == "wandb":
+            problem = wandb_login_problem(block.get("init_kwargs"))
+            if problem:
+                raise RecipeError(f"{problem}; {WANDB_FIX}", key=keypath)
+
+
+register_section("model", check_model_shape)
+register_section("fsdp", validate_fsdp)
+register_check(check_auto_microbatching)
+register_check(check_recipe_data, resources=True)
+register_check(check_logger_logins, resources=True)
