@@ -1,6 +1,7 @@
 """Run a recipe in this process, or launch it on several processes/nodes through Composer's launcher.
 
-Exit codes: 0 done, 2 recipe error, 3 non-finite loss, 143 preempted (checkpoint written; rerun to resume).
+Exit codes: 0 done, 2 recipe error, 3 non-finite loss, 143 preempted (SIGTERM/SIGUSR1; checkpoint written when
+there was progress to save; rerun to resume), 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ import traceback
 
 import click
 
-from llmfoundry_lite.callbacks.preemption import (
+# Only the standard library here: the stop-signal handlers go in before torch and Composer load (seconds).
+from llmfoundry_lite.callbacks.stop_signals import (
+    GUARD,
     PREEMPTED_EXIT_CODE,
     PREEMPTION_SIGNALS,
-    RunStopped,
+    StopNow,
+    signal_name,
+    stop_signals,
 )
 from llmfoundry_lite.errors import RecipeError
 
 DEFAULT_MASTER_PORT = 29500
+_COMPOSER_SIGNAL_EXITS = (128 + signal.SIGTERM, 128 + signal.SIGINT)
 
 
 def _rank() -> int:
@@ -31,6 +37,7 @@ def _run(recipe: str, overrides: list[str]) -> None:
     from llmfoundry_lite.config import load_recipe
     from llmfoundry_lite.train import train
 
+    GUARD.reassert()  # importing Composer replaced the SIGTERM/SIGINT handlers with its own
     cfg = load_recipe(recipe, overrides)
     try:
         train(cfg, recipe_path=recipe)
@@ -40,17 +47,41 @@ def _run(recipe: str, overrides: list[str]) -> None:
         raise
 
 
+def _is_stop(e: BaseException) -> bool:
+    """A signal stop, a preemption or a diverged loss (not a crash)."""
+    if isinstance(e, StopNow):
+        return True
+    if isinstance(e, SystemExit) and e.code in _COMPOSER_SIGNAL_EXITS:
+        # Composer's own handler (sys.exit(128 + signal)) was in place for a moment during its import.
+        e.exit_code = e.code
+        e.args = (
+            f"stopped by {signal_name(e.code - 128)} during start-up; rerun the same command to start again",
+        )
+        return True
+    preemption = sys.modules.get("llmfoundry_lite.callbacks.preemption")  # not imported yet: cannot be one
+    return preemption is not None and isinstance(e, preemption.RunStopped)
+
+
+def _stopped(e: BaseException) -> int:
+    """Print a stopped run's one-line reason (once per job, unless train() already did) and return its code."""
+    if _rank() == 0 and not getattr(e, "reported", False):
+        print(str(e), flush=True)
+    return int(getattr(e, "exit_code", 1))
+
+
 def run_local(recipe: str, overrides: list[str]) -> None:
     """Load, validate and train a recipe in this process (one rank of a launched job, or alone).
 
-    A preempted or diverged run prints its one-line reason and exits with its code (click's ``Exit``).
+    A preempted, interrupted or diverged run prints its one-line reason and exits with its code (click's
+    ``Exit``). SIGTERM/SIGINT stop it within seconds from the first moment (``stop_signals``).
     """
-    try:
-        _run(recipe, overrides)
-    except RunStopped as e:
-        if _rank() == 0:
-            print(str(e), flush=True)
-        raise click.exceptions.Exit(e.exit_code) from None
+    with stop_signals():
+        try:
+            _run(recipe, overrides)
+        except BaseException as e:
+            if not _is_stop(e):
+                raise
+            raise click.exceptions.Exit(_stopped(e)) from None
 
 
 def launcher_command(
@@ -180,19 +211,20 @@ def entrypoint(argv: list[str]) -> int:
         print("usage: composer scripts/train.py RECIPE.yaml [key=value ...]", file=sys.stderr)
         return 2
     _die_with_parent()
-    try:
-        _run(argv[0], argv[1:])
-    except RecipeError as e:
-        # Every rank hits the same recipe error: say it once.
-        if _rank() == 0:
-            if debug:
-                traceback.print_exc()
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except RunStopped as e:
-        if _rank() == 0:
-            print(str(e), flush=True)
-        return e.exit_code
+    with stop_signals():
+        try:
+            _run(argv[0], argv[1:])
+        except RecipeError as e:
+            # Every rank hits the same recipe error: say it once.
+            if _rank() == 0:
+                if debug:
+                    traceback.print_exc()
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+        except BaseException as e:
+            if not _is_stop(e):
+                raise
+            return _stopped(e)
     return 0
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Optional
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
@@ -65,90 +65,14 @@ _HIGHER_IS_BETTER = re.compile(r"acc|f1|mcc|corr|auc|bleu|rouge|score|spearman|p
 # Metrics logger: what each trial writes for the summary (a subprocess cannot share an in-memory logger)
 # ---------------------------------------------------------------------------------------------------------
 
-_JSONL_CLASS: Any = None
-
-
-def _jsonl_logger_class() -> type:
-    # Defined on first use so that importing this module (the CLI does, for every command) stays cheap.
-    global _JSONL_CLASS
-    if _JSONL_CLASS is not None:
-        return _JSONL_CLASS
-    from composer.loggers import LoggerDestination
-    from composer.utils import dist
-
-    class JSONLMetricsLogger(LoggerDestination):
-        """Appends ``{"step": batch, metric: value, ...}`` lines, and one ``fit_end`` line per fit (rank 0)."""
-
-        def __init__(self, filename: str, stop_on_nan: bool = False):
-            self.filename = filename
-            self.stop_on_nan = stop_on_nan
-            self._file: TextIO | None = None
-            self._bad_loss: float | None = None
-            self._start: tuple[int, int, float] = (0, 0, 0.0)
-
-        def _write(self, record: dict) -> None:
-            if dist.get_global_rank() != 0:
-                return
-            if self._file is None:
-                Path(self.filename).parent.mkdir(parents=True, exist_ok=True)
-                self._file = open(self.filename, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-
-        def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
-            values = {}
-            for k, v in metrics.items():
-                if hasattr(v, "numel") and v.numel() == 1:
-                    v = v.item()
-                # Composer's time/* counters are repeated every batch and say nothing the steps don't.
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("time/"):
-                    values[k] = float(v)
-            if not values:
-                return
-            loss = values.get(TRAIN_LOSS)
-            if loss is not None and not math.isfinite(loss):
-                self._bad_loss = loss
-            # json.dumps writes NaN/Infinity, which json.loads reads back.
-            self._write({"step": step, **values})
-
-        def fit_start(self, state: Any, logger: Any) -> None:
-            ts = state.timestamp
-            self._start = (int(ts.batch), int(ts.token), ts.total_wct.total_seconds())
-
-        def batch_end(self, state: Any, logger: Any) -> None:
-            if self.stop_on_nan and self._bad_loss is not None:
-                raise RuntimeError(
-                    f"training loss is {self._bad_loss} at batch {int(state.timestamp.batch)} "
-                    "(the run diverged; stop_on_nan stopped it)"
-                )
-
-        def fit_end(self, state: Any, logger: Any) -> None:
-            # Composer's total_wct excludes evaluation, so tokens / seconds is training throughput.
-            ts = state.timestamp
-            b0, t0, s0 = self._start
-            self._write(
-                {
-                    "event": "fit_end",
-                    "batch": int(ts.batch),
-                    "batches": int(ts.batch) - b0,
-                    "tokens": int(ts.token) - t0,
-                    "seconds": ts.total_wct.total_seconds() - s0,
-                }
-            )
-
-        def close(self, state: Any, logger: Any) -> None:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-    _JSONL_CLASS = JSONLMetricsLogger
-    return _JSONL_CLASS
-
 
 @registry.loggers.register(METRICS_LOGGER)
 def jsonl_metrics(filename: str, stop_on_nan: bool = False) -> Any:
     """Append every logged metric to a JSON-lines file (rank 0); sweeps read trials' results from it."""
-    return _jsonl_logger_class()(filename, stop_on_nan)
+    # Every run writes one (train.py); a trial names its file. Imported here: train.py loads torch and Composer.
+    from llmfoundry_lite.train import JSONLMetricsLogger
+
+    return JSONLMetricsLogger(filename, stop_on_nan)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -238,6 +238,35 @@ def test_failed_conversion_leaves_no_half_written_split(tmp_path, docs):
     assert not (tmp_path / "fresh" / "train").exists()
 
 
+# A SIGTERM handler that only records (what a training process or a test runner may have installed). Workers
+# forked from such a process inherited it and ignored Pool.terminate(), whose join() then waited forever.
+POOL_SHUTDOWN = """
+import signal, sys
+from llmfoundry_lite.data.convert import convert
+from llmfoundry_lite.errors import RecipeError
+
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+tok, out, bad = sys.argv[1:4]
+for i in range(5):
+    convert("embedded", f"{out}/{i}", splits="train,val", tokenizer=tok, concat_tokens=128, num_workers=2)
+try:
+    convert(bad, f"{out}/bad", splits="train", tokenizer=tok, concat_tokens=16, num_workers=2)
+except RecipeError as e:
+    print("failed as expected:", e)
+else:
+    sys.exit("the bad source converted")
+"""
+
+
+def test_worker_pool_shuts_down_in_a_process_with_a_sigterm_handler(tmp_path, llama_tokenizer_dir, docs):
+    bad = _folder(tmp_path / "bad", docs * 5, bad=True)
+    cmd = [sys.executable, "-c", POOL_SHUTDOWN, llama_tokenizer_dir, str(tmp_path / "out"), bad]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "failed as expected: --source: cannot read source" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert not (tmp_path / "out" / "bad" / "train").exists()
+
+
 def test_jsonl_missing_field_names_field(tmp_path):
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps({"body": "hello"}) + "\n")

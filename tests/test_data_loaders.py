@@ -54,6 +54,18 @@ def test_mlm_batches_from_raw_text(raw_dir, bert_tok):
     assert spec.get_num_tokens_in_batch(batch) == int(batch["attention_mask"].sum())
 
 
+def test_split_smaller_than_a_batch_is_refused_before_any_worker_starts(raw_dir, bert_tok):
+    """With drop_last such a loader yields nothing (Composer would loop over empty epochs); without, one batch."""
+    from llmfoundry_lite.data.loaders import SplitTooSmall
+
+    n = len(_loader(bert_tok, local=raw_dir, split="val", max_seq_len=32).dataloader.dataset)
+    with pytest.raises(SplitTooSmall) as e:
+        _loader(bert_tok, bs=n + 1, local=raw_dir, split="val", max_seq_len=32, num_workers=2)
+    assert (e.value.per_rank, e.value.batch, e.value.total) == (n, n + 1, n)
+    spec = _loader(bert_tok, bs=n + 1, local=raw_dir, split="val", max_seq_len=32, drop_last=False)
+    assert [len(b["input_ids"]) for b in spec.dataloader] == [n]
+
+
 def test_default_collator_follows_the_data(raw_dir, concat_dir, bert_tok, llama_tok):
     mlm = next(iter(_loader(bert_tok, local=raw_dir, split="val", max_seq_len=32).dataloader))
     assert (mlm["labels"] == -100).sum() > (mlm["labels"] != -100).sum()  # only masked positions carry labels

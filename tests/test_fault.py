@@ -1,13 +1,17 @@
-"""Surviving faults: SIGKILL + autoresume is bit-exact, SIGUSR1 preempts with a checkpoint, NaN losses and bad
-save folders stop early with one line, and `doctor` reports the stack."""
+"""Surviving faults: SIGKILL + autoresume is bit-exact, SIGUSR1 preempts with a checkpoint, SIGTERM/SIGINT stop
+a run within seconds at any point, a run that can never train fails at once, NaN losses and bad save folders stop
+early with one line, and `doctor` reports the stack."""
 
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,11 @@ from composer.core import Callback
 
 from llmfoundry_lite import load_recipe
 from llmfoundry_lite.apps.doctor import diagnose, explain_import_error, format_report
-from llmfoundry_lite.callbacks.preemption import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE
+from llmfoundry_lite.callbacks.preemption import (
+    INTERRUPTED_EXIT_CODE,
+    NONFINITE_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+)
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.launch import entrypoint
 from llmfoundry_lite.train import build_trainer, check_save_folder, repair_latest_checkpoint
@@ -93,7 +101,7 @@ def test_sigkill_then_same_command_resumes_bit_exact(tiny_bert, tmp_path):
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming crashy from" in second.stdout and "[batch 3/6]" in second.stdout
+    assert "resuming run crashy from batch 2 (" in second.stdout and "[batch 3/6]" in second.stdout
     assert "[batch 1/6]" not in second.stdout
     resumed = model_weights(run_dir / "ep0-ba6-rank0.pt")
     assert resumed.keys() == reference.keys()
@@ -140,6 +148,198 @@ def test_sigusr1_checkpoints_at_batch_boundary_and_rerun_resumes(tiny_bert, tmp_
     trainer.fit()
     assert counter.batches == 1 and int(trainer.state.timestamp.batch) == n + 1
     trainer.close()
+
+
+# Test-only: a callback that prints a marker at one point of a run and holds there, so that a signal sent on
+# seeing the marker lands inside that point (the first forward pass, an evaluation, a batch that never ends).
+PHASE_DRIVER = textwrap.dedent(
+    """
+    import sys, time
+    from composer.core import Callback
+    from llmfoundry_lite import registry
+    from llmfoundry_lite.launch import entrypoint
+
+    class Phase(Callback):
+        def __init__(self, at: str, batch: int = 1, hold: float = 0.0):
+            self.at, self.batch, self.hold, self.said = at, batch, hold, False
+
+        def _here(self, name: str) -> None:
+            if name == self.at:
+                if not self.said:
+                    print(f"AT {name}", flush=True)
+                    self.said = True
+                time.sleep(self.hold)
+
+        def fit_start(self, state, logger):
+            self._here("fit_start")
+
+        def before_forward(self, state, logger):
+            if int(state.timestamp.batch) + 1 == self.batch:
+                self._here("batch")
+
+        def eval_batch_start(self, state, logger):
+            self._here("eval")
+
+    registry.callbacks.register("phase", func=Phase)
+    sys.exit(entrypoint(sys.argv[1:]))
+    """
+)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (Linux: the SigCgt mask of /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = next(int(ln.split()[1], 16) for ln in f if ln.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(mask >> (sig - 1) & 1)
+
+
+def signal_run(cmd, trigger, sig=signal.SIGTERM, second_after=None, env=None, limit=120.0):
+    """Run ``cmd``; send ``sig`` when a stdout line contains ``trigger`` (a string) or ``trigger(pid)`` is true.
+
+    Returns (exit code, stdout lines, stderr, seconds from the signal to the exit). Never hangs: the process is
+    killed after ``limit`` seconds and the test fails.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV)
+    lines: queue.Queue = queue.Queue()
+    err: list[str] = []
+    threading.Thread(
+        target=lambda: [lines.put(ln) for ln in proc.stdout] + [lines.put(None)], daemon=True
+    ).start()
+    threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True).start()
+    out: list[str] = []
+    sent = None
+    deadline = time.monotonic() + limit
+    try:
+        while time.monotonic() < deadline:
+            if sent is None and callable(trigger) and trigger(proc.pid):
+                proc.send_signal(sig)
+                sent = time.monotonic()
+            try:
+                line = lines.get(timeout=0.01)
+            except queue.Empty:
+                if proc.poll() is not None and sent is None:
+                    break
+                continue
+            if line is None:
+                break
+            out.append(line.rstrip("\n"))
+            if sent is None and isinstance(trigger, str) and trigger in line:
+                proc.send_signal(sig)
+                sent = time.monotonic()
+                if second_after is not None:
+                    time.sleep(second_after)
+                    proc.send_signal(sig)
+        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    took = time.monotonic() - sent if sent is not None else float("nan")
+    time.sleep(0.1)  # let the stderr reader finish
+    assert sent is not None, (
+        f"trigger {trigger!r} never came:\n" + "\n".join(out[-20:]) + "".join(err)[-2000:]
+    )
+    return rc, out, "".join(err), took
+
+
+def test_sigterm_during_start_up_stops_at_once(tiny_bert):
+    """From the moment the handlers are in (before torch loads) to the first batch: exit 143 with one line."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc to see when the handler is installed")
+    cmd = [sys.executable, "-m", "llmfoundry_lite.cli", "train", QUICKSTART, *tiny_bert(run_name="early")]
+    rc, out, err, took = signal_run(cmd, lambda pid: _catches(pid, signal.SIGTERM))
+    assert rc == PREEMPTED_EXIT_CODE and took < 30, (rc, took, err[-2000:])
+    assert out[-1] == "stopped by SIGTERM during start-up; rerun the same command to start again", out
+    assert "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize(
+    "phase, sig, extra, expect",
+    [
+        # the first forward pass: nothing trained yet, nothing to save
+        ("batch", signal.SIGTERM, [], "stopped by SIGTERM before batch 1 finished"),
+        # dataloader worker processes starting (fork) and the first batch
+        ("fit_start", signal.SIGTERM, ["train_loader.num_workers=2"], "stopped by SIGTERM before batch 1"),
+        # an evaluation after batch 2 (each eval batch held 1 s): batch 2 is checkpointed, the evaluation skipped
+        ("eval", signal.SIGTERM, ["eval_interval=2ba"], "preempted at batch 2 (during evaluation); rerun"),
+        # Ctrl-C while training: checkpoint at the next batch end, exit 130
+        ("batch3", signal.SIGINT, [], "interrupted at batch 3; rerun the same command to resume"),
+    ],
+)
+def test_stop_signal_at_any_point_exits_within_seconds(tiny_bert, tmp_path, phase, sig, extra, expect):
+    driver = tmp_path / "driver.py"
+    driver.write_text(PHASE_DRIVER)
+    at, batch, hold = {"batch": ("batch", 1, 60), "batch3": ("batch", 3, 1), "eval": ("eval", 1, 1)}.get(
+        phase, (phase, 1, 0)
+    )
+    overrides = tiny_bert(
+        run_name=f"stop-{phase}", max_duration="1000ba", save_interval="1000ba", eval_interval="1000ba"
+    )
+    cmd = [
+        sys.executable, str(driver), QUICKSTART, *overrides, *extra, "eval_subset_num_batches=-1",
+        f"callbacks.phase.at={at}", f"callbacks.phase.batch={batch}", f"callbacks.phase.hold={hold}",
+    ]  # fmt: skip
+    rc, out, err, took = signal_run(cmd, f"AT {at}", sig)
+    code = INTERRUPTED_EXIT_CODE if sig == signal.SIGINT else PREEMPTED_EXIT_CODE
+    assert rc == code and took < 30, (rc, took, out[-5:], err[-2000:])
+    assert out[-1].startswith(expect), out[-5:]
+    assert out[-2].startswith(f"stopped run stop-{phase} at batch "), out[-5:]
+    assert "Traceback" not in err, err[-2000:]
+    run_dir = tmp_path / "runs" / f"stop-{phase}"
+    if expect.startswith(("preempted", "interrupted")):
+        n = int(expect.split()[3].rstrip(";"))
+        assert os.readlink(run_dir / "latest-rank0.pt") == f"ep0-ba{n}-rank0.pt"
+    else:
+        assert not list(run_dir.glob("*.pt"))
+    # No dataloader worker outlives the run (forked workers carry the run name on their command line).
+    for _ in range(100):
+        left = subprocess.run(["pgrep", "-f", f"run_name=stop-{phase}"], capture_output=True, text=True)
+        if not left.stdout.strip():
+            break
+        time.sleep(0.1)
+    assert not left.stdout.strip(), f"processes left behind: {left.stdout}"
+
+
+def test_batch_that_never_ends_exits_after_the_wait_and_second_signal_at_once(tiny_bert, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(PHASE_DRIVER)
+    overrides = tiny_bert(
+        run_name="stuck", max_duration="1000ba", save_interval="1000ba", eval_interval="1000ba"
+    )
+    cmd = [
+        sys.executable, str(driver), QUICKSTART, *overrides,
+        "callbacks.phase.at=batch", "callbacks.phase.batch=3", "callbacks.phase.hold=1000",
+    ]  # fmt: skip
+    # Batches 1-2 trained: the first SIGTERM waits for a boundary to checkpoint at, which never comes.
+    rc, out, err, took = signal_run(cmd, "AT batch", env={**ENV, "LLMFOUNDRY_LITE_STOP_WAIT": "3"})
+    assert rc == PREEMPTED_EXIT_CODE and 3 <= took < 30, (rc, took, out[-5:], err[-2000:])
+    assert out[-1].startswith("stopped by SIGTERM: no batch boundary within 3s to checkpoint at"), out[-5:]
+    assert "Traceback" not in err, err[-2000:]
+    # A second signal does not wait.
+    rc, out, err, took = signal_run(cmd, "AT batch", second_after=0.5)
+    assert rc == PREEMPTED_EXIT_CODE and took < 10, (rc, took, out[-5:], err[-2000:])
+    assert out[-1] == "second SIGTERM: exiting now, without a checkpoint", out[-5:]
+
+
+def test_split_smaller_than_one_batch_fails_at_once_with_one_line(tiny_bert, tmp_path, mlm_mds_dir):
+    """565 training samples, drop_last and a global batch of 1024: Composer would loop over empty epochs forever."""
+    cmd = [
+        sys.executable, "-m", "llmfoundry_lite.cli", "train", QUICKSTART,
+        *tiny_bert(run_name="zero"), "global_train_batch_size=1024", "device_train_microbatch_size=32",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode == 2 and time.monotonic() - t0 < 30, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert lines[0] == (
+        f"error: {QUICKSTART}: train_loader: split 'train' of {mlm_mds_dir!r} has 565 samples, fewer than one "
+        "batch (global_train_batch_size 1024, drop_last: true), so no batch could ever be trained; set "
+        "global_train_batch_size to at most 565, or use more data"
+    )
 
 
 def test_nan_loss_stops_with_one_line_naming_the_batch(tiny_bert, capsys):

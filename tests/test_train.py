@@ -11,6 +11,7 @@ import torch
 from composer.core import Callback
 
 from llmfoundry_lite import load_recipe
+from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.train import RECIPE_FILENAME, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +167,224 @@ def test_load_path_weights_only_starts_a_new_run_from_a_checkpoint(tiny_bert, tm
     loaded = trainer2.state.model.state_dict()
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     trainer2.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saying what happens: first and last lines, train.log, metrics.jsonl, progress in any unit
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    from llmfoundry_lite.cli import main
+
+    rc = main(["train", QUICKSTART, *args])
+    return rc, capsys.readouterr().out.splitlines()
+
+
+def _first_line(lines: list[str]) -> tuple[str, str, str]:
+    """(verb, run name, the rest) of a run's first line: ``starting|resuming run NAME ...``."""
+    first = next(ln for ln in lines if ln.startswith(("starting run ", "resuming run ")))
+    verb, _, name, rest = first.split(" ", 3)
+    return verb, name, rest
+
+
+def test_every_run_says_name_folder_fresh_or_resumed_and_how_it_ended(tiny_bert, tmp_path, capsys):
+    """The default run name hashes the recipe: raising max_duration makes a new run unless run_name is kept."""
+    overrides = [o for o in tiny_bert(max_duration="2ba") if not o.startswith("run_name=")]
+    rc, lines = _cli(overrides, capsys)
+    assert rc == 0, lines
+    verb, name, rest = _first_line(lines)
+    folder = tmp_path / "runs" / name
+    assert (verb, rest) == ("starting", f"fresh in {folder}; training to 2ba"), lines
+    assert lines[-1].startswith(f"finished run {name} at batch 2/2 in {folder}; final loss "), lines
+    float(lines[-1].rsplit(" ", 1)[1])
+
+    # Both files are in the run folder: the console lines, and one JSON object per logged step.
+    log = (folder / "train.log").read_text().splitlines()
+    assert log[0].startswith("===== ") and log[1:] == lines, log
+    records = [json.loads(ln) for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "step" in r]
+    assert steps == sorted(set(steps)) and {0, 1} <= set(steps), steps
+    assert all("loss/train/total" in r for r in records if r.get("step") in (0, 1))
+    assert [r["event"] for r in records if "event" in r] == ["fit_end"]
+
+    rc, lines = _cli(overrides, capsys)  # the same command: nothing to do
+    assert rc == 0 and lines[-1].startswith(
+        f"run {name} is already complete (batch 2) in {folder}; to train further, raise max_duration and keep "
+        f"run_name={name}"
+    ), lines
+
+    longer = [o.replace("max_duration=2ba", "max_duration=4ba") for o in overrides]
+    rc, lines = _cli(longer, capsys)  # another recipe, so another default name: a new run
+    assert rc == 0 and _first_line(lines)[:2] != ("starting", name) and _first_line(lines)[0] == "starting"
+
+    rc, lines = _cli([*longer, f"run_name={name}"], capsys)  # extending the finished run
+    assert rc == 0, lines
+    checkpoint = folder / "ep0-ba2-rank0.pt"
+    assert _first_line(lines) == (
+        "resuming",
+        name,
+        f"from batch 2 ({checkpoint}) in {folder}; training to 4ba",
+    )
+    assert "[batch 3/4]" in "\n".join(lines) and "[batch 1/" not in "\n".join(lines)
+    assert lines[-1].startswith(f"finished run {name} at batch 4/4 in {folder}; final loss "), lines
+    assert (folder / "train.log").read_text().count("===== ") == 3  # appended, one header per start
+    steps = [json.loads(ln).get("step") for ln in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert {2, 3} <= set(steps)
+
+
+def test_logs_go_next_to_a_configured_metrics_file(tiny_bert, tmp_path):
+    """A sweep trial names its metrics file; its train.log goes beside it (one of each per run)."""
+    target = tmp_path / "trial" / "metrics.jsonl"
+    cfg = load_recipe(
+        QUICKSTART,
+        tiny_bert(run_name="named", max_duration="1ba") + [f"loggers.jsonl_metrics.filename={target}"],
+    )
+    trainer = build_trainer(cfg, QUICKSTART)
+    trainer.fit()
+    trainer.close()
+    assert target.exists() and (tmp_path / "trial" / "train.log").exists()
+    run_dir = tmp_path / "runs" / "named"
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "train.log").exists()
+
+
+@pytest.mark.parametrize(
+    "duration, interval, first, total, later",
+    [
+        ("16sp", "1ba", "[batch 1, sample 4/16]", "[batch 4, sample 16/16]", "[batch 2, sample 8/16]"),
+        ("300tok", "100tok", "[batch 1, token ", "/300]", None),
+        ("2ep", "1ba", "[batch 1, epoch 1/2]", "[batch 8, epoch 2/2]", "[batch 5, epoch 2/2]"),
+        ("4ba", "0.5dur", "[batch 1/4]", "[batch 4/4]", "[batch 2/4]"),
+    ],
+)
+def test_progress_line_has_a_total_and_eta_in_any_unit(
+    tiny_bert, capsys, duration, interval, first, total, later
+):
+    from composer.core import Time
+
+    from llmfoundry_lite.train import ProgressLine
+
+    extra = {"train_loader.epoch_size": 16} if duration.endswith("ep") else {}
+    # The recipe schema may not accept a `dur` interval yet: set it on the ProgressLine itself.
+    recipe_interval = "1ba" if interval.endswith("dur") else interval
+    cfg = load_recipe(
+        QUICKSTART,
+        tiny_bert(
+            run_name=f"u-{duration}", max_duration=duration, console_log_interval=recipe_interval,
+            save_folder="null", eval_interval="1000ba", **extra,
+        ),
+    )  # fmt: skip
+    trainer = build_trainer(cfg, QUICKSTART)
+    line = next(d for d in trainer.logger.destinations if isinstance(d, ProgressLine))
+    line.interval = Time.from_input(interval)
+    trainer.fit()
+    trainer.close()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[batch")]
+    assert lines[0].startswith(first) and "ETA" in lines[0], lines
+    assert total in lines[-1] and "ETA" not in lines[-1], lines
+    if later:
+        assert any(ln.startswith(later) for ln in lines), lines
+    if interval == "100tok":  # a line each time the run crosses a multiple of 100 tokens: not every batch
+        assert 3 <= len(lines) < int(trainer.state.timestamp.batch) + 1, lines
+    if interval == "0.5dur":
+        assert [ln.split("]")[0] for ln in lines] == ["[batch 1/4", "[batch 2/4", "[batch 4/4"], lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splits smaller than one batch; FSDP on one GPU
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_eval_split_smaller_than_a_batch(tiny_bert, mlm_mds_dir):
+    """30 validation samples: a larger eval batch is fine without drop_last, an error with it."""
+    cfg = load_recipe(QUICKSTART, tiny_bert(run_name="ev-ok", max_duration="1ba", device_eval_batch_size=64))
+    build_trainer(cfg, QUICKSTART).close()
+    cfg = load_recipe(
+        QUICKSTART,
+        tiny_bert(run_name="ev-bad", device_eval_batch_size=64) + ["eval_loader.drop_last=true"],
+    )
+    with pytest.raises(RecipeError) as e:
+        build_trainer(cfg, QUICKSTART)
+    assert e.value.key == "eval_loader"
+    assert str(e.value) == (
+        f"eval_loader: split 'val' of {mlm_mds_dir!r} has 30 samples, fewer than one batch (device_eval_batch_size "
+        "64, drop_last: true), so nothing would be evaluated; set device_eval_batch_size to at most 30, or "
+        "eval_loader.drop_last: false"
+    )
+
+
+def test_remote_dataset_smaller_than_a_batch_is_caught_after_it_is_built(tiny_bert, mlm_mds_dir, tmp_path):
+    """A dataset streamed from `remote` (here a plain folder streaming copies from) has no index to read first."""
+    cfg = load_recipe(
+        QUICKSTART,
+        tiny_bert(run_name="remote", global_train_batch_size=1024, device_train_microbatch_size=32)
+        + [f"train_loader.remote={mlm_mds_dir}", f"train_loader.local={tmp_path / 'cache'}"],
+    )
+    with pytest.raises(RecipeError, match=r"^train_loader: .* has 565 samples, fewer than one batch"):
+        build_trainer(cfg, QUICKSTART)
+
+
+def test_check_loader_batches_counts_per_rank():
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from llmfoundry_lite.train import check_loader_batches
+
+    cfg = OmegaConf.create(
+        {"global_train_batch_size": 16, "train_loader": {"local": "/data", "split": "train"}}
+    )
+    data = list(range(10))
+    ok = DataLoader(data, batch_size=4, drop_last=True, sampler=DistributedSampler(data, 2, 0, shuffle=False))
+    check_loader_batches(cfg, "train_loader", ok, world=2)
+    big = DataLoader(
+        data, batch_size=8, drop_last=True, sampler=DistributedSampler(data, 2, 0, shuffle=False)
+    )
+    with pytest.raises(RecipeError) as e:
+        check_loader_batches(cfg, "train_loader", big, world=2)
+    assert (
+        "has 10 samples, 5 per rank on 2 ranks, fewer than one batch (global_train_batch_size 16 = 8 per "
+        "rank x 2 ranks, drop_last: true)"
+        in str(e.value)
+        and "at most 10" in str(e.value)
+    )
+    check_loader_batches(cfg, "train_loader", DataLoader(data, batch_size=64, drop_last=False), world=1)
+
+
+def test_fsdp_block_applies_on_one_gpu_and_is_ignored_on_cpu(capsys):
+    from omegaconf import OmegaConf
+
+    from llmfoundry_lite.train import parallelism_config
+
+    cfg = OmegaConf.create({"fsdp": {"sharding_strategy": "FULL_SHARD"}})
+    assert parallelism_config(cfg, world=1, device_name="gpu") == {
+        "fsdp": {"sharding_strategy": "FULL_SHARD"}
+    }
+    assert parallelism_config(cfg, world=8, device_name="gpu") == {
+        "fsdp": {"sharding_strategy": "FULL_SHARD"}
+    }
+    assert parallelism_config(cfg, world=1, device_name="cpu") is None
+    assert "fsdp block is ignored on CPU" in capsys.readouterr().out
+
+
+def test_a_dataloader_that_yields_nothing_stops_instead_of_looping_forever(tiny_bert):
+    """An iterable dataset cannot say its size before training: two empty epochs in a row stop the run."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from llmfoundry_lite import registry
+
+    class Nothing(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    def empty_loader(tokenizer, device_batch_size):
+        return DataLoader(Nothing(), batch_size=device_batch_size)
+
+    registry.dataloaders.register("test_empty_iterable", func=empty_loader)
+    cfg = load_recipe(QUICKSTART, tiny_bert(run_name="empty", save_folder="null"))
+    cfg.train_loader = {"name": "test_empty_iterable"}
+    trainer = build_trainer(cfg, QUICKSTART)
+    with pytest.raises(RecipeError) as e:
+        trainer.fit()
+    trainer.close()
+    assert e.value.key == "train_loader" and "yields no batch" in str(e.value)

@@ -1,18 +1,19 @@
-"""Fault handling installed in every run: checkpoint-and-exit on SIGTERM/SIGUSR1, stop on a NaN/Inf loss.
+"""Fault handling installed in every run: checkpoint-and-exit on SIGTERM/SIGUSR1/SIGINT, stop on a NaN/Inf loss,
+stop on a dataloader that yields no batch.
 
-Both callbacks decide on values that are identical on every rank (a max-reduced flag, the all-reduced loss), so
-all processes of a distributed run stop at the same batch and none is left waiting in a collective.
+The callbacks decide on values that are identical on every rank (a max-reduced flag, the all-reduced loss), so
+all processes of a distributed run stop at the same batch and none is left waiting in a collective. The signal
+handlers themselves live in ``stop_signals.py`` (installed before torch loads, so a run stops at any point).
 
 Exit codes (documented in the README): 143 preempted (128 + SIGTERM, also for SIGUSR1, so schedulers read it
-as "terminated"), 3 non-finite loss, 2 recipe error.
+as "terminated"), 130 interrupted (SIGINT), 3 non-finite loss, 2 recipe error.
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import sys
-from typing import Any
+import time
+from typing import Any, Optional
 
 import torch
 from composer.callbacks import CheckpointSaver
@@ -20,9 +21,31 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-PREEMPTED_EXIT_CODE = 143
+from llmfoundry_lite.callbacks.stop_signals import (
+    GUARD,
+    INTERRUPTED_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    PREEMPTION_SIGNALS,
+    STOP_SIGNALS,
+    StopNow,
+    exit_code_for,
+)
+from llmfoundry_lite.errors import RecipeError
+
 NONFINITE_EXIT_CODE = 3
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+__all__ = [
+    "INTERRUPTED_EXIT_CODE",
+    "NONFINITE_EXIT_CODE",
+    "PREEMPTED_EXIT_CODE",
+    "PREEMPTION_SIGNALS",
+    "STOP_SIGNALS",
+    "EmptyEpochGuard",
+    "NonFiniteLossGuard",
+    "Preempted",
+    "Preemption",
+    "RunStopped",
+    "StopNow",
+]
 
 
 class RunStopped(Exception):
@@ -30,13 +53,15 @@ class RunStopped(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, batch: int):
+    def __init__(self, message: str, batch: int, exit_code: Optional[int] = None):
         super().__init__(message)
         self.batch = batch
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class Preempted(RunStopped):
-    """A preemption signal arrived; the checkpoint of ``batch`` was written (when a save folder is set)."""
+    """A stop signal arrived; the checkpoint of ``batch`` was written (when a save folder is set)."""
 
     exit_code = PREEMPTED_EXIT_CODE
 
@@ -56,51 +81,140 @@ def _any_rank(flag: bool, state: State) -> bool:
     return bool(t.item())
 
 
+def _saver(state: State) -> Optional[CheckpointSaver]:
+    return next((cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)), None)
+
+
 class Preemption(Callback):
-    """On SIGTERM/SIGUSR1: finish the current batch, write a checkpoint, raise :class:`Preempted`."""
+    """On SIGTERM/SIGUSR1/SIGINT during training: finish the batch, write a checkpoint, raise :class:`Preempted`.
 
-    def __init__(self, signals: tuple[int, ...] = PREEMPTION_SIGNALS) -> None:
-        self.signals = signals
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
+    Looks for the signal at every batch and epoch boundary and between evaluation batches (an evaluation can
+    take minutes; the checkpoint of the batch before it is written and the evaluation skipped). Before the first
+    batch of this process finishes there is nothing new to save: the handler stops the run at once.
+    """
 
-    def _handler(self, signum: int, frame: Any) -> None:
-        # Only record it: the batch in flight finishes and the checkpoint is written between batches.
-        self.received = signum
+    def __init__(self) -> None:
+        self._installed = False
+        self._state: Optional[State] = None
+        self._batch0 = 0
+        self._ended_at: Optional[int] = None
+        self._t_batch: Optional[float] = None
+
+    @property
+    def received(self) -> Optional[int]:
+        """The signal received, if any."""
+        return GUARD.received
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        """Install the signal handlers (main thread only: Python delivers signals there)."""
-        for sig in self.signals:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. a notebook worker thread): leave defaults
-                return
+        """Install the handlers unless the run already did (main thread only: Python delivers signals there)."""
+        self._installed = GUARD.install()
+        self._state = state
+        self._batch0 = int(state.timestamp.batch)
+        self._ended_at = None
+        GUARD.training = self._why_not_wait
 
-    def _restore(self) -> None:
-        for sig, prev in self._previous.items():
-            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
-        self._previous.clear()
+    def _why_not_wait(self, signum: int) -> Optional[str]:
+        """None when a checkpoint at the next boundary is worth waiting for, else why not (for the message)."""
+        if self._ended_at is not None:
+            return f"while finishing (training ended at batch {self._ended_at})"
+        state = self._state
+        if state is None:
+            return "during start-up"
+        batch = int(state.timestamp.batch)
+        if batch == self._batch0:
+            return (
+                f"before batch {batch + 1} finished, so there was nothing new to save; rerun the same command to "
+                + ("resume" if batch else "start again")
+            )
+        if _saver(state) is None:
+            return f"at batch {batch}; no save_folder is set, so nothing was saved"
+        return None
+
+    def batch_start(self, state: State, logger: Logger) -> None:  # noqa: D102
+        self._t_batch = time.perf_counter()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        """Remember the slowest batch: the watchdog waits at least three times as long for a boundary."""
+        if self._t_batch is not None:
+            GUARD.slowest_batch_s = max(GUARD.slowest_batch_s, time.perf_counter() - self._t_batch)
+
+    def _finish(self, ended: bool = False) -> None:
+        if ended and self._state is not None:  # a signal now (final evaluation, closing) stops at once
+            self._ended_at = int(self._state.timestamp.batch)
+        elif GUARD.training == self._why_not_wait:
+            GUARD.training = None
+        self._state = None
+        if self._installed:
+            self._installed = False
+            GUARD.uninstall()
 
     def fit_end(self, state: State, logger: Logger) -> None:  # noqa: D102
-        self._restore()
+        self._finish(ended=True)
 
     def close(self, state: State, logger: Logger) -> None:  # noqa: D102
-        self._restore()
+        self._finish()
 
-    def batch_checkpoint(self, state: State, logger: Logger) -> None:
-        """After the batch (and any scheduled save): checkpoint and stop if any rank was signalled."""
-        if not _any_rank(self.received is not None, state):
+    def _stop_if_signalled(self, state: State, logger: Logger, where: str = "") -> None:
+        if not _any_rank(GUARD.received is not None, state):
             return
+        signum = GUARD.received or PREEMPTION_SIGNALS[0]  # another rank was signalled
+        GUARD.disarm()  # the checkpoint may take longer than the wait for a boundary; a second signal still exits
         batch = int(state.timestamp.batch)
-        saver = next((cb for cb in state.callbacks if isinstance(cb, CheckpointSaver)), None)
+        verb = "interrupted" if exit_code_for(signum) == INTERRUPTED_EXIT_CODE else "preempted"
+        saver = _saver(state)
         if saver is None:
-            msg = f"preempted at batch {batch}; no save_folder is set, so nothing was saved"
+            msg = f"{verb} at batch {batch}{where}; no save_folder is set, so nothing was saved"
         else:
             if saver.last_checkpoint_batch is None or int(saver.last_checkpoint_batch) != batch:
                 saver._save_checkpoint(state, logger)  # noqa: SLF001 (Composer's own save: symlink + pruning)
-            msg = f"preempted at batch {batch}; rerun the same command to resume"
-        self._restore()
-        raise Preempted(msg, batch)
+            msg = f"{verb} at batch {batch}{where}; rerun the same command to resume"
+        self._finish()
+        raise Preempted(msg, batch, exit_code_for(signum))
+
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        """After the batch (and any scheduled save): checkpoint and stop if any rank was signalled."""
+        self._stop_if_signalled(state, logger)
+
+    def epoch_checkpoint(self, state: State, logger: Logger) -> None:
+        """At an epoch end, likewise (also the only boundary of a loop over epochs that yield no batch)."""
+        self._stop_if_signalled(state, logger)
+
+    def eval_batch_end(self, state: State, logger: Logger) -> None:
+        """Between evaluation batches during training: checkpoint the last trained batch, skip the rest."""
+        if self._state is not None and int(state.timestamp.batch) > self._batch0:
+            self._stop_if_signalled(state, logger, " (during evaluation)")
+
+
+class EmptyEpochGuard(Callback):
+    """Stop a run whose train dataloader yields no batch (Composer would loop over empty epochs forever).
+
+    The build-time check (``train.check_loader_batches``) catches this for sized datasets; this catches the rest
+    (iterable datasets, plugins). Two empty epochs in a row: a resumed run may legitimately find the rest of its
+    epoch empty once.
+    """
+
+    def __init__(self) -> None:
+        self._batches_this_epoch = 0
+        self._empty_in_a_row = 0
+
+    def epoch_start(self, state: State, logger: Logger) -> None:  # noqa: D102
+        self._batches_this_epoch = 0
+
+    def batch_end(self, state: State, logger: Logger) -> None:  # noqa: D102
+        self._batches_this_epoch += 1
+
+    def epoch_end(self, state: State, logger: Logger) -> None:
+        """Count empty epochs; raise at the second in a row."""
+        if self._batches_this_epoch:
+            self._empty_in_a_row = 0
+            return
+        self._empty_in_a_row += 1
+        if self._empty_in_a_row >= 2:
+            raise RecipeError(
+                "the train dataloader yields no batch (two epochs in a row were empty), so training can never "
+                "finish; use more data or a smaller global_train_batch_size",
+                key="train_loader",
+            )
 
 
 class NonFiniteLossGuard(Callback):
@@ -134,9 +248,3 @@ def _as_float(loss: Any) -> float | None:
     if isinstance(loss, dict):
         return _as_float(list(loss.values()))
     return None if loss is None else float(loss)
-
-
-def report(stopped: RunStopped) -> None:
-    """Print the one-line message of a stopped run (rank 0 only, so it appears once per job)."""
-    if dist.get_global_rank() == 0:
-        print(str(stopped), file=sys.stdout, flush=True)

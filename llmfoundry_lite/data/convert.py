@@ -19,6 +19,7 @@ deterministic, exact to the fraction, and streaming-friendly (no need to know th
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -26,6 +27,7 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -313,8 +315,78 @@ def load_fast_tokenizer(name_or_path: str) -> FastTokenizer:
 _worker_tok: Any = None
 
 
+def _pool_context() -> Any:
+    """The multiprocessing context of the tokenization workers: forkserver where available, else spawn.
+
+    Not fork: a forked worker copies the caller's locks mid-state (threads of torch, tokenizers or a test runner)
+    and its Python signal handlers, so it can block forever at start-up and ignore SIGTERM, and the parent then
+    waits on it forever (the old ``Pool.terminate()`` -> ``join()`` hang). Forkserver workers fork from a clean
+    single-threaded server that has already imported this module and ``tokenizers``.
+    """
+    import multiprocessing as mp
+
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__, "tokenizers"])  # only used when this starts the server
+        return ctx
+    return mp.get_context("spawn")
+
+
+class _TokenizerPool:
+    """Worker processes that tokenize chunks in order, with at most ``4 x workers`` chunks in flight.
+
+    ``concurrent.futures`` rather than ``multiprocessing.Pool``: a worker that dies (killed, out of memory, or a
+    script without a ``__main__`` guard re-running itself) breaks the executor with an error, where ``Pool``
+    silently starts a replacement forever. The bounded window keeps memory flat on any corpus size.
+    """
+
+    def __init__(self, workers: int, tok_json: str, tasks: Iterator[Any]):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._executor = ProcessPoolExecutor(
+            workers, mp_context=_pool_context(), initializer=_worker_init, initargs=(tok_json,)
+        )
+        self._tasks = tasks
+        self._ahead = 4 * workers
+        self._pending: collections.deque = collections.deque()
+        self._fill()  # start now, so tokenization overlaps the caller's next imports
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._ahead:
+            task = next(self._tasks, None)
+            if task is None:
+                return
+            self._pending.append(self._executor.submit(_encode_chunk, task))
+
+    def __iter__(self) -> Iterator[tuple[str, int, Any]]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            while self._pending:
+                future = self._pending.popleft()
+                self._fill()
+                yield future.result()
+        except BrokenProcessPool as e:
+            raise RecipeError(
+                f"a tokenization worker process died ({e}); when calling convert() from a script, call it under "
+                '`if __name__ == "__main__":` (workers start a fresh interpreter that imports the script), or '
+                "use --num-workers 0",
+                key="--num-workers",
+            ) from None
+
+    def close(self) -> None:
+        """All results consumed: let the workers exit and wait for them."""
+        self._executor.shutdown(wait=True)
+
+    def cancel(self) -> None:
+        """Stop early (an error or Ctrl-C): drop queued chunks; workers exit after the chunk they hold."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 def _worker_init(tok_json: str) -> None:
     global _worker_tok
+    # Ctrl-C reaches the whole process group: the parent stops the pool; workers must not print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # One thread per worker process: the processes already fill the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
@@ -560,16 +632,13 @@ def convert(
     # Worker processes start before streaming (and torch) are imported, so tokenization overlaps the import.
     workers = _num_workers(num_workers) if concat_tokens is not None else 0
     counts: dict[str, int] = {}
-    pool = None
+    pool: Optional[_TokenizerPool] = None
     results: Iterator[Any]
     if concat_tokens is not None:
         tasks = _chunks(pairs, bos_id, eos_id, counts)
         if workers > 0:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            pool = ctx.Pool(workers, initializer=_worker_init, initargs=(fast.json,))
-            results = pool.imap(_encode_chunk, tasks, chunksize=1)
+            pool = _TokenizerPool(workers, fast.json, tasks)
+            results = iter(pool)
         else:
             _worker_init_inproc(fast.json)
             results = map(_encode_chunk, tasks)
@@ -595,6 +664,9 @@ def convert(
             )
         if concat_tokens is not None:
             _write_concat(results, writers, stats, concat_tokens, bar)
+            if pool is not None:
+                pool.close()  # every chunk is done: the workers exit on their own
+                pool = None
         else:
             _write_raw(results, writers, stats, bar, fast)
         for n in names:
@@ -618,9 +690,8 @@ def convert(
             _publish(tmp_dirs[n], out / n, stats[n])
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if pool is not None:  # failed or interrupted part-way: drop the queued chunks
+            pool.cancel()
         for w in writers.values():  # failed: stop writers without writing an index.json
             try:
                 w.cancel_future_jobs()

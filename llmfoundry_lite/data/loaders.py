@@ -66,6 +66,21 @@ def _single_process_init_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class SplitTooSmall(RecipeError):
+    """A rank's share of the split is smaller than one batch under drop_last: the loader would yield nothing.
+
+    Raised before the DataLoader (and its worker processes) exists; ``train`` rewrites it naming the recipe
+    section and the batch-size setting to change.
+    """
+
+    def __init__(self, per_rank: int, batch: int, total: int):
+        super().__init__(
+            f"{total} samples ({per_rank} per rank), fewer than one batch of {batch} with drop_last: the loader "
+            "would yield no batch; use a smaller batch, drop_last: false or more data"
+        )
+        self.per_rank, self.batch, self.total = per_rank, batch, total
+
+
 def _has_scheme(path: str) -> bool:
     return "://" in path
 
@@ -239,6 +254,10 @@ def build_text_dataloader(
         raise RecipeError(
             f"cannot open dataset local={local!r} remote={remote!r} split={split!r}: {e}"
         ) from None
+    # len() is this rank's share (streaming partitions samples across ranks), for remote datasets too. With
+    # fewer samples than one batch and drop_last, Composer would loop over empty epochs forever.
+    if len(dataset) < (device_batch_size if drop_last else 1):
+        raise SplitTooSmall(len(dataset), device_batch_size, int(dataset.epoch_size))
 
     loader = torch.utils.data.DataLoader(
         dataset,
