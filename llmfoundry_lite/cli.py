@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 import traceback
 from typing import Any, Optional
 
-import click
 import typer
 
+from llmfoundry_lite.compat import NO_SUCH_COMMAND, UNEXPECTED_EXTRA_ARGS, click_classes
 from llmfoundry_lite.errors import RecipeError, suggest
 from llmfoundry_lite.quiet import DEBUG_ENV
 
@@ -230,22 +229,9 @@ def _verb(argv: list[str]) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _click_classes(name: str) -> tuple[type, ...]:
-    """``click.exceptions.<name>`` and, for typer >= 0.26 (which vendors click), ``typer._click``'s too."""
-    classes: list[type] = [getattr(click.exceptions, name)]
-    try:
-        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
-    except ImportError:
-        pass
-    else:
-        if hasattr(vendored, name) and getattr(vendored, name) not in classes:
-            classes.append(getattr(vendored, name))
-    return tuple(classes)
-
-
-_USAGE_ERRORS = _click_classes("ClickException")  # UsageError, BadParameter, NoSuchOption, ... are subclasses
-_EXIT = _click_classes("Exit")
-_ABORT = _click_classes("Abort")
+_USAGE_ERRORS = click_classes("ClickException")  # UsageError, BadParameter, NoSuchOption, ... are subclasses
+_EXIT = click_classes("Exit")
+_ABORT = click_classes("Abort")
 
 _OVERRIDE_HINT = "overrides are written key=value without dashes"
 
@@ -343,10 +329,10 @@ def _usage_detail(e: Any, ctx: Any, raw: str, argv: list[str]) -> str:
     if kind == "MissingParameter" and ctx is not None and getattr(e, "param", None) is not None:
         usage = " ".join([ctx.command_path, *ctx.command.collect_usage_pieces(ctx)])
         return f"missing {e.param.param_type_name} {e.param.human_readable_name} (usage: {usage})"
-    if (m := re.match(r"No such command ['\"](.+?)['\"]", raw)) and ctx is not None:
+    if (m := NO_SUCH_COMMAND.match(raw)) and ctx is not None:
         where = f" for {ctx.info_name}" if ctx.parent else ""
         return f"no such command {m.group(1)!r}{where}" + suggest(m.group(1), ctx.command.list_commands(ctx))
-    if m := re.match(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)", raw, re.IGNORECASE):
+    if m := UNEXPECTED_EXTRA_ARGS.match(raw):
         where = f" for {ctx.info_name}" if ctx is not None else ""
         return f"unexpected extra argument(s){where}: {m.group(1)}"
     return _one_line(raw.split("Did you mean")[0])  # click's own suggestions come in varying forms

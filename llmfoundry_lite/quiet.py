@@ -17,7 +17,6 @@ NOT_ACTIONABLE = (
     r".*DataloaderNumBatchesWarning",  # an eval set smaller than eval_subset_num_batches
     r"Cannot split tensor of length",  # the last partial batch is smaller than the microbatch
     r"The warmup duration is 0",  # a fractional warmup of a few-batch run rounds to zero
-    r"No microbatch size was specified",
 )
 
 

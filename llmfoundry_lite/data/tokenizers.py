@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.compat import hub_offline  # noqa: F401 (models.meta imports it from here)
 from llmfoundry_lite.data.checks import TRAIN_HINT, hub_offline_reason, locate_tokenizer, resolve
 from llmfoundry_lite.errors import RecipeError
 
@@ -100,20 +101,6 @@ def train_tokenizer(
         )
     hf.save_pretrained(str(out))
     return out
-
-
-@contextlib.contextmanager
-def hub_offline() -> Iterator[None]:
-    """Cached hub files only: no download, and no minute of retries when there is no network."""
-    import huggingface_hub.constants as hc
-    import transformers.utils.hub as th
-
-    saved = hc.HF_HUB_OFFLINE, getattr(th, "_is_offline_mode", None)
-    hc.HF_HUB_OFFLINE, th._is_offline_mode = True, True
-    try:
-        yield
-    finally:
-        hc.HF_HUB_OFFLINE, th._is_offline_mode = saved
 
 
 @registry.tokenizers.register("hf")

@@ -17,6 +17,7 @@ from composer.models import HuggingFaceModel
 from torch import nn
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.compat import no_split_module_names
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import TransformerFlops, count_params, layer_shape, parameter_counts
 from llmfoundry_lite.models.schema import vocab_size_from
@@ -51,7 +52,7 @@ def declare_fsdp_blocks(model: nn.Module) -> nn.Module:
     the repeated layers: the ModuleList holding ``num_hidden_layers`` modules of one class. Embeddings and the
     (tied) LM head stay in the root unit together.
     """
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    names = no_split_module_names(model)
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     n_layers = getattr(model.config, "num_hidden_layers", None)
     for m in model.modules():

@@ -1,0 +1,173 @@
+"""Every place this project leans on a dependency's private internals or exact wording, in one module.
+
+Each helper says what it relies on and why; ``tests/test_compat.py`` fails loudly, naming the helper, when an
+upgrade changes that behaviour. Upgrading Composer, streaming, transformers or typer/click: run it first.
+Only the standard library at import time: the CLI imports this module before torch loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import re
+import sys
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------------------
+# Composer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def use_cpu_model_lookup(lookup: Callable[[], str]) -> None:
+    """Answer Composer's CPU-model lookup (``collect_env.get_cpu_model``) with ``lookup``.
+
+    ``Trainer.__init__`` logs the CPU model through py-cpuinfo, which starts a subprocess (about a second, a sixth
+    of a small run's start-up); ``/proc/cpuinfo`` gives the same string. Relies on ``get_composer_env_dict``
+    calling the module-level ``get_cpu_model`` at call time.
+    """
+    from composer.utils import collect_env
+
+    collect_env.get_cpu_model = lookup
+
+
+def restore_checkpoint_rng(trainer: Any) -> bool:
+    """Restore the RNG state Composer loaded from a checkpoint but kept pending; True when there was one.
+
+    Composer keeps it in ``Trainer._rng_state`` and restores it only at an epoch boundary or while spinning a
+    dataloader; a streaming dataset resumes itself mid-epoch, so without this the resumed run would draw random
+    numbers from a fresh stream. Clearing it afterwards stops Composer from restoring it a second time.
+    """
+    state = getattr(trainer, "_rng_state", None)
+    if state is None:
+        return False
+    from composer.utils import reproducibility
+
+    reproducibility.load_rng_state(state)
+    trainer._rng_state = None
+    return True
+
+
+def save_checkpoint_now(saver: Any, state: Any, logger: Any) -> None:
+    """Have Composer's ``CheckpointSaver`` write a checkpoint of ``state`` now (outside its schedule).
+
+    Its private ``_save_checkpoint(state, logger)`` is the save the schedule itself runs: file name, the
+    ``latest`` symlink, pruning to ``save_num_checkpoints_to_keep``, uploads. A preempted run needs exactly that.
+    """
+    saver._save_checkpoint(state, logger)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transformers / huggingface_hub
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Cached hub files only: no download, and no minute of retries when there is no network.
+
+    transformers copies ``HF_HUB_OFFLINE`` into its private ``transformers.utils.hub._is_offline_mode`` at import,
+    and ``is_offline_mode()`` reads that copy; setting the environment variable later changes nothing.
+    """
+    import huggingface_hub.constants as hc
+    import transformers.utils.hub as th
+
+    saved = hc.HF_HUB_OFFLINE, getattr(th, "_is_offline_mode", None)
+    hc.HF_HUB_OFFLINE, th._is_offline_mode = True, True
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE, th._is_offline_mode = saved
+
+
+def no_split_module_names(model: Any) -> set[str]:
+    """Class names of a Hugging Face model's transformer blocks (its private ``_no_split_modules``).
+
+    transformers declares there which modules must not be split across devices, i.e. the repeated blocks; FSDP
+    wraps and activation-checkpoints the same units. Empty when the model declares none (BERT).
+    """
+    return set(getattr(model, "_no_split_modules", None) or ())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# streaming
+# ---------------------------------------------------------------------------------------------------------
+
+_MDS_PACKAGES = ("streaming", "streaming.base", "streaming.base.format", "streaming.base.format.mds")
+
+
+def import_mds_writer() -> type:
+    """streaming's ``MDSWriter``, importing the package ``__init__`` files (and transformers with them) lazily.
+
+    ``import streaming`` costs ~4 s of CPU, the largest part of converting a small corpus, because its
+    ``__init__`` pulls in every dataset class and transformers; the writer needs only leaf modules. The four
+    packages on the way are put in ``sys.modules`` as modules whose real ``__init__`` runs, in place, on the first
+    access to a name it defines (PEP 562 ``__getattr__``), so ``from streaming import StreamingDataset`` later in
+    the process works as usual and the writer class is the same object. Any surprise falls back to the plain
+    import. Relies on the writer living at ``streaming.base.format.mds.writer``.
+    """
+    if "streaming" in sys.modules:
+        from streaming import MDSWriter
+
+        return MDSWriter
+    added: list[str] = []
+    try:
+        for name in _MDS_PACKAGES:
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.submodule_search_locations is None or spec.loader is None:
+                raise ImportError(name)
+            sys.modules[name] = _deferred_package(types.ModuleType(name), spec)
+            if added:  # bind to the parent as the import system would
+                setattr(sys.modules[added[-1]], name.rsplit(".", 1)[1], sys.modules[name])
+            added.append(name)
+        return importlib.import_module("streaming.base.format.mds.writer").MDSWriter
+    except Exception:
+        for name in added:
+            sys.modules.pop(name, None)
+        from streaming import MDSWriter
+
+        return MDSWriter
+
+
+def _deferred_package(mod: Any, spec: Any) -> Any:
+    mod.__spec__, mod.__loader__, mod.__file__ = spec, spec.loader, spec.origin
+    mod.__path__, mod.__package__ = list(spec.submodule_search_locations), spec.name
+
+    def __getattr__(attr: str) -> Any:
+        # First miss: run the real __init__ in this module's namespace (submodules bound so far are kept).
+        mod.__dict__.pop("__getattr__", None)
+        exec(spec.loader.get_code(spec.name), mod.__dict__)
+        try:
+            return mod.__dict__[attr]
+        except KeyError:
+            raise AttributeError(f"module {spec.name!r} has no attribute {attr!r}") from None
+
+    mod.__getattr__ = __getattr__
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------------------
+# typer / click
+# ---------------------------------------------------------------------------------------------------------
+
+
+def click_classes(name: str) -> tuple[type, ...]:
+    """``click.exceptions.<name>`` and, for typer >= 0.26 (which vendors click as ``typer._click``), its copy too."""
+    import click
+
+    classes: list[type] = [getattr(click.exceptions, name)]
+    try:
+        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
+    except ImportError:
+        pass
+    else:
+        if hasattr(vendored, name) and getattr(vendored, name) not in classes:
+            classes.append(getattr(vendored, name))
+    return tuple(classes)
+
+
+# click's wording of two usage errors, reworded by the CLI into one line with a suggestion.
+NO_SUCH_COMMAND = re.compile(r"No such command ['\"](.+?)['\"]")
+UNEXPECTED_EXTRA_ARGS = re.compile(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)", re.IGNORECASE)

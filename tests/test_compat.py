@@ -1,0 +1,158 @@
+"""What llmfoundry_lite.compat relies on in Composer, streaming, transformers and click: each test fails, naming
+the helper, when an upgrade changes that behaviour (run these first after upgrading a dependency)."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmfoundry_lite import compat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_trainer(tmp_path: Path, **kwargs):
+    from composer import Trainer
+    from composer.models import ComposerClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    model = ComposerClassifier(torch.nn.Linear(4, 2), num_classes=2)
+    defaults = dict(
+        model=model,
+        train_dataloader=DataLoader(data, batch_size=4),
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+        max_duration="2ba",
+        device="cpu",
+        save_folder=str(tmp_path / "ckpt"),
+        save_interval="100ba",
+        progress_bar=False,
+        log_to_console=False,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+def test_use_cpu_model_lookup_answers_composers_environment_report():
+    from composer.trainer import trainer as trainer_module
+    from composer.utils import collect_env
+
+    original = collect_env.get_cpu_model
+    try:
+        compat.use_cpu_model_lookup(lambda: "Test CPU 9000")
+        assert collect_env.get_composer_env_dict()["cpu_model"] == "Test CPU 9000", (
+            "compat.use_cpu_model_lookup: Composer no longer reads collect_env.get_cpu_model at call time"
+        )
+    finally:
+        collect_env.get_cpu_model = original
+    assert "get_composer_env_dict()" in inspect.getsource(trainer_module.Trainer.__init__), (
+        "compat.use_cpu_model_lookup: Trainer.__init__ no longer reports the environment (the patch may go)"
+    )
+
+
+def test_save_checkpoint_now_and_restore_checkpoint_rng(tmp_path):
+    from composer.callbacks import CheckpointSaver
+
+    trainer = _tiny_trainer(tmp_path)
+    trainer.fit()
+    saver = next(cb for cb in trainer.state.callbacks if isinstance(cb, CheckpointSaver))
+    compat.save_checkpoint_now(saver, trainer.state, trainer.logger)
+    latest = tmp_path / "ckpt" / "latest-rank0.pt"
+    assert latest.is_symlink() and latest.resolve().name == "ep0-ba2-rank0.pt", (
+        "compat.save_checkpoint_now: CheckpointSaver._save_checkpoint no longer writes the batch's checkpoint "
+        "and points latest-rank0.pt at it"
+    )
+    assert int(saver.last_checkpoint_batch) == 2
+    trainer.close()
+
+    resumed = _tiny_trainer(tmp_path / "resumed", load_path=str(latest), max_duration="4ba")
+    assert compat.restore_checkpoint_rng(resumed), (
+        "compat.restore_checkpoint_rng: a Trainer loaded from a checkpoint no longer keeps its RNG state pending in "
+        "Trainer._rng_state"
+    )
+    assert not compat.restore_checkpoint_rng(resumed)  # restored once; Composer will not restore it again
+    resumed.close()
+
+
+def test_hub_offline_switches_transformers_offline_mode():
+    import huggingface_hub.constants as hc
+    import transformers.utils.hub as th
+
+    before = th.is_offline_mode(), hc.HF_HUB_OFFLINE
+    with compat.hub_offline():
+        assert th.is_offline_mode() and hc.HF_HUB_OFFLINE, (
+            "compat.hub_offline: transformers' is_offline_mode() no longer reads transformers.utils.hub._is_offline_mode"
+        )
+    assert (th.is_offline_mode(), hc.HF_HUB_OFFLINE) == before
+
+
+def test_no_split_module_names_are_the_transformer_blocks():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(cfg)
+    names = compat.no_split_module_names(model)
+    assert names == {"LlamaDecoderLayer"}, (
+        "compat.no_split_module_names: transformers' _no_split_modules no longer names the decoder blocks"
+    )
+    assert {type(m).__name__ for m in model.modules()} >= names
+
+
+def test_import_mds_writer_defers_the_streaming_package():
+    code = (
+        "import sys\n"
+        "from llmfoundry_lite.compat import import_mds_writer\n"
+        "writer = import_mds_writer()\n"
+        "assert 'transformers' not in sys.modules, 'the deferred import pulled in transformers'\n"
+        "import streaming, streaming.base.format.mds.writer as w\n"
+        "from streaming import MDSWriter, StreamingDataset\n"
+        "assert writer is MDSWriter is w.MDSWriter\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.strip() == "ok", (
+        f"compat.import_mds_writer: streaming's package layout changed\n{out.stderr[-2000:]}"
+    )
+
+
+def test_click_wording_and_exception_classes():
+    import click
+
+    group = click.Group("prog", commands={"run": click.Command("run", callback=lambda: None)})
+    with pytest.raises(click.UsageError) as e:
+        group.main(["nope"], standalone_mode=False)
+    assert compat.NO_SUCH_COMMAND.match(e.value.format_message()), "compat.NO_SUCH_COMMAND: click reworded it"
+    with pytest.raises(click.UsageError) as e:
+        group.main(["run", "extra"], standalone_mode=False)
+    assert compat.UNEXPECTED_EXTRA_ARGS.match(e.value.format_message()), (
+        "compat.UNEXPECTED_EXTRA_ARGS: click reworded it"
+    )
+    assert click.exceptions.ClickException in compat.click_classes("ClickException")
+    assert all(issubclass(c, Exception) for c in compat.click_classes("Exit"))
+
+
+def test_quiet_patterns_match_warnings_the_dependencies_still_emit():
+    """Every hidden warning is still worded so in Composer or streaming (a stale pattern hides nothing)."""
+    import composer
+    import streaming
+
+    from llmfoundry_lite.quiet import NOT_ACTIONABLE
+
+    sources = "\n".join(
+        p.read_text(encoding="utf-8", errors="ignore")
+        for pkg in (composer, streaming)
+        for p in Path(pkg.__file__).parent.rglob("*.py")
+    )
+    for pattern in NOT_ACTIONABLE:
+        literal = re.sub(r"^\.\*", "", pattern)
+        assert literal in sources, f"quiet.NOT_ACTIONABLE: no dependency warns {literal!r} any more"
