@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> DictConfig:
     """Load a recipe (base chain, interpolation, overrides), resolved and validated."""
-    from llmfoundry_lite.config import load_recipe as _load
+    from llmfoundry_lite.recipe import load_recipe as _load
 
     return _load(path, overrides)
 

@@ -88,7 +88,7 @@ def train(
     overrides = list(overrides or [])
     world = nproc * nnodes
     if world > 1 and "WORLD_SIZE" not in os.environ:
-        from llmfoundry_lite.config import load_recipe
+        from llmfoundry_lite.recipe import load_recipe
 
         load_recipe(
             recipe, overrides, nproc=world, check_resources=True
@@ -100,8 +100,8 @@ def train(
 @app.command()
 def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the fully resolved recipe as YAML, with its parameter count."""
-    from llmfoundry_lite.config import load_recipe, to_yaml
     from llmfoundry_lite.models.meta import count_parameters
+    from llmfoundry_lite.recipe import load_recipe, to_yaml
 
     cfg = load_recipe(recipe, list(overrides or []))
     counts = count_parameters(cfg)
@@ -119,7 +119,7 @@ def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg)
 @app.command()
 def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a recipe without training: exit 0 when valid, 2 with a message otherwise."""
-    from llmfoundry_lite.config import load_recipe
+    from llmfoundry_lite.recipe import load_recipe
 
     load_recipe(recipe, list(overrides or []), check_resources=True)
     typer.echo(f"{recipe}: valid")
@@ -266,7 +266,7 @@ def _key_paths(argv: list[str], leaf: str) -> list[str]:
     """Dotted paths in the recipe named on the line that end in ``leaf`` (``lr`` -> ``optimizer.lr``)."""
     recipe = next((a for a in argv[1:] if not a.startswith("-") and os.path.isfile(a)), None)
     try:
-        from llmfoundry_lite.config import SCHEMA_FIELDS, compose
+        from llmfoundry_lite.recipe import SCHEMA_FIELDS, compose
 
         if leaf in SCHEMA_FIELDS:
             return [leaf]

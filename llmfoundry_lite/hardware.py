@@ -1,4 +1,4 @@
-"""Accelerator peak FLOP/s and prices, and the recipe's ``cost:`` block (no heavy imports: config.py uses it).
+"""Accelerator peak FLOP/s and prices, and the recipe's ``cost:`` block (no heavy imports: recipe/ uses it).
 
 Peaks are dense (no sparsity) bf16 tensor-core FLOP/s per device from the vendors' data sheets (fp16 for
 V100/T4, which lack bf16). Prices are indicative on-demand cloud prices per device-hour; every number can be
@@ -15,7 +15,6 @@ overridden from the command line or the recipe::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -163,8 +162,3 @@ def detect_kind(device_name: str) -> Optional[str]:
     if "a10" in n:
         return "a10"
     return None
-
-
-def cost_fields() -> list[str]:
-    """Names of the ``cost:`` keys (for docs and error messages)."""
-    return [f.name for f in dataclasses.fields(CostConfig)]
