@@ -50,6 +50,16 @@ def convert_cmd(
     ),
     size_limit: str = typer.Option("64mb", "--shard-size", help="Maximum shard size, e.g. 64mb"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar"),
+    max_docs: Optional[int] = typer.Option(
+        None,
+        "--max-docs",
+        help="Convert a subset: N documents in all, split between train and val by --val-fraction",
+    ),
+    max_tokens: Optional[int] = typer.Option(
+        None,
+        "--max-tokens",
+        help="Convert a subset: N tokens in all (counted with --tokenizer), split like --max-docs",
+    ),
 ) -> None:
     """Convert a corpus to MDS shards (raw text, or concatenated token rows with --concat-tokens)."""
     from llmfoundry_lite.data.convert import convert
@@ -70,6 +80,8 @@ def convert_cmd(
         max_chars=max_chars,
         size_limit=size_limit,
         progress=progress,
+        max_docs=max_docs,
+        max_tokens=max_tokens,
     )
     typer.echo(summary.format())
 

@@ -494,21 +494,44 @@ class _HoldOut:
         return i == self.pick
 
 
+def split_budgets(total: int, splits: Sequence[str], val_fraction: float, what: str) -> dict[str, int]:
+    """A subset's size per split: ``total`` divided as ``val_fraction`` says (all of it for a single split)."""
+    if total < len(splits):
+        raise RecipeError(
+            f"must be at least {len(splits)} to give every split ({', '.join(splits)}) a share, got {total}",
+            key=f"--max-{what}",
+        )
+    if len(splits) == 1:
+        return {splits[0]: total}
+    val = min(max(1, round(total * val_fraction)), total - 1)
+    return {"train": total - val, "val": val}
+
+
 def _routed_docs(
     sources: dict[Optional[str], Iterable[str]],
     splits: Sequence[str],
     val_fraction: float,
     seed: int,
     max_chars: Optional[int],
+    max_docs: Optional[dict[str, int]] = None,
 ) -> Iterator[tuple[str, str]]:
-    """(split, document) pairs in a deterministic order."""
+    """(split, document) pairs in a deterministic order; at most ``max_docs[split]`` per split when given."""
     # Hold out val documents from the training stream when val is wanted and the source has no val split.
     hold_out = "val" in splits and "val" not in sources
+    given = dict.fromkeys(splits, 0)
+
+    def full(split: str) -> bool:
+        return max_docs is not None and given[split] >= max_docs[split]
+
     for src_split, docs in sources.items():
         if src_split is not None and src_split not in splits and not (src_split == "train" and hold_out):
             continue
         hold = _HoldOut(val_fraction, seed) if (hold_out and src_split in (None, "train")) else None
         for doc in docs:
+            if all(full(n) for n in splits):
+                return  # the subset is complete: read no further (a C4-sized source is never read to its end)
+            if hold is None and full(src_split or "train"):
+                break  # this source feeds one split, and it is full
             if not doc or not doc.strip():
                 continue
             if hold is not None:
@@ -518,15 +541,17 @@ def _routed_docs(
             if split not in splits:
                 continue
             for piece in split_long(doc, max_chars) if max_chars else (doc,):
+                if full(split):
+                    break
+                given[split] += 1
                 yield split, piece
 
 
-def _chunks(pairs: Iterator[tuple[str, str]], bos: Optional[int], eos: Optional[int], counts: dict[str, int]):
+def _chunks(pairs: Iterator[tuple[str, str]], bos: Optional[int], eos: Optional[int]):
     """Group routed documents into per-split tokenization tasks (independent of the number of workers)."""
     pending: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
     for split, doc in pairs:
-        counts[split] = counts.get(split, 0) + 1
         lst = pending.setdefault(split, [])
         lst.append(doc)
         sizes[split] = sizes.get(split, 0) + len(doc)
@@ -591,8 +616,14 @@ def convert(
     max_chars: Optional[int] = None,
     size_limit: str | int = "64mb",
     progress: bool = False,
+    max_docs: Optional[int] = None,
+    max_tokens: Optional[int] = None,
 ) -> ConvertSummary:
-    """Convert ``source`` into MDS splits under ``out`` (raw text, or concatenated token rows of ``concat_tokens``)."""
+    """Convert ``source`` into MDS splits under ``out`` (raw text, or concatenated token rows of ``concat_tokens``).
+
+    ``max_docs`` / ``max_tokens`` convert a subset: that many documents / tokens in all, divided between train
+    and val as ``val_fraction`` says (tokens need a ``tokenizer`` to be counted); the source is read no further.
+    """
     t0 = time.perf_counter()
     names = _parse_splits(splits)
     if "val" in names and not 0.0 < val_fraction < 1.0:
@@ -605,6 +636,15 @@ def convert(
         )
     if max_chars is not None and max_chars < 16:
         raise RecipeError(f"--max-chars must be at least 16, got {max_chars}", key="--max-chars")
+    if max_tokens is not None and tokenizer is None:
+        raise RecipeError(
+            "needs --tokenizer to count tokens; add one, or use --max-docs for a subset of raw text",
+            key="--max-tokens",
+        )
+    doc_budget = split_budgets(max_docs, names, val_fraction, "docs") if max_docs is not None else None
+    token_budget = (
+        split_budgets(max_tokens, names, val_fraction, "tokens") if max_tokens is not None else None
+    )
     if compression not in (None, "zstd", "gz", "bz2", "snappy", "br") and not str(compression).startswith(
         ("zstd:", "gz:", "bz2:", "br:")
     ):
@@ -627,15 +667,14 @@ def convert(
                 key="--tokenizer",
             )
     sources = open_source(source, text_field)
-    pairs = _routed_docs(sources, names, val_fraction, seed, max_chars)
+    pairs = _routed_docs(sources, names, val_fraction, seed, max_chars, doc_budget)
 
     # Worker processes start before streaming (and torch) are imported, so tokenization overlaps the import.
     workers = _num_workers(num_workers) if concat_tokens is not None else 0
-    counts: dict[str, int] = {}
     pool: Optional[_TokenizerPool] = None
     results: Iterator[Any]
     if concat_tokens is not None:
-        tasks = _chunks(pairs, bos_id, eos_id, counts)
+        tasks = _chunks(pairs, bos_id, eos_id)
         if workers > 0:
             pool = _TokenizerPool(workers, fast.json, tasks)
             results = iter(pool)
@@ -663,14 +702,15 @@ def convert(
                 out=str(tmp_dirs[n]), columns=columns, compression=compression, size_limit=size_limit
             )
         if concat_tokens is not None:
-            _write_concat(results, writers, stats, concat_tokens, bar)
+            stopped = _write_concat(results, writers, stats, concat_tokens, bar, token_budget)
             if pool is not None:
-                pool.close()  # every chunk is done: the workers exit on their own
+                if stopped:  # the token budget is spent: drop the chunks still queued
+                    pool.cancel()
+                else:
+                    pool.close()  # every chunk is done: the workers exit on their own
                 pool = None
         else:
-            _write_raw(results, writers, stats, bar, fast)
-        for n in names:
-            stats[n].documents = counts.get(n, stats[n].documents)
+            _write_raw(results, writers, stats, bar, fast, token_budget)
         empty = [n for n in names if stats[n].samples == 0]
         if empty:
             detail = f"fewer than {concat_tokens} tokens" if concat_tokens else "no documents"
@@ -796,6 +836,7 @@ def _write_raw(
     stats: dict[str, SplitStats],
     bar: _Progress,
     fast: Optional[FastTokenizer],
+    max_tokens: Optional[dict[str, int]] = None,
 ) -> None:
     tok = None
     if fast is not None:  # only to report token counts
@@ -811,8 +852,10 @@ def _write_raw(
             else ([0] * len(batch))
         )
         for (split, doc), n_tok in zip(batch, lens):
-            writers[split].write({"text": doc})
             st = stats[split]
+            if max_tokens is not None and st.tokens >= max_tokens[split]:
+                continue  # this split's budget is spent (a document is kept whole: the last one may cross it)
+            writers[split].write({"text": doc})
             st.documents += 1
             st.samples += 1
             st.tokens += n_tok
@@ -823,27 +866,47 @@ def _write_raw(
         batch.append(pair)
         if len(batch) >= CHUNK_DOCS:
             flush()
+            if max_tokens is not None and all(stats[n].tokens >= max_tokens[n] for n in max_tokens):
+                return
     if batch:
         flush()
 
 
 def _write_concat(
-    results: Iterator[Any], writers: dict[str, Any], stats: dict[str, SplitStats], n: int, bar: _Progress
-) -> None:
+    results: Iterator[Any],
+    writers: dict[str, Any],
+    stats: dict[str, SplitStats],
+    n: int,
+    bar: _Progress,
+    max_tokens: Optional[dict[str, int]] = None,
+) -> bool:
+    """Cut the token stream of each split into rows of ``n``; True when it stopped at the token budget."""
     import numpy as np
 
+    # A budget of T tokens is ceil(T / n) rows: the rows hold at least T tokens.
+    max_rows = {k: -(-v // n) for k, v in max_tokens.items()} if max_tokens is not None else None
     carry: dict[str, Any] = {}
     for split, n_docs, flat in results:
+        st = stats[split]
+        if max_rows is not None and st.samples >= max_rows[split]:
+            continue
         buf = np.concatenate([carry[split], flat]) if split in carry else flat
         rows = len(buf) // n
+        if max_rows is not None:
+            rows = min(rows, max_rows[split] - st.samples)
         w = writers[split]
         for r in range(rows):
             w.write({"tokens": buf[r * n : (r + 1) * n]})
         carry[split] = buf[rows * n :]
-        st = stats[split]
+        st.documents += n_docs
         st.tokens += len(flat)
         st.samples += rows
         bar.update(n_docs, len(flat))
+        if max_rows is not None and all(stats[k].samples >= v for k, v in max_rows.items()):
+            for k in max_rows:  # report what the rows hold, not the tokenized tail that was left out
+                stats[k].tokens = stats[k].samples * n
+            return True
+    return False
 
 
 def _publish(tmp: pathlib.Path, final: pathlib.Path, stats: SplitStats) -> None:

@@ -116,6 +116,9 @@ class GlueConfig:
     classifier_dropout: float = 0.1
     eval_batch_size: int = 64
     eval_interval: str = "1ep"
+    # Training order: the reference keeps each task's dataset order (finetuning_jobs.py samples with
+    # shuffle=False); true reshuffles every epoch, seeded by the job's seed.
+    shuffle: bool = False
     precision: Optional[Literal["fp32", "amp_bf16", "amp_fp16"]] = None  # default: amp_bf16 on GPU, else fp32
     device: Literal["auto", "cpu", "gpu"] = "auto"
     parallel: bool = True  # with >1 GPU: one job per GPU, in subprocesses

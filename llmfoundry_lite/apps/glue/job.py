@@ -143,6 +143,14 @@ def _make_trainer(
     )
 
 
+def make_train_loader(dataset: Any, batch_size: int, collate: Any, shuffle: bool, seed: int) -> Any:
+    """A task's training DataLoader: the dataset's order (the reference's), or reshuffled each epoch from ``seed``."""
+    from torch.utils.data import DataLoader
+
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen)
+
+
 def run_job(
     cfg: Any,
     glue: GlueConfig,
@@ -181,10 +189,7 @@ def run_job(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = Collate(pad_id, regression=spec.num_labels == 1)
     train_ds = tokenize_split(raw["train"], job.task, tokenizer, glue.max_seq_len, glue.max_train_samples)
-    gen = torch.Generator().manual_seed(job.seed)
-    train_dl = DataLoader(
-        train_ds, batch_size=job.batch_size, shuffle=True, collate_fn=collate, generator=gen
-    )
+    train_dl = make_train_loader(train_ds, job.batch_size, collate, glue.shuffle, job.seed)
     evaluators = []
     for label, split in spec.eval_splits.items():
         ds = tokenize_split(raw[split], job.task, tokenizer, glue.max_seq_len, glue.max_eval_samples)
