@@ -325,7 +325,7 @@ def test_recipe_keys_are_the_config_fields(tokenizer):
         }
         assert shown == {**expected, **own} and supplied == ["tokenizer"] and not var_kw
         norm = next(a for a in args if a.name == "norm")
-        assert norm.type == "one of 'layernorm', 'low_precision_layernorm'"
+        assert norm.type == "one of 'layernorm', 'low_precision_layernorm', 'fused_layernorm'"
     # The classic defaults are those of BertConfig.classic, the configuration HF checkpoints load into.
     classic = registry.build("models", {"name": "bert", **TINY}, "model", tokenizer=tokenizer)
     assert classic.cfg == BertConfig.classic(

@@ -149,6 +149,22 @@ def _pins(r: Report) -> None:
             r.problem(
                 f"{name} {v} is outside the tested range [{lo or 'any'}, {hi}); install the pinned version"
             )
+    try:
+        transformers_version = md.version("transformers")
+    except md.PackageNotFoundError:
+        return
+    alibi = _alibi_problem(transformers_version)
+    if alibi is not None:
+        r.problem(alibi)
+
+
+def _alibi_problem(transformers_version: str) -> str | None:
+    """What a newer transformers breaks in Composer's HF-BERT ALiBi surgery (models.hf says; None if fine)."""
+    try:
+        from llmfoundry_lite.models.hf import alibi_hf_bert_problem
+    except Exception:  # noqa: BLE001 (torch/Composer not importable: reported above)
+        return None
+    return alibi_hf_bert_problem(transformers_version)
 
 
 def format_report(r: Report) -> str:

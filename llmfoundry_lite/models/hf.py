@@ -9,6 +9,7 @@ and config kwargs. Both accept ``init_from_hf`` (a local folder or hub name) to 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 import torch
@@ -21,6 +22,54 @@ from llmfoundry_lite.compat import no_split_module_names
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import TransformerFlops, count_params, layer_shape, parameter_counts
 from llmfoundry_lite.models.schema import vocab_size_from
+
+# Composer 0.32.1's ALiBi surgery on transformers' BERT (recipes/mosaicbert/hf-bert-mosaic-algorithms.yaml) trains
+# with transformers 4.51.3-4.53.3 and fails from 4.54 (measured with 4.57.6: its replacement forward is called with
+# `past_key_values`). The project pins transformers<4.54 for this; a newer install is reported, never patched.
+ALIBI_HF_BERT_BREAKS_AT = "4.54"
+
+
+def alibi_hf_bert_problem(transformers_version: str) -> Optional[str]:
+    """Why Composer's ``alibi`` cannot rewrite an HF BERT under this transformers version; None when it can."""
+    from packaging.version import Version
+
+    if Version(transformers_version.split("+")[0]) < Version(ALIBI_HF_BERT_BREAKS_AT):
+        return None
+    return (
+        f"Composer 0.32.1's alibi surgery on Hugging Face BERT fails with transformers {transformers_version} "
+        f"(>= {ALIBI_HF_BERT_BREAKS_AT}: \"forward() got an unexpected keyword argument 'past_key_values'\"); "
+        f"pip install 'transformers<{ALIBI_HF_BERT_BREAKS_AT}' (the pinned range), or use model.name=mosaic_bert "
+        "(ALiBi built in)"
+    )
+
+
+def check_alibi_on_hf_bert(recipe: Mapping[str, Any], transformers_version: Optional[str] = None) -> None:
+    """RecipeError (``algorithms.alibi``) when Composer's ``alibi`` meets ``hf_bert`` under a breaking transformers.
+
+    ``transformers_version`` defaults to the installed one. For recipe validation (a whole-recipe check).
+    """
+    model = recipe.get("model")
+    if not isinstance(model, Mapping) or model.get("name") != "hf_bert":
+        return
+    algorithms = recipe.get("algorithms") or {}
+    if isinstance(algorithms, Mapping):
+        names = [
+            (b.get("name") if isinstance(b, Mapping) and b.get("name") else k) for k, b in algorithms.items()
+        ]
+    else:
+        names = [b.get("name") for b in algorithms if isinstance(b, Mapping)]
+    if "alibi" not in names:
+        return
+    if transformers_version is None:
+        import importlib.metadata as md
+
+        try:
+            transformers_version = md.version("transformers")
+        except md.PackageNotFoundError:
+            return
+    why = alibi_hf_bert_problem(transformers_version)
+    if why is not None:
+        raise RecipeError(why, key="algorithms.alibi")
 
 
 class HFEncoderAdapter(nn.Module):

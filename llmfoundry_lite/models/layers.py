@@ -311,18 +311,23 @@ class GeluMLP(nn.Module):
 
 
 class GeGLU(nn.Module):
-    """Gated GELU feed-forward (Shazeer 2020): one fused up-projection yields gate and value halves."""
+    """Gated GELU feed-forward as in MosaicBERT (``BertGatedLinearUnitMLP``; Shazeer 2020's GEGLU).
 
-    def __init__(self, d_model: int, d_ff: int, bias: bool = True):
+    One bias-free up-projection yields [gate | value]; dropout acts on ``gelu(gate) * value`` *before* the
+    down-projection (which has a bias), so the caller adds no dropout of its own after it.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
         self.d_ff = d_ff
-        self.up = nn.Linear(d_model, 2 * d_ff, bias=bias)  # [gate | value] in one GEMM
-        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.up = nn.Linear(d_model, 2 * d_ff, bias=False)  # [gate | value] in one GEMM, as the reference
+        self.dropout = nn.Dropout(dropout)
+        self.down = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., d)."""
         gate, value = self.up(x).split(self.d_ff, dim=-1)
-        return self.down(F.gelu(gate) * value)
+        return self.down(self.dropout(F.gelu(gate) * value))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -348,10 +353,14 @@ class LowPrecisionLayerNorm(nn.LayerNorm):
             return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps)
 
 
-Norm = Literal["layernorm", "low_precision_layernorm"]
+# "fused_layernorm" is the name the MosaicBERT reference YAMLs use (Composer's apex-based FusedLayerNorm, gone
+# from Composer): an alias of the low-precision LayerNorm, which serves the same purpose (a LayerNorm that does not
+# upcast to fp32), so those recipes keep working with the same behaviour.
+Norm = Literal["layernorm", "low_precision_layernorm", "fused_layernorm"]
 NORMS: dict[str, type[nn.LayerNorm]] = {
     "layernorm": nn.LayerNorm,
     "low_precision_layernorm": LowPrecisionLayerNorm,
+    "fused_layernorm": LowPrecisionLayerNorm,
 }
 
 

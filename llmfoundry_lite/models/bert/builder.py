@@ -42,14 +42,21 @@ def build_bert_mlm(
     )
     if init_from_hf is None:
         return BertMLM(cfg, real_vocab)
-    if cfg.position != "learned" or cfg.ffn != "mlp":
-        raise RecipeError(
-            "a Hugging Face BERT checkpoint has learned positions and a GELU MLP; set "
-            "position: learned and ffn: mlp (or use the `bert` model)",
-            key="model.init_from_hf",
-        )
     keep = {k: getattr(cfg, k) for k in EXECUTION_FIELDS}
     hf_cfg, enc_sd, head_sd = load_hf_bert(init_from_hf, key="model.init_from_hf", **keep)
+    if (hf_cfg.position, hf_cfg.ffn) != (cfg.position, cfg.ffn):
+        # The architecture is the checkpoint's; a recipe that says otherwise is a mistake, not a preference.
+        kind = (
+            "MosaicBERT (ALiBi, GLU)"
+            if hf_cfg.ffn == "geglu"
+            else "classic BERT (learned positions, GELU MLP)"
+        )
+        model = "mosaic_bert" if hf_cfg.ffn == "geglu" else "bert"
+        raise RecipeError(
+            f"{init_from_hf} is a {kind} checkpoint but the recipe asks for position: {cfg.position}, "
+            f"ffn: {cfg.ffn}; use model.name={model} with its default position/ffn",
+            key="model.init_from_hf",
+        )
     if hf_cfg.vocab_size < cfg.vocab_size:
         raise RecipeError(
             f"tokenizer has {real_vocab} tokens but {init_from_hf} has a vocabulary of {hf_cfg.vocab_size}",

@@ -1,11 +1,18 @@
-"""Hugging Face BERT checkpoints -> the classic configuration of :class:`BertEncoder` and its weights.
+"""Hugging Face BERT checkpoints -> :class:`BertEncoder` configs and weights, in two layouts.
 
-``BertModel`` / ``BertForMaskedLM`` folders (safetensors or .bin) map one to one: q/k/v are fused into ``Wqkv``
-and the vocabulary rows are padded to a multiple of 64 (zeros, never predicted).
+- transformers' ``BertModel`` / ``BertForMaskedLM`` (classic BERT): q/k/v are fused into ``Wqkv``.
+- MosaicBERT as published (``mosaicml/mosaic-bert-base``, written by mosaicml/examples' ``bert_layers.py``):
+  ALiBi, GLU feed-forward, fused ``Wqkv``; renamed one to one by :data:`MOSAIC_BERT_NAMES`.
+
+The layout is told by the weight names (both configs say ``model_type: bert``). Vocabulary rows are padded to a
+multiple of 64 (zeros, never predicted).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from typing import Any, Optional
 
 import torch
@@ -13,11 +20,217 @@ import torch
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.bert.model import BertConfig, pad_vocab
 
+# Published MosaicBERT name -> ours ({i}: layer index; "head." names go to the MLM head, the rest to the encoder).
+MOSAIC_BERT_NAMES: dict[str, str] = {
+    "bert.embeddings.word_embeddings.weight": "embeddings.word.weight",
+    "bert.embeddings.token_type_embeddings.weight": "embeddings.token_type.weight",
+    "bert.embeddings.LayerNorm.weight": "embeddings.norm.weight",
+    "bert.embeddings.LayerNorm.bias": "embeddings.norm.bias",
+    "bert.encoder.layer.{i}.attention.self.Wqkv.weight": "layers.{i}.attn.Wqkv.weight",  # [q | k | v] rows
+    "bert.encoder.layer.{i}.attention.self.Wqkv.bias": "layers.{i}.attn.Wqkv.bias",
+    "bert.encoder.layer.{i}.attention.output.dense.weight": "layers.{i}.attn.out.weight",
+    "bert.encoder.layer.{i}.attention.output.dense.bias": "layers.{i}.attn.out.bias",
+    "bert.encoder.layer.{i}.attention.output.LayerNorm.weight": "layers.{i}.norm1.weight",
+    "bert.encoder.layer.{i}.attention.output.LayerNorm.bias": "layers.{i}.norm1.bias",
+    "bert.encoder.layer.{i}.mlp.gated_layers.weight": "layers.{i}.ffn.up.weight",  # [gate | value], no bias
+    "bert.encoder.layer.{i}.mlp.wo.weight": "layers.{i}.ffn.down.weight",
+    "bert.encoder.layer.{i}.mlp.wo.bias": "layers.{i}.ffn.down.bias",
+    "bert.encoder.layer.{i}.mlp.layernorm.weight": "layers.{i}.norm2.weight",
+    "bert.encoder.layer.{i}.mlp.layernorm.bias": "layers.{i}.norm2.bias",
+    "cls.predictions.transform.dense.weight": "head.transform.weight",
+    "cls.predictions.transform.dense.bias": "head.transform.bias",
+    "cls.predictions.transform.LayerNorm.weight": "head.norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
+    "cls.predictions.decoder.bias": "head.bias",
+}
+# Published names that are known and deliberately not loaded: the decoder weight is the word embedding (tied);
+# a sequence-classification checkpoint's pooler and classifier are task heads (GLUE trains a fresh one).
+MOSAIC_BERT_NOT_LOADED = ("cls.predictions.decoder.weight", "bert.pooler.", "classifier.")
+_MOSAIC_MARKERS = (".attention.self.Wqkv.", ".mlp.gated_layers.")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_RULES = [
+    (re.compile("^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)") + "$"), dst)
+    for src, dst in MOSAIC_BERT_NAMES.items()
+]
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _resolve(path_or_name: str, filename: str) -> Optional[str]:
+    """Local path of ``filename`` in a checkpoint folder or (cached) hub repo; None when it has none."""
+    if os.path.isdir(path_or_name):
+        path = os.path.join(path_or_name, filename)
+        return path if os.path.isfile(path) else None
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(
+            path_or_name,
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+    except (OSError, ValueError):
+        return None
+
+
+def _load_file(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def read_checkpoint(path_or_name: str) -> Optional[tuple[dict[str, Any], dict[str, torch.Tensor]]]:
+    """(config.json, full state dict) of a checkpoint folder or cached hub repo; None if its files are not here.
+
+    Reads one file or a sharded ``*.index.json``, preferring safetensors, as transformers saves them.
+    """
+    config_path = _resolve(path_or_name, "config.json")
+    if config_path is None:
+        return None
+    for name in _WEIGHT_FILES:
+        index = _resolve(path_or_name, name + ".index.json")
+        if index is not None:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(_load_file(os.path.join(os.path.dirname(index), shard)))
+            break
+        single = _resolve(path_or_name, name)
+        if single is not None:
+            sd = _load_file(single)
+            break
+    else:
+        return None
+    with open(config_path) as f:
+        return json.load(f), sd
+
+
+def is_mosaic_bert(state_dict: dict[str, Any]) -> bool:
+    """True when the weight names are those of MosaicBERT as published (fused ``Wqkv``, ``gated_layers``)."""
+    return any(m in k for k in state_dict for m in _MOSAIC_MARKERS)
+
+
+def mosaic_bert_state_dicts(
+    sd: dict[str, torch.Tensor], source: str, key: str = "init_from_hf"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(encoder, MLM head) state dicts from a published-layout MosaicBERT state dict, renamed by the map.
+
+    A name neither in :data:`MOSAIC_BERT_NAMES` nor in :data:`MOSAIC_BERT_NOT_LOADED` is a RecipeError listing them.
+    """
+    if sd and all(k.startswith("model.") for k in sd):  # saved through Composer's HuggingFaceModel wrapper
+        sd = {k[len("model.") :]: v for k, v in sd.items()}
+    enc: dict[str, torch.Tensor] = {}
+    head: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for name, tensor in sd.items():
+        for rule, dst in _RULES:
+            m = rule.match(name)
+            if m:
+                ours = dst.replace("{i}", m.group(1)) if m.groups() else dst
+                target, ours = (head, ours[5:]) if ours.startswith("head.") else (enc, ours)
+                target[ours] = tensor
+                break
+        else:
+            if not name.startswith(MOSAIC_BERT_NOT_LOADED):
+                unmatched.append(name)
+    if unmatched:
+        shown = ", ".join(unmatched[:8]) + (f" and {len(unmatched) - 8} more" if len(unmatched) > 8 else "")
+        raise RecipeError(
+            f"{source}: {len(unmatched)} weight name(s) match no MosaicBERT layer: {shown}; this loader reads "
+            "checkpoints written by mosaicml/examples' bert_layers.py (names in models/bert/hf_adapter.py)",
+            key=key,
+        )
+    return enc, head
+
+
+def mosaic_bert_config(
+    hc: dict[str, Any], source: str, key: str = "init_from_hf", **overrides: Any
+) -> BertConfig:
+    """Our MosaicBERT config from a published ``config.json`` (ALiBi, GLU; dropouts and eps as saved)."""
+    act = hc.get("hidden_act", "gelu")
+    if act not in ("gelu", "gelu_python"):
+        raise RecipeError(f"{source}: hidden_act {act!r} is not supported (need 'gelu')", key=key)
+    try:
+        kw = dict(
+            vocab_size=pad_vocab(hc["vocab_size"]),
+            d_model=hc["hidden_size"],
+            n_layers=hc["num_hidden_layers"],
+            n_heads=hc["num_attention_heads"],
+            intermediate_size=hc["intermediate_size"],
+            type_vocab_size=hc.get("type_vocab_size", 2),
+            attention_dropout=hc.get("attention_probs_dropout_prob", 0.0),
+            hidden_dropout=hc.get("hidden_dropout_prob", 0.1),
+            layer_norm_eps=hc.get("layer_norm_eps", 1e-12),
+            init_std=hc.get("initializer_range", 0.02),
+            pad_token_id=hc.get("pad_token_id") or 0,
+        )
+    except KeyError as e:
+        raise RecipeError(f"{source}: config.json lacks {e.args[0]!r}", key=key) from None
+    if "max_position_embeddings" in hc:  # unused by ALiBi; kept so the config reads like the checkpoint's
+        kw["max_position_embeddings"] = hc["max_position_embeddings"]
+    return BertConfig(**{**kw, **overrides})
+
+
+def _check_fits(cfg: BertConfig, enc: dict, head: Optional[dict], source: str, key: str) -> None:
+    """RecipeError naming the first weight missing from, or shaped unlike, the model its config describes."""
+    from llmfoundry_lite.models.bert.model import BertMLM
+
+    with torch.device("meta"):
+        model = BertMLM(cfg, cfg.vocab_size)
+    parts = [(model.encoder.state_dict(), enc, "")] + (
+        [(model.head.state_dict(), head, "head.")] if head else []
+    )
+    for own, got, prefix in parts:
+        missing = sorted(set(own) - set(got))
+        if missing:
+            raise RecipeError(
+                f"{source}: no weight for {prefix}{missing[0]} ({len(missing)} missing)", key=key
+            )
+        for k, v in got.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise RecipeError(
+                    f"{source}: {prefix}{k} has shape {tuple(v.shape)}, but its config.json implies "
+                    f"{tuple(own[k].shape)}",
+                    key=key,
+                )
+
+
+def load_mosaic_bert(
+    hc: dict[str, Any], sd: dict[str, torch.Tensor], source: str, key: str = "init_from_hf", **overrides: Any
+) -> tuple[BertConfig, dict, Optional[dict]]:
+    """(config, encoder state dict, MLM-head state dict or None) from a published MosaicBERT checkpoint."""
+    cfg = mosaic_bert_config(hc, source, key, **overrides)
+    enc, head = mosaic_bert_state_dicts(sd, source, key)
+    extra = cfg.vocab_size - hc["vocab_size"]
+    if extra > 0:  # zero rows up to a multiple of 64, as for classic checkpoints
+        for part, name in ((enc, "embeddings.word.weight"), (head, "bias")):
+            if name in part:
+                part[name] = _pad_rows(part[name], extra)
+    _check_fits(cfg, enc, head or None, source, key)
+    return cfg, {k: v.detach().clone() for k, v in enc.items()}, head or None
+
+
+def _pad_rows(t: torch.Tensor, extra: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
 
 def load_hf_bert(
     path_or_name: str, key: str = "init_from_hf", **overrides: Any
 ) -> tuple[BertConfig, dict, Optional[dict]]:
-    """(classic config, encoder state dict, MLM-head state dict or None) from an HF BERT checkpoint."""
+    """(config, encoder state dict, MLM-head state dict or None) from a HF BERT or published MosaicBERT checkpoint.
+
+    A MosaicBERT checkpoint gives an ALiBi/GLU config (``position: alibi``, ``ffn: geglu``); a transformers BERT
+    checkpoint the classic one. ``overrides`` set execution/regularisation fields of either.
+    """
+    found = read_checkpoint(path_or_name)
+    if found is not None and is_mosaic_bert(found[1]):
+        return load_mosaic_bert(*found, source=path_or_name, key=key, **overrides)
     from transformers import AutoConfig, BertForMaskedLM
 
     try:

@@ -157,21 +157,26 @@ class BertEmbeddings(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """Post-LN transformer layer as in BERT: x = norm(x + drop(attn(x))); x = norm(x + drop(ffn(x)))."""
+    """Post-LN layer as in BERT: x = norm(x + drop(attn(x))); x = norm(x + ffn(x)), the FFN's dropout included."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, attn_impl=cfg.attn_impl)
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
-        ffn_cls = GeGLU if cfg.ffn == "geglu" else GeluMLP
-        self.ffn = ffn_cls(cfg.d_model, cfg.intermediate_size)
+        if cfg.ffn == "geglu":
+            # MosaicBERT's GLU drops out the gated activation inside, before its down-projection; nothing after.
+            self.ffn = GeGLU(cfg.d_model, cfg.intermediate_size, dropout=cfg.hidden_dropout)
+            self.ffn_dropout: nn.Module = nn.Identity()
+        else:  # classic BERT: dropout on the MLP's output, as in transformers' BertOutput
+            self.ffn = GeluMLP(cfg.d_model, cfg.intermediate_size)
+            self.ffn_dropout = nn.Dropout(cfg.hidden_dropout)
         self.norm2 = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, info: Unpadded, slopes: torch.Tensor | None) -> torch.Tensor:
         """(T, d) -> (T, d) on the (unpadded) token stream."""
         x = self.norm1(x + self.dropout(self.attn(x, info, slopes)))
-        return self.norm2(x + self.dropout(self.ffn(x)))
+        return self.norm2(x + self.ffn_dropout(self.ffn(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,14 +277,17 @@ class BertEncoder(nn.Module):
 
     @classmethod
     def from_hf(cls, path_or_name: str, **overrides: Any) -> BertEncoder:
-        """Classic-configuration encoder with the weights of a Hugging Face BERT checkpoint (folder or hub name).
+        """Encoder with the weights of a HF BERT or published MosaicBERT checkpoint (folder or hub name).
 
         ``overrides`` set execution/regularisation fields of :class:`BertConfig` (``unpad=True``,
-        ``hidden_dropout=0.0``...). By default padding positions are computed like transformers does.
+        ``hidden_dropout=0.0``...). By default padding positions are computed as the checkpoint's own code does:
+        by transformers' BertModel for classic BERT, zeros (unpadded) for MosaicBERT.
         """
         from llmfoundry_lite.models.bert.hf_adapter import load_hf_bert
 
-        cfg, enc_sd, _ = load_hf_bert(path_or_name, **{"unpad": False, **overrides})
+        cfg, enc_sd, _ = load_hf_bert(path_or_name, **overrides)
+        if "unpad" not in overrides and cfg.position == "learned":
+            cfg = dataclasses.replace(cfg, unpad=False)
         enc = cls(cfg)
         enc.load_state_dict(enc_sd)
         return enc

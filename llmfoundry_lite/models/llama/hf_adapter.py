@@ -22,6 +22,38 @@ def rope_permutation(head_dim: int) -> torch.Tensor:
     return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
 
 
+def rope_theta_from_hf(hf_config: Any, key: str = "model.init_from_hf") -> float:
+    """RoPE base of a HF Llama config; RecipeError for any RoPE scaling but ``default``.
+
+    transformers 4.x writes a top-level ``rope_theta`` (and ``rope_scaling``), 5.x ``rope_parameters:
+    {rope_type, rope_theta}`` only; both are read.
+    """
+    blocks = []
+    for name in ("rope_parameters", "rope_scaling"):
+        block = getattr(hf_config, name, None)
+        if block is None:
+            continue
+        if not isinstance(block, Mapping) or any(isinstance(v, Mapping) for v in block.values()):
+            raise RecipeError(f"{name}={block!r} (per-layer-type RoPE) is not supported", key=key)
+        kind = block.get("rope_type", block.get("type", "default"))
+        if kind != "default":
+            raise RecipeError(
+                f"RoPE scaling {kind!r} ({name}={dict(block)!r}) is not supported: only unscaled RoPE "
+                "(rope_type: default) imports",
+                key=key,
+            )
+        blocks.append(block)
+    # 5.x keeps theta only in rope_parameters; 4.x would fill a missing top-level rope_theta with its default
+    # (10000), so the value under rope_parameters wins.
+    for block in blocks:
+        if block.get("rope_theta") is not None:
+            return float(block["rope_theta"])
+    theta = getattr(hf_config, "rope_theta", None)
+    if theta is None:
+        raise RecipeError("the config has no rope_theta (top-level or in rope_parameters)", key=key)
+    return float(theta)
+
+
 def config_from_hf(hf_config: Any, **overrides: Any) -> LlamaConfig:
     """LlamaConfig from a transformers LlamaConfig; RecipeError for features we do not implement."""
     key = "model.init_from_hf"
@@ -29,8 +61,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> LlamaConfig:
         raise RecipeError(
             f"not a Llama checkpoint (model_type={getattr(hf_config, 'model_type', None)!r})", key=key
         )
-    if getattr(hf_config, "rope_scaling", None):
-        raise RecipeError(f"rope_scaling={hf_config.rope_scaling!r} is not supported", key=key)
+    rope_theta = rope_theta_from_hf(hf_config, key)
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise RecipeError("checkpoints with attention/MLP biases are not supported", key=key)
     if getattr(hf_config, "hidden_act", "silu") != "silu":
@@ -46,7 +77,7 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> LlamaConfig:
         n_kv_heads=hf_config.num_key_value_heads,
         ffn_hidden_size=hf_config.intermediate_size,
         norm_eps=hf_config.rms_norm_eps,
-        rope_theta=float(hf_config.rope_theta),
+        rope_theta=rope_theta,
         max_seq_len=hf_config.max_position_embeddings,
         tie_embeddings=bool(hf_config.tie_word_embeddings),
         init_std=hf_config.initializer_range,
