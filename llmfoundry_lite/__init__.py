@@ -19,7 +19,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> DictConfig:
 
 def build_model(cfg: Any) -> Any:
     """Build the recipe's tokenizer and Composer model."""
-    from llmfoundry_lite.builders import build_model as _build
+    from llmfoundry_lite.train.build import build_model as _build
 
     return _build(cfg)
 

@@ -83,7 +83,7 @@ def train(
     master_port: Optional[int] = typer.Option(None, "--master-port", help="Port on node 0."),
 ) -> None:
     """Train a recipe (locally, or with --nproc/--nnodes through Composer's launcher)."""
-    from llmfoundry_lite import launch
+    from llmfoundry_lite.train import launch
 
     overrides = list(overrides or [])
     world = nproc * nnodes

@@ -49,10 +49,10 @@ INJECTED: dict[str, frozenset[str]] = {
 
 # Modules whose import registers the built-in entries.
 BUILTIN_MODULES = (
-    "llmfoundry_lite.builders",
-    "llmfoundry_lite.callbacks.cost",
-    "llmfoundry_lite.callbacks.generate",
-    "llmfoundry_lite.callbacks.preemption",
+    "llmfoundry_lite.train.build",
+    "llmfoundry_lite.train.callbacks.cost",
+    "llmfoundry_lite.train.callbacks.generate",
+    "llmfoundry_lite.train.callbacks.preemption",
     "llmfoundry_lite.data.tokenizers",
     "llmfoundry_lite.data.collators",
     "llmfoundry_lite.data.loaders",

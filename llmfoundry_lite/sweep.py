@@ -5,7 +5,7 @@
 - ``key=a,b,c`` is a grid axis (brackets, braces, parentheses and quotes are not split: ``key=[1,2],[3,4]``);
   ``key=loguniform(a,b)``, ``uniform(a,b)``, ``int(a,b)``, ``choice(a,b,c)`` are sampled with
   ``--samples N --seed S``; any other ``key=value`` is a fixed override for every trial.
-- Every trial is validated with :func:`llmfoundry_lite.config.load_recipe` before any starts.
+- Every trial is validated with :func:`llmfoundry_lite.recipe.load_recipe` before any starts.
 - Each trial has a folder ``<out>/tNNN`` holding ``trial.json`` (its overrides and command), ``recipe.yaml``
   (resolved), ``train.log``, ``metrics.jsonl`` (written by the ``jsonl_metrics`` logger the sweep adds),
   ``checkpoints/`` and ``status.json`` (``"done"`` only after a successful run, so reruns skip it; an
@@ -69,8 +69,8 @@ _HIGHER_IS_BETTER = re.compile(r"acc|f1|mcc|corr|auc|bleu|rouge|score|spearman|p
 @registry.loggers.register(METRICS_LOGGER)
 def jsonl_metrics(filename: str, stop_on_nan: bool = False) -> Any:
     """Append every logged metric to a JSON-lines file (rank 0); sweeps read trials' results from it."""
-    # Every run writes one (train.py); a trial names its file. Imported here: train.py loads torch and Composer.
-    from llmfoundry_lite.train import JSONLMetricsLogger
+    # Every run writes one (train/run.py); a trial names its file. Imported here: it loads torch and Composer.
+    from llmfoundry_lite.train.callbacks.progress import JSONLMetricsLogger
 
     return JSONLMetricsLogger(filename, stop_on_nan)
 
@@ -324,7 +324,7 @@ def plan_sweep(
     nproc: int = 1,
 ) -> Sweep:
     """Parse the arguments, build every trial's overrides and validate each trial's recipe (nothing runs)."""
-    from llmfoundry_lite.config import compose, load_recipe, to_yaml
+    from llmfoundry_lite.recipe import compose, load_recipe, to_yaml
 
     if samples is not None and samples < 1:
         raise RecipeError(f"--samples must be at least 1, got {samples}")

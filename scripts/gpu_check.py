@@ -151,7 +151,7 @@ def _recipe_model(rel: str) -> dict:
     """The resolved ``model:`` block of a shipped recipe (its base chain composed; no data needed)."""
     from omegaconf import OmegaConf
 
-    from llmfoundry_lite.config import compose
+    from llmfoundry_lite.recipe import compose
 
     data, _ = compose(ROOT / rel)
     return OmegaConf.to_container(OmegaConf.create(data), resolve=True)["model"]
@@ -606,7 +606,7 @@ def quickstart_recipes() -> list[Path]:
 
 def recipe_overrides(recipe: Path, data: Path, workdir: Path, mode: Mode, fsdp: bool) -> list[str]:
     """Overrides that point a quickstart recipe at this check's data and folders, amp_bf16, and FSDP."""
-    from llmfoundry_lite.config import compose
+    from llmfoundry_lite.recipe import compose
 
     raw, _ = compose(recipe)
     run_name = f"gpu-check-{recipe.stem}{'-fsdp' if fsdp else ''}"

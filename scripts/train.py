@@ -2,7 +2,7 @@
 
 import sys
 
-from llmfoundry_lite.launch import entrypoint
+from llmfoundry_lite.train.launch import entrypoint
 
 if __name__ == "__main__":
     sys.exit(entrypoint(sys.argv[1:]))

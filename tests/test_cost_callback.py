@@ -8,10 +8,10 @@ import pytest
 from composer.loggers import InMemoryLogger
 from omegaconf import OmegaConf
 
-from llmfoundry_lite.callbacks.cost import METRICS, CostMonitor, apply_recipe_cost
-from llmfoundry_lite.config import load_recipe
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.recipe import load_recipe
 from llmfoundry_lite.train import train
+from llmfoundry_lite.train.callbacks.cost import METRICS, CostMonitor, apply_recipe_cost
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
 

@@ -14,8 +14,8 @@ import torch
 from llmfoundry_lite import hardware
 from llmfoundry_lite.apps.estimate import estimate
 from llmfoundry_lite.cli import main
-from llmfoundry_lite.config import load_recipe
 from llmfoundry_lite.models.meta import build_meta_model
+from llmfoundry_lite.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "recipes" / "mosaicbert" / "base.yaml")
@@ -153,7 +153,7 @@ def test_text_report_and_json_keys(capsys):
 def test_llama_7b_builds_on_meta_without_allocating():
     """The 7B recipe's model is never materialised: the estimate process stays far below 7B x 4 bytes."""
     code = (
-        "import json, resource; from llmfoundry_lite.config import load_recipe; "
+        "import json, resource; from llmfoundry_lite.recipe import load_recipe; "
         "from llmfoundry_lite.apps.estimate import estimate; "
         f"e = estimate(load_recipe({LLAMA_7B!r}), gpu='h100-sxm', gpus=64, mfu=0.45); "
         "print(json.dumps({'params': e.params, 'fpt': e.flops_per_token, 'non': e.non_embedding_params, "

@@ -20,14 +20,15 @@ from composer.core import Callback
 
 from llmfoundry_lite import load_recipe
 from llmfoundry_lite.apps.doctor import diagnose, explain_import_error, format_report
-from llmfoundry_lite.callbacks.preemption import (
+from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.train import build_trainer
+from llmfoundry_lite.train.callbacks.preemption import (
     INTERRUPTED_EXIT_CODE,
     NONFINITE_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
 )
-from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.launch import entrypoint
-from llmfoundry_lite.train import build_trainer, check_save_folder, repair_latest_checkpoint
+from llmfoundry_lite.train.checkpoints import check_save_folder, repair_latest_checkpoint
+from llmfoundry_lite.train.launch import entrypoint
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
@@ -41,7 +42,7 @@ KILL_DRIVER = textwrap.dedent(
     from pathlib import Path
     from composer.core import Callback
     from llmfoundry_lite import registry
-    from llmfoundry_lite.launch import entrypoint
+    from llmfoundry_lite.train.launch import entrypoint
 
     class KillOnce(Callback):
         def __init__(self, batch: int, marker: str):
@@ -157,7 +158,7 @@ PHASE_DRIVER = textwrap.dedent(
     import sys, time
     from composer.core import Callback
     from llmfoundry_lite import registry
-    from llmfoundry_lite.launch import entrypoint
+    from llmfoundry_lite.train.launch import entrypoint
 
     class Phase(Callback):
         def __init__(self, at: str, batch: int = 1, hold: float = 0.0):
@@ -370,7 +371,7 @@ def test_unwritable_or_full_save_folder_is_a_recipe_error_before_training(tiny_b
 
 
 def test_remote_save_folder_writes_no_local_run_folder(tiny_bert, tmp_path, monkeypatch):
-    from llmfoundry_lite.train import run_folder
+    from llmfoundry_lite.train.run import run_folder
 
     cfg = load_recipe(QUICKSTART, tiny_bert(run_name="r", save_folder="s3://bucket/{run_name}/ckpt"))
     assert run_folder(cfg) is None
@@ -409,7 +410,7 @@ def test_doctor_cli_exit_zero(capsys):
 def test_launcher_command_multinode_needs_master_addr(monkeypatch):
     import click
 
-    from llmfoundry_lite.launch import launcher_command
+    from llmfoundry_lite.train.launch import launcher_command
 
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
@@ -418,4 +419,4 @@ def test_launcher_command_multinode_needs_master_addr(monkeypatch):
     cmd = launcher_command("r.yaml", ["a=1"], nproc=8, nnodes=2, node_rank=1, master_addr="node0")
     joined = " ".join(cmd)
     assert "--world_size 16" in joined and "--base_rank 8" in joined and "--master_port 29500" in joined
-    assert cmd[-3:] == ["llmfoundry_lite.launch", "r.yaml", "a=1"]
+    assert cmd[-3:] == ["llmfoundry_lite.train.launch", "r.yaml", "a=1"]

@@ -333,8 +333,8 @@ def test_finetune_from_pretraining_checkpoint(tiny_overrides, tmp_path, bert_tok
     from torch.utils.data import DataLoader
 
     from llmfoundry_lite import registry
-    from llmfoundry_lite.builders import build_model, build_tokenizer
     from llmfoundry_lite.data.corpus import embedded_documents
+    from llmfoundry_lite.train.build import build_model, build_tokenizer
 
     cfg, g = load_glue_recipe(TINY, tiny_overrides)
     tok = build_tokenizer(cfg)
@@ -540,7 +540,7 @@ def test_model_surgery_algorithms_are_replayed_before_loading(tiny_overrides, tm
     from torch.utils.data import DataLoader
 
     from llmfoundry_lite import registry
-    from llmfoundry_lite.builders import build_model, build_multi, build_tokenizer
+    from llmfoundry_lite.train.build import build_model, build_multi, build_tokenizer
 
     hf = [*tiny_overrides, "model.name=hf_bert", "model.max_position_embeddings=64"]
     surgery = ["+algorithms.alibi.max_sequence_length=64", "+algorithms.gated_linear_units={}"]

@@ -23,7 +23,8 @@ from composer.core import Callback
 
 from llmfoundry_lite import load_recipe
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.train import build_trainer, parallelism_config, validate_fsdp
+from llmfoundry_lite.train import build_trainer
+from llmfoundry_lite.train.checks import parallelism_config, validate_fsdp
 
 RTOL = 1e-5
 

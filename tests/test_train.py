@@ -12,7 +12,8 @@ from composer.core import Callback
 
 from llmfoundry_lite import load_recipe
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.train import RECIPE_FILENAME, build_trainer
+from llmfoundry_lite.train import build_trainer
+from llmfoundry_lite.train.run import RECIPE_FILENAME
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
@@ -262,7 +263,7 @@ def test_progress_line_has_a_total_and_eta_in_any_unit(
 ):
     from composer.core import Time
 
-    from llmfoundry_lite.train import ProgressLine
+    from llmfoundry_lite.train.callbacks.progress import ProgressLine
 
     extra = {"train_loader.epoch_size": 16} if duration.endswith("ep") else {}
     # The recipe schema may not accept a `dur` interval yet: set it on the ProgressLine itself.
@@ -329,7 +330,7 @@ def test_check_loader_batches_counts_per_rank():
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    from llmfoundry_lite.train import check_loader_batches
+    from llmfoundry_lite.train.build import check_loader_batches
 
     cfg = OmegaConf.create(
         {"global_train_batch_size": 16, "train_loader": {"local": "/data", "split": "train"}}
@@ -354,7 +355,7 @@ def test_check_loader_batches_counts_per_rank():
 def test_fsdp_block_applies_on_one_gpu_and_is_ignored_on_cpu(capsys):
     from omegaconf import OmegaConf
 
-    from llmfoundry_lite.train import parallelism_config
+    from llmfoundry_lite.train.checks import parallelism_config
 
     cfg = OmegaConf.create({"fsdp": {"sharding_strategy": "FULL_SHARD"}})
     assert parallelism_config(cfg, world=1, device_name="gpu") == {
@@ -388,3 +389,45 @@ def test_a_dataloader_that_yields_nothing_stops_instead_of_looping_forever(tiny_
         trainer.fit()
     trainer.close()
     assert e.value.key == "train_loader" and "yields no batch" in str(e.value)
+
+
+def _classifier_and_loader():
+    from composer.models import ComposerClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    return ComposerClassifier(torch.nn.Linear(4, 2), num_classes=2), DataLoader(data, batch_size=4)
+
+
+def test_make_trainer_is_the_one_place_device_and_precision_are_decided():
+    """bf16 on CPU runs under autocast (pretraining and GLUE alike); the model's runtime check runs first."""
+    from composer.core import Precision
+
+    from llmfoundry_lite.apps.glue.config import GlueConfig
+    from llmfoundry_lite.apps.glue.job import device_and_precision
+    from llmfoundry_lite.train.trainer import CPUAutocast, make_trainer
+
+    model, loader = _classifier_and_loader()
+    seen = []
+    model.check_runtime = lambda device, precision: seen.append((device, precision))
+    trainer = make_trainer(model, loader, device="cpu", precision="amp_bf16", max_duration="1ba")
+    assert seen == [("cpu", "amp_bf16")]
+    assert trainer.state.precision == Precision.FP32
+    assert any(isinstance(cb, CPUAutocast) for cb in trainer.state.callbacks)
+    trainer.fit()  # the autocast context opens and closes around each forward
+    trainer.close()
+
+    def refuse(device, precision):
+        raise RecipeError("flash attention needs a GPU", key="model.attn_impl")
+
+    model, loader = _classifier_and_loader()
+    model.check_runtime = refuse
+    with pytest.raises(RecipeError, match="needs a GPU") as e:
+        make_trainer(model, loader, device="cpu", max_duration="1ba")
+    assert e.value.key == "model.attn_impl"
+    with pytest.raises(RecipeError) as e:
+        make_trainer(*_classifier_and_loader(), device="cpu", precision="amp_fp16", key_prefix="glue.")
+    assert e.value.key == "glue.precision"
+    # GLUE decides as training does: bf16 stays bf16 on CPU (autocast), nothing is dropped silently.
+    assert device_and_precision(GlueConfig(device="cpu", precision="amp_bf16")) == ("cpu", "amp_bf16")
+    assert device_and_precision(GlueConfig(device="cpu")) == ("cpu", "fp32")

@@ -15,7 +15,7 @@ import pytest
 from llmfoundry_lite.cli import main
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.recipe import load_recipe
-from llmfoundry_lite.train_checks import check_auto_microbatching
+from llmfoundry_lite.train.checks import check_auto_microbatching
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
@@ -182,8 +182,8 @@ def test_collator_that_does_not_fit_the_model(llama):
 
 
 def test_train_checks_the_same_without_validate(bert_tokenizer_dir, causal_mds_dir, tiny_bert):
-    """`train` builds through builders.py, which refuses the same mistakes even when validation was skipped."""
-    from llmfoundry_lite import builders
+    """`train` builds through train/build.py, which refuses the same mistakes even when validation was skipped."""
+    from llmfoundry_lite.train import build as builders
 
     cfg = load_recipe(QUICKSTART, [*tiny_bert(), f"variables.data_local={causal_mds_dir}"])
     tok = builders.build_tokenizer(cfg)

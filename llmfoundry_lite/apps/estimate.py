@@ -28,6 +28,8 @@ from typing import Any, Optional
 
 from llmfoundry_lite import hardware
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.recipe import section
+from llmfoundry_lite.recipe import sequence_length as recipe_sequence_length
 
 DEFAULT_MFU = 0.40
 DEFAULT_GPU = "a100-80gb"
@@ -70,9 +72,7 @@ class Estimate:
 
 
 def _block(cfg: Any, name: str) -> Any:
-    from llmfoundry_lite.builders import recipe_section
-
-    return recipe_section(cfg, name)
+    return section(cfg, name)
 
 
 def mlm_probability(cfg: Any) -> Optional[float]:
@@ -84,15 +84,11 @@ def mlm_probability(cfg: Any) -> Optional[float]:
 
 
 def sequence_length(cfg: Any) -> int:
-    """Training sequence length: ``max_seq_len`` (top level, train loader or model block)."""
-    for value in (
-        cfg.get("max_seq_len"),
-        (_block(cfg, "train_loader") or {}).get("max_seq_len"),
-        (_block(cfg, "model") or {}).get("max_seq_len"),
-    ):
-        if value:
-            return int(value)
-    raise RecipeError("the recipe sets no sequence length; add max_seq_len", key="max_seq_len")
+    """Training sequence length, read where training reads it (:func:`llmfoundry_lite.recipe.sequence_length`)."""
+    seq = recipe_sequence_length(cfg)
+    if seq is None:
+        raise RecipeError("the recipe sets no sequence length; add max_seq_len", key="max_seq_len")
+    return seq
 
 
 def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[float, str]:
@@ -470,7 +466,7 @@ def register_cli(app: Any) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ) -> None:
         """Parameters, training FLOPs, wall time, GPU-hours and dollars of a recipe."""
-        from llmfoundry_lite.config import load_recipe
+        from llmfoundry_lite.recipe import load_recipe
 
         cfg = load_recipe(recipe, list(overrides or []))
         est = estimate(

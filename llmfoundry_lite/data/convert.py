@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
+from llmfoundry_lite.compat import import_mds_writer
 from llmfoundry_lite.errors import RecipeError
 
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
@@ -741,59 +742,6 @@ def convert(
             shutil.rmtree(d, ignore_errors=True)
     mode = f"concat {concat_tokens} tokens" if concat_tokens else "raw text"
     return ConvertSummary(str(out), mode, stats, time.perf_counter() - t0)
-
-
-def import_mds_writer() -> type:
-    """streaming's ``MDSWriter``, importing the package ``__init__`` files (and transformers with them) lazily.
-
-    ``import streaming`` costs ~4 s of CPU, the largest part of converting a small corpus, because its
-    ``__init__`` pulls in every dataset class and transformers; the writer needs only leaf modules. The four
-    packages on the way are registered as modules whose real ``__init__`` runs, in place, on the first access
-    to a name it defines (PEP 562 ``__getattr__``), so ``from streaming import StreamingDataset`` later in the
-    process works as usual and the writer class is the same object. Any surprise falls back to the plain import.
-    """
-    import importlib
-    import importlib.util
-    import types
-
-    if "streaming" in sys.modules:
-        from streaming import MDSWriter
-
-        return MDSWriter
-    added: list[str] = []
-    try:
-        for name in ("streaming", "streaming.base", "streaming.base.format", "streaming.base.format.mds"):
-            spec = importlib.util.find_spec(name)
-            if spec is None or spec.submodule_search_locations is None or spec.loader is None:
-                raise ImportError(name)
-            sys.modules[name] = _deferred_package(types.ModuleType(name), spec)
-            if added:  # bind to the parent as the import system would
-                setattr(sys.modules[added[-1]], name.rsplit(".", 1)[1], sys.modules[name])
-            added.append(name)
-        return importlib.import_module("streaming.base.format.mds.writer").MDSWriter
-    except Exception:
-        for name in added:
-            sys.modules.pop(name, None)
-        from streaming import MDSWriter
-
-        return MDSWriter
-
-
-def _deferred_package(mod: Any, spec: Any) -> Any:
-    mod.__spec__, mod.__loader__, mod.__file__ = spec, spec.loader, spec.origin
-    mod.__path__, mod.__package__ = list(spec.submodule_search_locations), spec.name
-
-    def __getattr__(attr: str) -> Any:
-        # First miss: run the real __init__ in this module's namespace (submodules bound so far are kept).
-        mod.__dict__.pop("__getattr__", None)
-        exec(spec.loader.get_code(spec.name), mod.__dict__)
-        try:
-            return mod.__dict__[attr]
-        except KeyError:
-            raise AttributeError(f"module {spec.name!r} has no attribute {attr!r}") from None
-
-    mod.__getattr__ = __getattr__
-    return mod
 
 
 def _worker_init_inproc(tok_json: str) -> None:

@@ -167,9 +167,9 @@ def concat_length(index: dict[str, Any]) -> Optional[int]:
 
 def _get_num_tokens_in_batch(batch: Any) -> int:
     # Real tokens only: padding does not count toward Composer's throughput or `tok` durations.
-    if isinstance(batch, dict) and "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+    from llmfoundry_lite.models.accounting import batch_tokens  # torch: imported when batches flow
+
+    return batch_tokens(batch).tokens
 
 
 @registry.dataloaders.register("text")

@@ -14,7 +14,7 @@ from typing import Any
 
 # Modules whose import registers section checks. Strings, not imports: they sit above recipe/.
 PROVIDERS = (
-    "llmfoundry_lite.train_checks",
+    "llmfoundry_lite.train.checks",
     "llmfoundry_lite.apps.glue.config",
 )
 

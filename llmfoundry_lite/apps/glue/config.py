@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError, suggest
+from llmfoundry_lite.recipe.sections import register_section
 
 # ---------------------------------------------------------------------------------------------------------
 # Tasks: schema of each dataset and the published MosaicBERT finetuning settings
@@ -183,21 +184,21 @@ _GLUE_EQUIVALENT = {
 
 def _validate_recipe(data: Mapping[str, Any]) -> None:
     """Validate what finetuning reads: the whole recipe if it is a pretraining recipe, else its GLUE keys."""
-    from llmfoundry_lite import config
+    from llmfoundry_lite import recipe
     from llmfoundry_lite.models.meta import check_model_shape
 
     required = [
         name
-        for name, f in config.SCHEMA_FIELDS.items()
+        for name, f in recipe.SCHEMA_FIELDS.items()
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     missing = [k for k in required if data.get(k) is None and k not in FINETUNE_KEYS]
     if not missing:
-        config.validate(dict(data))
+        recipe.validate(dict(data))
         return
     for k in data:
-        if k not in config.SCHEMA_FIELDS:
-            raise RecipeError(f"unknown top-level key {k!r}{suggest(k, config.SCHEMA_FIELDS)}", key=str(k))
+        if k not in recipe.SCHEMA_FIELDS:
+            raise RecipeError(f"unknown top-level key {k!r}{suggest(k, recipe.SCHEMA_FIELDS)}", key=str(k))
         if k not in FINETUNE_KEYS:
             instead = f"; GLUE uses {_GLUE_EQUIVALENT[k]}" if k in _GLUE_EQUIVALENT else ""
             raise RecipeError(
@@ -208,13 +209,13 @@ def _validate_recipe(data: Mapping[str, Any]) -> None:
     for k in ("model", "tokenizer"):
         if data.get(k) is None:
             raise RecipeError(f"missing required key {k!r}", key=k)
-        registry.check_component(config.COMPONENT_SECTIONS[k], data[k], k)
-    err = registry.type_error(data.get("variables"), typing.get_type_hints(config.RecipeSchema)["variables"])
+        registry.check_component(recipe.COMPONENT_SECTIONS[k], data[k], k)
+    err = registry.type_error(data.get("variables"), typing.get_type_hints(recipe.RecipeSchema)["variables"])
     if err:
         raise RecipeError(err, key="variables")
-    for keypath, default_name, block in config.iter_multi("algorithms", data.get("algorithms")):
+    for keypath, default_name, block in recipe.iter_multi("algorithms", data.get("algorithms")):
         registry.check_component(
-            config.MULTI_SECTIONS["algorithms"], block if block is not None else {}, keypath, default_name
+            recipe.MULTI_SECTIONS["algorithms"], block if block is not None else {}, keypath, default_name
         )
     check_model_shape(data["model"])
 
@@ -229,7 +230,7 @@ def load_glue_recipe(
     """
     from omegaconf import OmegaConf
 
-    from llmfoundry_lite.config import compose
+    from llmfoundry_lite.recipe import compose
 
     data, origins = compose(path, list(overrides or []))
     try:
@@ -300,3 +301,6 @@ def plan_jobs(cfg: GlueConfig, tasks: Sequence[str] | None = None, num_seeds: in
                 )
             )
     return jobs
+
+
+register_section("glue", parse_glue_section)  # validation of any recipe with a glue: section runs it

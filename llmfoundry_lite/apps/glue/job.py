@@ -22,8 +22,7 @@ from llmfoundry_lite.apps.glue.config import TASKS, GlueConfig, Job
 from llmfoundry_lite.apps.glue.data import Collate, load_task_splits, tokenize_split
 from llmfoundry_lite.apps.glue.model import GlueClassifier, build_encoder, load_weights
 from llmfoundry_lite.checkpoints import find_checkpoint, load_model_state
-from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.quiet import quiet_dependency_warnings
+from llmfoundry_lite.train.trainer import composer_precision, make_trainer, resolve_device, resolve_precision
 
 
 class _EvalHistory(Callback):
@@ -73,15 +72,10 @@ class _JobProgress(Callback):
 
 
 def device_and_precision(glue: GlueConfig) -> tuple[str, str]:
-    """The Composer device and precision of the recipe's jobs on this machine."""
-    if glue.device == "gpu" and not torch.cuda.is_available():
-        raise RecipeError("device 'gpu' requested but CUDA is not available", key="glue.device")
-    device = glue.device
-    if device == "auto":
-        device = "gpu" if torch.cuda.is_available() else "cpu"
-    # Mixed precision is a GPU feature here; on CPU the same recipe runs in fp32.
-    precision = (glue.precision or "amp_bf16") if device == "gpu" else "fp32"
-    return device, precision
+    """The device and precision of the recipe's jobs on this machine, decided as for training (amp_bf16 on CPU
+    runs under bf16 autocast, as in ``train.trainer.make_trainer``)."""
+    device = resolve_device(glue.device, "glue.device")
+    return device, resolve_precision(glue.precision, device, "glue.precision")
 
 
 def _started_from(cfg: Any, glue: GlueConfig, checkpoint: str | None) -> str:
@@ -99,7 +93,6 @@ def _make_trainer(
     save_folder: str | None = None,
 ) -> Any:
     """The Composer Trainer of one job (optimizer, schedule, device, precision; a weights-only save at the end)."""
-    from composer import Trainer
     from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler
 
     device, precision = device_and_precision(glue)
@@ -114,10 +107,15 @@ def _make_trainer(
             save_num_checkpoints_to_keep=1,
             save_overwrite=True,
         )
-    return Trainer(
-        model=model,
-        train_dataloader=train_dl,
-        eval_dataloader=evaluators,
+    return make_trainer(
+        model,
+        train_dl,
+        evaluators,
+        device=device,
+        precision=precision,
+        callbacks=callbacks,
+        device_train_microbatch_size=glue.device_train_microbatch_size or "auto",  # auto: GPU only
+        key_prefix="glue.",
         max_duration=duration,
         eval_interval=glue.eval_interval,
         optimizers=DecoupledAdamW(
@@ -128,13 +126,7 @@ def _make_trainer(
             weight_decay=job.weight_decay,
         ),
         schedulers=LinearWithWarmupScheduler(t_warmup=glue.t_warmup, alpha_f=glue.alpha_f),
-        device=device,
-        precision=precision,
-        device_train_microbatch_size=glue.device_train_microbatch_size
-        or ("auto" if device == "gpu" else None),
         seed=job.seed,
-        callbacks=callbacks,
-        loggers=[],
         progress_bar=False,
         log_to_console=False,
         run_name=f"glue-{job.task}-seed{job.seed}",
@@ -171,9 +163,10 @@ def run_job(
     job_dir.mkdir(parents=True, exist_ok=True)
     reproducibility.seed_all(job.seed)  # the head's init depends on it
 
-    _, precision = device_and_precision(glue)
+    device, precision = device_and_precision(glue)
     # Round-2 jobs overwrite the encoder with the MNLI weights, so the pretraining checkpoint is not read.
-    encoder, tokenizer = build_encoder(cfg, glue, "" if init_checkpoint else pretrained_checkpoint, precision)
+    weights = "" if init_checkpoint else pretrained_checkpoint
+    encoder, tokenizer = build_encoder(cfg, glue, weights, composer_precision(device, precision))
     model = GlueClassifier(encoder, spec.num_labels, spec.metrics, dropout=glue.classifier_dropout)
     if init_checkpoint:
         # MNLI-finetuned encoder and pooler; the head is new (label spaces differ).
@@ -199,7 +192,6 @@ def run_job(
     history = _EvalHistory()
     started_from = _started_from(cfg, glue, init_checkpoint or pretrained_checkpoint)
     progress = _JobProgress(job.name, started_from)
-    quiet_dependency_warnings()
     save_folder = str(job_dir / "checkpoints") if save_checkpoint else None
     trainer = _make_trainer(glue, job, model, train_dl, evaluators, [history, progress], save_folder)
     try:

@@ -197,7 +197,7 @@ def apply_init_surgery(model: torch.nn.Module, cfg: Any, precision: str = "fp32"
     from composer.devices import DeviceCPU
     from composer.loggers import Logger
 
-    from llmfoundry_lite.builders import build_multi
+    from llmfoundry_lite.train.build import build_multi
 
     algorithms = build_multi(cfg, "algorithms")
     if not algorithms:
@@ -217,7 +217,7 @@ def build_encoder(
     cfg: Any, glue: GlueConfig, checkpoint: str | None = None, precision: str = "fp32"
 ) -> tuple[torch.nn.Module, Any]:
     """The pretrained encoder and its tokenizer, from ``glue.init_from_hf`` or the recipe's model + checkpoint."""
-    from llmfoundry_lite.builders import build_model, build_tokenizer
+    from llmfoundry_lite.train.build import build_model, build_tokenizer
 
     checkpoint = checkpoint if checkpoint is not None else glue.checkpoint
     tokenizer = build_tokenizer(cfg)

@@ -14,8 +14,10 @@ import traceback
 
 import click
 
+from llmfoundry_lite.errors import RecipeError
+
 # Only the standard library here: the stop-signal handlers go in before torch and Composer load (seconds).
-from llmfoundry_lite.callbacks.stop_signals import (
+from llmfoundry_lite.train.callbacks.stop_signals import (
     GUARD,
     PREEMPTED_EXIT_CODE,
     PREEMPTION_SIGNALS,
@@ -23,7 +25,6 @@ from llmfoundry_lite.callbacks.stop_signals import (
     signal_name,
     stop_signals,
 )
-from llmfoundry_lite.errors import RecipeError
 
 DEFAULT_MASTER_PORT = 29500
 _COMPOSER_SIGNAL_EXITS = (128 + signal.SIGTERM, 128 + signal.SIGINT)
@@ -34,8 +35,8 @@ def _rank() -> int:
 
 
 def _run(recipe: str, overrides: list[str]) -> None:
-    from llmfoundry_lite.config import load_recipe
-    from llmfoundry_lite.train import train
+    from llmfoundry_lite.recipe import load_recipe
+    from llmfoundry_lite.train.run import train
 
     GUARD.reassert()  # importing Composer replaced the SIGTERM/SIGINT handlers with its own
     cfg = load_recipe(recipe, overrides)
@@ -58,7 +59,9 @@ def _is_stop(e: BaseException) -> bool:
             f"stopped by {signal_name(e.code - 128)} during start-up; rerun the same command to start again",
         )
         return True
-    preemption = sys.modules.get("llmfoundry_lite.callbacks.preemption")  # not imported yet: cannot be one
+    preemption = sys.modules.get(
+        "llmfoundry_lite.train.callbacks.preemption"
+    )  # not imported yet: cannot be one
     return preemption is not None and isinstance(e, preemption.RunStopped)
 
 
@@ -119,7 +122,7 @@ def launcher_command(
         cmd += ["--master_addr", master_addr]
     if master_port:
         cmd += ["--master_port", str(master_port)]
-    return [*cmd, "-m", "llmfoundry_lite.launch", recipe, *overrides]
+    return [*cmd, "-m", "llmfoundry_lite.train.launch", recipe, *overrides]
 
 
 def _forward_to_ranks(launcher: subprocess.Popen, forwarded: list[int]):

@@ -1,4 +1,5 @@
-"""Recipe sections -> Composer objects, and the built-in registry entries that wrap Composer and torch."""
+"""Recipe sections -> Composer objects (tokenizer, model, loaders refused when they could never yield a batch,
+optimizer, scheduler, algorithms, callbacks, loggers), and the built-in registry entries wrapping Composer and torch."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from composer import callbacks as cc
 from composer import loggers as cl
 from composer import metrics as cm
 from composer import optim as co
+from omegaconf import DictConfig
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.data.checks import check_loader, check_loader_fit
+from llmfoundry_lite.data.loaders import SplitTooSmall
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.recipe import COMPONENT_SECTIONS, MULTI_SECTIONS, iter_multi
-from llmfoundry_lite.train_checks import WANDB_FIX
+from llmfoundry_lite.recipe import section as recipe_section
+from llmfoundry_lite.train.checks import WANDB_FIX
 
 # Names follow llm-foundry's, so recipes written for it read the same here.
 for _name, _obj in {
@@ -117,16 +121,6 @@ for _name, _obj in {
     registry.metrics.register(_name, func=_obj)
 
 
-def recipe_section(cfg: Any, name: str) -> Any:
-    """A top-level recipe section as plain data (None when absent)."""
-    value = cfg.get(name) if hasattr(cfg, "get") else None
-    if value is not None and hasattr(value, "_content"):
-        from omegaconf import OmegaConf
-
-        value = OmegaConf.to_container(value, resolve=True)
-    return value
-
-
 def build_tokenizer(cfg: Any) -> Any:
     """The recipe's tokenizer (a Hugging Face ``PreTrainedTokenizerBase``)."""
     return registry.build(COMPONENT_SECTIONS["tokenizer"], recipe_section(cfg, "tokenizer"), "tokenizer")
@@ -190,3 +184,60 @@ def build_multi(cfg: Any, section: str) -> list[Any]:
     for keypath, default_name, block in iter_multi(section, recipe_section(cfg, section)):
         out.append(registry.build(MULTI_SECTIONS[section], block or {}, keypath, default_name))
     return out
+
+
+def build_loader(cfg: DictConfig, section: str, tokenizer: Any, device_batch_size: int, world: int) -> Any:
+    """The ``train_loader``/``eval_loader`` of a recipe, refused when it could never yield a batch."""
+    try:
+        loader = build_dataloader(cfg, section, tokenizer, device_batch_size)
+    except SplitTooSmall as e:  # the text loader checks before it starts any worker
+        message = too_few_samples(cfg, section, e.per_rank, e.batch, e.total, world)
+        raise RecipeError(message, key=section) from None
+    check_loader_batches(cfg, section, loader, world)
+    return loader
+
+
+def check_loader_batches(cfg: DictConfig, section: str, loader: Any, world: int) -> None:
+    """RecipeError naming ``section`` when one rank's share of its split is less than one batch under drop_last.
+
+    Such a loader yields no batch at all: Composer would loop over empty epochs forever (train) or evaluate
+    nothing. For any registered loader; datasets that cannot tell their size (iterable ones without
+    ``__len__``) are left to ``EmptyEpochGuard``.
+    """
+    dl = getattr(loader, "dataloader", loader)  # a DataSpec or a DataLoader
+    dataset, batch = getattr(dl, "dataset", None), getattr(dl, "batch_size", None)
+    if dataset is None or not batch:
+        return
+    try:
+        per_rank = len(dl.sampler)  # a map-style dataset: the sampler decides what a rank sees
+    except (AttributeError, TypeError):
+        try:
+            per_rank = len(dataset)  # streaming: already this rank's share
+        except TypeError:
+            return
+    drop_last = bool(getattr(dl, "drop_last", False))
+    if per_rank >= (batch if drop_last else 1):
+        return
+    total = getattr(dataset, "epoch_size", None) or per_rank * world
+    raise RecipeError(too_few_samples(cfg, section, per_rank, batch, int(total), world), key=section)
+
+
+def too_few_samples(cfg: DictConfig, section: str, per_rank: int, batch: int, total: int, world: int) -> str:
+    """The message for a split with fewer samples per rank than one batch: the numbers and the fix."""
+    block = cfg.get(section) or {}
+    where = f"split {block.get('split')!r} of " if block.get("split") else ""
+    where += repr(str(block.get("remote") or block.get("local") or "the dataset"))
+    if per_rank == 0:
+        return f"{where} has no samples; check it with `llmfoundry-lite data inspect`"
+    ranks = f", {per_rank} per rank on {world} ranks" if world > 1 else ""
+    if section == "train_loader":
+        setting = f"global_train_batch_size {cfg.global_train_batch_size}"
+        if world > 1:
+            setting += f" = {batch} per rank x {world} ranks"
+        fix = f"set global_train_batch_size to at most {per_rank * world}, or use more data"
+        what = "no batch could ever be trained"
+    else:
+        setting = f"device_eval_batch_size {batch}"
+        fix = f"set device_eval_batch_size to at most {per_rank}, or {section}.drop_last: false"
+        what = "nothing would be evaluated"
+    return f"{where} has {total} samples{ranks}, fewer than one batch ({setting}, drop_last: true), so {what}; {fix}"

@@ -21,7 +21,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from llmfoundry_lite.callbacks.stop_signals import (
+from llmfoundry_lite.compat import save_checkpoint_now
+from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.train.callbacks.stop_signals import (
     GUARD,
     INTERRUPTED_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
@@ -30,7 +32,6 @@ from llmfoundry_lite.callbacks.stop_signals import (
     StopNow,
     exit_code_for,
 )
-from llmfoundry_lite.errors import RecipeError
 
 NONFINITE_EXIT_CODE = 3
 __all__ = [
@@ -76,7 +77,7 @@ def _any_rank(flag: bool, state: State) -> bool:
     """True when ``flag`` is set on any rank (a max all-reduce; free on one process)."""
     if dist.get_world_size() == 1:
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=state.device._device)
+    t = state.device.tensor_to_device(torch.tensor([1 if flag else 0], dtype=torch.int32))
     dist.all_reduce(t, reduce_operation="MAX")
     return bool(t.item())
 
@@ -166,7 +167,7 @@ class Preemption(Callback):
             msg = f"{verb} at batch {batch}{where}; no save_folder is set, so nothing was saved"
         else:
             if saver.last_checkpoint_batch is None or int(saver.last_checkpoint_batch) != batch:
-                saver._save_checkpoint(state, logger)  # noqa: SLF001 (Composer's own save: symlink + pruning)
+                save_checkpoint_now(saver, state, logger)  # Composer's own save: symlink, pruning, uploads
             msg = f"{verb} at batch {batch}{where}; rerun the same command to resume"
         self._finish()
         raise Preempted(msg, batch, exit_code_for(signum))
@@ -188,7 +189,7 @@ class Preemption(Callback):
 class EmptyEpochGuard(Callback):
     """Stop a run whose train dataloader yields no batch (Composer would loop over empty epochs forever).
 
-    The build-time check (``train.check_loader_batches``) catches this for sized datasets; this catches the rest
+    The build-time check (``train.build.check_loader_batches``) catches this for sized datasets; this catches the rest
     (iterable datasets, plugins). Two empty epochs in a row: a resumed run may legitimately find the rest of its
     epoch empty once.
     """

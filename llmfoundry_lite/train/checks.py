@@ -1,6 +1,6 @@
 """Checks of the sections training builds, registered with :mod:`llmfoundry_lite.recipe.sections`: the model
-block (built on the meta device), the ``fsdp:`` block (Composer's FSDPConfig), and what a run needs outside the
-recipe (data splits, tokenizer files, logger logins)."""
+block (built on the meta device), the ``fsdp:`` block (Composer's FSDPConfig; and the parallelism config made
+from it), and what a run needs outside the recipe (data splits, tokenizer files, logger logins)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,20 @@ def validate_fsdp(block: Any) -> dict:
     except (TypeError, ValueError) as e:
         raise RecipeError(f"invalid FSDP settings: {e}", key="fsdp") from None
     return block
+
+
+def parallelism_config(cfg: DictConfig, world: int, device_name: str) -> dict | None:
+    """Composer's ``parallelism_config`` from the recipe's ``fsdp:`` block on GPUs (one or more); None on CPU."""
+    block = validate_fsdp(cfg.get("fsdp"))
+    if not block:
+        return None
+    if device_name == "gpu":  # FSDP on one GPU is valid (Composer starts a one-process group for it)
+        return {"fsdp": block}
+    from composer.utils import dist
+
+    if dist.get_global_rank() == 0:
+        print("warning: the fsdp block is ignored on CPU (FSDP shards across GPUs); training without it")
+    return None
 
 
 def check_auto_microbatching(
