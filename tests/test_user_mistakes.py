@@ -1,0 +1,264 @@
+"""A new user's first hour: a table of mistakes, each answered with one line naming the key or flag, exit code 2.
+
+Every row runs the real command line (``llmfoundry_lite.cli.main``) on the quickstart recipes with real data and
+tokenizers built by the session fixtures. For each: exit code 2, exactly one line on stderr, no traceback, the key
+or flag (and, where it matters, the fix) named, and no network wait (each row answers in seconds).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from llmfoundry_lite.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BERT = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
+LLAMA = str(ROOT / "recipes" / "quickstart" / "llama-tiny.yaml")
+
+
+@pytest.fixture
+def env(bert_tokenizer_dir, llama_tokenizer_dir, mlm_mds_dir, causal_mds_dir, tmp_path):
+    """Paths the rows refer to: real data and tokenizers, and a few broken recipe files."""
+    (tmp_path / "bad.yaml").write_text("model: {name: mosaic_bert\n  d_model: [\n")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "nomodel.yaml").write_text(
+        Path(BERT).read_text().replace("model:\n  name: mosaic_bert", "modle:\n  name: mosaic_bert")
+    )
+    return {
+        "bert_tok": bert_tokenizer_dir,
+        "llama_tok": llama_tokenizer_dir,
+        "mlm": mlm_mds_dir,
+        "causal": causal_mds_dir,
+        "tmp": str(tmp_path),
+    }
+
+
+def bert(env, *extra: str) -> list[str]:
+    """The MosaicBERT quickstart recipe pointed at the test data, plus ``extra`` overrides."""
+    return [
+        BERT,
+        f"variables.tokenizer_path={env['bert_tok']}",
+        f"variables.data_local={env['mlm']}",
+        f"save_folder={env['tmp']}/runs/{{run_name}}",
+        *extra,
+    ]
+
+
+def llama(env, *extra: str) -> list[str]:
+    """The LLaMA quickstart recipe pointed at the test data, plus ``extra`` overrides."""
+    return [
+        LLAMA,
+        f"variables.tokenizer_path={env['llama_tok']}",
+        f"variables.data_local={env['causal']}",
+        f"save_folder={env['tmp']}/runs/{{run_name}}",
+        *extra,
+    ]
+
+
+# (id, argv builder, extra environment, substrings the one line must contain)
+ROWS = [
+    # -- the command line itself
+    ("typo-verb", lambda e: ["trian", BERT], {}, ["trian", "train"]),
+    ("verb-without-recipe", lambda e: ["train"], {}, ["RECIPE"]),
+    ("nproc-not-int", lambda e: ["train", BERT, "--nproc", "abc"], {}, ["--nproc", "abc"]),
+    ("override-as-flag", lambda e: ["train", BERT, "--optimizer.lr=3e-4"], {}, ["optimizer.lr=3e-4"]),
+    ("override-as-option", lambda e: ["validate", BERT, "--lr", "3e-4"], {}, ["--lr"]),
+    ("list-extra-args", lambda e: ["list", "optimizers", "decoupled_adamw", "extra"], {}, ["extra"]),
+    ("list-unknown-registry", lambda e: ["list", "optimisers"], {}, ["optimisers", "optimizers"]),
+    ("list-unknown-entry", lambda e: ["list", "optimizers", "adamw_decoupled"], {}, ["adamw_decoupled"]),
+    ("unknown-option", lambda e: ["validate", BERT, "--frobnicate"], {}, ["--frobnicate"]),
+    ("unknown-data-subverb", lambda e: ["data", "convrt"], {}, ["convrt"]),
+    ("nnodes-negative", lambda e: ["train", BERT, "--nnodes", "x"], {}, ["--nnodes"]),
+    # -- the recipe file
+    ("missing-recipe", lambda e: ["validate", f"{e['tmp']}/nope.yaml"], {}, ["nope.yaml"]),
+    ("invalid-yaml", lambda e: ["validate", f"{e['tmp']}/bad.yaml"], {}, ["bad.yaml"]),
+    ("base-cycle", lambda e: ["validate", f"{e['tmp']}/a.yaml"], {}, ["a.yaml", "cycle"]),
+    ("unknown-top-key", lambda e: ["validate", f"{e['tmp']}/nomodel.yaml"], {}, ["modle", "model"]),
+    (
+        "unknown-nested-key",
+        lambda e: ["validate", *bert(e, "optimizer.lrr=0.1")],
+        {},
+        ["optimizer.lrr", "lr"],
+    ),
+    (
+        "unknown-model",
+        lambda e: ["validate", *bert(e, "model.name=mosiac_bert")],
+        {},
+        ["model.name", "mosaic_bert"],
+    ),
+    (
+        "wrong-type",
+        lambda e: ["validate", *bert(e, "global_train_batch_size=abc")],
+        {},
+        ["global_train_batch_size"],
+    ),
+    ("seed-not-int", lambda e: ["validate", *bert(e, "seed=abc")], {}, ["seed"]),
+    ("bad-duration-unit", lambda e: ["validate", *bert(e, "max_duration=10xx")], {}, ["max_duration"]),
+    (
+        "bare-number-duration",
+        lambda e: ["validate", *bert(e, "max_duration=100")],
+        {},
+        ["max_duration", "100ba"],
+    ),
+    ("bad-precision", lambda e: ["validate", *bert(e, "precision=fp64")], {}, ["precision", "fp64"]),
+    ("unknown-callback", lambda e: ["validate", *bert(e, "callbacks.speed_monitr={}")], {}, ["speed_monitr"]),
+    (
+        "fsdp-typo",
+        lambda e: ["validate", *bert(e, "fsdp.sharding_stratgy=FULL_SHARD")],
+        {},
+        ["fsdp.sharding_stratgy"],
+    ),
+    (
+        "microbatch-zero",
+        lambda e: ["validate", *bert(e, "device_train_microbatch_size=0")],
+        {},
+        ["device_train_microbatch_size"],
+    ),
+    ("heads-not-dividing", lambda e: ["validate", *bert(e, "model.n_heads=3")], {}, ["n_heads=3"]),
+    ("negative-lr", lambda e: ["validate", *bert(e, "optimizer.lr=-1e-3")], {}, ["optimizer.lr"]),
+    (
+        "beta-above-one",
+        lambda e: ["validate", *bert(e, "optimizer.betas=[0.9,1.5]")],
+        {},
+        ["optimizer.betas"],
+    ),
+    ("zero-eps", lambda e: ["validate", *bert(e, "optimizer.eps=0")], {}, ["optimizer.eps"]),
+    (
+        "negative-wd",
+        lambda e: ["validate", *bert(e, "optimizer.weight_decay=-1")],
+        {},
+        ["optimizer.weight_decay"],
+    ),
+    (
+        "batch-not-divisible",
+        lambda e: ["train", *bert(e, "global_train_batch_size=32"), "--nproc", "3"],
+        {},
+        ["global_train_batch_size"],
+    ),
+    # -- data and tokenizer
+    (
+        "data-folder-missing",
+        lambda e: ["validate", *bert(e, f"variables.data_local={e['tmp']}/nodata")],
+        {},
+        ["train_loader", "nodata"],
+    ),
+    (
+        "split-missing",
+        lambda e: ["validate", *bert(e, "train_loader.split=trian")],
+        {},
+        ["train_loader", "trian"],
+    ),
+    (
+        "tokenizer-relative-missing",
+        lambda e: ["validate", *bert(e, "variables.tokenizer_path=data/nope")],
+        {},
+        ["tokenizer", "data/nope"],
+    ),
+    (
+        "tokenizer-dot-missing",
+        lambda e: ["validate", *bert(e, "variables.tokenizer_path=./tok")],
+        {},
+        ["tokenizer", "tok"],
+    ),
+    (
+        "tokenizer-is-mds",
+        lambda e: ["validate", *bert(e, f"variables.tokenizer_path={e['mlm']}/train")],
+        {},
+        ["tokenizer", "MDS"],
+    ),
+    (
+        "hub-tokenizer-offline",
+        lambda e: ["validate", *bert(e, "variables.tokenizer_path=someorg/no-such-model")],
+        {"HF_HUB_OFFLINE": "1"},
+        ["tokenizer", "someorg/no-such-model"],
+    ),
+    (
+        "mlm-on-token-rows",
+        lambda e: ["validate", *bert(e, f"variables.data_local={e['causal']}")],
+        {},
+        ["train_loader"],
+    ),
+    (
+        "vocab-smaller-than-tokenizer",
+        lambda e: ["validate", *llama(e, "model.vocab_size=100")],
+        {},
+        ["model.vocab_size"],
+    ),
+    (
+        "wandb-without-login",
+        lambda e: ["validate", *bert(e, "loggers.wandb.project=p")],
+        {"WANDB_MODE": "", "WANDB_API_KEY": "", "NETRC": "/nonexistent"},
+        ["wandb", "WANDB_MODE"],
+    ),
+    # -- at the start of a run
+    ("fp16-on-cpu", lambda e: ["train", *bert(e, "precision=amp_fp16")], {}, ["precision"]),
+    ("gpu-on-cpu", lambda e: ["train", *bert(e, "device=gpu")], {}, ["device"]),
+    (
+        "flash-on-cpu",
+        lambda e: ["train", *llama(e, "model.attn_impl=flash", "max_duration=1ba")],
+        {},
+        ["attn_impl", "flash"],
+    ),
+    (
+        "zero-batch-run",
+        lambda e: ["train", *bert(e, "global_train_batch_size=1024", "max_duration=2ba")],
+        {},
+        ["train_loader", "1024"],
+    ),
+    # -- other verbs
+    ("export-missing", lambda e: ["export", f"{e['tmp']}/missing.pt", f"{e['tmp']}/out"], {}, ["missing.pt"]),
+    ("estimate-unknown-gpu", lambda e: ["estimate", *bert(e), "--gpu", "a100-800gb"], {}, ["a100-800gb"]),
+    (
+        "convert-missing-source",
+        lambda e: ["data", "convert", "--source", f"{e['tmp']}/none.txt", "--out", f"{e['tmp']}/o"],
+        {},
+        ["none.txt"],
+    ),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r[0] for r in ROWS])
+def test_user_mistake_is_one_line_and_exit_2(row, env, capsys, monkeypatch):
+    _, argv, extra_env, expect = row
+    for k, v in extra_env.items():
+        monkeypatch.setenv(k, v)
+    if extra_env.get("WANDB_MODE") == "":
+        monkeypatch.delenv("WANDB_MODE")
+    t0 = time.perf_counter()
+    code = main(argv(env))
+    elapsed = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for part in expect:
+        assert part in lines[0], (part, lines[0])
+    assert elapsed < 30, elapsed  # no retries against a hub, no hang
+
+
+def test_enough_mistakes_are_covered():
+    assert len(ROWS) >= 40
+
+
+def test_debug_shows_the_traceback(env, capsys):
+    assert main(["--debug", "validate", *bert(env, "optimizer.lrr=0.1")]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["validate", *bert(env, "optimizer.lrr=0.1"), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_zero_batch_run_exits_within_30_s_as_a_user_runs_it(env, tmp_path):
+    """The console script on a split smaller than one global batch: exit 2 quickly, one line, no hang."""
+    cmd = [sys.executable, "-m", "llmfoundry_lite.cli", "train", *bert(env, "global_train_batch_size=1024")]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert time.perf_counter() - t0 < 30
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
