@@ -1,0 +1,695 @@
+"""`llmfoundry-lite import-recipe FOUNDRY.yaml [-o OURS.yaml]`: an llm-foundry (or mosaicml/examples BERT) YAML
+translated into a recipe here, validated, with every key that has no equivalent listed with the reason.
+
+Read from the formats of llm-foundry's ``scripts/train/yamls/pretrain`` (``mpt-*.yaml``, ``hf-llama-*.yaml``:
+``variables``, ``model`` with ``mpt_causal_lm`` / ``hf_causal_lm``, ``tokenizer``, loaders with a nested
+``dataset:``, ``fsdp_config``, ...) and of mosaicml/examples ``benchmarks/bert/yamls/main`` (``mosaic_bert`` with
+``model_config``, the tokenizer named inside the model and dataset blocks, top-level free variables).
+
+What translates and what does not:
+
+* Interpolations (``${variables.x}``, ``${data_local}``) are resolved; the variables themselves are then inlined.
+* MPT becomes the LLaMA decoder only in what means the same: width, depth, heads, KV heads, context, vocabulary,
+  tied embeddings, init device, RoPE base. MPT's defaults (learned positions or ALiBi, LayerNorm, a GELU MLP with
+  biases, dropout, QK clipping) are not LLaMA's; each one the source uses is listed, and the recipe has LLaMA's
+  (RoPE, RMSNorm, SwiGLU without biases): it is a LLaMA model of MPT's size, not the same network.
+* Nothing is dropped silently: every key is mapped, inlined (a variable) or listed as unmapped with a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+from llmfoundry_lite.errors import RecipeError
+
+# Top-level keys with the same name and meaning here (Composer Trainer arguments, as in llm-foundry).
+SAME_TOP_LEVEL = (
+    "run_name",
+    "seed",
+    "max_seq_len",
+    "max_duration",
+    "eval_interval",
+    "eval_first",
+    "eval_subset_num_batches",
+    "global_train_batch_size",
+    "device_train_microbatch_size",
+    "device_eval_batch_size",
+    "precision",
+    "save_folder",
+    "save_interval",
+    "save_num_checkpoints_to_keep",
+    "save_overwrite",
+    "save_weights_only",
+    "load_path",
+    "load_weights_only",
+    "load_strict_model_weights",
+    "autoresume",
+    "console_log_interval",
+    "log_to_console",
+    "progress_bar",
+    "python_log_level",
+    "dist_timeout",
+)
+DURATION_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
+# Top-level keys of llm-foundry with no equivalent here, and why.
+UNMAPPED_TOP_LEVEL = {
+    "icl_tasks": "in-context-learning evaluation is not part of this framework; export the checkpoint "
+    "(llmfoundry-lite export) and run llm-foundry's eval or lm-evaluation-harness on it",
+    "eval_gauntlet": "in-context-learning evaluation is not part of this framework (see icl_tasks)",
+    "icl_seq_len": "in-context-learning evaluation is not part of this framework (see icl_tasks)",
+    "icl_subset_num_batches": "in-context-learning evaluation is not part of this framework (see icl_tasks)",
+    "eval_loaders": "one eval_loader here; translate the one you want as eval_loader",
+    "save_filename": "checkpoint file names are fixed here (Composer's default ep{epoch}-ba{batch}-rank{rank}.pt)",
+    "expandable_segments": "an allocator setting, not a recipe key: export "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before launching",
+    "code_paths": "recipes load no extra code files; add components through entry-point plugins",
+    "hf_save_path": "export to Hugging Face after training: llmfoundry-lite export CHECKPOINT OUT_DIR",
+    "compile_config": "torch.compile is not configured from the recipe here",
+    "load_ignore_keys": "no equivalent (load_path loads the whole model state)",
+    "metadata": "no equivalent (the resolved recipe is saved next to the checkpoints)",
+}
+# llm-foundry callbacks without a Composer/llmfoundry_lite counterpart, and why.
+UNMAPPED_CALLBACKS = {
+    "scheduled_gc": "Composer 0.32 has no scheduled_gc callback; Python's garbage collector runs as usual",
+    "hf_checkpointer": "export to Hugging Face after training: llmfoundry-lite export CHECKPOINT OUT_DIR",
+    "mono_ckpt_saver": "set fsdp.state_dict_type: full for monolithic checkpoints",
+    "generate_callback": "use the `generate` callback (prompts, interval, max_new_tokens)",
+    "fdiff_metrics": "no equivalent",
+    "eval_output_logging": "no equivalent",
+}
+MPT_ATTN_IMPL = {"flash": "flash", "torch": "sdpa", "triton": "auto"}
+MPT_LLAMA_NORMS = ("rmsnorm", "low_precision_rmsnorm", "triton_rmsnorm")
+# Framework-set or renamed keys of the text loader's dataset block.
+DATASET_RENAMED = {
+    "mlm_probability": "train_loader.collator.mlm_probability",
+    "tokenizer_name": "tokenizer.path",
+    "max_seq_len": "max_seq_len",
+}
+
+
+@dataclasses.dataclass
+class Translation:
+    """A translated recipe (plain data), the keys without an equivalent (key -> reason), and inlined variables."""
+
+    source: str
+    kind: str
+    recipe: dict
+    unmapped: dict[str, str]
+    notes: dict[str, str]
+    inlined: list[str]
+
+    def report(self, out: Optional[str] = None) -> str:
+        """The lines `import-recipe` prints."""
+        lines = [f"translated {self.source} ({self.kind})" + (f" -> {out}" if out else "")]
+        if self.inlined:
+            lines.append(f"variables inlined where they were used: {', '.join(self.inlined)}")
+        if self.notes:
+            lines.append(f"translated with a difference ({len(self.notes)}):")
+            lines += [f"  {k}: {v}" for k, v in self.notes.items()]
+        if self.unmapped:
+            lines.append(f"no equivalent, not in the recipe ({len(self.unmapped)}):")
+            lines += [f"  {k}: {v}" for k, v in self.unmapped.items()]
+        else:
+            lines.append("every key has an equivalent")
+        return "\n".join(lines)
+
+
+class _Translator:
+    def __init__(self, data: dict, referenced: set[str], source: str):
+        self.src = data
+        self.referenced = referenced
+        self.source = source
+        self.out: dict[str, Any] = {}
+        self.unmapped: dict[str, str] = {}
+        self.notes: dict[str, str] = {}
+        self.inlined: list[str] = []
+        self.kind = ""
+        self.sequence_id = False
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _params(self, registry_name: str, entry: str) -> Optional[set[str]]:
+        from llmfoundry_lite import registry
+
+        try:
+            params, var_kw = registry.signature_params(registry.lookup(registry_name, entry))
+        except RecipeError:
+            return None
+        return None if var_kw else set(params)
+
+    def _component(self, registry_name: str, name: str, block: Any, keypath: str) -> Optional[dict]:
+        """``{name, kwargs}`` for an entry that exists here, each unknown argument listed; None if it does not."""
+        params = self._params(registry_name, name)
+        from llmfoundry_lite import registry
+
+        try:
+            registry.lookup(registry_name, name)
+        except RecipeError:
+            return None
+        out: dict[str, Any] = {}
+        for k, v in (block or {}).items():
+            if k == "name":
+                continue
+            if params is not None and k not in params:
+                self.unmapped[f"{keypath}.{k}"] = f"{name} here takes no {k!r}"
+            else:
+                out[k] = v
+        return out
+
+    # -- sections --------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        model = self.src.get("model")
+        if not isinstance(model, Mapping) or not model.get("name"):
+            raise RecipeError(
+                "has no model block with a name; is this an llm-foundry training YAML?", key="model"
+            )
+        name = model["name"]
+        if name == "mpt_causal_lm":
+            self.kind = "llm-foundry MPT -> llama"
+            self._mpt(model)
+        elif name == "hf_causal_lm":
+            self._hf_causal_lm(model)
+        elif name == "mosaic_bert":
+            self.kind = "mosaicml/examples MosaicBERT -> mosaic_bert"
+            self._mosaic_bert(model)
+        else:
+            raise RecipeError(
+                f"model {name!r} is not one import-recipe translates; it reads mpt_causal_lm, hf_causal_lm "
+                "(llm-foundry) and mosaic_bert (mosaicml/examples)",
+                key="model.name",
+            )
+        self._tokenizer()
+        for loader in ("train_loader", "eval_loader"):
+            if self.src.get(loader) is not None:
+                self._loader(loader, self.src[loader])
+        self._optimizer()
+        self._scheduler()
+        self._multi("algorithms", "algorithms")
+        self._multi("callbacks", "callbacks")
+        self._multi("loggers", "loggers")
+        self._fsdp()
+        self._top_level()
+
+    def _mpt(self, m: Mapping[str, Any]) -> None:
+        attn = dict(m.get("attn_config") or {})
+        ffn = dict(m.get("ffn_config") or {})
+        d = m.get("d_model", 2048)
+        out: dict[str, Any] = {"name": "llama"}
+        for k in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
+            if k in m:
+                out[k] = m[k]
+        out["tie_embeddings"] = bool(m.get("tie_word_embeddings", True))  # MPT ties by default
+        if m.get("init_device") in ("meta", "cpu"):
+            out["init_device"] = m["init_device"]
+        elif "init_device" in m:
+            self.unmapped["model.init_device"] = f"{m['init_device']!r}: only cpu or meta here"
+        # Positions: LLaMA has rotary embeddings; MPT has learned positions unless alibi or rope is set.
+        if attn.get("rope"):
+            if "rope_theta" in attn:
+                out["rope_theta"] = float(attn["rope_theta"])
+            if (
+                attn.get("rope_impl", "dail") == "dail"
+                and attn.get("rope_dail_config", {}).get("type") == "xpos"
+            ):
+                self.notes["model.attn_config.rope_dail_config"] = (
+                    "xPos is not LLaMA's RoPE; plain RoPE is used"
+                )
+        elif attn.get("alibi"):
+            self.notes["model.attn_config.alibi"] = "MPT's ALiBi biases are not LLaMA's; the recipe uses RoPE"
+        elif m.get("learned_pos_emb", True):
+            self.notes["model.learned_pos_emb"] = (
+                "MPT's learned position embeddings (its default) are not LLaMA's; the recipe uses RoPE"
+            )
+        for k in ("rope", "rope_theta", "rope_impl", "rope_dail_config", "rope_hf_config", "alibi"):
+            attn.pop(k, None)
+        if not attn.get("alibi") and "alibi_bias_max" in attn:
+            attn.pop("alibi_bias_max")
+        # Normalization.
+        norm = m.get("norm_type", "low_precision_layernorm")
+        if norm not in MPT_LLAMA_NORMS:
+            which = "" if "norm_type" in m else " (MPT's default)"
+            self.notes["model.norm_type"] = (
+                f"{norm}{which} is a LayerNorm, not LLaMA's RMSNorm; the recipe uses RMSNorm"
+            )
+        if "norm_eps" in m:
+            out["norm_eps"] = m["norm_eps"]
+        # Feed-forward: LLaMA's is SwiGLU without biases.
+        ffn_type = ffn.pop("ffn_type", "mptmlp")
+        act = (ffn.pop("ffn_act_fn", None) or {}).get("name", "gelu" if ffn_type == "mptmlp" else "silu")
+        ratio = m.get("expansion_ratio", 4)
+        if ffn_type == "mptglu" and act in ("silu", "swish"):
+            out["ffn_hidden_size"] = int(ffn.pop("ffn_hidden_size", None) or ratio * d)
+        else:
+            self.notes["model.ffn_config"] = (
+                f"MPT's {ffn_type} with {act} (expansion_ratio {ratio}) is not LLaMA's SwiGLU; the recipe uses "
+                "SwiGLU with LLaMA's hidden size (2/3 x 4 x d_model, rounded to 256: about the same parameters)"
+            )
+            ffn.pop("ffn_hidden_size", None)
+        for k in ffn:
+            self.unmapped[f"model.ffn_config.{k}"] = "no equivalent in the LLaMA decoder"
+        if not m.get("no_bias", False):
+            self.notes["model.no_bias"] = "MPT has biases unless no_bias: true; the LLaMA decoder has none"
+        # Attention.
+        if attn.get("attn_type", "multihead_attention") == "grouped_query_attention":
+            out["n_kv_heads"] = attn.get("kv_n_heads", 1)
+        elif attn.get("attn_type") == "multiquery_attention":
+            out["n_kv_heads"] = 1
+        attn.pop("attn_type", None)
+        attn.pop("kv_n_heads", None)
+        impl = attn.pop("attn_impl", None)
+        if impl is not None:
+            out["attn_impl"] = MPT_ATTN_IMPL.get(impl, "auto")
+            if impl == "triton":
+                self.notes["model.attn_config.attn_impl"] = (
+                    "no triton kernel here; auto uses flash-attn when installed, else PyTorch SDPA"
+                )
+        if attn.pop("attn_uses_sequence_id", False):
+            self.sequence_id = True  # the causal_lm collator emits sequence_id: no attention across documents
+        for k, v in attn.items():
+            if k == "sliding_window_size" and v in (-1, None):
+                continue
+            if k in ("attn_pdrop", "clip_qkv", "softmax_scale") and not v:
+                continue
+            if k == "qk_ln" and not v:
+                continue
+            self.unmapped[f"model.attn_config.{k}"] = "no equivalent in the LLaMA decoder"
+        for k in ("resid_pdrop", "emb_pdrop"):
+            if m.get(k):
+                self.unmapped[f"model.{k}"] = "the LLaMA decoder has no dropout"
+        known = {
+            "name", "d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "tie_word_embeddings",
+            "init_device", "attn_config", "ffn_config", "norm_type", "norm_eps", "expansion_ratio", "no_bias",
+            "learned_pos_emb", "resid_pdrop", "emb_pdrop",
+        }  # fmt: skip
+        reasons = {
+            "init_config": "initialization here is LLaMA's (normal, std model.init_std)",
+            "logit_scale": "no equivalent in the LLaMA decoder",
+            "loss_fn": "a kernel choice; the loss here is torch cross-entropy",
+            "fc_type": "a kernel choice (Transformer Engine); layers here are torch.nn.Linear",
+            "use_cache": "generation setting; no equivalent in training",
+            "verbose": "no equivalent",
+            "embedding_fraction": "no equivalent in the LLaMA decoder",
+            "use_pad_tok_in_ffn": "no equivalent in the LLaMA decoder",
+        }
+        for k in m:
+            if k not in known:
+                self.unmapped[f"model.{k}"] = reasons.get(k, "no equivalent in the LLaMA decoder")
+        self.out["model"] = out
+
+    def _hf_causal_lm(self, m: Mapping[str, Any]) -> None:
+        name = m.get("pretrained_model_name_or_path")
+        if not name:
+            raise RecipeError(
+                "hf_causal_lm needs pretrained_model_name_or_path", key="model.pretrained_model_name_or_path"
+            )
+        pretrained = bool(m.get("pretrained", True))
+        config = _local_hf_config(name)
+        is_llama = (config or {}).get("model_type") == "llama" or "llama" in str(name).lower()
+        out: dict[str, Any]
+        if is_llama:
+            self.kind = "llm-foundry hf_causal_lm (Llama) -> llama"
+            out = {"name": "llama"}
+            if pretrained:
+                out["init_from_hf"] = name  # shape and weights from the checkpoint, as from_pretrained does
+            elif config is not None:
+                out.update(_llama_shape(config))
+            else:
+                self.notes["model.pretrained_model_name_or_path"] = (
+                    f"pretrained: false reads the architecture of {name!r} from the hub at run time in llm-foundry; "
+                    "here the shape is written out: set model.d_model/n_layers/n_heads/n_kv_heads/ffn_hidden_size/"
+                    "vocab_size from its config.json (or import from a local folder holding it)"
+                )
+        else:
+            self.kind = "llm-foundry hf_causal_lm -> hf_causal_lm"
+            out = {"name": "hf_causal_lm"}
+            if pretrained:
+                out["init_from_hf"] = name
+            elif config is not None:
+                out["model_type"] = config.get("model_type", "llama")
+                out["config"] = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+            else:
+                self.notes["model.pretrained_model_name_or_path"] = (
+                    f"pretrained: false with a hub model {name!r}: write its model_type and config here"
+                )
+        overrides = dict(m.get("config_overrides") or {})
+        overrides.pop("torch_dtype", None)  # precision comes from the recipe's `precision`
+        for k, v in overrides.items():
+            self.unmapped[f"model.config_overrides.{k}"] = (
+                f"set it in the model block or checkpoint config ({v!r})"
+            )
+        if m.get("init_device") in ("meta", "cpu") and out["name"] == "llama" and not pretrained:
+            out["init_device"] = m["init_device"]
+        if m.get("use_flash_attention_2"):
+            if out["name"] == "llama":
+                out["attn_impl"] = "auto"  # flash-attn when installed
+            self.notes["model.use_flash_attention_2"] = "flash-attn is used when installed (attn_impl: auto)"
+        reasons = {
+            "use_auth_token": "hub logins come from `huggingface-cli login` / HF_TOKEN",
+            "trust_remote_code": "remote model code is not run here",
+            "peft_config": "parameter-efficient finetuning is not part of this framework",
+            "init_device": "weights load on the CPU here",
+            "config_overrides": "",
+        }
+        handled = {"name", "pretrained_model_name_or_path", "pretrained", "use_flash_attention_2"}
+        for k in m:
+            if k in handled or (k == "config_overrides") or (k == "init_device" and "init_device" in out):
+                continue
+            self.unmapped[f"model.{k}"] = reasons.get(k) or "no equivalent"
+        self.out["model"] = out
+
+    def _mosaic_bert(self, m: Mapping[str, Any]) -> None:
+        cfg = dict(m.get("model_config") or {})
+        out: dict[str, Any] = {"name": "mosaic_bert"}
+        names = {
+            "hidden_size": "d_model",
+            "num_hidden_layers": "n_layers",
+            "num_attention_heads": "n_heads",
+            "intermediate_size": "intermediate_size",
+            "attention_probs_dropout_prob": "attention_dropout",
+            "hidden_dropout_prob": "hidden_dropout",
+            "max_position_embeddings": "max_position_embeddings",
+            "type_vocab_size": "type_vocab_size",
+            "layer_norm_eps": "layer_norm_eps",
+            "initializer_range": "init_std",
+            "vocab_size": "vocab_size",
+        }
+        for k, v in cfg.items():
+            if k in names:
+                out[names[k]] = v
+            else:
+                self.unmapped[f"model.model_config.{k}"] = "no equivalent in the mosaic_bert model"
+        if m.get("pretrained_model_name") not in (None, "bert-base-uncased"):
+            self.notes["model.pretrained_model_name"] = (
+                f"the architecture defaults of {m['pretrained_model_name']!r} are not read; the recipe has "
+                "BERT-Base's (768 x 12 layers x 12 heads) unless model_config says otherwise"
+            )
+        if m.get("pretrained_checkpoint"):
+            self.unmapped["model.pretrained_checkpoint"] = (
+                "start from a Composer checkpoint with load_path=PATH load_weights_only=true"
+            )
+        if m.get("gradient_checkpointing"):
+            self.unmapped["model.gradient_checkpointing"] = "no activation checkpointing for mosaic_bert here"
+        for k in m:
+            if k not in ("name", "model_config", "pretrained_model_name", "tokenizer_name", "pretrained_checkpoint",
+                         "gradient_checkpointing"):  # fmt: skip
+                self.unmapped[f"model.{k}"] = "no equivalent in the mosaic_bert model"
+        self.out["model"] = out
+
+    def _tokenizer(self) -> None:
+        tok = self.src.get("tokenizer")
+        if isinstance(tok, Mapping) and tok.get("name"):
+            kwargs = dict(tok.get("kwargs") or {})
+            out: dict[str, Any] = {"name": "hf", "path": tok["name"]}
+            if "model_max_length" in kwargs:
+                out["model_max_length"] = kwargs.pop("model_max_length")
+            if kwargs:
+                out["kwargs"] = kwargs
+            for k in tok:
+                if k not in ("name", "kwargs"):
+                    self.unmapped[f"tokenizer.{k}"] = "no equivalent in the hf tokenizer block"
+            self.out["tokenizer"] = out
+            return
+        # mosaicml/examples: the tokenizer is named inside the model and dataset blocks.
+        name = (self.src.get("model") or {}).get("tokenizer_name") or (
+            ((self.src.get("train_loader") or {}).get("dataset") or {}).get("tokenizer_name")
+        )
+        if not name and (self.src.get("model") or {}).get("name") == "hf_causal_lm":
+            name = self.src["model"].get("pretrained_model_name_or_path")
+            self.notes["tokenizer"] = "no tokenizer block: the model's own tokenizer is used"
+        if not name:
+            raise RecipeError("no tokenizer block and no tokenizer_name to take it from", key="tokenizer")
+        self.out["tokenizer"] = {"name": "hf", "path": name}
+
+    def _loader(self, section: str, block: Mapping[str, Any]) -> None:
+        if block.get("name") != "text":
+            raise RecipeError(
+                f"loader {block.get('name')!r} is not translated; import-recipe reads pretraining YAMLs (name: text)",
+                key=f"{section}.name",
+            )
+        params = self._params("dataloaders", "text") or set()
+        out: dict[str, Any] = {"name": "text"}
+        dataset = dict(block.get("dataset") or {})
+        mlm_p = dataset.pop("mlm_probability", None)
+        seq = dataset.pop("max_seq_len", None)
+        if seq is not None:
+            top = self.src.get("max_seq_len")
+            if top is None:
+                self.out["max_seq_len"] = seq
+            elif top != seq:
+                self.unmapped[f"{section}.dataset.max_seq_len"] = (
+                    f"{seq} differs from max_seq_len {top}; a recipe states the sequence length once"
+                )
+        dataset.pop("tokenizer_name", None)  # the tokenizer block (see tokenizer)
+        if dataset.pop("eos_token_id", None) is not None:
+            self.unmapped[f"{section}.dataset.eos_token_id"] = (
+                "packing separators are written at conversion (data convert --eos/--no-eos), from the tokenizer"
+            )
+        for k, v in {**dataset, **{k: v for k, v in block.items() if k not in ("name", "dataset")}}.items():
+            where = f"{section}.dataset.{k}" if k in dataset else f"{section}.{k}"
+            if k in params and k not in ("tokenizer", "device_batch_size", "collator", "max_seq_len"):
+                out[k] = v
+            elif k == "streams":
+                self.unmapped[where] = "one dataset per loader here; merge the streams into one MDS folder"
+            else:
+                self.unmapped[where] = "no equivalent in the text loader"
+        if self.out["model"]["name"] == "mosaic_bert":
+            out["collator"] = {"name": "mlm", "mlm_probability": 0.15 if mlm_p is None else mlm_p}
+        else:
+            out["collator"] = {"name": "causal_lm", **({"sequence_id": True} if self.sequence_id else {})}
+            if mlm_p is not None:
+                self.unmapped[f"{section}.dataset.mlm_probability"] = "a causal LM has no masking"
+        self.out[section] = out
+
+    def _optimizer(self) -> None:
+        opt = dict(self.src.get("optimizer") or {})
+        if not opt.get("name"):
+            raise RecipeError("missing optimizer block with a name", key="optimizer")
+        kwargs = self._component("optimizers", opt["name"], opt, "optimizer")
+        if kwargs is None:
+            self.notes["optimizer.name"] = (
+                f"{opt['name']!r} has no equivalent here; the recipe has decoupled_adamw with its lr, betas and "
+                "weight_decay: retune them (see `llmfoundry-lite list optimizers`)"
+            )
+            kwargs = {k: opt[k] for k in ("lr", "betas", "weight_decay") if k in opt}
+            for k in opt:
+                if k not in ("name", "lr", "betas", "weight_decay"):
+                    self.unmapped[f"optimizer.{k}"] = f"an argument of {opt['name']}"
+            self.out["optimizer"] = {"name": "decoupled_adamw", **kwargs}
+            return
+        self.out["optimizer"] = {"name": opt["name"], **kwargs}
+
+    def _scheduler(self) -> None:
+        sch = self.src.get("scheduler")
+        if not sch:
+            return
+        kwargs = self._component("schedulers", sch.get("name", ""), sch, "scheduler")
+        if kwargs is None:
+            self.unmapped["scheduler"] = (
+                f"{sch.get('name')!r} is llm-foundry's; none here (see `llmfoundry-lite list schedulers`): "
+                "the run keeps a constant learning rate unless you add one"
+            )
+            return
+        self.out["scheduler"] = {"name": sch["name"], **kwargs}
+
+    def _multi(self, section: str, registry_name: str) -> None:
+        value = self.src.get(section)
+        if not value:
+            return
+        items = value.items() if isinstance(value, Mapping) else ((b.get("name"), b) for b in value)
+        out: dict[str, Any] = {}
+        for name, block in items:
+            block = dict(block or {})
+            name = block.pop("name", name)
+            keypath = f"{section}.{name}"
+            if section == "algorithms" and name == "fused_layernorm":
+                if self.out["model"]["name"] == "mosaic_bert":
+                    self.out["model"]["norm"] = "low_precision_layernorm"
+                    self.notes[keypath] = (
+                        "apex's fused LayerNorm kernel: the same LayerNorm, here model.norm: "
+                        "low_precision_layernorm (LayerNorm in bf16 under autocast)"
+                    )
+                else:
+                    self.unmapped[keypath] = "a LayerNorm kernel; the LLaMA decoder has RMSNorm"
+                continue
+            if section == "callbacks" and name in UNMAPPED_CALLBACKS:
+                self.unmapped[keypath] = UNMAPPED_CALLBACKS[name]
+                continue
+            kwargs = self._component(registry_name, name, block, keypath)
+            if kwargs is None:
+                self.unmapped[keypath] = (
+                    f"no {registry_name[:-1]} of that name here (llmfoundry-lite list {section})"
+                )
+                continue
+            out[name] = kwargs
+        if out:
+            self.out[section] = out
+
+    def _fsdp(self) -> None:
+        block = self.src.get("fsdp_config")
+        if not block:
+            return
+        from llmfoundry_lite.train.checks import fsdp_keys
+
+        keys = set(fsdp_keys())
+        out = {}
+        for k, v in block.items():
+            if k in keys:
+                out[k] = v
+            else:
+                self.unmapped[f"fsdp_config.{k}"] = "not a field of Composer 0.32's FSDPConfig"
+        self.out["fsdp"] = out
+
+    def _top_level(self) -> None:
+        handled = {
+            "model", "tokenizer", "train_loader", "eval_loader", "optimizer", "scheduler", "algorithms",
+            "callbacks", "loggers", "fsdp_config", "variables",
+        }  # fmt: skip
+        if self.src.get("variables"):
+            self.inlined += [f"variables.{k}" for k in self.src["variables"]]
+        for k, v in self.src.items():
+            if k in handled:
+                continue
+            if k in SAME_TOP_LEVEL:
+                if v is None:
+                    continue  # unset: the default here, as there
+                if k in DURATION_KEYS and isinstance(v, int) and not isinstance(v, bool):
+                    self.notes[k] = f"a bare {v} is {v} epochs to Composer; written as '{v}ep'"
+                    v = f"{v}ep"
+                if k == "max_seq_len" and "max_seq_len" in self.out and self.out["max_seq_len"] != v:
+                    continue
+                self.out[k] = v
+            elif k == "global_seed":
+                self.out.setdefault("seed", v)
+                self.inlined.append(k)
+            elif k in UNMAPPED_TOP_LEVEL:
+                self.unmapped[k] = UNMAPPED_TOP_LEVEL[k]
+            elif k in self.referenced:
+                self.inlined.append(k)
+            else:
+                self.unmapped[k] = (
+                    "not a training setting of llm-foundry or of this framework, and no ${...} uses it"
+                )
+
+
+def _local_hf_config(name: str) -> Optional[dict]:
+    path = Path(os.path.expanduser(str(name))) / "config.json"
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return None
+
+
+def _llama_shape(c: Mapping[str, Any]) -> dict[str, Any]:
+    """LLaMA decoder keys from a Hugging Face LlamaConfig (config.json)."""
+    pairs = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "num_key_value_heads": "n_kv_heads",
+        "intermediate_size": "ffn_hidden_size",
+        "rms_norm_eps": "norm_eps",
+        "rope_theta": "rope_theta",
+        "vocab_size": "vocab_size",
+        "max_position_embeddings": "max_seq_len",
+        "tie_word_embeddings": "tie_embeddings",
+    }
+    return {ours: c[hf] for hf, ours in pairs.items() if c.get(hf) is not None}
+
+
+_INTERP = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*\}")
+
+
+def translate(data: Mapping[str, Any], source: str = "<yaml>") -> Translation:
+    """Translate a parsed llm-foundry / mosaicml-examples YAML (interpolations unresolved) into a recipe."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw_text = json.dumps(data, default=str)
+    referenced = {m.split(".")[0] for m in _INTERP.findall(raw_text)}
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(dict(data)), resolve=True)
+    except OmegaConfBaseException as e:
+        msg = str(e).strip().splitlines()[0]
+        raise RecipeError(f"cannot resolve an interpolation ({msg})", file=source) from None
+    t = _Translator(resolved, referenced, source)
+    try:
+        t.run()
+    except RecipeError as e:
+        raise RecipeError(e.detail, file=source, key=e.key) from None
+    order = [
+        "run_name",
+        "seed",
+        "max_seq_len",
+        "tokenizer",
+        "model",
+        "train_loader",
+        "eval_loader",
+        "optimizer",
+    ]
+    recipe = {k: t.out[k] for k in order if k in t.out}
+    recipe.update({k: v for k, v in t.out.items() if k not in recipe})
+    return Translation(source, t.kind, recipe, t.unmapped, t.notes, t.inlined)
+
+
+def import_recipe(
+    path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    check_resources: bool = False,
+) -> Translation:
+    """Translate the YAML at ``path``, write it to ``out`` (default: next to it, ``NAME.lite.yaml``), validate it."""
+    import yaml
+
+    from llmfoundry_lite.recipe import load_recipe, to_yaml
+
+    src = Path(path)
+    if not src.is_file():
+        raise RecipeError(f"no such file {str(src)!r}", key="FOUNDRY_YAML")
+    try:
+        data = yaml.safe_load(src.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise RecipeError(f"invalid YAML: {str(e).splitlines()[0]}", file=str(src)) from None
+    if not isinstance(data, Mapping):
+        raise RecipeError("expected a mapping of settings at the top level", file=str(src))
+    t = translate(data, str(src))
+    dest = Path(out) if out is not None else src.with_name(f"{src.stem}.lite.yaml")
+    header = [f"# Translated from {src} by `llmfoundry-lite import-recipe` ({t.kind})."]
+    if t.unmapped:
+        header.append("# Not translated (no equivalent here):")
+        header += [f"#   {k}: {v}" for k, v in t.unmapped.items()]
+    if t.notes:
+        header.append("# Translated with a difference:")
+        header += [f"#   {k}: {v}" for k, v in t.notes.items()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(header) + "\n" + to_yaml(t.recipe), encoding="utf-8")
+    load_recipe(dest, check_resources=check_resources)  # RecipeError names the written file and the key
+    return t
+
+
+def register_cli(app: Any) -> None:
+    """Add the ``import-recipe`` verb to the main CLI."""
+    import typer
+
+    @app.command("import-recipe")
+    def import_recipe_cmd(
+        foundry_yaml: str = typer.Argument(
+            ..., help="An llm-foundry (or mosaicml/examples BERT) training YAML."
+        ),
+        out: Optional[str] = typer.Option(
+            None, "--out", "-o", help="Where to write the recipe (default: FOUNDRY.lite.yaml next to it)."
+        ),
+        check: bool = typer.Option(
+            False, "--check/--no-check", help="Also check the data splits, tokenizer and logins it names."
+        ),
+    ) -> None:
+        """Translate an llm-foundry YAML into a recipe; list every key with no equivalent and why."""
+        dest = out or str(Path(foundry_yaml).with_name(f"{Path(foundry_yaml).stem}.lite.yaml"))
+        t = import_recipe(foundry_yaml, dest, check_resources=check)
+        typer.echo(t.report(dest))
+        typer.echo(f"valid: llmfoundry-lite train {dest}")
