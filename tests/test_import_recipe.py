@@ -456,3 +456,21 @@ def test_cli_writes_validates_and_lists_unmapped_keys(tmp_path, causal_mds_dir, 
     result = CliRunner().invoke(app, ["import-recipe", str(src)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "mpt-125m.lite.yaml").is_file()
+
+
+def test_the_verb_through_the_real_cli(tmp_path, monkeypatch, capsys, causal_mds_dir, llama_tokenizer_dir):
+    """With the verb in cli.py's table (the line this module asks for), errors are one line and exit 2."""
+    from llmfoundry_lite import cli
+
+    verbs = {**cli.PLUGIN_VERBS, "import-recipe": ("llmfoundry_lite.apps.import_recipe", "Translate a YAML.")}
+    monkeypatch.setattr(cli, "PLUGIN_VERBS", verbs)
+    monkeypatch.setattr(cli, "CLI_MODULES", {v: m for v, (m, _) in verbs.items()})
+    src = _write(tmp_path, "mpt-125m.yaml", MPT_125M, data=causal_mds_dir, tokenizer=llama_tokenizer_dir)
+    assert cli.main(["import-recipe", str(src), "-o", str(tmp_path / "ok.yaml"), "--check"]) == 0
+    assert "callbacks.scheduled_gc" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(src.read_text().replace("name: mpt_causal_lm", "name: mpt_causal_lmm"))
+    assert cli.main(["import-recipe", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.name" in err and str(bad) in err and "Traceback" not in err

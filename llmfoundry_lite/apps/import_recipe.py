@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, suggest
 
 # Top-level keys with the same name and meaning here (Composer Trainer arguments, as in llm-foundry).
 SAME_TOP_LEVEL = (
@@ -181,7 +181,8 @@ class _Translator:
             self._mosaic_bert(model)
         else:
             raise RecipeError(
-                f"model {name!r} is not one import-recipe translates; it reads mpt_causal_lm, hf_causal_lm "
+                f"model {name!r}{suggest(name, ('mpt_causal_lm', 'hf_causal_lm', 'mosaic_bert'))} is not one "
+                "import-recipe translates; it reads mpt_causal_lm, hf_causal_lm "
                 "(llm-foundry) and mosaic_bert (mosaicml/examples)",
                 key="model.name",
             )
@@ -323,8 +324,9 @@ class _Translator:
             else:
                 self.notes["model.pretrained_model_name_or_path"] = (
                     f"pretrained: false reads the architecture of {name!r} from the hub at run time in llm-foundry; "
-                    "here the shape is written out: set model.d_model/n_layers/n_heads/n_kv_heads/ffn_hidden_size/"
-                    "vocab_size from its config.json (or import from a local folder holding it)"
+                    "here the shape is written out and the recipe has the llama defaults (d_model 768, 12 layers) "
+                    "until you set model.d_model/n_layers/n_heads/n_kv_heads/ffn_hidden_size/vocab_size from its "
+                    "config.json, or import again from a local folder that holds it"
                 )
         else:
             self.kind = "llm-foundry hf_causal_lm -> hf_causal_lm"
