@@ -187,6 +187,16 @@ class _Translator:
                 key="model.name",
             )
         self._tokenizer()
+        evals = self.src.get("eval_loader")
+        if isinstance(evals, list):  # llm-foundry's several labelled eval loaders; one here
+            for i, block in enumerate(evals[1:], start=1):
+                label = (block or {}).get("label", i)
+                self.unmapped[f"eval_loader[{i}]"] = (
+                    f"one eval_loader here; {label!r} is left out (the first is kept)"
+                )
+            self.src["eval_loader"] = (
+                {k: v for k, v in (evals[0] or {}).items() if k != "label"} if evals else None
+            )
         for loader in ("train_loader", "eval_loader"):
             if self.src.get(loader) is not None:
                 self._loader(loader, self.src[loader])
