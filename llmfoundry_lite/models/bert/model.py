@@ -18,7 +18,6 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from composer.metrics.nlp import LanguageCrossEntropy, MaskedAccuracy
 from composer.models import ComposerModel
 from torch import nn
 
@@ -40,6 +39,7 @@ from llmfoundry_lite.models.layers import (
     unpad,
     unpad_info,
 )
+from llmfoundry_lite.models.lm_loss import LabelStats, StatsAccuracy, StatsCrossEntropy, logits_stats
 
 # ---------------------------------------------------------------------------------------------------------
 # Configuration
@@ -77,6 +77,9 @@ class BertConfig:
     init_std: float = 0.02
     pad_token_id: int = 0
     attn_impl: AttnImpl = "auto"  # an execution choice: the same function either way
+    # Train-time masked cross-entropy/accuracy logged every batch (llm-foundry's switch of that name). Off: the
+    # loss is already logged; on, they reuse the loss and take one argmax over the masked positions.
+    use_train_metrics: bool = False
 
     @classmethod
     def classic(cls, **kw: Any) -> BertConfig:
@@ -344,6 +347,7 @@ class MLMOutput:
     ``masked_logits`` (M, vocab) and ``masked_labels`` (M,) are what the loss and metrics use. The full
     ``logits`` (B, S, vocab) satisfy the ``outputs.logits`` contract but are computed lazily, on first access,
     by running the head over every real token (padding positions are zeros): nothing is paid unless asked for.
+    ``stats()``: summed loss (the one ``BertMLM.loss`` took, when it ran), count and argmax hits, for metrics.
     """
 
     masked_logits: torch.Tensor
@@ -353,6 +357,8 @@ class MLMOutput:
     _head: MLMHead
     _vocab: int
     _logits: Optional[torch.Tensor] = None
+    _loss_sum: Optional[torch.Tensor] = None
+    _stats: Optional[LabelStats] = None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -360,6 +366,12 @@ class MLMOutput:
         if self._logits is None:
             self._logits = pad(self._head(self._hidden)[:, : self._vocab], self._info)
         return self._logits
+
+    def stats(self) -> LabelStats:
+        """Summed cross-entropy, count and argmax hits over the masked positions (computed once)."""
+        if self._stats is None:
+            self._stats = logits_stats(self.masked_logits, self.masked_labels, self._loss_sum)
+        return self._stats
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,14 +397,12 @@ class BertMLM(ComposerModel):
             head_params=count_params(self.head.transform, matrices_only=True)
             + count_params(self.encoder.embeddings.word),
         )
-        self.train_metrics = {
-            "LanguageCrossEntropy": LanguageCrossEntropy(),
-            "MaskedAccuracy": MaskedAccuracy(),
-        }
-        self.val_metrics = {
-            "LanguageCrossEntropy": LanguageCrossEntropy(),
-            "MaskedAccuracy": MaskedAccuracy(),
-        }
+        self.train_metrics = self._metrics() if cfg.use_train_metrics else {}
+        self.val_metrics = self._metrics()
+
+    @staticmethod
+    def _metrics() -> dict[str, Any]:
+        return {"LanguageCrossEntropy": StatsCrossEntropy(), "MaskedAccuracy": StatsAccuracy()}
 
     def forward(self, batch: dict) -> MLMOutput:
         """Run the trunk on real tokens, then the head only where ``labels != -100`` (all tokens if no labels)."""
@@ -413,7 +423,9 @@ class BertMLM(ComposerModel):
         if isinstance(outputs, MLMOutput):
             if outputs.masked_labels.numel() == 0:
                 return outputs.masked_logits.sum() * 0.0
-            return F.cross_entropy(outputs.masked_logits.float(), outputs.masked_labels)
+            loss_sum = F.cross_entropy(outputs.masked_logits.float(), outputs.masked_labels, reduction="sum")
+            outputs._loss_sum = loss_sum.detach()  # train metrics reuse it instead of a second log-softmax
+            return loss_sum / outputs.masked_labels.numel()
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1), ignore_index=-100
@@ -424,13 +436,16 @@ class BertMLM(ComposerModel):
         return outputs if outputs is not None else self.forward(batch)
 
     def get_metrics(self, is_train: bool = False) -> dict:
-        """Masked-token cross-entropy and masked accuracy."""
+        """Masked-token cross-entropy and masked accuracy (in training only with ``use_train_metrics``)."""
         return self.train_metrics if is_train else self.val_metrics
 
     def update_metric(self, batch: dict, outputs: Any, metric: Any) -> None:
-        """Feed the masked-position logits and labels to a metric."""
+        """Feed the masked positions' statistics (or logits and labels, for other metrics) to a metric."""
         if isinstance(outputs, MLMOutput):
-            metric.update(outputs.masked_logits.contiguous(), outputs.masked_labels)
+            if isinstance(metric, (StatsCrossEntropy, StatsAccuracy)):
+                metric.update(outputs.stats())
+            else:
+                metric.update(outputs.masked_logits.contiguous(), outputs.masked_labels)
         else:
             logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
             metric.update(logits.reshape(-1, logits.shape[-1]).contiguous(), batch["labels"].reshape(-1))

@@ -7,7 +7,10 @@ applied from outside: the decoder only *declares* which modules are blocks (``fs
 
 Speed choices (measured on CPU, see scripts/benchmark_llama.py): one fused QKV projection, one fused gate+up
 projection, RoPE applied once to the fused q/k slice, and in training the LM head runs only on positions that
-carry a label, with the loss computed inside ``forward`` (so FSDP gathers the head's weight normally).
+carry a label, with the loss computed inside ``forward`` (so FSDP gathers the head's weight normally) by
+``lm_loss.linear_cross_entropy``: chunk by chunk, never a full (tokens, vocab) logits tensor, gradients taken in
+the same pass. Metrics read the summed loss and argmax hits it returns (LabelStats) instead of recomputing the
+cross-entropy over the vocabulary; train metrics are off unless ``use_train_metrics: true``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import ComposerModel
 from torch import nn
 
@@ -34,6 +36,13 @@ from llmfoundry_lite.models.layers import (
     check_attn_impl,
     flash_attn_function,
     select_attention_kernel,
+)
+from llmfoundry_lite.models.lm_loss import (
+    LabelStats,
+    StatsAccuracy,
+    StatsCrossEntropy,
+    StatsPerplexity,
+    linear_cross_entropy,
 )
 
 IGNORE_INDEX = -100
@@ -62,6 +71,9 @@ class LlamaConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attn_impl: AttnImpl = "auto"  # an execution choice: the same function either way
+    # Train-time cross-entropy/perplexity/accuracy logged every batch (llm-foundry's switch of that name). Off:
+    # the loss is already logged, and accuracy needs an argmax over the vocabulary each batch.
+    use_train_metrics: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -283,18 +295,21 @@ def build_attention_mask(
 class LlamaOutput:
     """What the decoder returns when given labels.
 
-    ``loss`` is the mean cross-entropy over labelled positions; ``label_logits``/``label_targets`` are the
-    logits and targets at those positions only (for metrics); ``logits`` (full ``(B, S, vocab)``) is computed
-    on first access from the final hidden states by ``_head`` (ComposerLlama routes it through the decoder's
-    forward, so under FSDP the head's weight is gathered for it).
+    ``loss`` is the mean cross-entropy over labelled positions and ``stats`` its sum, count and (when computed)
+    argmax hits, which the metrics read. No logits are kept: ``label_logits`` (labelled positions only, aligned
+    with ``label_targets``) and ``logits`` (full ``(B, S, vocab)``) are computed on first access from the final
+    hidden states by ``_head`` (ComposerLlama routes it through the decoder's forward, so under FSDP the head's
+    weight is gathered for it).
     """
 
     loss: torch.Tensor
-    label_logits: torch.Tensor
+    stats: LabelStats
     label_targets: torch.Tensor
     hidden: torch.Tensor
+    keep: torch.Tensor  # (B, S) bool: positions that carry a label
     _head: Any = None
     _logits: Optional[torch.Tensor] = None
+    _label_logits: Optional[torch.Tensor] = None
 
     @property
     def logits(self) -> torch.Tensor:
@@ -302,6 +317,13 @@ class LlamaOutput:
         if self._logits is None:
             self._logits = self._head(self.hidden)
         return self._logits
+
+    @property
+    def label_logits(self) -> torch.Tensor:
+        """Logits (N_labelled, vocab) at labelled positions, materialised lazily."""
+        if self._label_logits is None:
+            self._label_logits = self._head(self.hidden[self.keep])
+        return self._label_logits
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -392,10 +414,13 @@ class LlamaDecoder(nn.Module):
             return self.head(hidden[:, -1:] if last_logits_only else hidden)
         targets = shifted_targets(labels)
         keep = targets != IGNORE_INDEX
-        label_logits = self.head(hidden[keep])  # (N_labelled, vocab): padding and last positions skipped
         label_targets = targets[keep]
-        loss = F.cross_entropy(label_logits.float(), label_targets, reduction="sum") / keep.sum().clamp(min=1)
-        return LlamaOutput(loss, label_logits, label_targets, hidden, self.head)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        # Head on labelled positions only (padding and last positions skipped), chunked, loss fused in. Argmax
+        # hits only where a metric will read them: evaluation, or training with use_train_metrics.
+        with_correct = self.cfg.use_train_metrics or not torch.is_grad_enabled()
+        loss, stats = linear_cross_entropy(hidden[keep], weight, label_targets, with_correct=with_correct)
+        return LlamaOutput(loss, stats, label_targets, hidden, keep, self.head)
 
     def get_output_embeddings(self) -> Optional[nn.Linear]:
         """The untied LM head (None when tied to the input embedding), as Hugging Face models name it."""
@@ -424,15 +449,15 @@ class ComposerLlama(ComposerModel):
             d_model=cfg.d_model,
         )
         self.tokenizer = tokenizer
-        self.train_metrics = {
-            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
-            "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
-            "TokenAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
-        }
-        self.val_metrics = {
-            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
-            "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
-            "TokenAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
+        self.train_metrics = self._metrics() if cfg.use_train_metrics else {}
+        self.val_metrics = self._metrics()
+
+    @staticmethod
+    def _metrics() -> dict[str, Any]:
+        return {
+            "LanguageCrossEntropy": StatsCrossEntropy(ignore_index=IGNORE_INDEX),
+            "LanguagePerplexity": StatsPerplexity(ignore_index=IGNORE_INDEX),
+            "TokenAccuracy": StatsAccuracy(ignore_index=IGNORE_INDEX),
         }
 
     # The config travels inside the state dict, so exporting a Composer checkpoint needs nothing else.
@@ -476,12 +501,18 @@ class ComposerLlama(ComposerModel):
         return outputs if outputs is not None else self.forward(batch)
 
     def get_metrics(self, is_train: bool = False) -> dict[str, Any]:
-        """Cross-entropy, perplexity and token accuracy."""
+        """Cross-entropy, perplexity and token accuracy (in training only with ``use_train_metrics``)."""
         return self.train_metrics if is_train else self.val_metrics
 
     def update_metric(self, batch: Any, outputs: Any, metric: Any) -> None:
-        """Update a metric on labelled positions only."""
+        """Update a metric on labelled positions only, from the forward's LabelStats where the metric takes them."""
         if isinstance(outputs, LlamaOutput):
+            stats = outputs.stats
+            if isinstance(metric, (StatsCrossEntropy, StatsPerplexity)) or (
+                isinstance(metric, StatsAccuracy) and stats.correct is not None
+            ):
+                metric.update(stats)
+                return
             logits, targets = outputs.label_logits, outputs.label_targets
         else:
             logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
