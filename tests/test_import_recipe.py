@@ -408,6 +408,7 @@ def test_translate_never_drops_a_key_silently():
     data["eval_loader"] = [{"label": "c4", **data["eval_loader"]}, {"label": "code", **data["eval_loader"]}]
     t = translate(data)
     assert t.recipe["eval_loader"]["split"] == "val" and "'code'" in t.unmapped["eval_loader[1]"]
+    assert t.notes["eval_loader[0].label"]
     assert "no ${...} uses it" in t.unmapped["my_own_setting"]
     assert t.unmapped["model.logit_scale"] and t.unmapped["train_loader.dataset.sampling_method"]
     # Every top-level key is accounted for: in the recipe (possibly renamed), inlined, noted or unmapped.

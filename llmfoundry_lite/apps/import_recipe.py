@@ -194,6 +194,10 @@ class _Translator:
                 self.unmapped[f"eval_loader[{i}]"] = (
                     f"one eval_loader here; {label!r} is left out (the first is kept)"
                 )
+            if evals and "label" in (evals[0] or {}):
+                self.notes["eval_loader[0].label"] = (
+                    "the one eval loader here has no label (metrics are eval/...)"
+                )
             self.src["eval_loader"] = (
                 {k: v for k, v in (evals[0] or {}).items() if k != "label"} if evals else None
             )
