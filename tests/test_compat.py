@@ -156,3 +156,18 @@ def test_quiet_patterns_match_warnings_the_dependencies_still_emit():
     for pattern in NOT_ACTIONABLE:
         literal = re.sub(r"^\.\*", "", pattern)
         assert literal in sources, f"quiet.NOT_ACTIONABLE: no dependency warns {literal!r} any more"
+
+
+def test_wandb_logger_answers_autoresume_before_init():
+    """Composer's autoresume asks every logger for a checkpoint before wandb starts; Composer's WandBLogger then
+    raises RuntimeError (not 'not found'), so train/build.py's subclass answers FileNotFoundError."""
+    from composer.loggers import WandBLogger as ComposerWandB
+
+    from llmfoundry_lite.train.build import WandBLogger
+
+    assert "can only be called after running init()" in inspect.getsource(ComposerWandB), (
+        "train.build.WandBLogger.download_file: Composer's WandBLogger changed how it fails before init; "
+        "the override may no longer be needed"
+    )
+    with pytest.raises(FileNotFoundError):
+        WandBLogger(project="p").download_file("ep0-ba1-rank0.pt", "unused.pt")
