@@ -133,15 +133,26 @@ def test_microbatching_accumulates(tiny_bert):
 
 
 def test_cpu_model_for_composer_env_comes_from_proc_cpuinfo():
-    """Composer logs the CPU name at Trainer init; train.py answers from /proc/cpuinfo (py-cpuinfo takes ~1 s)."""
+    """Composer logs the CPU name at Trainer init; make_trainer answers from /proc/cpuinfo (py-cpuinfo takes ~1 s)."""
     from composer.utils import collect_env
 
-    import llmfoundry_lite.train  # noqa: F401  (installs the fast lookup)
+    from llmfoundry_lite.bench import cpu_model
+    from llmfoundry_lite.train.trainer import make_trainer
 
+    make_trainer(*_classifier_and_loader(), device="cpu", max_duration="1ba").close()
+    assert collect_env.get_cpu_model is cpu_model
     name = collect_env.get_composer_env_dict()["cpu_model"]
     assert isinstance(name, str) and name
     if Path("/proc/cpuinfo").exists():
         assert name in Path("/proc/cpuinfo").read_text()
+
+
+def test_a_run_refused_by_the_trainer_leaves_no_recipe_or_log(tiny_bert, tmp_path):
+    cfg = load_recipe(QUICKSTART, tiny_bert(run_name="refused", precision="amp_fp16"))
+    with pytest.raises(RecipeError, match="needs a GPU") as e:
+        build_trainer(cfg)
+    assert e.value.key == "precision"
+    assert not list(tmp_path.rglob(RECIPE_FILENAME)) and not list(tmp_path.rglob("train.log"))
 
 
 @pytest.mark.parametrize(

@@ -157,12 +157,6 @@ def build_trainer(
         if autoresume and dist.get_global_rank() == 0:  # Composer resumes from what rank 0 finds
             resume_from = repair_latest_checkpoint(local_folder)
 
-    if folder is not None and dist.get_global_rank() == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / RECIPE_FILENAME).write_text(to_yaml(cfg))
-    # Opened once everything is built, so a recipe that fails to build leaves no run folder behind.
-    console.open(Path(metrics.filename).parent / LOG_FILENAME)
-
     trainer = make_trainer(
         model,
         train_loader,
@@ -197,6 +191,13 @@ def build_trainer(
         dist_timeout=cfg.dist_timeout,
     )
     resume_rng.trainer = trainer
+    if folder is not None and dist.get_global_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RECIPE_FILENAME).write_text(to_yaml(cfg))
+    # Written once everything is built (the Trainer too: it checks precision and the model's runtime), so a
+    # recipe that fails to build leaves no run folder behind.
+    console.open(Path(metrics.filename).parent / LOG_FILENAME)
+
     # The resolved recipe goes to every logger (wandb config, tensorboard hparams, ...).
     trainer.logger.log_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
 
