@@ -354,7 +354,7 @@ def test_hf_llama_yaml_reads_the_shape_from_a_local_config(tmp_path, causal_mds_
         tmp_path, "hf-llama.yaml", HF_LLAMA, data=causal_mds_dir, model=folder, tokenizer=llama_tokenizer_dir
     )
     out = tmp_path / "llama.yaml"
-    t = import_recipe(src, out)
+    t = import_recipe(src, out, check_resources=True)
     cfg = load_recipe(out)
     assert cfg.model.name == "llama" and "init_from_hf" not in cfg.model  # pretrained: false
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.n_kv_heads) == (64, 2, 4, 2)
