@@ -236,6 +236,9 @@ def test_loaders_take_the_recipe_sequence_length(tmp_path):
     assert sequence_length({"max_seq_len": 128, "train_loader": {"max_seq_len": 32}}) == 32
     assert sequence_length({"model": {"max_seq_len": 16}}) == 16
     assert sequence_length({}) is None
+    # An error about a loader's inherited length names where max_seq_len was set (here: the command line).
+    e = error_of(path, ["max_seq_len=256"])  # the dumped model block says max_seq_len: 64
+    assert (e.key, e.file) == ("train_loader.max_seq_len", OVERRIDE_ORIGIN)
 
 
 def test_a_loader_sequence_length_that_contradicts_the_recipe_is_an_error():

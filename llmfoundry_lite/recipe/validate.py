@@ -227,7 +227,11 @@ def load_recipe(
     ``show`` and ``estimate`` leave it off, as they need none of them.
     """
     data, origins = compose(path, overrides)
-    data = with_sequence_length(data)
+    filled = with_sequence_length(data)
+    for name in LOADER_SECTIONS:  # an error about a loader's length names the file that set max_seq_len
+        if filled.get(name) is not data.get(name):
+            origins.record(data["max_seq_len"], origins.file_of("max_seq_len"), f"{name}.max_seq_len")
+    data = filled
     try:
         validate(data, nproc, check_resources)
     except RecipeError as e:
