@@ -1,1 +1,2 @@
-"""Callbacks of this project (Composer callbacks registered in the ``callbacks`` registry)."""
+"""What every run carries (progress line, train.log, metrics.jsonl, preemption, stop signals) and the callbacks
+a recipe may add (``cost_monitor``, ``generate``), as Composer callbacks and logger destinations."""
