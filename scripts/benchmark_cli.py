@@ -75,7 +75,9 @@ def run(workdir: Path, batches: int, vocab: int, pythonpath: str | None = None) 
         m = LINE.match(line)
         if m:
             stamps[int(m.group(1))] = time.perf_counter() - t0
-    _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (RUSAGE_CHILDREN would be the max of all)
+    _, status, usage = os.wait4(
+        proc.pid, 0
+    )  # this child's own rusage (RUSAGE_CHILDREN would be the max of all)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
@@ -112,7 +114,7 @@ def main() -> None:
         ("3-batch run, peak resident memory", "3-batch", "peak_rss_gb", "{:.2f} GB"),
         (f"steady training ({args.batches} batches)", "steady", "steady_tok_s", "{:,.0f} tok/s"),
     ]
-    head = "| vocab {:,} | this checkout |".format(args.vocab)
+    head = f"| vocab {args.vocab:,} | this checkout |"
     print(head + (" compare | ratio |" if args.compare else ""))
     print("|---|---|" + ("---|---|" if args.compare else ""))
     for label, case, key, fmt in rows:
