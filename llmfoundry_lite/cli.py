@@ -52,6 +52,10 @@ PLUGIN_VERBS: dict[str, tuple[str, str]] = {
         "llmfoundry_lite.apps.export",
         "Export a Composer checkpoint to a Hugging Face folder (AutoModelForCausalLM loads it).",
     ),
+    "import-recipe": (
+        "llmfoundry_lite.apps.import_recipe",
+        "Translate an llm-foundry YAML into a recipe; list every key with no equivalent and why.",
+    ),
     "doctor": (
         "llmfoundry_lite.apps.doctor",
         "Print versions (torch, composer, streaming, flash-attn, ...), GPUs, and install problems found.",

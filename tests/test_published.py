@@ -432,3 +432,16 @@ def test_alibi_on_hf_bert_is_refused_in_one_line_with_a_newer_transformers():
     check_alibi_on_hf_bert({**listed, "model": {"name": "mosaic_bert"}}, "4.57.6")
     check_alibi_on_hf_bert({"model": {"name": "hf_bert"}, "algorithms": {"gated_linear_units": {}}}, "4.57.6")
     check_alibi_on_hf_bert(load_recipe(str(REPO / "recipes/mosaicbert/hf-bert-base.yaml")), "4.57.6")
+
+
+def test_recipe_validation_runs_the_alibi_check(monkeypatch):
+    """`validate` itself refuses the hf-bert + alibi recipe when the installed transformers is too new."""
+    import importlib.metadata as md
+
+    from llmfoundry_lite.recipe import load_recipe
+
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda name: "4.57.6" if name == "transformers" else real(name))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(REPO / "recipes/mosaicbert/hf-bert-mosaic-algorithms.yaml"))
+    assert e.value.key == "algorithms.alibi"

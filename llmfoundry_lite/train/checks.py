@@ -149,8 +149,16 @@ def check_logger_logins(data: Mapping[str, Any]) -> None:
                 raise RecipeError(f"{problem}; {WANDB_FIX}", key=keypath)
 
 
+def check_hf_bert_alibi(data: Mapping[str, Any]) -> None:
+    """RecipeError when Composer's ``alibi`` surgery meets ``hf_bert`` under a transformers it breaks on."""
+    from llmfoundry_lite.models.hf import check_alibi_on_hf_bert  # lazily: models.hf imports Composer
+
+    check_alibi_on_hf_bert(data)
+
+
 register_section("model", check_model_shape)
 register_section("fsdp", validate_fsdp)
 register_check(check_auto_microbatching)
+register_check(check_hf_bert_alibi)
 register_check(check_recipe_data, resources=True)
 register_check(check_logger_logins, resources=True)
