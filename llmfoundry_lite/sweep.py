@@ -697,7 +697,10 @@ def _finish(t: Trial, rc: int, offset: int, wall: float) -> dict:
         record.update(status="failed", error=error_line(output), error_tail=tail)
         record["startup_race"] = bool(_STARTUP_RACE.search(output))
         if rc < 0:
-            sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+            try:
+                sig = signal.Signals(-rc).name
+            except ValueError:
+                sig = str(-rc)
             hint = " (out of memory?)" if -rc == signal.SIGKILL else ""
             record["error"] = f"killed by {sig}{hint}"
     else:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.compat import hub_offline  # noqa: F401 (models.meta imports it from here)
+from llmfoundry_lite.compat import hub_offline
 from llmfoundry_lite.data.checks import TRAIN_HINT, hub_offline_reason, locate_tokenizer, resolve
 from llmfoundry_lite.errors import RecipeError
 

@@ -9,20 +9,13 @@ from typing import Any
 import torch
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.compat import hub_offline
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import parameter_counts
+from llmfoundry_lite.recipe.schema import section as _section
 
 # Stands in for the tokenizer's vocabulary when a block is checked before any tokenizer exists.
 PLACEHOLDER_VOCAB = 1024
-
-
-def _section(cfg: Any, name: str) -> Any:
-    value = cfg.get(name) if hasattr(cfg, "get") else None
-    if value is not None and hasattr(value, "_content"):  # an OmegaConf node
-        from omegaconf import OmegaConf
-
-        value = OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def meta_model(block: Mapping[str, Any], tokenizer: Any = None) -> Any:
@@ -34,7 +27,6 @@ def meta_model(block: Mapping[str, Any], tokenizer: Any = None) -> Any:
 def _offline_tokenizer(cfg: Any) -> Any:
     """The recipe's tokenizer from local files only; RecipeError asking for ``model.vocab_size`` otherwise."""
     from llmfoundry_lite.data.checks import looks_local
-    from llmfoundry_lite.data.tokenizers import hub_offline
 
     block = _section(cfg, "tokenizer")
     try:
