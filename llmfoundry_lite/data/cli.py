@@ -96,7 +96,7 @@ def tokenizer_cmd(
     text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/HF rows"),
 ) -> None:
     """Train a WordPiece or BPE tokenizer on a corpus and save it in Hugging Face format."""
-    from llmfoundry_lite.data.convert import open_source
+    from llmfoundry_lite.data.sources import open_source
     from llmfoundry_lite.data.tokenizers import train_tokenizer
 
     if not train:
@@ -125,7 +125,7 @@ def inspect_cmd(
     chars: int = typer.Option(300, "--chars", help="Characters to show per sample"),
 ) -> None:
     """Print sample/shard counts and a few decoded samples of an MDS dataset."""
-    from llmfoundry_lite.data.convert import inspect_dataset
+    from llmfoundry_lite.data.inspect import inspect_dataset
 
     typer.echo(inspect_dataset(path, samples=samples, tokenizer=tokenizer, chars=chars))
 
