@@ -12,8 +12,9 @@ from typing import Any, Optional
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.bert.config import CLASSIC, BertConfig, pad_vocab
 from llmfoundry_lite.models.bert.hf_adapter import load_hf_bert
-from llmfoundry_lite.models.bert.model import CLASSIC, BertConfig, BertMLM, pad_vocab
+from llmfoundry_lite.models.bert.model import BertMLM, check_weights_fit
 from llmfoundry_lite.models.schema import config_builder, vocab_size_from
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def build_bert_mlm(
         return BertMLM(cfg, real_vocab)
     keep = {k: getattr(cfg, k) for k in EXECUTION_FIELDS}
     hf_cfg, enc_sd, head_sd = load_hf_bert(init_from_hf, key="model.init_from_hf", **keep)
+    check_weights_fit(hf_cfg, enc_sd, head_sd, init_from_hf, "model.init_from_hf")
     if (hf_cfg.position, hf_cfg.ffn) != (cfg.position, cfg.ffn):
         # The architecture is the checkpoint's; a recipe that says otherwise is a mistake, not a preference.
         kind = (

@@ -12,23 +12,20 @@ GELU MLP, LayerNorm; it loads Hugging Face ``BertModel`` / ``BertForMaskedLM`` w
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import nn
 
-from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import TransformerFlops, count_params
+from llmfoundry_lite.models.bert.config import BertConfig
 from llmfoundry_lite.models.layers import (
-    AttnImpl,
     GeGLU,
     GeluMLP,
-    Norm,
     SelfAttention,
     TiedEmbedding,
     Unpadded,
@@ -40,91 +37,6 @@ from llmfoundry_lite.models.layers import (
     unpad_info,
 )
 from llmfoundry_lite.models.lm_loss import LabelStats, StatsAccuracy, StatsCrossEntropy, logits_stats
-
-# ---------------------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------------------
-
-
-Position = Literal["alibi", "learned"]
-FFN = Literal["geglu", "mlp"]
-
-# Original BERT's choices where MosaicBERT (the dataclass defaults) differs.
-CLASSIC: dict[str, Any] = {"position": "learned", "ffn": "mlp", "norm": "layernorm", "attention_dropout": 0.1}
-
-
-@dataclass
-class BertConfig:
-    """Shape ("science") and execution ("impl") knobs of the encoder; ``unpad`` never changes results.
-
-    Also the schema of the ``mosaic_bert`` and ``bert`` recipe entries (builder.py): a field here is a key there.
-    """
-
-    vocab_size: int = 30528  # already padded to a multiple of 64 by the builders
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512  # learned positions only; ALiBi extrapolates beyond it
-    type_vocab_size: int = 2
-    position: Position = "alibi"
-    ffn: FFN = "geglu"
-    norm: Norm = "low_precision_layernorm"
-    unpad: bool = True
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.1
-    layer_norm_eps: float = 1e-12
-    init_std: float = 0.02
-    pad_token_id: int = 0
-    attn_impl: AttnImpl = "auto"  # an execution choice: the same function either way
-    # Train-time masked cross-entropy/accuracy logged every batch (llm-foundry's switch of that name). Off: the
-    # loss is already logged; on, they reuse the loss and take one argmax over the masked positions.
-    use_train_metrics: bool = False
-
-    @classmethod
-    def classic(cls, **kw: Any) -> BertConfig:
-        """Original BERT: learned positions, GELU MLP, LayerNorm, attention dropout 0.1."""
-        return cls(**{**CLASSIC, **kw})
-
-    def validate(self, keypath: str = "model") -> None:
-        """Raise RecipeError naming the offending key for ill-typed fields, impossible shapes and values."""
-
-        def err(key: str, msg: str) -> RecipeError:
-            return RecipeError(msg, key=f"{keypath}.{key}" if keypath else key)
-
-        # Types and choices (position, ffn, norm, attn_impl) come from the annotations, as for a recipe block.
-        registry.check_dataclass(type(self), dataclasses.asdict(self), keypath)
-        for key in (
-            "vocab_size",
-            "d_model",
-            "n_layers",
-            "n_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "type_vocab_size",
-        ):
-            if getattr(self, key) <= 0:
-                raise err(key, f"must be a positive integer, got {getattr(self, key)!r}")
-        if self.d_model % self.n_heads:
-            raise err(
-                "d_model",
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                "pick n_heads that divides d_model",
-            )
-        for key in ("attention_dropout", "hidden_dropout"):
-            v = getattr(self, key)
-            if not 0.0 <= v < 1.0:
-                raise err(key, f"must be in [0, 1), got {v!r}")
-        if self.layer_norm_eps <= 0:
-            raise err("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
-        if self.init_std <= 0:
-            raise err("init_std", f"must be positive, got {self.init_std!r}")
-
-
-def pad_vocab(n: int, multiple: int = 64) -> int:
-    """Round the vocabulary up to a multiple (tensor-core friendly GEMM shapes)."""
-    return int(math.ceil(n / multiple) * multiple)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Embeddings and one Post-LN layer
@@ -289,6 +201,7 @@ class BertEncoder(nn.Module):
         from llmfoundry_lite.models.bert.hf_adapter import load_hf_bert
 
         cfg, enc_sd, _ = load_hf_bert(path_or_name, **overrides)
+        check_weights_fit(cfg, enc_sd, None, path_or_name, "init_from_hf")
         if "unpad" not in overrides and cfg.position == "learned":
             cfg = dataclasses.replace(cfg, unpad=False)
         enc = cls(cfg)
@@ -457,3 +370,28 @@ class BertMLM(ComposerModel):
     def check_runtime(self, device_type: str, precision: Optional[str] = None) -> None:
         """RecipeError (``model.attn_impl``) when the configured attention kernel cannot run on this device."""
         check_attn_impl(self.cfg.attn_impl, device_type, precision)
+
+
+def check_weights_fit(cfg: BertConfig, enc: dict, head: Optional[dict], source: str, key: str) -> None:
+    """RecipeError naming the first weight missing from, or shaped unlike, the model its config describes.
+
+    For imported checkpoints (``hf_adapter``): ``enc``/``head`` are state dicts of the encoder and MLM head.
+    """
+    with torch.device("meta"):
+        model = BertMLM(cfg, cfg.vocab_size)
+    parts = [(model.encoder.state_dict(), enc, "")] + (
+        [(model.head.state_dict(), head, "head.")] if head else []
+    )
+    for own, got, prefix in parts:
+        missing = sorted(set(own) - set(got))
+        if missing:
+            raise RecipeError(
+                f"{source}: no weight for {prefix}{missing[0]} ({len(missing)} missing)", key=key
+            )
+        for k, v in got.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise RecipeError(
+                    f"{source}: {prefix}{k} has shape {tuple(v.shape)}, but its config.json implies "
+                    f"{tuple(own[k].shape)}",
+                    key=key,
+                )
