@@ -7,11 +7,15 @@ Pairs (same shapes, same batches, same process, interleaved rounds with alternat
 hits both alike):
   * MosaicBERT vs transformers' BertForMaskedLM: L=4, d=256, 4 heads, FFN 1024, seq 128, batch 32, vocabulary
     30522, real English text (the embedded corpus) with natural padding, 30% masking; tokens/s = real tokens.
-  * our LLaMA vs transformers' LlamaForCausalLM (SDPA): d=512, L=8, 8 heads, FFN 1376, seq 512, batch 4.
+  * our LLaMA vs transformers' LlamaForCausalLM (SDPA): d=512, L=8, 8 heads, FFN 1376, seq 512, batch 4,
+    vocabulary 32,000 (LLaMA's; ``--llama-vocab 8192,32000`` adds the small-vocabulary row of earlier reports).
 
 MFU (shared/BENCHMARKS.md): tokens/s x (6 P + 12 L d seq) / peak, P = transformer-block parameters of that
 model (no embeddings, no heads), peak = best 2048x2048 fp32 matmul measured in this process between rounds.
-Prints a markdown table with the machine description and library versions.
+"MFU incl. head" also counts the LM head's matmuls where they are useful work: every position for the decoder
+(P + vocab x d), masked positions only for MLM (the model's ``flops_per_batch``), the same count for both models.
+Prints a markdown table with the machine description and library versions. The end-to-end CLI run (3 batches,
+peak memory, steady tokens/s, optionally against llm-foundry in its own virtualenv): scripts/benchmark_cli.py.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ LLAMA_SHAPE = {
     "ffn": 1376,
     "seq": 512,
     "batch": 4,
-    "vocab": 8192,
+    "vocab": 32000,
 }
 
 
@@ -123,11 +127,14 @@ def bert_pair(
     pair = Pair(steps, [_to(b, device) for b in batches], device)
     p = {names["ours"]: count_params(ours.encoder.layers), names["hf"]: count_params(hf.bert.encoder.layer)}
     pad = 1 - statistics.mean(float(b["attention_mask"].float().mean()) for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    flops = sum(ours.flops_per_batch(b) for b in batches) / real  # trunk on real tokens, head on masked ones
     text = (
         f"L={L}, d={d}, {heads} heads, FFN {ffn}, seq {seq}, batch {shape['batch']}, vocab {vocab}, "
         f"padding {pad:.0%}, mask 30%"
     )
-    return pair, p, {"shape": text, "seq": seq, "L": L, "d": d, "padding": pad, **names}
+    info = {"shape": text, "seq": seq, "L": L, "d": d, "padding": pad, "flops_per_token": flops, **names}
+    return pair, p, info
 
 
 def llama_pair(
@@ -197,7 +204,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per model per round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--llama-vocab", type=int, default=8192)
+    ap.add_argument(
+        "--llama-vocab", default=str(LLAMA_SHAPE["vocab"]), help="LLaMA vocabulary size(s), comma-separated"
+    )
     ap.add_argument("--only", choices=("bert", "llama"), default=None)
     args = ap.parse_args()
     if args.quick:
@@ -212,10 +221,10 @@ def main() -> None:
         batches, pad_id = bert_batches(BERT_SHAPE, args.rounds * args.steps + 1)
         return bert_pair(BERT_SHAPE, batches, pad_id)
 
-    def llama() -> tuple:
-        return llama_pair({**LLAMA_SHAPE, "vocab": args.llama_vocab})
-
-    for which, build in (("bert", bert), ("llama", llama)):
+    cases = [("bert", bert)]
+    for vocab in (int(v) for v in args.llama_vocab.split(",")):
+        cases.append(("llama", lambda vocab=vocab: llama_pair({**LLAMA_SHAPE, "vocab": vocab})))
+    for which, build in cases:
         if args.only and args.only != which:
             continue
         pair, p, info = build()
@@ -234,18 +243,24 @@ def main() -> None:
         f"{peak / 1e9:.0f} GFLOP/s (per round: {', '.join(f'{x / 1e9:.0f}' for x in peaks)}). "
         f"{args.rounds} interleaved rounds x {args.steps} step(s) per model; medians.\n"
     )
-    print("| pair | shape | model | tokens/s | CPU MFU | ratio (ours / HF) | per-round ratios |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| pair | shape | model | tokens/s | CPU MFU | MFU incl. head | ratio (ours / HF) | per-round ratios |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for pair, p, info in results:
         ours, hf = info["ours"], info["hf"]
         ratios = pair.per_round_ratio(ours, hf)
         for name in (ours, hf):
             tps = pair.tokens_per_s(name)
             mfu = tps * TransformerFlops(p[name], info["L"], info["d"]).per_token(info["seq"]) / peak
+            mfu_head = tps * info["flops_per_token"] / peak
             ratio = f"**{statistics.median(ratios):.2f}x**" if name == ours else ""
             per_round = ", ".join(f"{r:.2f}" for r in ratios) if name == ours else ""
             label = "MLM" if "BERT" in ours else "causal LM"
-            print(f"| {label} | {info['shape']} | {name} | {tps:,.0f} | {mfu:.1%} | {ratio} | {per_round} |")
+            print(
+                f"| {label} | {info['shape']} | {name} | {tps:,.0f} | {mfu:.1%} | {mfu_head:.1%} | {ratio} "
+                f"| {per_round} |"
+            )
     print(
         "\nMFU = tokens/s x (6 x block parameters + 12 x layers x d x seq) / peak (shared/BENCHMARKS.md); for the"
         " BERT pair tokens are real (non-padding) tokens and each model's own block parameters are used (GeGLU"
