@@ -19,9 +19,9 @@ from typing import Any, Optional
 import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 
-# Bytes of one chunk's fp32 logits. 8-32 MB measured the same on CPU (d=256, vocab 30,522, 2,032 rows:
-# 1.38-1.44 s vs 1.82 s for the plain path, fwd+bwd, one thread); smaller chunks make the weight-gradient
-# accumulation (one vocab x d read-modify-write per chunk) dominate.
+# Bytes of one chunk's fp32 logits. Measured on CPU (d=256, vocab 30,522, 2,032 rows, fwd+bwd, one thread, CPU
+# seconds): plain path 1.81; chunks of 8 MB 1.64, 16 MB 1.50, 32-128 MB 1.47. Smaller chunks make the weight-gradient
+# accumulation (one vocab x d read-modify-write per chunk) dominate; larger ones only cost memory.
 CHUNK_BYTES = 32 * 2**20
 
 
