@@ -277,18 +277,16 @@ def test_progress_line_has_a_total_and_eta_in_any_unit(
     from llmfoundry_lite.train.callbacks.progress import ProgressLine
 
     extra = {"train_loader.epoch_size": 16} if duration.endswith("ep") else {}
-    # The recipe schema may not accept a `dur` interval yet: set it on the ProgressLine itself.
-    recipe_interval = "1ba" if interval.endswith("dur") else interval
     cfg = load_recipe(
         QUICKSTART,
         tiny_bert(
-            run_name=f"u-{duration}", max_duration=duration, console_log_interval=recipe_interval,
+            run_name=f"u-{duration}", max_duration=duration, console_log_interval=interval,
             save_folder="null", eval_interval="1000ba", **extra,
         ),
     )  # fmt: skip
     trainer = build_trainer(cfg, QUICKSTART)
     line = next(d for d in trainer.logger.destinations if isinstance(d, ProgressLine))
-    line.interval = Time.from_input(interval)
+    assert line.interval == Time.from_input(interval)
     trainer.fit()
     trainer.close()
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[batch")]
@@ -444,3 +442,34 @@ def test_make_trainer_is_the_one_place_device_and_precision_are_decided():
     # GLUE decides as training does: bf16 stays bf16 on CPU (autocast), nothing is dropped silently.
     assert device_and_precision(GlueConfig(device="cpu", precision="amp_bf16")) == ("cpu", "amp_bf16")
     assert device_and_precision(GlueConfig(device="cpu")) == ("cpu", "fp32")
+
+
+def test_progress_throughput_is_over_recent_batches_not_since_start(tiny_bert, capsys):
+    """A slow evaluation in the middle does not drag the tok/s shown after it (nor the ETA)."""
+    import re
+    import time as _time
+
+    from composer.core import Callback
+
+    class SlowEval(Callback):
+        def eval_start(self, state, logger):
+            _time.sleep(5.0)
+
+    cfg = load_recipe(
+        QUICKSTART,
+        tiny_bert(
+            run_name="window", max_duration="12ba", console_log_interval="1ba", save_folder="null",
+            eval_interval="6ba", eval_subset_num_batches=1,
+        ),
+    )  # fmt: skip
+    trainer = build_trainer(cfg, QUICKSTART)
+    trainer.state.callbacks.append(SlowEval())
+    trainer.fit()
+    trainer.close()
+    rates = {
+        int(m.group(1)): float(m.group(2).replace(",", ""))
+        for m in re.finditer(r"\[batch (\d+)/12\][^\n]*? ([\d,]+) tok/s", capsys.readouterr().out)
+    }
+    before = max(rates[b] for b in range(2, 7))
+    # Averaged since the start, the 5 s pause would cut the rate after it several-fold (batches take ~10-50 ms).
+    assert rates[12] > 0.25 * before, rates

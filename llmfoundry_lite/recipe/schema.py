@@ -80,13 +80,13 @@ class RecipeSchema:
 SCHEMA_FIELDS = {f.name: f for f in dataclasses.fields(RecipeSchema)}
 _SCHEMA_HINTS = typing.get_type_hints(RecipeSchema)
 # Duration keys and the units each accepts. Composer reads a bare number as epochs (`max_duration: 100` is 100
-# epochs), so a unit is always required. Composer refuses `dur` and `sec` for max_duration; the progress line
-# cannot count `dur` for console_log_interval; eval and save intervals take any unit, `dur` as a fraction.
+# epochs), so a unit is always required. Composer refuses `dur` and `sec` for max_duration; the other intervals
+# take any unit, `dur` as a fraction of the run.
 DURATION_UNITS = {
     "max_duration": ("ba", "sp", "tok", "ep", "iter"),
     "eval_interval": ("ba", "sp", "tok", "ep", "iter", "dur", "sec"),
     "save_interval": ("ba", "sp", "tok", "ep", "iter", "dur", "sec"),
-    "console_log_interval": ("ba", "sp", "tok", "ep", "iter", "sec"),
+    "console_log_interval": ("ba", "sp", "tok", "ep", "iter", "dur", "sec"),
 }
 DURATION_KEYS = tuple(DURATION_UNITS)
 

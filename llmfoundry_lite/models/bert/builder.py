@@ -20,7 +20,15 @@ from llmfoundry_lite.models.schema import config_builder, vocab_size_from
 log = logging.getLogger(__name__)
 
 # Fields a checkpoint does not fix: they keep the recipe's values when weights come from init_from_hf.
-EXECUTION_FIELDS = ("norm", "unpad", "attention_dropout", "hidden_dropout", "init_std", "attn_impl")
+EXECUTION_FIELDS = (
+    "norm",
+    "unpad",
+    "attention_dropout",
+    "hidden_dropout",
+    "init_std",
+    "attn_impl",
+    "use_train_metrics",
+)
 
 
 def build_bert_mlm(

@@ -25,7 +25,7 @@ def build_llama_model(
     if init_from_hf is not None:
         # The checkpoint fixes the architecture; of the block's keys only the execution choice is kept.
         cfg, weights = load_hf_llama(init_from_hf)
-        cfg = dataclasses.replace(cfg, attn_impl=config.attn_impl)
+        cfg = dataclasses.replace(cfg, attn_impl=config.attn_impl, use_train_metrics=config.use_train_metrics)
     else:
         cfg, weights = dataclasses.replace(config, vocab_size=vocab_size_from(tokenizer, vocab_size)), None
     if tok_vocab is not None and cfg.vocab_size < tok_vocab:

@@ -3,6 +3,7 @@ JSON object per logged step in ``metrics.jsonl`` (the file sweeps read their tri
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import math
@@ -176,7 +177,11 @@ class ProgressLine(LoggerDestination):
 
     The interval and ``max_duration`` may be in any unit (ba, sp, tok, ep; the interval also in dur): a line is
     printed whenever the run crosses a multiple of the interval, at the first batch and at the last.
+    Throughput and ETA come from the last ``WINDOW`` training batches (data loading included, evaluation,
+    generation and checkpoints not), so they do not sag after each eval as an average since the start would.
     """
+
+    WINDOW = 20  # batches
 
     def __init__(
         self, interval: str | int = "10ba", stream: Any = None, console: Optional[RunConsole] = None
@@ -188,9 +193,12 @@ class ProgressLine(LoggerDestination):
         self._metrics: dict[str, float] = {}
         self._t0: Optional[float] = None
         self._tok0 = 0
-        self._ba0 = 0
         self._frac0 = 0.0
         self._bucket = 0
+        # Per recent batch: (tokens, fraction of max_duration, seconds from before its data to its end).
+        self._recent: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=self.WINDOW)
+        self._batch_t0: Optional[float] = None
+        self._last: tuple[int, float] = (0, 0.0)
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         """Remember the latest value of each metric."""
@@ -204,9 +212,14 @@ class ProgressLine(LoggerDestination):
         """Start the clock (resumed runs measure from here)."""
         self._t0 = time.perf_counter()
         self._tok0 = int(state.timestamp.token)
-        self._ba0 = int(state.timestamp.batch)
         self._frac0 = fraction_done(state) or 0.0
         self._bucket = self._bucket_of(state)
+        self._recent.clear()
+        self._last = (self._tok0, self._frac0)
+
+    def before_dataloader(self, state: State, logger: Logger) -> None:
+        """Start timing this batch (its data loading counts, time spent in evals before it does not)."""
+        self._batch_t0 = time.perf_counter()
 
     def _bucket_of(self, state: State) -> int:
         """How many whole intervals the run has done (in the interval's unit)."""
@@ -220,6 +233,12 @@ class ProgressLine(LoggerDestination):
     def batch_end(self, state: State, logger: Logger) -> None:
         """Print a line when the run crosses a multiple of the interval (and at the first and last batch)."""
         frac = fraction_done(state)
+        tokens = int(state.timestamp.token)
+        if self._batch_t0 is not None:
+            busy = time.perf_counter() - self._batch_t0
+            self._recent.append((tokens - self._last[0], (frac or 0.0) - self._last[1], busy))
+            self._batch_t0 = None
+        self._last = (tokens, frac or 0.0)
         last = frac is not None and frac >= 1.0
         bucket = self._bucket_of(state)
         crossed = bucket > self._bucket
@@ -235,18 +254,17 @@ class ProgressLine(LoggerDestination):
             self.console.say(f"[eval  batch {int(state.timestamp.batch)}] {text}")
 
     def _print(self, state: State) -> None:
-        ts = state.timestamp
         elapsed = time.perf_counter() - (self._t0 or time.perf_counter())
-        tokens = int(ts.token) - self._tok0
-        batches = int(ts.batch) - self._ba0
         parts = [f"[{position(state)}]"]
         loss = self._metrics.get(TRAIN_LOSS)
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
-        if elapsed > 0 and tokens:
-            parts.append(f"{tokens / elapsed:,.0f} tok/s")
-        elif elapsed > 0 and batches:
-            parts.append(f"{batches / elapsed:.2f} ba/s")
+        busy = sum(b for _, _, b in self._recent)
+        recent_tokens = sum(t for t, _, _ in self._recent)
+        if busy > 0 and recent_tokens:
+            parts.append(f"{recent_tokens / busy:,.0f} tok/s")
+        elif busy > 0 and self._recent:
+            parts.append(f"{len(self._recent) / busy:.2f} ba/s")
         lr = next((v for k, v in self._metrics.items() if k.startswith("lr-")), None)
         if lr is not None:
             parts.append(f"lr {lr:.3g}")
@@ -259,8 +277,9 @@ class ProgressLine(LoggerDestination):
             parts.append(f"${usd:,.2f}" + (f" of ~${projected:,.2f}" if projected else ""))
         parts.append(f"elapsed {_fmt_seconds(elapsed)}")
         frac = fraction_done(state)
-        if frac is not None and 0 < frac < 1 and batches and elapsed > 0 and frac > self._frac0:
-            parts.append(f"ETA {_fmt_seconds(elapsed * (1 - frac) / (frac - self._frac0))}")
+        recent_frac = sum(f for _, f, _ in self._recent)
+        if frac is not None and 0 < frac < 1 and busy > 0 and recent_frac > 0:
+            parts.append(f"ETA {_fmt_seconds(busy * (1 - frac) / recent_frac)}")
         self.console.say(" | ".join(parts))
 
 
