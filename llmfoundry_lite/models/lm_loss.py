@@ -153,28 +153,24 @@ def logits_stats(
 # values are Composer's (so checkpoints and logs are unchanged); only the recomputation goes.
 
 
-class StatsCrossEntropy(LanguageCrossEntropy):
+class _SumsFromLabelStats:
+    """Mixin for Composer's summed-loss metrics: add LabelStats' sums, or compute from logits as Composer does."""
+
+    def update(self, output: Any, target: Optional[torch.Tensor] = None) -> None:  # type: ignore[override]
+        """Add summed loss and count from LabelStats, or compute them from logits as Composer does."""
+        if isinstance(output, LabelStats):
+            self.sum_loss += output.loss_sum.to(self.sum_loss.device)
+            self.total_items += output.count.to(self.total_items.device)
+        else:
+            super().update(output, target)  # type: ignore[misc]
+
+
+class StatsCrossEntropy(_SumsFromLabelStats, LanguageCrossEntropy):
     """LanguageCrossEntropy that also accepts LabelStats."""
 
-    def update(self, output: Any, target: Optional[torch.Tensor] = None) -> None:  # type: ignore[override]
-        """Add summed loss and count from LabelStats, or compute them from logits as Composer does."""
-        if isinstance(output, LabelStats):
-            self.sum_loss += output.loss_sum.to(self.sum_loss.device)
-            self.total_items += output.count.to(self.total_items.device)
-        else:
-            super().update(output, target)
 
-
-class StatsPerplexity(LanguagePerplexity):
+class StatsPerplexity(_SumsFromLabelStats, LanguagePerplexity):
     """LanguagePerplexity that also accepts LabelStats."""
-
-    def update(self, output: Any, target: Optional[torch.Tensor] = None) -> None:  # type: ignore[override]
-        """Add summed loss and count from LabelStats, or compute them from logits as Composer does."""
-        if isinstance(output, LabelStats):
-            self.sum_loss += output.loss_sum.to(self.sum_loss.device)
-            self.total_items += output.count.to(self.total_items.device)
-        else:
-            super().update(output, target)
 
 
 class StatsAccuracy(MaskedAccuracy):
