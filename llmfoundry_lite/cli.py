@@ -101,13 +101,25 @@ def train(
     launch.run_local(recipe, overrides)
 
 
+def _load(recipe: str, overrides: list[str], check_resources: bool = False) -> Any:
+    """A pretraining recipe, or a finetuning-only one (``model``/``tokenizer``/``glue``, no ``train_loader``)."""
+    from llmfoundry_lite.recipe import compose, load_recipe
+
+    data, _ = compose(recipe, overrides)
+    if data.get("glue") is not None and data.get("train_loader") is None:
+        from llmfoundry_lite.apps.glue.config import load_glue_recipe
+
+        return load_glue_recipe(recipe, overrides)[0]
+    return load_recipe(recipe, overrides, check_resources=check_resources)
+
+
 @app.command()
 def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the fully resolved recipe as YAML, with its parameter count."""
     from llmfoundry_lite.models.meta import count_parameters
-    from llmfoundry_lite.recipe import load_recipe, to_yaml
+    from llmfoundry_lite.recipe import to_yaml
 
-    cfg = load_recipe(recipe, list(overrides or []))
+    cfg = _load(recipe, list(overrides or []))
     counts = count_parameters(cfg)
     if counts is not None:
         total, non_emb = counts
@@ -123,9 +135,7 @@ def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg)
 @app.command()
 def validate(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a recipe without training: exit 0 when valid, 2 with a message otherwise."""
-    from llmfoundry_lite.recipe import load_recipe
-
-    load_recipe(recipe, list(overrides or []), check_resources=True)
+    _load(recipe, list(overrides or []), check_resources=True)
     typer.echo(f"{recipe}: valid")
 
 

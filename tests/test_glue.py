@@ -505,6 +505,12 @@ def test_glue_recipe_needs_no_pretraining_keys(tmp_path, bert_tokenizer_dir, cap
     assert "did you mean 'model'" in error("modle.d_model=32")
     assert "model.d_modle" in error("model.d_modle=32")
     assert "missing required key 'tokenizer'" in error("tokenizer=null")
+    # `validate` and `show` take the same recipe (and refuse the same mistakes).
+    assert main(["validate", str(recipe)]) == 0
+    assert main(["show", str(recipe)]) == 0
+    assert "# parameters:" in capsys.readouterr().out
+    assert main(["validate", str(recipe), "optimizer.lr=1e-3"]) == 2
+    assert "finetuning does not read" in capsys.readouterr().err
 
 
 def test_init_from_hf_encoder(tiny_overrides, tmp_path, bert_tokenizer_dir):
