@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from llmfoundry_lite.data.cli import data_app
 from llmfoundry_lite.data.convert import convert
+from llmfoundry_lite.data.corpus import embedded_documents
 from llmfoundry_lite.data.inspect import inspect_dataset
 from llmfoundry_lite.data.sources import split_long
-from llmfoundry_lite.data.corpus import embedded_documents
 from llmfoundry_lite.errors import RecipeError
 
 
