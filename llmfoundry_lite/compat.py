@@ -98,6 +98,23 @@ def no_split_module_names(model: Any) -> set[str]:
 _MDS_PACKAGES = ("streaming", "streaming.base", "streaming.base.format", "streaming.base.format.mds")
 
 
+def stop_streaming_threads(dataset: Any) -> None:
+    """Stop the download/ready threads of a StreamingDataset whose iteration was left unfinished.
+
+    streaming 0.13 stops an epoch's two background threads only when the epoch is iterated to its end or the next
+    ``__iter__`` starts (its private ``_iterator.exit()``). A run that stops mid-epoch (``max_duration`` in batches,
+    an eval subset) leaves them polling forever, and through them the dataset and its shared memory stay alive:
+    dozens of open /dev/shm files per finished run in a long-lived process (tests, notebooks, sweeps in-process).
+    """
+    iterator = getattr(dataset, "_iterator", None)
+    if iterator is not None:
+        iterator.exit()  # blocks until both threads have seen it (they check every few milliseconds)
+    executor = getattr(dataset, "_executor", None)
+    if executor is not None:  # its idle worker threads would otherwise wait until the interpreter exits
+        executor.shutdown(wait=False)
+        del dataset._executor  # a later __iter__ (resumed training, the next eval) makes a new one
+
+
 def import_mds_writer() -> type:
     """streaming's ``MDSWriter``, importing the package ``__init__`` files (and transformers with them) lazily.
 

@@ -171,3 +171,27 @@ def test_wandb_logger_answers_autoresume_before_init():
     )
     with pytest.raises(FileNotFoundError):
         WandBLogger(project="p").download_file("ep0-ba1-rank0.pt", "unused.pt")
+
+
+def test_stop_streaming_threads_ends_an_unfinished_epoch(mlm_mds_dir, tmp_path):
+    """streaming keeps an epoch's threads (and executor) alive until the epoch ends; stop_streaming_threads ends them."""
+    import threading
+
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=f"{mlm_mds_dir}/train", batch_size=1, shuffle=False)
+    before = set(threading.enumerate())
+    it = iter(ds)
+    next(it), next(it)  # an epoch left unfinished, as when max_duration ends mid-epoch
+    started = set(threading.enumerate()) - before
+    assert started, (
+        "streaming no longer starts background threads per epoch: drop compat.stop_streaming_threads"
+    )
+    assert hasattr(ds, "_iterator") and hasattr(ds, "_executor"), (
+        "streaming's private iteration state changed"
+    )
+    compat.stop_streaming_threads(ds)
+    for t in started:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in started)
+    assert not hasattr(ds, "_executor")

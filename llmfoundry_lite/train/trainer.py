@@ -71,6 +71,16 @@ def composer_precision(device_name: str, precision: str) -> str:
     return "fp32" if device_name == "cpu" and precision == "amp_bf16" else precision
 
 
+class ReleaseStreaming(Callback):
+    """When training ends, stop the background threads of streaming datasets left mid-epoch (compat explains)."""
+
+    def fit_end(self, state: State, logger: Logger) -> None:  # noqa: D102
+        loaders = [state.train_dataloader] + [e.dataloader.dataloader for e in state.evaluators or []]
+        for loader in loaders:
+            if getattr(loader, "dataset", None) is not None:
+                compat.stop_streaming_threads(loader.dataset)
+
+
 def make_trainer(
     model: Any,
     train_dataloader: Any,
@@ -99,7 +109,7 @@ def make_trainer(
         check
     ):  # e.g. a flash-attention model on CPU: one line now, not a traceback at the first batch
         check(device_name, precision)
-    callbacks = list(callbacks or [])
+    callbacks = [*(callbacks or []), ReleaseStreaming()]
     if composer_precision(device_name, precision) != precision:
         callbacks.append(CPUAutocast())
         precision = composer_precision(device_name, precision)
