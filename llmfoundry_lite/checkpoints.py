@@ -95,3 +95,34 @@ def load_model_state(path: str | os.PathLike, key: str = "checkpoint") -> dict[s
     if not isinstance(model_state, Mapping):
         raise RecipeError(f"{str(file)!r} is not a Composer checkpoint (no state['model'])", key=key)
     return {clean_name(k): v for k, v in model_state.items()}
+
+
+def check_weights_match(
+    own: Mapping[str, Any],
+    state: Mapping[str, Any],
+    source: str,
+    key: str,
+    hint: str = "",
+    extra_ok: bool = False,
+) -> None:
+    """RecipeError naming the first weight ``state`` lacks, has extra (unless ``extra_ok``) or shapes unlike ``own``.
+
+    ``own`` is the receiving model's state dict; ``hint`` (after a semicolon) says what usually causes a mismatch.
+    """
+    tail = f"; {hint}" if hint else ""
+    extra = [k for k in state if k not in own]
+    if extra and not extra_ok:
+        raise RecipeError(
+            f"{source} has {len(extra)} weights the model lacks (e.g. {extra[0]!r}){tail}", key=key
+        )
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise RecipeError(
+            f"{source} lacks {len(missing)} of the model's weights (e.g. {missing[0]!r}){tail}", key=key
+        )
+    for k, v in state.items():
+        if k in own and tuple(v.shape) != tuple(own[k].shape):
+            raise RecipeError(
+                f"{source}: {k} has shape {tuple(v.shape)} but the model has {tuple(own[k].shape)}{tail}",
+                key=key,
+            )

@@ -14,7 +14,7 @@ from torchmetrics.classification import BinaryF1Score, MatthewsCorrCoef, Multicl
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from llmfoundry_lite.apps.glue.config import GlueConfig
-from llmfoundry_lite.checkpoints import find_checkpoint, load_model_state
+from llmfoundry_lite.checkpoints import check_weights_match, find_checkpoint, load_model_state
 from llmfoundry_lite.errors import RecipeError
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,24 +153,9 @@ def load_weights(
     skip = tuple(skip_prefixes)
     own = module.state_dict()
     hint = "the recipe's model block (and model-surgery algorithms) must match the run that saved it"
-    extra = [k for k in state if k not in own and not k.startswith(skip)]
-    if extra:
-        raise RecipeError(
-            f"{source} has {len(extra)} weights the model lacks (e.g. {extra[0]!r}); {hint}", key=key
-        )
-    missing = [k for k in own if k not in state and not k.startswith(skip)]
-    if missing:
-        raise RecipeError(
-            f"{source} lacks {len(missing)} of the model's weights (e.g. {missing[0]!r}); {hint}", key=key
-        )
     wanted = {k: v for k, v in state.items() if not k.startswith(skip)}
-    for k, v in wanted.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise RecipeError(
-                f"{source}: {k} has shape {tuple(v.shape)} but the model built from the recipe has "
-                f"{tuple(own[k].shape)}; {hint}",
-                key=key,
-            )
+    own = {k: v for k, v in own.items() if not k.startswith(skip)}
+    check_weights_match(own, wanted, source, key, hint)
     module.load_state_dict(wanted, strict=False)
 
 

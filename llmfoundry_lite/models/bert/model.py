@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import nn
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.checkpoints import check_weights_match
 from llmfoundry_lite.models.accounting import TransformerFlops, count_params
 from llmfoundry_lite.models.bert.config import BertConfig
 from llmfoundry_lite.models.layers import (
@@ -383,15 +383,7 @@ def check_weights_fit(cfg: BertConfig, enc: dict, head: Optional[dict], source: 
         [(model.head.state_dict(), head, "head.")] if head else []
     )
     for own, got, prefix in parts:
-        missing = sorted(set(own) - set(got))
-        if missing:
-            raise RecipeError(
-                f"{source}: no weight for {prefix}{missing[0]} ({len(missing)} missing)", key=key
-            )
-        for k, v in got.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise RecipeError(
-                    f"{source}: {prefix}{k} has shape {tuple(v.shape)}, but its config.json implies "
-                    f"{tuple(own[k].shape)}",
-                    key=key,
-                )
+        check_weights_match(
+            {prefix + k: v for k, v in own.items()}, {prefix + k: v for k, v in got.items()}, source, key,
+            "its config.json describes another shape", extra_ok=True,
+        )  # fmt: skip
