@@ -16,7 +16,7 @@ install:
 	$(PIP) install -e .
 
 install-dev:
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,eval]"
 
 quickstart-data:
 	llmfoundry-lite data tokenizer --train --kind wordpiece --source embedded --vocab-size 4096 --out $(DATA)/tokenizer
