@@ -72,6 +72,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "optimizer_monitor": "Computes and logs the L2 norm of gradients as well as any optimizer-specific metrics implemented in the optimizer's `report_per_parameter_metrics` method.",
         "runtime_estimator": "Estimates total training time.",
         "speed_monitor": "Logs the training throughput and utilization.",
+        "stream_counts": "Logs samples and tokens seen per stream of a mixture (``data/<stream>/samples``, ``.../tokens``).",
         "system_metrics_monitor": "Logs GPU/CPU metrics.",
         "threshold_stopper": "Halt training when a metric value reaches a certain threshold.",
     },
