@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.models import lm_loss
+from llmfoundry_lite.models.layers import unpad
 from llmfoundry_lite.models.lm_loss import linear_cross_entropy
 
 LLAMA = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=96, max_seq_len=64)
@@ -34,7 +35,8 @@ class OpLog(TorchDispatchMode):
         name = func.overloadpacket.__name__
         self.calls.append(name)
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == VOCAB:
+            # Contiguous only: a transposed view of the head's weight (d_model, VOCAB) is not logits.
+            if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == VOCAB and t.is_contiguous():
                 self.vocab_rows = max(self.vocab_rows, t.numel() // VOCAB)
         return out
 
@@ -57,6 +59,36 @@ def test_linear_cross_entropy_equals_plain_loss_and_gradients(n, chunk_rows):
     assert abs(stats.loss_sum.item() - ref.item() * n) <= 1e-4 and not stats.loss_sum.requires_grad
     with torch.no_grad():  # evaluation: the same chunked pass without gradients
         ev, ev_stats = linear_cross_entropy(h0, w0, t, with_correct=True, chunk_bytes=chunk_rows * V * 4)
+    assert abs(ev.item() - ref.item()) <= 1e-5 and int(ev_stats.correct) == int(stats.correct)
+
+
+@pytest.mark.parametrize("chunk_rows", [8, 1000])
+def test_linear_cross_entropy_with_bias_and_padded_vocabulary_equals_plain_slice(chunk_rows):
+    # MosaicBERT's tied decoder: weight and bias padded past the vocabulary; the plain path slices the logits.
+    torch.manual_seed(1)
+    V, padded, d, n = 301, 320, 24, 37
+    h0, w0, b0 = torch.randn(n, d), torch.randn(padded, d) * 0.3, torch.randn(padded) * 0.5
+    t = torch.randint(0, V, (n,))
+    t[0] = V - 1  # the last real vocabulary row is reachable
+    h, w, b = (x.clone().requires_grad_() for x in (h0, w0, b0))
+    loss, stats = linear_cross_entropy(
+        h, w, t, bias=b, n_valid=V, with_correct=True, chunk_bytes=chunk_rows * V * 4
+    )
+    (2.0 * loss).backward()
+    hr, wr, br = (x.clone().requires_grad_() for x in (h0, w0, b0))
+    logits = F.linear(hr, wr, br)[:, :V]
+    ref = F.cross_entropy(logits.float(), t)
+    (2.0 * ref).backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    for ours, theirs in ((h, hr), (w, wr), (b, br)):
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-5), ours.shape
+    assert not w.grad[V:].any() and not b.grad[V:].any()  # padding rows never enter the softmax
+    assert int(stats.correct) == int((logits.argmax(-1) == t).sum())
+    # A padding row that would win the argmax if it were scored does not change the loss or the hits.
+    with torch.no_grad():
+        w_big, b_big = w0.clone(), b0.clone()
+        b_big[V:] = 1e4
+        ev, ev_stats = linear_cross_entropy(h0, w_big, t, bias=b_big, n_valid=V, with_correct=True)
     assert abs(ev.item() - ref.item()) <= 1e-5 and int(ev_stats.correct) == int(stats.correct)
 
 
@@ -154,8 +186,8 @@ def test_llama_train_step_holds_no_full_vocabulary_logits(llama_tok, monkeypatch
     batch = _llama_batch(len(llama_tok))
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     log, trainer = _fit_one_batch(model, batch)
-    # Logits of one chunk (16 rows) at a time, never of all labelled rows; d_model rows: the head's weight.T.
-    assert log.vocab_rows <= max(16, LLAMA["d_model"]) < labelled
+    # Logits of one chunk (16 rows) at a time, never of all labelled rows.
+    assert log.vocab_rows <= 16 < labelled
     assert "_log_softmax" not in log.calls and "nll_loss_forward" not in log.calls
     # Accuracy's argmax runs per chunk, only when train metrics are on; nothing else recomputes the head.
     assert log.calls.count("argmax") == (math.ceil(labelled / 16) if use_train_metrics else 0)
@@ -181,15 +213,52 @@ def _bert_batch(seed: int = 0) -> dict:
     return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
 
 
+def _bert_plain_loss(model, batch: dict) -> torch.Tensor:
+    """The unfused computation: tied decoder + bias over the padded vocabulary, sliced, then cross-entropy."""
+    h, info = model.encoder(batch["input_ids"], batch["attention_mask"], unpadded=True)
+    labels = unpad(batch["labels"], info)
+    sel = labels != -100
+    logits = model.head(h[sel])[:, : model.vocab_size]
+    return F.cross_entropy(logits.float(), labels[sel])
+
+
+def test_bert_fused_head_loss_and_gradients_equal_the_plain_computation(bert_tok, monkeypatch):
+    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 8 * VOCAB * 4)  # several chunks
+    torch.manual_seed(0)
+    model = _bert(bert_tok)
+    assert model.cfg.vocab_size > model.vocab_size  # the decoder carries padding rows
+    with torch.no_grad():
+        model.head.bias.normal_(std=0.5)  # a non-zero bias, so its part of the sum is tested
+        model.head.bias[model.vocab_size :] = 1e4  # padding rows would win every argmax if they were scored
+    batch = _bert_batch()
+    out = model(batch)
+    model.loss(out, batch).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    plain = _bert_plain_loss(model, batch)
+    plain.backward()
+    assert abs(out.loss.item() - plain.item()) <= 1e-5
+    for k, p in model.named_parameters():
+        assert torch.allclose(grads[k], p.grad, atol=1e-5, rtol=1e-4), k
+    assert not grads["head.bias"][model.vocab_size :].any()
+    assert out.masked_logits.shape == (int((batch["labels"] != -100).sum()), model.vocab_size)
+
+
 @pytest.mark.parametrize("use_train_metrics", [False, True])
-def test_bert_train_metrics_reuse_the_loss(bert_tok, use_train_metrics):
+def test_bert_train_step_holds_no_vocabulary_logits_and_reuses_the_loss(
+    bert_tok, monkeypatch, use_train_metrics
+):
+    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 8 * VOCAB * 4)
     torch.manual_seed(0)
     model = _bert(bert_tok, use_train_metrics=use_train_metrics)
     assert bool(model.get_metrics(is_train=True)) is use_train_metrics
     batch = _bert_batch()
+    masked = int((batch["labels"] != -100).sum())
     log, trainer = _fit_one_batch(model, batch)
-    assert log.calls.count("_log_softmax") == 1  # the loss; the cross-entropy metric reuses it
-    assert log.calls.count("argmax") == (1 if use_train_metrics else 0)
+    # The fused head: one chunk of (8, vocab) logits at a time, no log-softmax, no slice of the padded vocabulary.
+    assert log.vocab_rows <= 8 < masked
+    assert "_log_softmax" not in log.calls and "nll_loss_forward" not in log.calls
+    assert log.calls.count("argmax") == (math.ceil(masked / 8) if use_train_metrics else 0)
     values = trainer.state.train_metric_values
     if use_train_metrics:
         # The logged train cross-entropy is the batch's loss.

@@ -11,13 +11,14 @@ import math
 import typing
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.lm_loss import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------------
 # flash-attn (optional, lazily imported: it only builds on CUDA machines) and the choice of kernel
@@ -286,10 +287,26 @@ class TiedEmbedding(nn.Embedding):
     """
 
     def forward(
-        self, x: torch.Tensor, unembed: bool = False, bias: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Ids (...) -> (..., d); with ``unembed``, hidden states (..., d) -> logits (..., vocab) plus ``bias``."""
-        return F.linear(x, self.weight, bias) if unembed else super().forward(x)
+        self,
+        x: torch.Tensor,
+        unembed: bool = False,
+        bias: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+        n_valid: Optional[int] = None,
+        with_correct: bool = False,
+    ) -> Any:
+        """Ids (...) -> (..., d); with ``unembed``, hidden states (..., d) -> logits (..., vocab) plus ``bias``.
+
+        With ``unembed`` and ``targets`` (N,): hidden states (N, d) -> (mean cross-entropy, LabelStats) over the
+        first ``n_valid`` vocabulary rows, fused and chunked (``lm_loss.linear_cross_entropy``): no logits kept.
+        """
+        if not unembed:
+            return super().forward(x)
+        if targets is None:
+            return F.linear(x, self.weight, bias)
+        return linear_cross_entropy(
+            x, self.weight, targets, bias=bias, n_valid=n_valid, with_correct=with_correct
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ on every fresh allocation). :func:`linear_cross_entropy` walks the labelled rows
 per chunk it computes the logits, the loss and -- when gradients are wanted -- the gradients of the hidden
 states and of the head's weight right away (softmax - one-hot is the logits' gradient), so backward only scales
 them. Same three matmuls as the plain path, none of the (tokens, vocab) temporaries (scripts/profile_tiny.py,
-tests/test_speed_paths.py). The per-token losses and (when asked) argmax hits come out as :class:`LabelStats`,
+tests/test_speed_paths.py). A decoder bias and a padded vocabulary (MosaicBERT's tied MLM decoder: rows past
+the tokenizer's vocabulary) ride along: the bias is added in the chunk's matmul, padding rows are never multiplied.
+The per-token losses and (when asked) argmax hits come out as :class:`LabelStats`,
 which the metric classes below accept in place of logits: train and eval metrics cost nothing extra.
 """
 
@@ -57,46 +59,95 @@ def _chunk_logits_stats(
     return row_max.squeeze(1), logits.sum(-1), target_logit, correct
 
 
+@dataclass
+class _Pass:
+    """What one chunked pass over the rows produced: sums, and the gradients it was asked for (fp32 / cdtype)."""
+
+    loss_sum: torch.Tensor
+    correct: Optional[torch.Tensor]
+    grad_h: Optional[torch.Tensor] = None
+    grad_w: Optional[torch.Tensor] = None
+    grad_b: Optional[torch.Tensor] = None
+
+
+def _chunked_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    n_valid: int,
+    chunk_rows: int,
+    with_correct: bool,
+    grads: tuple[bool, bool, bool],
+) -> _Pass:
+    """Loss (and, per ``grads`` = (hidden, weight, bias), gradients of the mean loss) chunk by chunk.
+
+    Only the first ``n_valid`` rows of ``weight``/``bias`` are vocabulary (the rest is padding to a multiple of
+    64): views of those rows are multiplied, and the padding rows' gradients stay zero.
+    """
+    n = hidden.shape[0]
+    cdtype = _compute_dtype(hidden)
+    scale = 1.0 / max(n, 1)
+    dev = hidden.device
+    with torch.autocast(dev.type, enabled=False):
+        h, w = hidden.to(cdtype), weight[:n_valid].to(cdtype)
+        b = None if bias is None else bias[:n_valid].to(cdtype)
+        out = _Pass(
+            torch.zeros((), dtype=torch.float32, device=dev),
+            torch.zeros((), dtype=torch.int64, device=dev) if with_correct else None,
+            torch.empty_like(h) if grads[0] else None,
+            torch.zeros(weight.shape, dtype=torch.float32, device=dev) if grads[1] else None,
+            torch.zeros(bias.shape, dtype=torch.float32, device=dev)
+            if grads[2] and bias is not None
+            else None,
+        )
+        gw = None if out.grad_w is None else out.grad_w[:n_valid]  # views: padding rows are never written
+        gb = None if out.grad_b is None else out.grad_b[:n_valid]
+        want_grad = any(grads)
+        for i in range(0, n, chunk_rows):
+            hc, tc = h[i : i + chunk_rows], targets[i : i + chunk_rows]
+            # The decoder bias rides in the matmul (addmm): no separate pass over the chunk's logits.
+            logits = (torch.mm(hc, w.t()) if b is None else torch.addmm(b, hc, w.t())).float()
+            row_max, sum_exp, target_logit, hits = _chunk_logits_stats(logits, tc, with_correct)
+            out.loss_sum += (row_max + sum_exp.log() - target_logit).sum()
+            if hits is not None:
+                out.correct += hits
+            if not want_grad:
+                continue
+            # d(mean loss)/d(logits) = (softmax - one_hot) / n, built in the same buffer
+            probs = logits.mul_((scale / sum_exp)[:, None])
+            probs[torch.arange(len(tc), device=dev), tc] -= scale
+            g = probs.to(cdtype)
+            if out.grad_h is not None:
+                torch.mm(g, w, out=out.grad_h[i : i + chunk_rows])
+            if gw is not None:
+                if g.dtype == torch.float32:
+                    gw.addmm_(g.t(), hc)
+                else:  # addmm_ needs one dtype; the fp32 accumulator keeps bf16 chunks from losing bits
+                    gw += torch.mm(g.t(), hc).float()
+            if gb is not None:
+                gb += probs.sum(0)  # fp32 column sums of the same buffer
+    return out
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``hidden @ weight.T`` whose gradients are computed chunk by chunk in forward."""
+    """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` whose gradients are computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx: Any, hidden, weight, targets, chunk_rows, with_correct, stats_out):  # type: ignore[override]
+    def forward(ctx: Any, hidden, weight, bias, targets, n_valid, chunk_rows, with_correct, stats_out):  # type: ignore[override]
         n = hidden.shape[0]
-        cdtype = _compute_dtype(hidden)
-        scale = 1.0 / max(n, 1)
-        with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(cdtype), weight.to(cdtype)
-            grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-            loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            correct = torch.zeros((), dtype=torch.int64, device=hidden.device) if with_correct else None
-            for i in range(0, n, chunk_rows):
-                hc, tc = h[i : i + chunk_rows], targets[i : i + chunk_rows]
-                logits = torch.mm(hc, w.t()).float()
-                row_max, sum_exp, target_logit, hits = _chunk_logits_stats(logits, tc, with_correct)
-                loss_sum += (row_max + sum_exp.log() - target_logit).sum()
-                if hits is not None:
-                    correct += hits
-                # d(mean loss)/d(logits) = (softmax - one_hot) / n, built in the same buffer
-                probs = logits.mul_((scale / sum_exp)[:, None])
-                probs[torch.arange(len(tc), device=tc.device), tc] -= scale
-                g = probs.to(cdtype)
-                if grad_h is not None:
-                    torch.mm(g, w, out=grad_h[i : i + chunk_rows])
-                if g.dtype == torch.float32:
-                    grad_w.addmm_(g.t(), hc)
-                else:  # addmm_ needs one dtype; the fp32 accumulator keeps bf16 chunks from losing bits
-                    grad_w += torch.mm(g.t(), hc).float()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        stats_out.append(LabelStats(loss_sum, torch.tensor(n, device=hidden.device), correct))
-        return loss_sum * scale
+        grads = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        p = _chunked_pass(hidden, weight, bias, targets, n_valid, chunk_rows, with_correct, grads)
+        gw = None if p.grad_w is None else p.grad_w.to(weight.dtype)
+        gb = None if p.grad_b is None else p.grad_b.to(bias.dtype)
+        ctx.save_for_backward(p.grad_h, gw, gb)
+        stats_out.append(LabelStats(p.loss_sum, torch.tensor(n, device=hidden.device), p.correct))
+        return p.loss_sum * (1.0 / max(n, 1))
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        gh = None if grad_h is None else (grad_h * grad_out).to(grad_h.dtype)
-        return gh, (grad_w * grad_out).to(grad_w.dtype), None, None, None, None
+        scaled = [None if g is None else (g * grad_out).to(g.dtype) for g in ctx.saved_tensors]
+        return scaled[0], scaled[1], scaled[2], None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -104,49 +155,35 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
+    bias: Optional[torch.Tensor] = None,
+    n_valid: Optional[int] = None,
     with_correct: bool = False,
     chunk_bytes: Optional[int] = None,
 ) -> tuple[torch.Tensor, LabelStats]:
-    """Mean cross-entropy of ``hidden (N, d) @ weight (V, d).T`` against ``targets (N,)``, and its LabelStats.
+    """Mean cross-entropy of ``hidden (N, d) @ weight (V, d).T + bias`` against ``targets (N,)``, and its LabelStats.
 
-    Equal to ``F.cross_entropy(F.linear(hidden, weight).float(), targets)`` (fp32 softmax, matmuls in the
-    autocast dtype when autocast is on) without ever holding more than one chunk of logits; ``with_correct``
-    also counts argmax hits (token accuracy). Every row must carry a target (select labelled rows first).
-    ``chunk_bytes`` bounds one chunk's fp32 logits (default :data:`CHUNK_BYTES`).
+    Equal to ``F.cross_entropy(F.linear(hidden, weight, bias)[:, :n_valid].float(), targets)`` (fp32 softmax,
+    matmuls in the autocast dtype when autocast is on) without ever holding more than one chunk of logits.
+    ``n_valid``: only the first rows of ``weight``/``bias`` are vocabulary (a padded tied decoder); the others
+    never enter the softmax and get zero gradients. ``with_correct`` also counts argmax hits (token accuracy).
+    Every row must carry a target (select labelled rows first). ``chunk_bytes`` bounds one chunk's fp32 logits
+    (default :data:`CHUNK_BYTES`).
     """
-    chunk_rows = _chunk_rows(weight.shape[0], chunk_bytes or CHUNK_BYTES)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+    n_valid = weight.shape[0] if n_valid is None else n_valid
+    chunk_rows = _chunk_rows(n_valid, chunk_bytes or CHUNK_BYTES)
+    params = (hidden, weight) + ((bias,) if bias is not None else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         stats: list[LabelStats] = []
-        loss = _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, with_correct, stats)
+        loss = _LinearCrossEntropy.apply(
+            hidden, weight, bias, targets, n_valid, chunk_rows, with_correct, stats
+        )
         return loss, stats[0]
     # No gradients (evaluation): the same chunked pass, loss and hits only.
     n = hidden.shape[0]
-    cdtype = _compute_dtype(hidden)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    correct = torch.zeros((), dtype=torch.int64, device=hidden.device) if with_correct else None
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        h, w = hidden.to(cdtype), weight.to(cdtype)
-        for i in range(0, n, chunk_rows):
-            logits = torch.mm(h[i : i + chunk_rows], w.t()).float()
-            row_max, sum_exp, target_logit, hits = _chunk_logits_stats(
-                logits, targets[i : i + chunk_rows], with_correct
-            )
-            loss_sum += (row_max + sum_exp.log() - target_logit).sum()
-            if hits is not None:
-                correct += hits
-    stats = LabelStats(loss_sum, torch.tensor(n, device=hidden.device), correct)
-    return loss_sum / max(n, 1), stats
-
-
-def logits_stats(
-    logits: torch.Tensor, targets: torch.Tensor, loss_sum: Optional[torch.Tensor] = None
-) -> LabelStats:
-    """LabelStats of already computed logits (N, V) at labelled rows; ``loss_sum`` reuses a loss already taken."""
     with torch.no_grad():
-        if loss_sum is None:
-            loss_sum = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-        correct = (logits.argmax(-1) == targets).sum()
-    return LabelStats(loss_sum.detach().float(), torch.tensor(targets.numel(), device=logits.device), correct)
+        p = _chunked_pass(hidden, weight, bias, targets, n_valid, chunk_rows, with_correct, (False,) * 3)
+    stats = LabelStats(p.loss_sum, torch.tensor(n, device=hidden.device), p.correct)
+    return p.loss_sum / max(n, 1), stats
 
 
 # Composer's metrics, also accepting LabelStats instead of (logits, targets): the states, names, reductions and

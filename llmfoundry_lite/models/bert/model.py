@@ -36,7 +36,7 @@ from llmfoundry_lite.models.layers import (
     unpad,
     unpad_info,
 )
-from llmfoundry_lite.models.lm_loss import LabelStats, StatsAccuracy, StatsCrossEntropy, logits_stats
+from llmfoundry_lite.models.lm_loss import LabelStats, StatsAccuracy, StatsCrossEntropy
 
 # ---------------------------------------------------------------------------------------------------------
 # Embeddings and one Post-LN layer
@@ -247,31 +247,54 @@ class MLMHead(nn.Module):
         elif isinstance(m, MLMHead):
             nn.init.zeros_(m.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """(N, d) -> (N, padded_vocab)."""
+    def forward(
+        self,
+        h: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        n_valid: Optional[int] = None,
+        with_correct: bool = False,
+    ) -> Any:
+        """(N, d) -> logits (N, padded_vocab); with ``targets`` (N,) -> (mean cross-entropy, LabelStats).
+
+        The loss path fuses decoder, bias and cross-entropy over the first ``n_valid`` vocabulary rows chunk by
+        chunk (``lm_loss.linear_cross_entropy``): no (N, vocab) logits, no slice of the padded vocabulary.
+        """
         h = self.norm(F.gelu(self.transform(h)))
-        return self.word(h, unembed=True, bias=self.bias)
+        if targets is None:
+            return self.word(h, unembed=True, bias=self.bias)
+        return self.word(
+            h, unembed=True, bias=self.bias, targets=targets, n_valid=n_valid, with_correct=with_correct
+        )
 
 
 @dataclass
 class MLMOutput:
-    """Training/eval output of :class:`BertMLM`: logits computed only where labels exist.
+    """Training/eval output of :class:`BertMLM`: the masked-token loss, computed in forward without logits.
 
-    ``masked_logits`` (M, vocab) and ``masked_labels`` (M,) are what the loss and metrics use. The full
-    ``logits`` (B, S, vocab) satisfy the ``outputs.logits`` contract but are computed lazily, on first access,
-    by running the head over every real token (padding positions are zeros): nothing is paid unless asked for.
-    ``stats()``: summed loss (the one ``BertMLM.loss`` took, when it ran), count and argmax hits, for metrics.
+    ``loss`` is the mean cross-entropy over masked tokens (decoder, bias and softmax fused and chunked), and
+    ``stats()`` its sum, count and -- in evaluation, or training with ``use_train_metrics`` -- argmax hits, which
+    the metrics read. ``masked_logits`` (M, vocab), aligned with ``masked_labels`` (M,), and the full ``logits``
+    (B, S, vocab; zeros at padding) satisfy the logits contract for other metrics and callers but are computed
+    lazily, on first access, through the head's forward: nothing is paid unless asked for.
     """
 
-    masked_logits: torch.Tensor
+    loss: torch.Tensor
     masked_labels: torch.Tensor
+    _stats: LabelStats
+    _masked_hidden: torch.Tensor  # trunk output at masked positions (the head's input)
     _hidden: torch.Tensor
     _info: Unpadded
     _head: MLMHead
     _vocab: int
     _logits: Optional[torch.Tensor] = None
-    _loss_sum: Optional[torch.Tensor] = None
-    _stats: Optional[LabelStats] = None
+    _masked_logits: Optional[torch.Tensor] = None
+
+    @property
+    def masked_logits(self) -> torch.Tensor:
+        """Logits (M, vocab) at masked positions, materialised on first access."""
+        if self._masked_logits is None:
+            self._masked_logits = self._head(self._masked_hidden)[:, : self._vocab]
+        return self._masked_logits
 
     @property
     def logits(self) -> torch.Tensor:
@@ -281,9 +304,7 @@ class MLMOutput:
         return self._logits
 
     def stats(self) -> LabelStats:
-        """Summed cross-entropy, count and argmax hits over the masked positions (computed once)."""
-        if self._stats is None:
-            self._stats = logits_stats(self.masked_logits, self.masked_labels, self._loss_sum)
+        """Summed cross-entropy, count and (when computed) argmax hits over the masked positions."""
         return self._stats
 
 
@@ -328,17 +349,16 @@ class BertMLM(ComposerModel):
             labels = batch["input_ids"]
         labels = unpad(labels.reshape(info.batch, info.seq_len), info)  # (T,) labels of real tokens
         sel = torch.nonzero(labels != -100, as_tuple=False).flatten()
-        masked_logits = self.head(h.index_select(0, sel))[:, : self.vocab_size]
-        return MLMOutput(masked_logits, labels.index_select(0, sel), h, info, self.head, self.vocab_size)
+        masked_h, masked_labels = h.index_select(0, sel), labels.index_select(0, sel)
+        # Head on masked tokens only, loss fused in; argmax hits only where a metric will read them.
+        with_correct = self.cfg.use_train_metrics or not torch.is_grad_enabled()
+        loss, stats = self.head(masked_h, masked_labels, n_valid=self.vocab_size, with_correct=with_correct)
+        return MLMOutput(loss, masked_labels, stats, masked_h, h, info, self.head, self.vocab_size)
 
     def loss(self, outputs: Any, batch: dict) -> torch.Tensor:
         """Mean cross-entropy over masked tokens."""
         if isinstance(outputs, MLMOutput):
-            if outputs.masked_labels.numel() == 0:
-                return outputs.masked_logits.sum() * 0.0
-            loss_sum = F.cross_entropy(outputs.masked_logits.float(), outputs.masked_labels, reduction="sum")
-            outputs._loss_sum = loss_sum.detach()  # train metrics reuse it instead of a second log-softmax
-            return loss_sum / outputs.masked_labels.numel()
+            return outputs.loss
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1), ignore_index=-100
@@ -355,8 +375,11 @@ class BertMLM(ComposerModel):
     def update_metric(self, batch: dict, outputs: Any, metric: Any) -> None:
         """Feed the masked positions' statistics (or logits and labels, for other metrics) to a metric."""
         if isinstance(outputs, MLMOutput):
-            if isinstance(metric, (StatsCrossEntropy, StatsAccuracy)):
-                metric.update(outputs.stats())
+            stats = outputs.stats()
+            if isinstance(metric, StatsCrossEntropy) or (
+                isinstance(metric, StatsAccuracy) and stats.correct is not None
+            ):
+                metric.update(stats)
             else:
                 metric.update(outputs.masked_logits.contiguous(), outputs.masked_labels)
         else:
