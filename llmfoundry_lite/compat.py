@@ -7,6 +7,7 @@ Only the standard library at import time: the CLI imports this module before tor
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import importlib.util
@@ -113,6 +114,59 @@ def stop_streaming_threads(dataset: Any) -> None:
     if executor is not None:  # its idle worker threads would otherwise wait until the interpreter exits
         executor.shutdown(wait=False)
         del dataset._executor  # a later __iter__ (resumed training, the next eval) makes a new one
+
+
+def close_prefix_scan_handles() -> None:
+    """Let streaming's search for a free shared-memory prefix close the handles it opens (idempotent).
+
+    streaming 0.13's ``prefix._check_and_find`` attaches to every live dataset's shared memory to find a free
+    prefix, through its ``SharedMemory`` wrapper, whose default ``auto_cleanup=True`` registers each handle with
+    ``atexit``: the throw-away handles (and their file descriptors) then live until the interpreter exits — six per
+    live dataset, each time a dataset is built. Attach-only handles made there now skip that registration, so they
+    close when dropped; the handles that create memory (a dataset's own prefix) keep theirs. Relies on prefix.py
+    naming the wrapper ``SharedMemory`` in its module globals (tested).
+    """
+    from streaming.base.shared import prefix
+    from streaming.base.shared.memory import SharedMemory
+
+    if getattr(prefix.SharedMemory, "_closes_attachments", False):
+        return
+
+    class _ScanSharedMemory(SharedMemory):
+        _closes_attachments = True
+
+        def __init__(self, name: Any = None, create: Any = None, size: int = 0, auto_cleanup: Any = None):
+            if auto_cleanup is None:
+                auto_cleanup = create is not False  # attaching to someone else's memory: nothing to clean up
+            super().__init__(name, create, size, auto_cleanup)
+
+    prefix.SharedMemory = _ScanSharedMemory
+
+
+def release_streaming_memory(dataset: Any) -> int:
+    """Close (and, where this process created it, unlink) a finished StreamingDataset's shared memory now.
+
+    Every handle streaming opens registers ``cleanup`` with ``atexit``, which keeps the handle — and its open
+    /dev/shm file — alive until the interpreter exits, even after the Trainer is closed and dropped. Call only
+    when the dataset will not be iterated again (a closed Trainer). Returns the number of handles released.
+    """
+    from streaming.base.shared.memory import SharedMemory
+
+    handles: list[Any] = []
+
+    def visit(obj: Any, depth: int) -> None:  # dataset -> SharedScalar -> SharedArray -> SharedMemory
+        if isinstance(obj, SharedMemory):
+            handles.append(obj)
+        elif depth and hasattr(obj, "__dict__"):
+            for value in list(vars(obj).values()):
+                visit(value, depth - 1)
+
+    stop_streaming_threads(dataset)
+    visit(dataset, 3)
+    for shm in handles:
+        atexit.unregister(shm.cleanup)
+        shm.cleanup()
+    return len(handles)
 
 
 def import_mds_writer() -> type:

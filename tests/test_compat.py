@@ -195,3 +195,50 @@ def test_stop_streaming_threads_ends_an_unfinished_epoch(mlm_mds_dir, tmp_path):
         t.join(timeout=10)
     assert not any(t.is_alive() for t in started)
     assert not hasattr(ds, "_executor")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts /proc/self/fd")
+def test_streaming_prefix_scan_and_release_close_their_shared_memory(mlm_mds_dir):
+    """streaming's prefix search attaches to live datasets' memory through prefix.SharedMemory (atexit-registered);
+    compat.close_prefix_scan_handles swaps that name, and release_streaming_memory frees a dataset's own handles."""
+    from streaming import StreamingDataset
+    from streaming.base.shared import prefix
+
+    source = inspect.getsource(prefix._check_and_find)
+    assert "SharedMemory(name, False)" in source, (
+        "streaming's prefix scan changed: revisit compat.close_prefix_scan_handles"
+    )
+    compat.close_prefix_scan_handles()
+    compat.close_prefix_scan_handles()  # idempotent
+    assert prefix.SharedMemory._closes_attachments
+
+    start = _open_fds()
+    first = StreamingDataset(local=f"{mlm_mds_dir}/train", batch_size=1)
+    fds = _open_fds()
+    second = StreamingDataset(local=f"{mlm_mds_dir}/val", batch_size=1)
+    # The second dataset opens its own handles only, as the first did: none left on the first one's by the scan.
+    assert _open_fds() - fds <= fds - start, (_open_fds() - fds, fds - start)
+    next(iter(second))
+    assert compat.release_streaming_memory(second) == 6, "streaming's shared-memory attributes changed"
+    assert compat.release_streaming_memory(first) == 6
+    assert _open_fds() < fds
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts /proc/self/fd")
+def test_runs_in_one_process_do_not_pile_up_open_files(tiny_bert):
+    """train() closes its Trainer, which frees the datasets' shared memory (Composer's atexit would keep it)."""
+    from llmfoundry_lite.recipe import load_recipe
+    from llmfoundry_lite.train import train
+
+    recipe = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
+    counts = []
+    for i in range(3):
+        trainer = train(load_recipe(recipe, tiny_bert(run_name=f"fds{i}", save_folder="null")))
+        assert int(trainer.state.timestamp.batch) == 4  # state stays readable after close
+        del trainer
+        counts.append(_open_fds())
+    assert counts[2] <= counts[0] + 2, counts

@@ -239,7 +239,7 @@ def end_line(state: State, folder: str, batch0: int = 0, stopped: bool = False) 
 
 
 def train(cfg: DictConfig, recipe_path: str | None = None) -> Trainer:
-    """Build the Trainer for a validated recipe and fit it, printing its first and last lines.
+    """Build the Trainer for a validated recipe, fit and close it (state stays readable); print first and last lines.
 
     Raises ``RunStopped`` on preemption (or NaN/Inf loss) and ``StopNow`` on a signal with nothing to save; both
     carry ``exit_code`` and are marked ``reported`` once their line is printed.
@@ -268,6 +268,9 @@ def train(cfg: DictConfig, recipe_path: str | None = None) -> Trainer:
                 return trainer
             trainer.fit()
             console.say(end_line(state, _folder_text(cfg), batch0))
+            # Flush loggers and uploads now, and free the datasets' shared memory: Composer would do it only at
+            # interpreter exit, so a process training several runs (notebook, tests) would pile them up.
+            trainer.close()
             return trainer
         except (RunStopped, StopNow) as e:
             if trainer is not None:

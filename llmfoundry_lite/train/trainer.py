@@ -72,13 +72,20 @@ def composer_precision(device_name: str, precision: str) -> str:
 
 
 class ReleaseStreaming(Callback):
-    """When training ends, stop the background threads of streaming datasets left mid-epoch (compat explains)."""
+    """Stop streaming datasets' background threads at fit end, free their shared memory at close (compat explains)."""
+
+    @staticmethod
+    def _datasets(state: State) -> list[Any]:
+        loaders = [state.train_dataloader] + [e.dataloader.dataloader for e in state.evaluators or []]
+        return [loader.dataset for loader in loaders if getattr(loader, "dataset", None) is not None]
 
     def fit_end(self, state: State, logger: Logger) -> None:  # noqa: D102
-        loaders = [state.train_dataloader] + [e.dataloader.dataloader for e in state.evaluators or []]
-        for loader in loaders:
-            if getattr(loader, "dataset", None) is not None:
-                compat.stop_streaming_threads(loader.dataset)
+        for dataset in self._datasets(state):
+            compat.stop_streaming_threads(dataset)
+
+    def close(self, state: State, logger: Logger) -> None:  # noqa: D102
+        for dataset in self._datasets(state):
+            compat.release_streaming_memory(dataset)
 
 
 def make_trainer(
