@@ -78,7 +78,13 @@ def _is_mds_folder(path: str) -> bool:
 
 
 def check_loader(section: str, block: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    """Check a ``text`` loader's local split (folder, index.json, shard files); its index, or None for a remote."""
+    """Check a ``text`` loader's local split (folder, index.json, shard files); its index, or None for a remote.
+
+    With ``streams:`` every stream's folder is checked, and all must hold the same layout (token rows of one
+    length, or raw text); the first local stream's index is returned.
+    """
+    if block.get("streams") is not None:
+        return _check_streams(section, block)
     local, remote, split = block.get("local"), block.get("remote"), block.get("split")
     if local is None and remote is None:
         raise RecipeError(
@@ -108,6 +114,45 @@ def check_loader(section: str, block: Mapping[str, Any]) -> Optional[dict[str, A
     return index
 
 
+def _check_streams(section: str, block: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    from llmfoundry_lite.data.mixture import stream_blocks
+
+    given = [k for k in ("local", "remote", "split") if block.get(k) is not None]
+    if given:
+        raise RecipeError(
+            f"`streams:` names every folder; remove {', '.join(given)} here (or set them to null), or put them "
+            "in each stream",
+            key=f"{section}.{given[0]}",
+        )
+    blocks = stream_blocks(block["streams"], f"{section}.streams", weights=section != "eval_loader")
+    first, layouts = None, {}
+    for name, stream in blocks.items():
+        index = check_loader(f"{section}.streams.{name}", {**stream, "max_seq_len": block.get("max_seq_len")})
+        if index is None:
+            continue
+        n = concat_length(index)
+        layouts[name] = f"{n}-token rows" if "tokens" in columns(index) else "raw text"
+        first = first if first is not None else index
+    if len(set(layouts.values())) > 1:
+        described = ", ".join(f"{k}: {v}" for k, v in layouts.items())
+        raise RecipeError(
+            f"the streams differ in layout ({described}); convert every source the same way (the same "
+            "--tokenizer and --concat-tokens, or all raw text)",
+            key=f"{section}.streams",
+        )
+    return first
+
+
+def _first_source(section: str, block: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """The block naming the data folder (a mixture's first local stream) and its recipe key prefix."""
+    streams = block.get("streams")
+    if isinstance(streams, Mapping) and streams:
+        for name, stream in streams.items():
+            if isinstance(stream, Mapping) and "://" not in str(stream.get("remote") or ""):
+                return stream, f"{section}.streams.{name}"
+    return block, section
+
+
 def check_loader_fit(
     section: str,
     block: Mapping[str, Any],
@@ -132,12 +177,13 @@ def check_loader_fit(
         objective = "causal_lm"  # the loader's own default for token rows
     if objective is None and text and tokenizer_has_mask is not None:
         objective = "mlm" if tokenizer_has_mask else "causal_lm"
-    src = str(block.get("remote") or block.get("local"))
-    where = repr(os.path.join(resolve(src), block["split"]) if block.get("split") else resolve(src))
+    source, prefix = _first_source(section, block)
+    src = str(source.get("remote") or source.get("local"))
+    where = repr(os.path.join(resolve(src), source["split"]) if source.get("split") else resolve(src))
     key = (
         f"{section}.collator.name"
         if explicit
-        else f"{section}.{'remote' if block.get('remote') else 'local'}"
+        else f"{prefix}.{'remote' if source.get('remote') else 'local'}"
     )
     if objective == "mlm" and rows:
         raise RecipeError(

@@ -41,6 +41,14 @@ def convert_cmd(
     eos: Optional[bool] = typer.Option(
         None, "--eos/--no-eos", help="Append EOS to each document (default: if the tokenizer has one)"
     ),
+    bos_text: Optional[str] = typer.Option(
+        None, "--bos-text", help="Text put before each packed document instead of BOS, e.g. '[CLS]'"
+    ),
+    eos_text: Optional[str] = typer.Option(
+        None,
+        "--eos-text",
+        help="Text put after each packed document instead of EOS, e.g. '[SEP]' (tokenizers without EOS)",
+    ),
     text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/HF rows"),
     num_workers: Optional[int] = typer.Option(
         None, "--num-workers", help="Tokenizer processes (default: CPU cores, at most 8; 0 = in-process)"
@@ -82,6 +90,8 @@ def convert_cmd(
         progress=progress,
         max_docs=max_docs,
         max_tokens=max_tokens,
+        bos_text=bos_text,
+        eos_text=eos_text,
     )
     typer.echo(summary.format())
 

@@ -9,7 +9,9 @@ Modes:
 * raw (default): a ``text`` column (``str``); MLM collators tokenize on the fly.
 * concatenated (``tokenizer`` + ``concat_tokens=N``): documents are tokenized in batches by worker processes,
   wrapped in BOS/EOS, concatenated, and cut into rows of exactly N ids (``tokens``, ``ndarray:int32:N``); the
-  final partial row is dropped.
+  final partial row is dropped. A tokenizer without BOS/EOS (BERT's WordPiece) packs with ``bos_text`` /
+  ``eos_text`` instead (e.g. ``[CLS]`` / ``[SEP]``): those texts, tokenized without special tokens, go around
+  each document, as llm-foundry's ``ConcatTokensDataset`` does.
 
 Each split is written to a hidden temporary folder and renamed into place only after it is complete, so an
 interrupted or failed conversion never leaves a folder with an ``index.json`` that looks finished.
@@ -180,7 +182,10 @@ def _worker_init(tok_json: str) -> None:
     _worker_tok = Tokenizer.from_str(tok_json)
 
 
-def _encode_chunk(task: tuple[str, list[str], Optional[int], Optional[int]]) -> tuple[str, int, Any]:
+Ids = Optional[tuple[int, ...]]  # a document separator: None, or the ids put before/after each document
+
+
+def _encode_chunk(task: tuple[str, list[str], Ids, Ids]) -> tuple[str, int, Any]:
     """Tokenize one chunk of documents; return (split, n_docs, flat int32 ids with BOS/EOS around each doc)."""
     import numpy as np
 
@@ -189,8 +194,8 @@ def _encode_chunk(task: tuple[str, list[str], Optional[int], Optional[int]]) -> 
     encode = getattr(_worker_tok, "encode_batch_fast", _worker_tok.encode_batch)
     encs = encode(texts, add_special_tokens=False)
     pieces = []
-    pre = np.array([bos], dtype=np.int32) if bos is not None else None
-    post = np.array([eos], dtype=np.int32) if eos is not None else None
+    pre = np.array(bos, dtype=np.int32) if bos else None
+    post = np.array(eos, dtype=np.int32) if eos else None
     for e in encs:
         if pre is not None:
             pieces.append(pre)
@@ -333,7 +338,7 @@ def _routed_docs(
                 yield split, piece
 
 
-def _chunks(pairs: Iterator[tuple[str, str]], bos: Optional[int], eos: Optional[int]):
+def _chunks(pairs: Iterator[tuple[str, str]], bos: Ids, eos: Ids):
     """Group routed documents into per-split tokenization tasks (independent of the number of workers)."""
     pending: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
@@ -404,11 +409,14 @@ def convert(
     progress: bool = False,
     max_docs: Optional[int] = None,
     max_tokens: Optional[int] = None,
+    bos_text: Optional[str] = None,
+    eos_text: Optional[str] = None,
 ) -> ConvertSummary:
     """Convert ``source`` into MDS splits under ``out`` (raw text, or concatenated token rows of ``concat_tokens``).
 
     ``max_docs`` / ``max_tokens`` convert a subset: that many documents / tokens in all, divided between train
     and val as ``val_fraction`` says (tokens need a ``tokenizer`` to be counted); the source is read no further.
+    ``bos_text`` / ``eos_text`` (packing only) replace the tokenizer's BOS / EOS token around each document.
     """
     t0 = time.perf_counter()
     names = _parse_splits(splits)
@@ -420,6 +428,21 @@ def convert(
         raise RecipeError(
             "--concat-tokens needs --tokenizer (a local folder or a hub name)", key="--tokenizer"
         )
+    for flag, text, wanted in (("bos", bos_text, bos), ("eos", eos_text, eos)):
+        if text is None:
+            continue
+        if concat_tokens is None:
+            raise RecipeError(
+                "separates packed documents: it needs --concat-tokens (and --tokenizer)", key=f"--{flag}-text"
+            )
+        if not text:
+            raise RecipeError(
+                "is empty; give the text to put between documents, e.g. '[SEP]'", key=f"--{flag}-text"
+            )
+        if wanted is False:
+            raise RecipeError(
+                f"--{flag}-text and --no-{flag} contradict each other; drop one", key=f"--{flag}-text"
+            )
     if max_chars is not None and max_chars < 16:
         raise RecipeError(f"--max-chars must be at least 16, got {max_chars}", key="--max-chars")
     if max_tokens is not None and tokenizer is None:
@@ -442,13 +465,15 @@ def convert(
         raise RecipeError(f"--out {str(out)!r} is a file; give a folder", key="--out")
 
     fast = load_fast_tokenizer(tokenizer) if tokenizer else None
-    bos_id = eos_id = None
+    bos_ids: Ids = None
+    eos_ids: Ids = None
     if fast is not None and concat_tokens is not None:
-        bos_id = _resolve_special(fast, "bos", bos)
-        eos_id = _resolve_special(fast, "eos", eos)
-        if bos_id is None and eos_id is None and bos is None and eos is None:
+        bos_ids = _separator(fast, "bos", bos, bos_text)
+        eos_ids = _separator(fast, "eos", eos, eos_text)
+        if bos_ids is None and eos_ids is None and bos is None and eos is None:
             raise RecipeError(
-                f"tokenizer {tokenizer!r} has no eos (or bos) token to separate packed documents; use a tokenizer "
+                f"tokenizer {tokenizer!r} has no eos (or bos) token to separate packed documents; give the "
+                "separator as text (--eos-text '[SEP]', e.g. for a BERT WordPiece tokenizer), use a tokenizer "
                 "with one (e.g. `data tokenizer --train --kind bpe`) or pass --no-eos to pack without separators",
                 key="--tokenizer",
             )
@@ -460,7 +485,7 @@ def convert(
     pool: Optional[_TokenizerPool] = None
     results: Iterator[Any]
     if concat_tokens is not None:
-        tasks = _chunks(pairs, bos_id, eos_id)
+        tasks = _chunks(pairs, bos_ids, eos_ids)
         if workers > 0:
             pool = _TokenizerPool(workers, fast.json, tasks)
             results = iter(pool)
@@ -548,19 +573,32 @@ def _num_workers(requested: Optional[int]) -> int:
     return max(1, min(cores, 8))
 
 
-def _resolve_special(fast: FastTokenizer, which: str, wanted: Optional[bool]) -> Optional[int]:
+def _separator(fast: FastTokenizer, which: str, wanted: Optional[bool], text: Optional[str]) -> Ids:
+    """The ids put before (bos) or after (eos) each packed document: ``text`` tokenized, else the special token."""
+    if text is not None:
+        from tokenizers import Tokenizer
+
+        # No special tokens added around it (llm-foundry's add_special_tokens=False); a special token written in
+        # the text ('[SEP]') is still recognised as that one token.
+        ids = tuple(Tokenizer.from_str(fast.json).encode(text, add_special_tokens=False).ids)
+        if not ids:
+            raise RecipeError(
+                f"{text!r} gives no tokens with tokenizer {fast.name!r}; give a text it encodes, e.g. '[SEP]'",
+                key=f"--{which}-text",
+            )
+        return ids
     tid = fast.bos_id if which == "bos" else fast.eos_id
     if wanted is None:  # default: use it when the tokenizer defines it
-        return tid
+        return None if tid is None else (tid,)
     if not wanted:
         return None
     if tid is None:
         raise RecipeError(
-            f"tokenizer {fast.name!r} has no {which} token but --{which} was requested; use --no-{which} or "
-            "a tokenizer that defines it",
+            f"tokenizer {fast.name!r} has no {which} token but --{which} was requested; use --no-{which}, "
+            f"--{which}-text TEXT (e.g. '[SEP]'), or a tokenizer that defines it",
             key="--tokenizer",
         )
-    return tid
+    return (tid,)
 
 
 def _write_raw(

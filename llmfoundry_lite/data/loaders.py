@@ -11,6 +11,12 @@ Recipe block::
       shuffle: true
       collator: {name: mlm, mlm_probability: 0.3}
 
+A mixture names ``streams:`` instead of local/remote/split (``llmfoundry_lite.data.mixture``)::
+
+      streams:
+        web:   {local: data/web,   split: train, proportion: 3}
+        books: {local: data/books, split: train, proportion: 1}
+
 Per-rank partitioning, shuffling and mid-epoch resumption are streaming's: Composer saves
 ``dataset.state_dict()`` in checkpoints and restores it, so a resumed run sees exactly the samples an
 uninterrupted run would have seen.
@@ -24,7 +30,7 @@ import os
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from llmfoundry_lite import registry
+from llmfoundry_lite import compat, registry
 from llmfoundry_lite.errors import RecipeError
 
 _cleaned_shm = False
@@ -181,6 +187,7 @@ def build_text_dataloader(
     local: Optional[str] = None,
     remote: Optional[str] = None,
     split: Optional[str] = None,
+    streams: Optional[dict] = None,
     collator: Optional[dict] = None,
     shuffle: bool = False,
     shuffle_seed: int = 9176,
@@ -199,29 +206,65 @@ def build_text_dataloader(
     persistent_workers: bool = False,
     timeout: float = 0.0,
 ) -> Any:
-    """MDS shards (raw text or token rows) -> batches via StreamingDataset; collator mlm/causal_lm (auto)."""
+    """MDS shards (raw text or token rows) -> batches via StreamingDataset; collator mlm/causal_lm (auto).
+
+    ``streams`` (name -> local/remote/split/proportion|repeat|choose) mixes several folders with streaming's
+    ``Stream``; every batch's per-stream counts are then in ``dataloader.stream_tally`` (see data/mixture.py).
+    """
     import torch
     from composer.core import DataSpec
     from streaming import StreamingDataset
 
     if max_seq_len <= 0:
         raise RecipeError(f"max_seq_len must be positive, got {max_seq_len}", key="max_seq_len")
-    if local is None and remote is None:
+    blocks = None
+    if streams is not None:
+        from llmfoundry_lite.data.mixture import stream_blocks
+
+        given = [k for k, v in (("local", local), ("remote", remote), ("split", split)) if v is not None]
+        if given:
+            raise RecipeError(
+                f"`streams:` names every folder; remove {', '.join(given)} here (or set them to null), or put "
+                "them in each stream",
+                key=given[0],
+            )
+        blocks = stream_blocks(streams)
+    elif local is None and remote is None:
         raise RecipeError("set `local:` (an MDS folder) or `remote:` (s3://..., gs://...)", key="local")
     # A remote that is a plain path is a local dataset copied into `local`: check it like one.
     index = None
-    if remote is None or not _has_scheme(remote):
-        src = remote if remote is not None else local
-        index = read_index(split_dir(src, split, key="remote" if remote is not None else "local"))
-        n = concat_length(index)
+    sources = {None: {"local": local, "remote": remote, "split": split}} if blocks is None else blocks
+    layouts: dict[Any, Any] = {}
+    for name, src_block in sources.items():
+        prefix = "" if name is None else f"streams.{name}."
+        s_local, s_remote, s_split = src_block.get("local"), src_block.get("remote"), src_block.get("split")
+        if s_remote is not None and _has_scheme(s_remote):
+            clean_stale_shared_memory_once()
+            continue
+        src = s_remote if s_remote is not None else s_local
+        try:
+            s_index = read_index(split_dir(src, s_split, key="remote" if s_remote is not None else "local"))
+        except RecipeError as e:
+            raise RecipeError(e.detail, key=f"{prefix}{e.key}" if e.key else None) from None
+        n = concat_length(s_index)
         if n is not None and max_seq_len > n:
             raise RecipeError(
                 f"max_seq_len {max_seq_len} is larger than the {n}-token rows of {src!r}; lower max_seq_len or "
                 f"reconvert with `--concat-tokens {max_seq_len}`",
                 key="max_seq_len",
             )
-    else:
-        clean_stale_shared_memory_once()
+        layouts[name] = ("tokens", n) if "tokens" in columns(s_index) else ("text", None)
+        index = index if index is not None else s_index
+    if len(set(layouts.values())) > 1:
+        described = ", ".join(
+            f"{k}: {f'{n}-token rows' if kind == 'tokens' else 'raw text'}"
+            for k, (kind, n) in layouts.items()
+        )
+        raise RecipeError(
+            f"the streams differ in layout ({described}); convert every source the same way (the same "
+            "--tokenizer and --concat-tokens, or all raw text)",
+            key="streams",
+        )
 
     cols = columns(index) if index is not None else {}
     if collator is None:
@@ -232,28 +275,46 @@ def build_text_dataloader(
         "collators", collator, "collator", tokenizer=tokenizer, max_seq_len=max_seq_len
     )
 
+    common = dict(
+        shuffle=shuffle,
+        shuffle_seed=shuffle_seed,
+        shuffle_algo=shuffle_algo,
+        shuffle_block_size=shuffle_block_size,
+        num_canonical_nodes=num_canonical_nodes,
+        predownload=predownload,
+        cache_limit=cache_limit,
+        epoch_size=epoch_size,
+        batch_size=device_batch_size,
+    )
+    tally = None
+    compat.close_prefix_scan_handles()  # else each new dataset keeps handles on every live one until exit
     try:
         with _single_process_init_lock():
-            dataset = StreamingDataset(
-                local=os.path.expanduser(local) if local else None,
-                remote=remote,
-                split=split,
-                shuffle=shuffle,
-                shuffle_seed=shuffle_seed,
-                shuffle_algo=shuffle_algo,
-                shuffle_block_size=shuffle_block_size,
-                num_canonical_nodes=num_canonical_nodes,
-                predownload=predownload,
-                cache_limit=cache_limit,
-                download_retry=download_retry,
-                download_timeout=download_timeout,
-                epoch_size=epoch_size,
-                batch_size=device_batch_size,
-            )
+            if blocks is not None:
+                from llmfoundry_lite.data.mixture import (
+                    StreamTagCollator,
+                    StreamTally,
+                    make_streams,
+                    open_mixture,
+                )
+
+                names = list(blocks)
+                made = make_streams(blocks, download_retry=download_retry, download_timeout=download_timeout)
+                dataset = open_mixture(names, made, **common)
+                collate_fn = StreamTagCollator(collate_fn)
+                tally = StreamTally(names)
+            else:
+                dataset = StreamingDataset(
+                    local=os.path.expanduser(local) if local else None,
+                    remote=remote,
+                    split=split,
+                    download_retry=download_retry,
+                    download_timeout=download_timeout,
+                    **common,
+                )
     except (FileNotFoundError, ValueError) as e:
-        raise RecipeError(
-            f"cannot open dataset local={local!r} remote={remote!r} split={split!r}: {e}"
-        ) from None
+        where = f"local={local!r} remote={remote!r} split={split!r}" if blocks is None else "streams"
+        raise RecipeError(f"cannot open dataset {where}: {e}") from None
     # len() is this rank's share (streaming partitions samples across ranks), for remote datasets too. With
     # fewer samples than one batch and drop_last, Composer would loop over empty epochs forever.
     if len(dataset) < (device_batch_size if drop_last else 1):
@@ -270,7 +331,11 @@ def build_text_dataloader(
         persistent_workers=persistent_workers and num_workers > 0,
         timeout=timeout,
     )
-    return DataSpec(loader, get_num_tokens_in_batch=_get_num_tokens_in_batch)
+    if tally is None:
+        return DataSpec(loader, get_num_tokens_in_batch=_get_num_tokens_in_batch)
+    # The stream ids leave the batch here (the model never sees them); the stream_counts callback reads them.
+    loader.stream_tally = tally
+    return DataSpec(loader, batch_transforms=tally, get_num_tokens_in_batch=_get_num_tokens_in_batch)
 
 
 build_text_dataloader.__nested_components__ = {"collator": "collators"}

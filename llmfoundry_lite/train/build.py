@@ -3,7 +3,7 @@ optimizer, scheduler, algorithms, callbacks, loggers), and the built-in registry
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from composer import algorithms as ca
@@ -183,11 +183,34 @@ def build_multi(cfg: Any, section: str) -> list[Any]:
     out = []
     for keypath, default_name, block in iter_multi(section, recipe_section(cfg, section)):
         out.append(registry.build(MULTI_SECTIONS[section], block or {}, keypath, default_name))
+    if section == "callbacks":
+        out += loader_callbacks(cfg, out)
     return out
 
 
+def loader_callbacks(cfg: Any, callbacks: list[Any]) -> list[Any]:
+    """Callbacks a loader needs: ``stream_counts`` for a mixture (``train_loader.streams``) unless listed."""
+    from llmfoundry_lite.train.callbacks.stream_counts import StreamCounts
+
+    block = recipe_section(cfg, "train_loader")
+    if (
+        not isinstance(block, dict)
+        or not block.get("streams")
+        or any(isinstance(c, StreamCounts) for c in callbacks)
+    ):
+        return []
+    return [StreamCounts()]
+
+
 def build_loader(cfg: DictConfig, section: str, tokenizer: Any, device_batch_size: int, world: int) -> Any:
-    """The ``train_loader``/``eval_loader`` of a recipe, refused when it could never yield a batch."""
+    """The ``train_loader``/``eval_loader`` of a recipe, refused when it could never yield a batch.
+
+    An ``eval_loader`` with ``streams`` gives a list of Composer Evaluators, one per stream, labelled
+    ``eval/<stream>`` (metrics ``metrics/eval/<stream>/LanguageCrossEntropy``, ...).
+    """
+    block = recipe_section(cfg, section)
+    if section == "eval_loader" and isinstance(block, dict) and block.get("streams") is not None:
+        return build_stream_evaluators(cfg, block, tokenizer, device_batch_size, world)
     try:
         loader = build_dataloader(cfg, section, tokenizer, device_batch_size)
     except SplitTooSmall as e:  # the text loader checks before it starts any worker
@@ -197,7 +220,52 @@ def build_loader(cfg: DictConfig, section: str, tokenizer: Any, device_batch_siz
     return loader
 
 
-def check_loader_batches(cfg: DictConfig, section: str, loader: Any, world: int) -> None:
+def build_stream_evaluators(
+    cfg: DictConfig, block: dict, tokenizer: Any, device_batch_size: int, world: int
+) -> list[Any]:
+    """One Evaluator per ``eval_loader.streams`` entry: the loader block with that stream's folder."""
+    from composer.core import Evaluator
+
+    from llmfoundry_lite.data.mixture import stream_blocks
+
+    if block.get("name") != "text":
+        raise RecipeError("streams are a `text` loader setting", key="eval_loader.streams")
+    given = [k for k in ("local", "remote", "split") if block.get(k) is not None]
+    if given:
+        raise RecipeError(
+            f"`streams:` names every folder; remove {', '.join(given)} here (or set them to null), or put them "
+            "in each stream",
+            key=f"eval_loader.{given[0]}",
+        )
+    evaluators = []
+    for name, stream in stream_blocks(block["streams"], "eval_loader.streams", weights=False).items():
+        keypath = f"eval_loader.streams.{name}"
+        one = {**{k: v for k, v in block.items() if k != "streams"}, **stream}
+        index = check_loader(keypath, one)
+        if index is not None:
+            model_name = (recipe_section(cfg, "model") or {}).get("name")
+            has_mask = None if tokenizer is None else getattr(tokenizer, "mask_token", None) is not None
+            check_loader_fit(keypath, one, index, model_name, has_mask)
+        try:
+            loader = registry.build(
+                "dataloaders", one, keypath, tokenizer=tokenizer, device_batch_size=device_batch_size
+            )
+        except SplitTooSmall as e:
+            message = too_few_samples(cfg, "eval_loader", e.per_rank, e.batch, e.total, world, one)
+            raise RecipeError(message, key=keypath) from None
+        check_loader_batches(cfg, "eval_loader", loader, world, one, keypath)
+        evaluators.append(Evaluator(label=f"eval/{name}", dataloader=loader))
+    return evaluators
+
+
+def check_loader_batches(
+    cfg: DictConfig,
+    section: str,
+    loader: Any,
+    world: int,
+    block: Optional[dict] = None,
+    key: Optional[str] = None,
+) -> None:
     """RecipeError naming ``section`` when one rank's share of its split is less than one batch under drop_last.
 
     Such a loader yields no batch at all: Composer would loop over empty epochs forever (train) or evaluate
@@ -219,14 +287,29 @@ def check_loader_batches(cfg: DictConfig, section: str, loader: Any, world: int)
     if per_rank >= (batch if drop_last else 1):
         return
     total = getattr(dataset, "epoch_size", None) or per_rank * world
-    raise RecipeError(too_few_samples(cfg, section, per_rank, batch, int(total), world), key=section)
+    message = too_few_samples(cfg, section, per_rank, batch, int(total), world, block)
+    raise RecipeError(message, key=key or section)
 
 
-def too_few_samples(cfg: DictConfig, section: str, per_rank: int, batch: int, total: int, world: int) -> str:
-    """The message for a split with fewer samples per rank than one batch: the numbers and the fix."""
-    block = cfg.get(section) or {}
+def too_few_samples(
+    cfg: DictConfig,
+    section: str,
+    per_rank: int,
+    batch: int,
+    total: int,
+    world: int,
+    block: Optional[dict] = None,
+) -> str:
+    """The message for a split with fewer samples per rank than one batch: the numbers and the fix.
+
+    ``block``: the loader block read from (an eval stream's), else the recipe's ``section``.
+    """
+    block = block if block is not None else (cfg.get(section) or {})
     where = f"split {block.get('split')!r} of " if block.get("split") else ""
-    where += repr(str(block.get("remote") or block.get("local") or "the dataset"))
+    if block.get("streams"):
+        where += f"the mixture of {', '.join(map(str, block['streams']))}"
+    else:
+        where += repr(str(block.get("remote") or block.get("local") or "the dataset"))
     if per_rank == 0:
         return f"{where} has no samples; check it with `llmfoundry-lite data inspect`"
     ranks = f", {per_rank} per rank on {world} ranks" if world > 1 else ""
