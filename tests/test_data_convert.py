@@ -178,6 +178,74 @@ def test_eos_requested_but_missing(tmp_path, bert_tokenizer_dir):
     assert s.splits["train"].samples > 0
 
 
+def test_wordpiece_packs_with_separator_texts(tmp_path, bert_tokenizer_dir, bert_tok):
+    """A tokenizer without BOS/EOS packs with texts between documents, as llm-foundry's --bos_text/--eos_text."""
+    from streaming import StreamingDataset
+
+    assert bert_tok.eos_token is None and bert_tok.bos_token is None  # refused without them (test above)
+    s = convert(
+        "embedded",
+        tmp_path / "wp",
+        splits="train",
+        tokenizer=bert_tokenizer_dir,
+        concat_tokens=32,
+        bos_text="[CLS]",
+        eos_text="[SEP]",
+        num_workers=2,  # the separators travel to the worker processes
+    )
+    ds = StreamingDataset(local=str(tmp_path / "wp" / "train"), shuffle=False, batch_size=1)
+    flat = np.concatenate([ds[i]["tokens"] for i in range(len(ds))])
+    assert len(flat) == s.splits["train"].samples * 32
+    # [CLS] doc [SEP] [CLS] doc [SEP] ...: every document wrapped, no other special token in between.
+    cls, sep = bert_tok.cls_token_id, bert_tok.sep_token_id
+    starts, ends = np.flatnonzero(flat == cls), np.flatnonzero(flat == sep)
+    assert flat[0] == cls and len(starts) > 100 and len(ends) >= len(starts) - 1
+    assert all(flat[e + 1] == cls for e in ends if e + 1 < len(flat))
+    first = bert_tok(embedded_documents()[0], add_special_tokens=False)["input_ids"]
+    assert flat[1 : 1 + len(first)].tolist() == first and flat[1 + len(first)] == sep
+    # A separator text of several tokens is inserted whole (tokenized without special tokens).
+    convert(
+        "embedded", tmp_path / "multi", splits="train", tokenizer=bert_tokenizer_dir, concat_tokens=32,
+        eos_text="the end", num_workers=0,
+    )  # fmt: skip
+    ds = StreamingDataset(local=str(tmp_path / "multi" / "train"), shuffle=False, batch_size=1)
+    flat = np.concatenate([ds[i]["tokens"] for i in range(len(first) // 32 + 2)]).tolist()
+    end = bert_tok("the end", add_special_tokens=False)["input_ids"]
+    assert len(end) == 2 and flat[len(first) : len(first) + 2] == end and flat[: len(first)] == first
+
+
+@pytest.mark.parametrize(
+    "kwargs, key, match",
+    [
+        ({"eos_text": "[SEP]"}, "--eos-text", "needs --concat-tokens"),
+        ({"concat_tokens": 32, "eos_text": ""}, "--eos-text", "is empty"),
+        ({"concat_tokens": 32, "eos_text": "[SEP]", "eos": False}, "--eos-text", "contradict"),
+        ({"concat_tokens": 32, "bos_text": "   "}, "--bos-text", "gives no tokens"),
+    ],
+)
+def test_separator_text_mistakes(tmp_path, bert_tokenizer_dir, kwargs, key, match):
+    with pytest.raises(RecipeError, match=match) as e:
+        convert("embedded", tmp_path, tokenizer=bert_tokenizer_dir, num_workers=0, **kwargs)
+    assert e.value.key == key
+
+
+def test_cli_separator_texts(tmp_path, bert_tokenizer_dir, bert_tok):
+    args = ["convert", "--source", "embedded", "--out", str(tmp_path / "d"), "--splits", "train"]
+    args += [
+        "--tokenizer",
+        bert_tokenizer_dir,
+        "--concat-tokens",
+        "16",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
+    r = CliRunner().invoke(data_app, [*args, "--bos-text", "[CLS]", "--eos-text", "[SEP]"])
+    assert r.exit_code == 0, r.output
+    report = inspect_dataset(str(tmp_path / "d"), samples=1, tokenizer=bert_tokenizer_dir)
+    assert "[CLS]" in report and "ndarray:int32:16" in report
+
+
 def test_deterministic_for_seed(tmp_path):
     convert("embedded", tmp_path / "a", seed=5)
     convert("embedded", tmp_path / "b", seed=5)
