@@ -129,3 +129,24 @@ def test_trial_of_a_dead_worker_is_requeued_with_its_parameters_and_folder(tiny_
     assert retry.params == orphan.params and retry.user_attrs[A_FOLDER] == "t000"
     assert [t.number for t in own_trials(study)] == [1, 2]
     assert ask_next(study, plan, dists) is None
+
+
+def test_pruners_take_their_resources_from_the_recipe(tiny_bert, tmp_path):
+    import optuna
+
+    from llmfoundry_lite.sweep.study import make_pruner
+
+    args = [*fixed(tiny_bert), "max_duration=40ba", "eval_interval=5ba", "optimizer.lr=1e-3,2e-3"]
+    plan = plan_sweep(QUICKSTART, args, prune="hyperband", out=tmp_path / "h")
+    assert (plan.eval_every, plan.max_batches) == (5, 40)
+    pruner = make_pruner(plan.pruner_spec())
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._max_resource) == (5, 40)
+    median = plan_sweep(QUICKSTART, args, prune="median", prune_startup=2, out=tmp_path / "m")
+    assert median.prune_warmup == 5  # default: no pruning at the first evaluation
+    pruner = make_pruner(median.pruner_spec())
+    assert isinstance(pruner, optuna.pruners.MedianPruner)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (2, 5)
+    assert isinstance(
+        make_pruner(plan_sweep(QUICKSTART, args, out=tmp_path / "n").pruner_spec()), optuna.pruners.NopPruner
+    )

@@ -98,6 +98,8 @@ class OptunaReport(Callback):
                 tmp = self.marker.with_suffix(".tmp")
                 tmp.write_text(json.dumps(record) + "\n")
                 tmp.replace(self.marker)  # atomic: the sweep never reads half a marker
+                # Lands in the trial's train.log: Composer ends the run as if max_duration were this batch.
+                print(f"sweep: trial pruned at batch {step} ({chosen} {value:.4g}); stopping", flush=True)
             state.stop_training()
 
 
