@@ -38,7 +38,7 @@ PLUGIN_VERBS: dict[str, tuple[str, str]] = {
     ),
     "sweep": (
         "llmfoundry_lite.sweep",
-        "Run a grid or random search over recipe keys; trials are `llmfoundry-lite train` runs.",
+        "Search recipe keys with Optuna (TPE, grid, random; median/hyperband pruning); trials are train runs.",
     ),
     "estimate": (
         "llmfoundry_lite.apps.estimate",
@@ -47,6 +47,10 @@ PLUGIN_VERBS: dict[str, tuple[str, str]] = {
     "glue": (
         "llmfoundry_lite.apps.glue.cli",
         "Finetune a pretrained checkpoint on GLUE and report per-task scores and the GLUE average.",
+    ),
+    "eval": (
+        "llmfoundry_lite.apps.evaluate.cli",
+        "Score a checkpoint or HF folder on lm-evaluation-harness tasks (zero/few-shot accuracy).",
     ),
     "export": (
         "llmfoundry_lite.apps.export",

@@ -53,6 +53,7 @@ BUILTIN_MODULES = (
     "llmfoundry_lite.train.callbacks.cost",
     "llmfoundry_lite.train.callbacks.generate",
     "llmfoundry_lite.train.callbacks.preemption",
+    "llmfoundry_lite.apps.evaluate.callback",
     "llmfoundry_lite.train.callbacks.stream_counts",
     "llmfoundry_lite.data.tokenizers",
     "llmfoundry_lite.data.collators",

@@ -66,6 +66,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "cost_monitor": "Logs MFU, tokens/s, GPU-hours, dollars so far and projected total dollars to every logger.",
         "early_stopper": "Track a metric and halt training if it does not improve within a given interval.",
         "generate": "Sample text from prompts every `interval` and log it to the console and loggers.",
+        "lm_eval": "Score lm-evaluation-harness tasks every `interval` and log eval/<task>/<metric> to every logger.",
         "lr_monitor": "Logs the learning rate.",
         "memory_monitor": "Logs the memory usage of the model.",
         "nan_monitor": "Catches NaNs in the loss and raises an error if one is found.",
