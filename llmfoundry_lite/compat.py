@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
+import importlib.abc
 import importlib.util
 import re
 import sys
@@ -58,6 +59,127 @@ def save_checkpoint_now(saver: Any, state: Any, logger: Any) -> None:
     ``latest`` symlink, pruning to ``save_num_checkpoints_to_keep``, uploads. A preempted run needs exactly that.
     """
     saver._save_checkpoint(state, logger)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Start-up: what ``import composer`` pulls in that no run of ours uses
+# ---------------------------------------------------------------------------------------------------------
+
+# ``import composer`` imports torchmetrics, whose package __init__ imports every metric module: BERTScore's
+# ``from transformers import AutoModel, AutoTokenizer`` loads transformers' modelling and generation code (and
+# through it sklearn.metrics, scipy.stats and pandas), the audio metrics ``import scipy.signal``; Composer's
+# MosaicML-platform logger imports mcli. None of it runs in a training run: on a 2-core CPU it is ~1.7 s of CPU and
+# ~150 MB of the 3-batch smoke run (scripts/benchmark_cli.py). Installed when this module is imported (the CLI
+# imports it before torch), it acts only on an import of torchmetrics or mcli that has not happened yet:
+# - during torchmetrics' own import, ``transformers.AutoModel``/``AutoTokenizer`` are stand-ins that forward every
+#   attribute (``from_pretrained``) to the real class, which loads then; once torchmetrics is imported they are
+#   removed, so any later ``from transformers import AutoModel`` gets the real class;
+# - during it, ``scipy.signal`` is a stand-in with the ``hamming`` torchmetrics checks for (a shim for SRMRpy, a
+#   speech metric's optional dependency: the one behaviour that goes); any other name loads the real module;
+# - mcli is a lazy module (``importlib.util.LazyLoader``): executed on first attribute access.
+
+
+class _Forward:
+    """Stand-in for ``module.name``: every attribute access loads the real object and forwards to it."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._where = (module, name)
+
+    def __getattr__(self, attr: str) -> Any:
+        module, name = self._where
+        return getattr(getattr(importlib.import_module(module), name), attr)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module, name = self._where
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+def _signal_stand_in() -> types.ModuleType:
+    stand_in = types.ModuleType("scipy.signal")
+    stand_in.hamming = _Forward("scipy.signal.windows", "hamming")  # type: ignore[attr-defined]
+
+    def __getattr__(attr: str) -> Any:  # anything else: drop the stand-in, import the real module
+        if sys.modules.get("scipy.signal") is stand_in:
+            del sys.modules["scipy.signal"]
+        return getattr(importlib.import_module("scipy.signal"), attr)
+
+    stand_in.__getattr__ = __getattr__  # type: ignore[attr-defined]
+    return stand_in
+
+
+@contextlib.contextmanager
+def _torchmetrics_stand_ins() -> Iterator[None]:
+    placed: list[str] = []
+    transformers = None
+    if importlib.util.find_spec("transformers") is not None:
+        transformers = importlib.import_module("transformers")  # its lazy top level only (~0.3 s)
+        for name in ("AutoModel", "AutoTokenizer"):
+            if name not in vars(transformers):  # not resolved yet (a resolved class is cheap to keep)
+                setattr(transformers, name, _Forward("transformers", name))
+                placed.append(name)
+    signal = None
+    if "scipy.signal" not in sys.modules and importlib.util.find_spec("scipy") is not None:
+        signal = sys.modules["scipy.signal"] = _signal_stand_in()
+    try:
+        yield
+    finally:
+        for name in placed:
+            if isinstance(vars(transformers).get(name), _Forward):
+                delattr(transformers, name)  # later lookups resolve the real class
+        if signal is not None and sys.modules.get("scipy.signal") is signal:
+            del sys.modules["scipy.signal"]
+            scipy = sys.modules.get("scipy")
+            if scipy is not None and vars(scipy).get("signal") is signal:
+                delattr(scipy, "signal")
+
+
+class _StandInLoader(importlib.abc.Loader):
+    """Runs torchmetrics' real loader with the stand-ins in place, then hands the module its real loader."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def create_module(self, spec: Any) -> Any:
+        return self.real.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__.loader = module.__loader__ = self.real
+        with _torchmetrics_stand_ins():
+            self.real.exec_module(module)
+
+
+class _LeanImports(importlib.abc.MetaPathFinder):
+    """Meta-path finder for the two top-level imports above; every other name goes to the usual finders."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        """The real spec of torchmetrics or mcli, with the loader wrapped; None for anything else."""
+        if fullname not in ("torchmetrics", "mcli"):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        if fullname == "mcli":
+            spec.loader = importlib.util.LazyLoader(spec.loader)
+        else:
+            spec.loader = _StandInLoader(spec.loader)
+        return spec
+
+
+def install_lean_imports() -> bool:
+    """Put :class:`_LeanImports` first on ``sys.meta_path`` (idempotent); False when there was nothing to defer."""
+    if any(isinstance(f, _LeanImports) for f in sys.meta_path):
+        return True
+    if "torchmetrics" in sys.modules and "mcli" in sys.modules:
+        return False
+    sys.meta_path.insert(0, _LeanImports())
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,3 +364,6 @@ def click_classes(name: str) -> tuple[type, ...]:
 # click's wording of two usage errors, reworded by the CLI into one line with a suggestion.
 NO_SUCH_COMMAND = re.compile(r"No such command ['\"](.+?)['\"]")
 UNEXPECTED_EXTRA_ARGS = re.compile(r"Got unexpected extra argument(?:s|\(s\))? \((.*)\)", re.IGNORECASE)
+
+
+install_lean_imports()  # before anything imports Composer (the CLI imports this module first)

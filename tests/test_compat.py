@@ -242,3 +242,42 @@ def test_runs_in_one_process_do_not_pile_up_open_files(tiny_bert):
         del trainer
         counts.append(_open_fds())
     assert counts[2] <= counts[0] + 2, counts
+
+
+def test_lean_imports_defer_what_composer_pulls_in_and_keep_it_working():
+    # A fresh interpreter, as the CLI starts: compat first, then Composer (scripts/benchmark_cli.py measures it).
+    code = """
+import sys, types
+import llmfoundry_lite.compat as compat
+import composer
+heavy = [m for m in ("sklearn", "scipy.signal", "scipy.stats", "pandas", "transformers.generation", "mcli.api")
+         if m in sys.modules]
+assert not heavy, heavy
+from torchmetrics.functional.text import bert
+assert isinstance(bert.AutoModel, compat._Forward), "torchmetrics no longer imports transformers at import"
+from transformers import AutoModel, AutoTokenizer
+assert isinstance(AutoModel, type) and isinstance(AutoTokenizer, type)  # the stand-ins are gone
+assert bert.AutoModel.from_pretrained == AutoModel.from_pretrained  # and forward to the real classes
+import scipy.signal
+assert scipy.signal.__file__ and scipy.signal.windows.hamming(4).shape == (4,)  # the real module
+import mcli
+assert callable(mcli.update_run_metadata) and "mcli.api" in sys.modules  # loaded on first use
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", "install_lean_imports: " + out.stderr[-2000:]
+
+
+def test_lean_imports_stand_in_loads_the_real_scipy_signal_on_any_other_name():
+    code = """
+import sys
+from llmfoundry_lite import compat
+stand_in = compat._signal_stand_in()
+sys.modules["scipy.signal"] = stand_in
+assert stand_in.hamming(5).shape == (5,)  # forwarded to scipy.signal.windows.hamming
+firwin = stand_in.firwin  # any other name: the real module replaces the stand-in
+assert sys.modules["scipy.signal"] is not stand_in and firwin(3, 0.5).shape == (3,)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", "_signal_stand_in: " + out.stderr[-2000:]
