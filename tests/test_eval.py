@@ -256,18 +256,24 @@ def test_eval_user_errors_are_one_line(trained, tmp_path, monkeypatch, capsys):
     assert 'pip install -e ".[eval]"' in fails(str(run), "--tasks", "tiny_mc")
 
 
-def test_callback_recipe_errors():
+def test_callback_recipe_errors(monkeypatch):
     from llmfoundry_lite import registry
     from llmfoundry_lite.errors import RecipeError
+
+    def error(block: dict) -> RecipeError:
+        with pytest.raises(RecipeError) as e:
+            registry.build("callbacks", block, "callbacks.lm_eval", default_name="lm_eval")
+        return e.value
 
     for block, key in [
         ({"tasks": []}, "callbacks.lm_eval.tasks"),
         ({"tasks": ["x"], "interval": "often"}, "callbacks.lm_eval.interval"),
         ({"tasks": ["x"], "limit": 0}, "callbacks.lm_eval.limit"),
+        ({"tasks": ["x"], "batch_size": 0}, "callbacks.lm_eval.batch_size"),
     ]:
-        with pytest.raises(RecipeError) as e:
-            registry.build("callbacks", block, "callbacks.lm_eval", default_name="lm_eval")
-        assert e.value.key == key, e.value
+        assert error(block).key == key, error(block)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    assert 'pip install -e ".[eval]"' in str(error({"tasks": ["hellaswag"]}))
 
 
 def test_eval_help_imports_neither_torch_nor_lm_eval():

@@ -98,7 +98,9 @@ class LMEval(Callback):
         if getattr(model, "tokenizer", None) is None:
             raise RecipeError("the model has no tokenizer to score lm-eval tasks with", key=KEY)
         # Every rank checks the task names, so that a typo stops all of them before training starts.
-        self._manager = task_manager(self.tasks, self.include_path, key=f"{KEY}.tasks")
+        self._manager = task_manager(
+            self.tasks, self.include_path, key=f"{KEY}.tasks", include_key=f"{KEY}.include_path"
+        )
 
     def evaluate(self, state: State, logger: Logger) -> dict[str, float]:
         """Score the tasks (rank 0), log ``eval/<task>/<metric>`` and return those metrics ({} on other ranks)."""

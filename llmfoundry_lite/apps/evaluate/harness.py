@@ -25,11 +25,12 @@ RESULTS_MD = "eval.md"
 
 
 def require_lm_eval(key: str = "lm_eval") -> None:
-    """RecipeError naming the install command when lm-evaluation-harness is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None:
-        raise RecipeError(f"lm-evaluation-harness is not installed; run: {INSTALL_HINT}", key=key)
+    """RecipeError naming the install command when lm-evaluation-harness is not installed (or cannot import)."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        missing = "is not installed" if e.name == "lm_eval" else f"cannot be imported ({e})"
+        raise RecipeError(f"lm-evaluation-harness {missing}; run: {INSTALL_HINT}", key=key) from None
 
 
 def quiet_lm_eval() -> None:
@@ -53,7 +54,12 @@ def split_tasks(tasks: str | Sequence[str], key: str = "--tasks") -> list[str]:
     return names
 
 
-def task_manager(tasks: Sequence[str], include_path: Optional[str] = None, key: str = "--tasks") -> Any:
+def task_manager(
+    tasks: Sequence[str],
+    include_path: Optional[str] = None,
+    key: str = "--tasks",
+    include_key: str = "--include-path",
+) -> Any:
     """lm-eval's TaskManager knowing every name in ``tasks``; RecipeError naming an unknown one.
 
     Indexing lm-eval's own ~15k task files takes seconds; tasks that all live in ``include_path`` skip it.
@@ -64,7 +70,7 @@ def task_manager(tasks: Sequence[str], include_path: Optional[str] = None, key: 
 
     if include_path is not None:
         if not Path(include_path).is_dir():
-            raise RecipeError(f"no such folder {include_path!r} (task YAMLs to add)", key="include_path")
+            raise RecipeError(f"no such folder {include_path!r} (task YAMLs to add)", key=include_key)
         local = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
@@ -72,8 +78,8 @@ def task_manager(tasks: Sequence[str], include_path: Optional[str] = None, key: 
     for t in tasks:
         if t not in manager.all_tasks and not Path(t).is_file():
             raise RecipeError(
-                f"unknown lm-eval task {t!r}{suggest(t, manager.all_tasks)}; `lm_eval ls tasks` lists them, "
-                "and task YAMLs of your own go in a folder given as --include-path",
+                f"unknown lm-eval task {t!r}{suggest(t, manager.all_tasks)}; `lm-eval ls tasks` lists them, "
+                f"and task YAMLs of your own go in a folder given as {include_key}",
                 key=key,
             )
     return manager
@@ -164,8 +170,12 @@ def build_lm(
             f"{str(path)!r} is a BERT encoder, not a decoder; evaluate an encoder with `llmfoundry-lite glue`",
             key="CHECKPOINT",
         )
-    from lm_eval.models.huggingface import HFLM
-
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as e:  # lm-eval's `hf` model needs its [hf] extra (accelerate, peft)
+        raise RecipeError(
+            f'lm-eval\'s hf model cannot load ({e}); run: pip install "lm_eval[hf]"', key="CHECKPOINT"
+        ) from None
     return HFLM(
         pretrained=str(path), tokenizer=tokenizer, device=device, batch_size=batch_size, dtype="float32"
     )
