@@ -193,6 +193,85 @@ def llama_pair(
     return pair, p, {"shape": text, "seq": seq, "L": L, "d": d, "flops_per_token": flops, **names}
 
 
+# Op groups of the per-op table (--profile): aten names -> what they are.
+OP_GROUPS = {
+    "matmul": ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm"),
+    "attention (SDPA)": ("_scaled_dot_product", "scaled_dot_product"),
+    "softmax / cross-entropy": (
+        "softmax",
+        "log_softmax",
+        "nll_loss",
+        "cross_entropy",
+        "exp",
+        "amax",
+        "logsumexp",
+    ),
+    "optimizer (AdamW)": ("_fused_adamw", "_foreach", "addcdiv", "lerp"),
+    "copies / layout": (
+        "copy_",
+        "clone",
+        "contiguous",
+        "cat",
+        "to",
+        "_to_copy",
+        "index",
+        "gather",
+        "scatter",
+    ),
+}
+
+
+def profile_pair(pair: Pair, steps: int = 3) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Self CPU seconds per aten op per training step of each model: ``steps`` steps each, interleaved
+    (the order alternates, so machine noise hits both alike), after one warm-up step each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    names = list(pair.steps)
+    per_op: dict[str, dict[str, float]] = {n: {} for n in names}
+    wall = {n: 0.0 for n in names}
+    for name in names:
+        pair.steps[name](pair.batches[0])  # warm-up (optimizer state, allocator)
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t = time.perf_counter()
+                pair.steps[name](pair.batches[i % len(pair.batches)])
+                wall[name] += (time.perf_counter() - t) / steps
+            for e in prof.key_averages():
+                per_op[name][e.key] = per_op[name].get(e.key, 0.0) + e.self_cpu_time_total / 1e6 / steps
+    return per_op, wall
+
+
+def print_profile(per_op: dict[str, dict[str, float]], wall: dict[str, float], top: int = 14) -> None:
+    """Markdown: op groups, then the slowest aten ops, seconds per step side by side."""
+    names = list(per_op)
+
+    def group(op: str) -> str:
+        bare = op.removeprefix("aten::")
+        for g, keys in OP_GROUPS.items():
+            if any(bare == k or bare.startswith(k) for k in keys):
+                return g
+        return "other (elementwise, norms, autograd)"
+
+    print("\n| op group (self CPU s / step) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    groups = list(OP_GROUPS) + ["other (elementwise, norms, autograd)"]
+    totals = {n: {g: 0.0 for g in groups} for n in names}
+    for n in names:
+        for op, s in per_op[n].items():
+            totals[n][group(op)] += s
+    for g in groups:
+        print(f"| {g} | " + " | ".join(f"{totals[n][g]:.3f}" for n in names) + " |")
+    print("| **profiled step, wall** | " + " | ".join(f"**{wall[n]:.3f}**" for n in names) + " |")
+    ops = sorted(
+        {op for n in names for op in per_op[n]}, key=lambda op: -max(per_op[n].get(op, 0) for n in names)
+    )
+    print("\n| aten op (self CPU s / step) | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for op in ops[:top]:
+        print(f"| {op} | " + " | ".join(f"{per_op[n].get(op, 0.0):.3f}" for n in names) + " |")
+
+
 def _label(hf_attn: str) -> str:
     return {"sdpa": "SDPA", "flash_attention_2": "flash-attn 2"}.get(hf_attn, hf_attn)
 
@@ -208,6 +287,11 @@ def main() -> None:
         "--llama-vocab", default=str(LLAMA_SHAPE["vocab"]), help="LLaMA vocabulary size(s), comma-separated"
     )
     ap.add_argument("--only", choices=("bert", "llama"), default=None)
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-op table (torch.profiler, one step each) instead of timing",
+    )
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.steps = 2, 1
@@ -228,8 +312,14 @@ def main() -> None:
         if args.only and args.only != which:
             continue
         pair, p, info = build()
+        if args.profile:
+            print(f"\n### Per-op profile, {info['shape']} (one training step each, fp32)")
+            print_profile(*profile_pair(pair))
+            continue
         pair.run(args.rounds, args.steps, peaks)
         results.append((pair, p, info))
+    if args.profile:
+        return
     peak = max(peaks)
 
     m = bench.machine_description()
