@@ -289,3 +289,25 @@ def test_eval_help_imports_neither_torch_nor_lm_eval():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_scoring_for_a_training_run_leaves_random_state_alone(trained, llama_tok, monkeypatch):
+    """lm-eval reseeds Python, numpy and torch by default; the callback's scoring must not reseed the run."""
+    import random
+
+    import numpy as np
+
+    from llmfoundry_lite.apps.evaluate.adapter import DecoderLM
+    from llmfoundry_lite.apps.evaluate.harness import run_tasks, task_manager
+
+    tasks, run, _ = trained
+    monkeypatch.chdir(tasks)
+    names = TASKS.split(",")
+    lm = DecoderLM(_load_model(_checkpoint(run)), llama_tok, batch_size=4)
+    manager = task_manager(names, str(tasks))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
+    results = run_tasks(lm, names, manager, limit=2, bootstrap_iters=0, seed=False)
+    assert set(results["results"]) == set(names)
+    after = (random.getstate(), np.random.get_state()[1], torch.get_rng_state())
+    assert before[0] == after[0] and (before[1] == after[1]).all() and torch.equal(before[2], after[2])

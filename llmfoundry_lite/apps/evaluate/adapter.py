@@ -148,8 +148,8 @@ class DecoderLM(TemplateLM):
                 feats, head = self._hidden(ids.to(self._device))
                 logits = head(feats[rows.to(self._device), cols.to(self._device)])
             logp = F.log_softmax(logits.float(), dim=-1)
-            token_lp = logp.gather(1, targets[:, None]).squeeze(1)
-            hit = logp.argmax(-1) == targets
+            token_lp = logp.gather(1, targets[:, None]).squeeze(1).cpu()  # one device sync per batch
+            hit = (logp.argmax(-1) == targets).cpu()
             offset = 0
             for i, c in zip(chunk, conts):
                 n = len(c)
@@ -220,10 +220,9 @@ class DecoderLM(TemplateLM):
                 while ids.shape[1] - length < max_gen:
                     with torch.no_grad():
                         ids = self._greedy(ids, min(GENERATE_STEP, max_gen - (ids.shape[1] - length)))
+                    # A text ends at EOS (rows that reached it were padded with more EOS).
                     new = [row[length:].tolist() for row in ids]
-                    new = [
-                        toks[: toks.index(eot)] if eot in toks else toks for toks in new
-                    ]  # EOS ends a text
+                    new = [toks[: toks.index(eot)] if eot in toks else toks for toks in new]
                     texts = [self.tok_decode(toks) for toks in new]
                     ended = [
                         len(toks) < ids.shape[1] - length or any(s in t for s in until)

@@ -8,11 +8,12 @@ through :class:`~llmfoundry_lite.apps.evaluate.adapter.DecoderLM`; a Hugging Fac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -197,23 +198,24 @@ def run_tasks(
 ) -> dict[str, Any]:
     """lm-eval's ``simple_evaluate`` results dict (``results``, ``n-samples``, ``config`` ...), samples left out.
 
-    ``seed=False`` leaves Python's, numpy's and torch's global random state alone (lm-eval reseeds all three),
-    as a training run needs; few-shot sampling has its own seeded generator either way.
+    ``seed=False`` leaves Python's, numpy's and torch's global random state as it was (lm-eval reseeds all three,
+    and draws task ids from Python's), as a training run needs; few-shot sampling has its own seeded generator.
     """
     from lm_eval import simple_evaluate
 
     seeds = {} if seed else {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None}
     try:
-        results = simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=manager,
-            log_samples=False,
-            bootstrap_iters=bootstrap_iters,
-            **seeds,
-        )
+        with contextlib.nullcontext() if seed else _random_state_kept():
+            results = simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=bootstrap_iters,
+                **seeds,
+            )
     except (ConnectionError, FileNotFoundError) as e:  # a task's data: not downloadable offline, or missing
         raise RecipeError(
             f"cannot load the data of {', '.join(tasks)}: {type(e).__name__}: {str(e).splitlines()[0]}; lm-eval "
@@ -222,6 +224,26 @@ def run_tasks(
             key="--tasks",
         ) from None
     return results or {}
+
+
+@contextlib.contextmanager
+def _random_state_kept() -> Iterator[None]:
+    """Restore Python's, numpy's and torch's (CPU and, when in use, CUDA) random state on exit."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def metric_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
