@@ -131,17 +131,19 @@ def _recipe(tmp_path: Path, tokenizer: str, src: dict, **extra) -> Path:
           streams:
             a: {{local: {src["a"]}, split: val}}
             b: {{local: {src["b"]}, split: val}}
-        global_train_batch_size: 16
-        device_train_microbatch_size: 16
-        device_eval_batch_size: 16
-        eval_subset_num_batches: 1
-        console_log_interval: 10ba
         save_folder: {tmp_path}/runs/{{run_name}}
         callbacks: {{generate: {{interval: 1000ba}}}}
         """
     )
-    for k, v in extra.items():
-        text += f"{k}: {v}\n"
+    settings = {
+        "global_train_batch_size": 16,
+        "device_train_microbatch_size": 16,
+        "device_eval_batch_size": 16,
+        "eval_subset_num_batches": 1,
+        "console_log_interval": "10ba",
+        **extra,
+    }
+    text += "".join(f"{k}: {v}\n" for k, v in settings.items())
     path = tmp_path / "mix.yaml"
     path.write_text(text)
     return path
@@ -305,3 +307,29 @@ def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
     walk("", torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]["model"])
     return out
+
+
+def test_two_processes_log_the_counts_of_all_ranks(tmp_path, two_sources, llama_tokenizer_dir):
+    """Each rank draws its share of every global batch; the logged counts are summed over ranks, so a 2-process run
+    logs exactly what one process drawing the same global batches logs."""
+    recipe = _recipe(
+        tmp_path,
+        llama_tokenizer_dir,
+        two_sources,
+        max_duration="6ba",
+        eval_interval="6ba",
+        device_train_microbatch_size=8,
+        device_eval_batch_size=8,
+    )
+    counts = {}
+    for nproc in (1, 2):
+        cmd = [sys.executable, "-m", "llmfoundry_lite.cli", "train", str(recipe), "--nproc", str(nproc)]
+        run = subprocess.run(
+            [*cmd, f"run_name=p{nproc}"], capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path
+        )
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        last = {}
+        for r in _metrics(tmp_path / "runs" / f"p{nproc}" / "metrics.jsonl"):
+            last.update(r)
+        counts[nproc] = {k: v for k, v in last.items() if k.startswith("data/")}
+    assert counts[1] == counts[2] and counts[2]["data/a/samples"] + counts[2]["data/b/samples"] == 6 * 16
