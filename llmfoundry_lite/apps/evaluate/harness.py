@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -67,15 +68,15 @@ def task_manager(
     """
     require_lm_eval(key)
     quiet_lm_eval()
-    from lm_eval.tasks import TaskManager
-
     if include_path is not None:
         if not Path(include_path).is_dir():
             raise RecipeError(f"no such folder {include_path!r} (task YAMLs to add)", key=include_key)
-        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        local = _task_manager(str(Path(include_path).resolve()), include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = _task_manager(
+        str(Path(include_path).resolve()) if include_path else None, include_defaults=True
+    )
     for t in tasks:
         if t not in manager.all_tasks and not Path(t).is_file():
             raise RecipeError(
@@ -84,6 +85,14 @@ def task_manager(
                 key=key,
             )
     return manager
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: Optional[str], include_defaults: bool) -> Any:
+    """One TaskManager per folder set and process: indexing reads every task YAML (lm-eval's own: seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 # ---------------------------------------------------------------------------------------------------------
