@@ -90,6 +90,7 @@ def test_samples_carry_their_stream_and_the_model_never_sees_it(two_sources, lla
     [
         ({"a": {"proportion": 3}, "b": {"repeat": 1}}, {}, "streams.b.repeat", "incompatible"),
         ({"a": {"proportion": -1}}, {}, "streams.a.proportion", "non-negative"),
+        ({"a": {"proportion": "lots"}}, {}, "streams.a.proportion", "must be a number"),
         ({"a": {"proportion": 1, "choose": 5}}, {}, "streams.a.proportion", "At most one"),
         ({"a": {"repeat": 2}}, {"epoch_size": 100}, "epoch_size", "relative weights only"),
         ({"a": {"split": "test"}}, {}, "streams.a.split", "split 'test' not found"),
@@ -169,6 +170,15 @@ def test_validate_checks_every_stream_folder(tmp_path, two_sources, llama_tokeni
     with pytest.raises(RecipeError, match="differ in layout .*a: 32-token rows, b: raw text") as e:
         load_recipe(str(recipe), [f"train_loader.streams.b.local={tmp_path}/b"], check_resources=True)
     assert e.value.key == "train_loader.streams"
+    no_b_proportion = ["train_loader.streams.b.proportion=null"]
+    with pytest.raises(RecipeError, match="incompatible") as e:  # streaming's rule, before any run starts
+        load_recipe(str(recipe), [*no_b_proportion, "train_loader.streams.b.repeat=2"], check_resources=True)
+    assert e.value.key == "train_loader.streams.b.repeat"
+    with pytest.raises(RecipeError, match="a whole number") as e:
+        load_recipe(
+            str(recipe), [*no_b_proportion, "train_loader.streams.b.choose=2.5"], check_resources=True
+        )
+    assert e.value.key == "train_loader.streams.b.choose"
     with pytest.raises(RecipeError, match="read whole") as e:
         load_recipe(str(recipe), ["eval_loader.streams.a.proportion=1"], check_resources=True)
     assert e.value.key == "eval_loader.streams.a.proportion"

@@ -125,6 +125,13 @@ def _check_streams(section: str, block: Mapping[str, Any]) -> Optional[dict[str,
             key=f"{section}.{given[0]}",
         )
     blocks = stream_blocks(block["streams"], f"{section}.streams", weights=section != "eval_loader")
+    if section != "eval_loader":
+        from llmfoundry_lite.data.mixture import make_streams
+
+        try:  # streaming's own weighting rules (no I/O: the folders are looked at below)
+            make_streams(blocks)
+        except RecipeError as e:
+            raise RecipeError(e.detail, key=f"{section}.{e.key}") from None
     first, layouts = None, {}
     for name, stream in blocks.items():
         index = check_loader(f"{section}.streams.{name}", {**stream, "max_seq_len": block.get("max_seq_len")})

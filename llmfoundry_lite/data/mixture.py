@@ -18,6 +18,7 @@ the loader's batch transform takes it out again before the model sees the batch.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -60,6 +61,15 @@ def stream_blocks(streams: Any, key: str = "streams", weights: bool = True) -> d
                     else f"; allowed keys: {', '.join(allowed)}"
                 )
                 raise RecipeError(f"unknown key {k!r}{hint}", key=f"{where}.{k}")
+        for k, v in block.items():
+            if v is None:
+                continue
+            if k in WEIGHT_KEYS and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise RecipeError(f"must be a number, got {v!r}", key=f"{where}.{k}")
+            if k == "choose" and not float(v).is_integer():
+                raise RecipeError(f"is a number of samples: a whole number, got {v!r}", key=f"{where}.{k}")
+            if k in ("local", "remote", "split") and not isinstance(v, str):
+                raise RecipeError(f"must be a string, got {v!r}", key=f"{where}.{k}")
         if block.get("local") is None and block.get("remote") is None:
             raise RecipeError(
                 "set `local:` (an MDS folder) or `remote:` (s3://..., gs://...)", key=f"{where}.local"
@@ -94,11 +104,11 @@ def _translate(e: ValueError, names: list[str], streams: list[Stream], default_k
 
 def make_streams(blocks: Mapping[str, Mapping[str, Any]], **defaults: Any) -> list[Stream]:
     """One streaming ``Stream`` per recipe stream (``defaults``: download_retry, download_timeout)."""
-    import os
-
     names, streams = list(blocks), []
     for name, block in blocks.items():
         kwargs = {k: v for k, v in block.items() if v is not None}
+        if "choose" in kwargs:
+            kwargs["choose"] = int(kwargs["choose"])
         if kwargs.get("local"):
             kwargs["local"] = os.path.expanduser(kwargs["local"])
         try:
@@ -108,8 +118,6 @@ def make_streams(blocks: Mapping[str, Mapping[str, Any]], **defaults: Any) -> li
             m = re.search(r"`(\w+)`", msg)
             key = m.group(1) if m and m.group(1) in STREAM_KEYS else "proportion"
             raise RecipeError(msg, key=f"streams.{name}.{key}") from None
-        except TypeError as e:  # e.g. proportion: "a lot"
-            raise RecipeError(f"{e}", key=f"streams.{name}") from None
     try:
         Stream.validate_weights(streams)  # streaming's own rule, checked before any index is read
     except ValueError as e:
