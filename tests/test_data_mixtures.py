@@ -85,6 +85,21 @@ def test_samples_carry_their_stream_and_the_model_never_sees_it(two_sources, lla
     assert sizes[1] > 2 * sizes[0]
 
 
+def test_worker_processes_tag_the_same_streams(two_sources, llama_tok):
+    """The tag travels from the worker processes (the recipes use num_workers: 8) with each batch."""
+    streams = _streams(two_sources, a={"proportion": 3}, b={"proportion": 1})
+
+    def first_batches(workers: int) -> list:
+        spec = _loader(llama_tok, streams=streams, shuffle=True, num_workers=workers)
+        out = []
+        for i, batch in enumerate(spec.dataloader):
+            out.append((batch["stream_id"].tolist(), batch["input_ids"].tolist()))
+            if i == 4:
+                return out
+
+    assert first_batches(2) == first_batches(0)
+
+
 @pytest.mark.parametrize(
     "weights, extra, key, match",
     [
