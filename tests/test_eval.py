@@ -19,8 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("lm_eval")
-
 REPO = Path(__file__).resolve().parents[1]
 QUICK_LLAMA = str(REPO / "recipes/quickstart/llama-tiny.yaml")
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lm_eval"
