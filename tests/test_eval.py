@@ -3,7 +3,8 @@
 A tiny multiple-choice task and a tiny LAMBADA-style task (tests/fixtures/lm_eval: lm-eval task YAMLs over local
 JSONL files) score a quickstart LLaMA trained for a few batches; the accuracies must equal the ones computed
 here directly with the model: argmax over the choices' summed log-likelihoods, and "is the last word the greedy
-continuation".
+continuation". After 4 batches the model predicts no LAMBADA word, so the adapter test also scores continuations
+the model does predict, for the True side of `greedy`.
 """
 
 from __future__ import annotations
