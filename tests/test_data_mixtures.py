@@ -222,6 +222,11 @@ def test_quickstart_mixture_draws_3_to_1_and_logs_per_stream(tmp_path, two_sourc
     for name in ("a", "b"):
         assert np.isfinite(last[f"metrics/eval/{name}/LanguageCrossEntropy"])
     assert "metrics/eval/LanguageCrossEntropy" not in last
+    # The console prints one eval line per stream, each with that stream's metrics only.
+    eval_lines = [line for line in run.stdout.splitlines() if line.startswith("[eval")]
+    assert len(eval_lines) == 4, run.stdout[-3000:]  # 2 evals x 2 streams
+    for line, name in zip(eval_lines, ("a", "b", "a", "b")):
+        assert f"eval/{name}/" in line and f"eval/{'b' if name == 'a' else 'a'}/" not in line, line
 
 
 # Test-only: SIGKILL once after batch 3 (a marker file remembers), and record every trained batch (its rows)

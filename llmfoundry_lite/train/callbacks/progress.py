@@ -248,7 +248,10 @@ class ProgressLine(LoggerDestination):
 
     def eval_end(self, state: State, logger: Logger) -> None:
         """Print the evaluation metrics on one line."""
-        evals = {k: v for k, v in self._metrics.items() if k.startswith("metrics/eval")}
+        # EVAL_END runs once per evaluator, with its label set: print that evaluator's metrics only (not the
+        # values other evaluators, e.g. other streams of a mixture, logged at an earlier eval).
+        label = state.dataloader_label or "eval"
+        evals = {k: v for k, v in self._metrics.items() if k.startswith(f"metrics/{label}/")}
         if evals:
             text = "  ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in sorted(evals.items()))
             self.console.say(f"[eval  batch {int(state.timestamp.batch)}] {text}")
