@@ -9,9 +9,11 @@ from collections.abc import Iterable
 class RecipeError(Exception):
     """A mistake in a recipe, an override or a CLI argument that the user can fix."""
 
-    def __init__(self, message: str, file: str | None = None, key: str | None = None):
+    def __init__(self, message: str, file: str | None = None, key: str | None = None, absolute: bool = False):
         self.file = file
         self.key = key
+        # ``key`` is a full recipe path: a component that raises it must not prefix its own path.
+        self.absolute = absolute
         self.detail = message
         where = ": ".join(p for p in (file, key) if p)
         super().__init__(f"{where}: {message}" if where else message)

@@ -362,7 +362,7 @@ def build(
         return obj(**supplied, **kwargs)
     except RecipeError as e:  # an entry names its own argument ('local'); the user needs 'train_loader.local'
         section = keypath.split(".")[0].split("[")[0]
-        if keypath and e.key and not e.key.startswith(section):
+        if keypath and e.key and not e.absolute and not e.key.startswith(section):
             raise RecipeError(e.detail, file=e.file, key=f"{keypath}.{e.key}") from None
         raise
 

@@ -86,6 +86,28 @@ def test_causal_lm_token_rows_and_sequence_id(llama_tok):
     assert batch["sequence_id"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 2], [0, 0, 0, 1, 1, 1, 1, 1]]
 
 
+def test_causal_lm_on_wordpiece_rows_packed_with_eos_text(bert_tokenizer_dir):
+    """Rows packed by `data convert --bos-text '[CLS]' --eos-text '[SEP]'` train causally once the tokenizer names
+    the same separators (tokenizer.kwargs), and sequence_id splits documents there."""
+    plain = registry.build("tokenizers", {"name": "hf", "path": bert_tokenizer_dir}, "tokenizer")
+    with pytest.raises(RecipeError, match="eos_token='\\[SEP\\]'") as err:
+        registry.build("collators", {"name": "causal_lm"}, "collator", tokenizer=plain, max_seq_len=8)
+    assert err.value.key == "tokenizer.kwargs.eos_token"
+    tok = registry.build(
+        "tokenizers",
+        {"name": "hf", "path": bert_tokenizer_dir, "kwargs": {"eos_token": "[SEP]", "bos_token": "[CLS]"}},
+        "tokenizer",
+    )
+    cls, sep = tok.cls_token_id, tok.sep_token_id
+    collate = registry.build(
+        "collators", {"name": "causal_lm", "sequence_id": True}, "collator", tokenizer=tok, max_seq_len=8
+    )
+    row = np.array([cls, 10, 11, sep, cls, 12, sep, cls], dtype=np.int32)
+    batch = collate([{"tokens": row}])
+    assert batch["attention_mask"].eq(1).all()  # [PAD] is its own id: nothing here is padding
+    assert batch["sequence_id"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 2]]
+
+
 def test_causal_lm_text_padding_ignored(llama_tok):
     collate = registry.build(
         "collators",

@@ -147,7 +147,11 @@ def prepare_causal_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTo
     if tokenizer.eos_token is None:
         raise RecipeError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no eos token, which packing documents "
-            f"for causal LM needs; use a tokenizer with one ({TRAIN_HINT})"
+            "for causal LM needs; name the separator the data was converted with (`data convert --eos-text`), "
+            "e.g. tokenizer.kwargs.eos_token='[SEP]' for a BERT WordPiece tokenizer, or use a tokenizer with one "
+            f"({TRAIN_HINT})",
+            key="tokenizer.kwargs.eos_token",
+            absolute=True,
         )
     if tokenizer.pad_token is None:
         # Labels at padding are -100 via the attention mask, so reusing eos as pad is safe (GPT-2/LLaMA habit).
