@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
@@ -72,6 +72,41 @@ def _tokenizer(name: Optional[str]) -> Any:
         ) from None
 
 
+@dataclasses.dataclass
+class LlamaCheckpoint:
+    """What a llama run's checkpoint holds: its file, model config, decoder weights and tokenizer."""
+
+    path: pathlib.Path
+    config: Any  # LlamaConfig
+    weights: dict[str, torch.Tensor]  # the decoder's state dict (keys without the ``model.`` prefix)
+    tokenizer: Any
+
+
+def read_llama_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    tokenizer: Optional[str] = None,
+    check: Optional[Callable[[Mapping[str, Any], Optional[Mapping[str, Any]]], None]] = None,
+) -> LlamaCheckpoint:
+    """Locate and load a llama checkpoint; the tokenizer is ``tokenizer``, else the one the run recorded.
+
+    ``check(model_state, recipe)`` runs before the llama config is read (e.g. to name an encoder checkpoint).
+    """
+    path = find_checkpoint(checkpoint_path, key="CHECKPOINT")
+    model_sd = load_model_state(path, key="CHECKPOINT")
+    recipe = _recipe_near(path)
+    if check is not None:
+        check(model_sd, recipe)
+    extra = model_sd.get("_extra_state")
+    decoder_sd = {k[len("model.") :]: v for k, v in model_sd.items() if k.startswith("model.")}
+    cfg = _llama_config(extra, recipe, decoder_sd)
+    tok_name = tokenizer
+    if tok_name is None and isinstance(extra, Mapping):
+        tok_name = extra.get("tokenizer")
+    if tok_name is None and recipe is not None:
+        tok_name = ((recipe.get("tokenizer") or {}).get("path")) or None
+    return LlamaCheckpoint(path, cfg, decoder_sd, _tokenizer(tok_name))
+
+
 def export_checkpoint(
     checkpoint_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -83,19 +118,9 @@ def export_checkpoint(
 
     from llmfoundry_lite.models.llama import hf_config_dict, state_dict_to_hf
 
-    path = find_checkpoint(checkpoint_path, key="CHECKPOINT")
-    model_sd = load_model_state(path, key="CHECKPOINT")
-    extra = model_sd.get("_extra_state")
-    decoder_sd = {k[len("model.") :]: v for k, v in model_sd.items() if k.startswith("model.")}
-    recipe = _recipe_near(path)
-    cfg = _llama_config(extra, recipe, decoder_sd)
-
-    tok_name = tokenizer
-    if tok_name is None and isinstance(extra, Mapping):
-        tok_name = extra.get("tokenizer")
-    if tok_name is None and recipe is not None:
-        tok_name = ((recipe.get("tokenizer") or {}).get("path")) or None
-    tok = _tokenizer(tok_name)  # before writing anything: a failed export leaves no half-written folder
+    # The tokenizer loads before anything is written: a failed export leaves no half-written folder.
+    ckpt = read_llama_checkpoint(checkpoint_path, tokenizer)
+    cfg, decoder_sd, tok = ckpt.config, ckpt.weights, ckpt.tokenizer
     prepare_tokenizer_for_decoder(tok, cfg.max_seq_len)
 
     try:

@@ -135,24 +135,14 @@ def load_checkpoint_model(
     """(ComposerLlama in eval mode on ``device``, its tokenizer) rebuilt from a Composer checkpoint of a llama run."""
     import torch
 
-    from llmfoundry_lite.apps.export import _llama_config, _recipe_near, _tokenizer
-    from llmfoundry_lite.checkpoints import find_checkpoint, load_model_state
+    from llmfoundry_lite.apps.export import read_llama_checkpoint
     from llmfoundry_lite.models.llama import ComposerLlama
 
-    path = find_checkpoint(checkpoint, key="CHECKPOINT")
-    model_sd = load_model_state(path, key="CHECKPOINT")
-    recipe = _recipe_near(path)
-    _refuse_encoder(model_sd, recipe, str(checkpoint))
-    extra = model_sd.get("_extra_state")
-    decoder_sd = {k[len("model.") :]: v for k, v in model_sd.items() if k.startswith("model.")}
+    ckpt = read_llama_checkpoint(
+        checkpoint, tokenizer, check=lambda state, recipe: _refuse_encoder(state, recipe, str(checkpoint))
+    )
     # attn_impl is an execution choice: the run's (flash on a GPU, say) may not serve fp32 scoring here.
-    cfg = dataclasses.replace(_llama_config(extra, recipe, decoder_sd), attn_impl="auto")
-    tok_name = tokenizer
-    if tok_name is None and isinstance(extra, Mapping):
-        tok_name = extra.get("tokenizer")
-    if tok_name is None and recipe is not None:
-        tok_name = (recipe.get("tokenizer") or {}).get("path") or None
-    tok = _tokenizer(tok_name)
+    cfg, decoder_sd, tok = dataclasses.replace(ckpt.config, attn_impl="auto"), ckpt.weights, ckpt.tokenizer
     model = ComposerLlama(cfg, tok)
     try:
         model.model.load_state_dict(decoder_sd, strict=True)
