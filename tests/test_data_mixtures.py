@@ -363,3 +363,18 @@ def test_two_processes_log_the_counts_of_all_ranks(tmp_path, two_sources, llama_
             last.update(r)
         counts[nproc] = {k: v for k, v in last.items() if k.startswith("data/")}
     assert counts[1] == counts[2] and counts[2]["data/a/samples"] + counts[2]["data/b/samples"] == 6 * 16
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [{"a": {"proportion": 3}, "b": {"proportion": 1}}, {"a": {"repeat": 2}, "b": {"choose": 100}}],
+)
+def test_estimate_counts_a_mixture_epoch_as_streaming_draws_it(tmp_path, two_sources, llama_tok, weights):
+    """`max_duration: 1ep` of a mixture: estimate's epoch is the one streaming's dataset draws."""
+    from omegaconf import OmegaConf
+
+    from llmfoundry_lite.apps.estimate import samples_in_split
+
+    spec = _loader(llama_tok, streams=_streams(two_sources, **weights))
+    cfg = OmegaConf.create({"train_loader": {"name": "text", "streams": _streams(two_sources, **weights)}})
+    assert samples_in_split(cfg) == spec.dataloader.dataset.epoch_size

@@ -121,6 +121,11 @@ def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[f
 def samples_in_split(cfg: Any) -> Optional[int]:
     """Samples in the train split's local MDS index (``<local>/<split>/index.json``), if present."""
     loader = _block(cfg, "train_loader") or {}
+    if loader.get("streams"):  # a mixture: the epoch streaming draws from its streams
+        from llmfoundry_lite.data.mixture import mixture_epoch_size, stream_blocks
+
+        blocks = stream_blocks(loader["streams"], "train_loader.streams")
+        return mixture_epoch_size(blocks, loader.get("epoch_size"), loader.get("shuffle_seed", 9176))
     local, split = loader.get("local"), loader.get("split")
     if not local:
         return None
