@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -122,10 +123,10 @@ def samples_in_split(cfg: Any) -> Optional[int]:
     """Samples in the train split's local MDS index (``<local>/<split>/index.json``), if present."""
     loader = _block(cfg, "train_loader") or {}
     if loader.get("streams"):  # a mixture: the epoch streaming draws from its streams
-        from llmfoundry_lite.data.mixture import mixture_epoch_size, stream_blocks
+        from llmfoundry_lite.data.mixture import stream_blocks
 
         blocks = stream_blocks(loader["streams"], "train_loader.streams")
-        return mixture_epoch_size(blocks, loader.get("epoch_size"), loader.get("shuffle_seed", 9176))
+        return _mixture_epoch_size(blocks, loader.get("epoch_size"), loader.get("shuffle_seed", 9176))
     local, split = loader.get("local"), loader.get("split")
     if not local:
         return None
@@ -135,6 +136,30 @@ def samples_in_split(cfg: Any) -> Optional[int]:
             with open(index, encoding="utf-8") as f:
                 return sum(int(s.get("samples", 0)) for s in json.load(f).get("shards", []))
     return None
+
+
+def _mixture_epoch_size(
+    blocks: Mapping[str, Mapping[str, Any]], epoch_size: Optional[int] = None, seed: int = 9176
+) -> Optional[int]:
+    """Samples one epoch of the mixture draws, by streaming's own weighting; None when a stream has no local index."""
+    import numpy as np
+    from streaming import Stream
+
+    from llmfoundry_lite.data.loaders import read_index, split_dir
+    from llmfoundry_lite.data.mixture import make_streams
+
+    counts = []
+    for block in blocks.values():
+        folder = block.get("remote") or block.get("local")
+        if not folder or "://" in str(folder):
+            return None
+        try:
+            index = read_index(split_dir(os.path.expanduser(str(folder)), block.get("split")))
+        except RecipeError:
+            return None
+        counts.append(sum(int(shard.get("samples", 0)) for shard in index.get("shards", [])))
+    streams = make_streams(blocks)
+    return int(Stream.apply_weights(streams, np.array(counts, np.int64), epoch_size, seed))
 
 
 def training_tokens(cfg: Any, seq_len: int, samples_per_epoch: Optional[int] = None) -> tuple[int, str]:

@@ -125,26 +125,6 @@ def make_streams(blocks: Mapping[str, Mapping[str, Any]], **defaults: Any) -> li
     return streams
 
 
-def mixture_epoch_size(
-    blocks: Mapping[str, Mapping[str, Any]], epoch_size: Optional[int] = None, seed: int = 9176
-) -> Optional[int]:
-    """Samples one epoch of the mixture draws, by streaming's own weighting; None when a stream has no local index."""
-    from llmfoundry_lite.data.loaders import read_index, split_dir
-
-    counts = []
-    for block in blocks.values():
-        folder = block.get("remote") or block.get("local")
-        if not folder or "://" in str(folder):
-            return None
-        try:
-            index = read_index(split_dir(os.path.expanduser(str(folder)), block.get("split")))
-        except RecipeError:
-            return None
-        counts.append(sum(int(shard.get("samples", 0)) for shard in index.get("shards", [])))
-    streams = make_streams(blocks)
-    return int(Stream.apply_weights(streams, np.array(counts, np.int64), epoch_size, seed))
-
-
 class MixtureDataset(StreamingDataset):
     """A StreamingDataset over several streams whose samples carry the index of their stream (``stream_id``)."""
 
