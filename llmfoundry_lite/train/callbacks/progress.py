@@ -195,9 +195,10 @@ class ProgressLine(LoggerDestination):
         self._tok0 = 0
         self._frac0 = 0.0
         self._bucket = 0
-        # Per recent batch: (tokens, fraction of max_duration, seconds from before its data to its end).
+        # Per recent batch: (tokens, fraction of max_duration, seconds from before its data to after its step).
         self._recent: collections.deque[tuple[int, float, float]] = collections.deque(maxlen=self.WINDOW)
         self._batch_t0: Optional[float] = None
+        self._batch_busy: Optional[float] = None
         self._last: tuple[int, float] = (0, 0.0)
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
@@ -221,6 +222,11 @@ class ProgressLine(LoggerDestination):
         """Start timing this batch (its data loading counts, time spent in evals before it does not)."""
         self._batch_t0 = time.perf_counter()
 
+    def after_train_batch(self, state: State, logger: Logger) -> None:
+        """Stop timing this batch: what runs at its end (checkpoints, generation, lm_eval scoring) does not count."""
+        if self._batch_t0 is not None:
+            self._batch_busy = time.perf_counter() - self._batch_t0
+
     def _bucket_of(self, state: State) -> int:
         """How many whole intervals the run has done (in the interval's unit)."""
         step = float(self.interval.value)
@@ -235,9 +241,9 @@ class ProgressLine(LoggerDestination):
         frac = fraction_done(state)
         tokens = int(state.timestamp.token)
         if self._batch_t0 is not None:
-            busy = time.perf_counter() - self._batch_t0
+            busy = self._batch_busy if self._batch_busy is not None else time.perf_counter() - self._batch_t0
             self._recent.append((tokens - self._last[0], (frac or 0.0) - self._last[1], busy))
-            self._batch_t0 = None
+            self._batch_t0 = self._batch_busy = None
         self._last = (tokens, frac or 0.0)
         last = frac is not None and frac >= 1.0
         bucket = self._bucket_of(state)
