@@ -477,3 +477,29 @@ def test_the_verb_through_the_real_cli(tmp_path, monkeypatch, capsys, causal_mds
     assert cli.main(["import-recipe", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.name" in err and str(bad) in err and "Traceback" not in err
+
+
+def test_streams_become_a_mixture(tmp_path, causal_mds_dir, llama_tokenizer_dir):
+    """llm-foundry's `dataset.streams` are streaming Streams, as ours are: kept key for key, the rest listed."""
+    from llmfoundry_lite.recipe import load_recipe
+
+    data = yaml.safe_load(MPT_125M.format(data=causal_mds_dir, tokenizer=llama_tokenizer_dir))
+    for section, split in (("train_loader", "train"), ("eval_loader", "val")):
+        ds = data[section]["dataset"]
+        del ds["local"], ds["remote"], ds["split"]
+        ds["streams"] = {
+            "web": {"local": causal_mds_dir, "split": split, "proportion": 0.75, "download_retry": 3},
+            "books": {"local": causal_mds_dir, "split": split, "proportion": 0.25},
+        }
+    t = translate(data)
+    assert t.recipe["train_loader"]["streams"] == {
+        "web": {"local": causal_mds_dir, "split": "train", "proportion": 0.75},
+        "books": {"local": causal_mds_dir, "split": "train", "proportion": 0.25},
+    }
+    assert t.recipe["eval_loader"]["streams"]["web"] == {"local": causal_mds_dir, "split": "val"}
+    assert t.unmapped["train_loader.dataset.streams.web.download_retry"]
+    assert "evaluator" in t.unmapped["eval_loader.dataset.streams.books.proportion"]
+    out = tmp_path / "ours.yaml"
+    out.write_text(yaml.safe_dump(t.recipe))
+    cfg = load_recipe(out, check_resources=True)  # the stream folders and the tokenizer are real here
+    assert set(cfg.train_loader.streams) == {"web", "books"}

@@ -469,10 +469,10 @@ class _Translator:
             )
         for k, v in {**dataset, **{k: v for k, v in block.items() if k not in ("name", "dataset")}}.items():
             where = f"{section}.dataset.{k}" if k in dataset else f"{section}.{k}"
-            if k in params and k not in ("tokenizer", "device_batch_size", "collator", "max_seq_len"):
+            if k == "streams" and isinstance(v, Mapping):
+                out["streams"] = self._streams(where, v, weights=section != "eval_loader")
+            elif k in params and k not in ("tokenizer", "device_batch_size", "collator", "max_seq_len"):
                 out[k] = v
-            elif k == "streams":
-                self.unmapped[where] = "one dataset per loader here; merge the streams into one MDS folder"
             else:
                 self.unmapped[where] = "no equivalent in the text loader"
         if self.out["model"]["name"] == "mosaic_bert":
@@ -482,6 +482,23 @@ class _Translator:
             if mlm_p is not None:
                 self.unmapped[f"{section}.dataset.mlm_probability"] = "a causal LM has no masking"
         self.out[section] = out
+
+    def _streams(self, where: str, streams: Mapping[str, Any], weights: bool) -> dict[str, Any]:
+        """llm-foundry's ``dataset.streams`` -> ``streams:`` (same keys: both are streaming's ``Stream``)."""
+        from llmfoundry_lite.data.mixture import STREAM_KEYS, WEIGHT_KEYS
+
+        out: dict[str, Any] = {}
+        for name, block in streams.items():
+            kept: dict[str, Any] = {}
+            for k, v in dict(block or {}).items():
+                if k in STREAM_KEYS and (weights or k not in WEIGHT_KEYS):
+                    kept[k] = v
+                elif k in WEIGHT_KEYS:
+                    self.unmapped[f"{where}.{name}.{k}"] = "each eval stream is its own evaluator, read whole"
+                else:
+                    self.unmapped[f"{where}.{name}.{k}"] = "no equivalent per stream here (set on the loader)"
+            out[str(name)] = kept
+        return out
 
     def _optimizer(self) -> None:
         opt = dict(self.src.get("optimizer") or {})
