@@ -187,7 +187,8 @@ HELP_GARBAGE = ("{recipe}", "<str>", "<list[str]>", "[[", "]]")
     "argv",
     [[], ["--help"], ["train", "-h"], ["show", "--help"], ["validate", "--help"], ["list", "--help"]]
     + [["data"], ["data", "convert", "--help"], ["sweep", "--help"], ["estimate", "--help"]]
-    + [["export", "--help"], ["glue", "--help"], ["doctor", "--help"]],
+    + [["export", "--help"], ["glue", "--help"], ["doctor", "--help"], ["eval", "--help"]]
+    + [["import-recipe", "--help"]],
     ids=lambda a: " ".join(a) or "(bare)",
 )
 def test_help_renders_cleanly(argv, capsys):
