@@ -142,11 +142,12 @@ def test_pruners_take_their_resources_from_the_recipe(tiny_bert, tmp_path):
     pruner = make_pruner(plan.pruner_spec())
     assert isinstance(pruner, optuna.pruners.HyperbandPruner)
     assert (pruner._min_resource, pruner._max_resource) == (5, 40)
-    median = plan_sweep(QUICKSTART, args, prune="median", prune_startup=2, out=tmp_path / "m")
-    assert median.prune_warmup == 5  # default: no pruning at the first evaluation
+    median = plan_sweep(
+        QUICKSTART, args, prune="median", prune_startup=2, prune_warmup=10, out=tmp_path / "m"
+    )
     pruner = make_pruner(median.pruner_spec())
     assert isinstance(pruner, optuna.pruners.MedianPruner)
-    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (2, 5)
+    assert (pruner._n_startup_trials, pruner._n_warmup_steps) == (2, 10)
     assert isinstance(
         make_pruner(plan_sweep(QUICKSTART, args, out=tmp_path / "n").pruner_spec()), optuna.pruners.NopPruner
     )

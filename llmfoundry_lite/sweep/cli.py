@@ -66,8 +66,7 @@ def run_sweep(
             warning = _remote_data_warning(plan)
             if warning:
                 echo(warning)
-        run_worker(plan, parallel, echo, worker=worker)
-        study = open_study(plan)
+        study = run_worker(plan, parallel, echo, worker=worker)
         if worker:  # several workers share the study: the summary is a separate --summary-only run
             return 0
     rows = summarize(plan, study, echo)
@@ -114,10 +113,10 @@ def register_cli(app: Any) -> None:
         prune_startup: int = typer.Option(
             3, "--prune-startup", help="Median pruning: trials that run to the end before any is pruned."
         ),
-        prune_warmup: Optional[int] = typer.Option(
-            None,
+        prune_warmup: int = typer.Option(
+            0,
             "--prune-warmup",
-            help="Median pruning: batches before a trial may be pruned. Default: one eval interval.",
+            help="Median pruning: no trial is pruned before this batch. Default: from the first evaluation.",
         ),
         metric: Optional[str] = typer.Option(
             None,

@@ -310,7 +310,7 @@ def plan_sweep(
     nproc: int = 1,
     prune: str = "none",
     prune_startup: int = 3,
-    prune_warmup: Optional[int] = None,
+    prune_warmup: int = 0,
     metric: Optional[str] = None,
     direction: Optional[str] = None,
     storage: Optional[str] = None,
@@ -326,7 +326,7 @@ def plan_sweep(
         raise RecipeError(f"--sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}", key="--sampler")
     if prune not in PRUNERS:
         raise RecipeError(f"--prune {prune!r}: choose one of {', '.join(PRUNERS)}", key="--prune")
-    if prune_startup < 0 or (prune_warmup is not None and prune_warmup < 0):
+    if prune_startup < 0 or prune_warmup < 0:
         raise RecipeError("--prune-startup and --prune-warmup must be 0 or more", key="--prune-warmup")
     if direction is not None and direction not in ("min", "max", "minimize", "maximize"):
         raise RecipeError(f"--direction {direction!r}: use min or max", key="--direction")
@@ -410,7 +410,7 @@ def plan_sweep(
         nproc=nproc,
         prune=prune,
         prune_startup=prune_startup,
-        prune_warmup=0,
+        prune_warmup=prune_warmup,
         metric=metric,
         direction=direction,
         storage=storage or default_storage(out_dir),
@@ -435,8 +435,6 @@ def plan_sweep(
     plan.max_batches = _batches(cfg.get("max_duration"))
     if cfg.get("eval_loader") is not None:
         plan.eval_every = _batches(cfg.get("eval_interval"))
-    # By default a trial may be pruned from its second evaluation on: the first is mostly warm-up noise.
-    plan.prune_warmup = prune_warmup if prune_warmup is not None else (plan.eval_every or 0)
     if prune != "none" and cfg.get("eval_loader") is None:
         notes.append("the recipe has no eval_loader: trials report nothing to prune on")
     return plan
@@ -689,8 +687,8 @@ def best_value(records: list[dict], metric: str, maximize: bool) -> Optional[flo
     return (max(values) if maximize else min(values)) if values else None
 
 
-def run_worker(plan: SweepPlan, parallel: int = 1, echo: Any = print, worker: bool = False) -> None:
-    """Run trials of the plan's study, ``parallel`` at a time, until the study holds ``--trials`` trials."""
+def run_worker(plan: SweepPlan, parallel: int = 1, echo: Any = print, worker: bool = False) -> Any:
+    """Run trials of the plan's study, ``parallel`` at a time, until it holds ``--trials`` trials; the study."""
     from llmfoundry_lite.procs import Processes
     from llmfoundry_lite.recipe import load_recipe, to_yaml
 
@@ -869,3 +867,4 @@ def run_worker(plan: SweepPlan, parallel: int = 1, echo: Any = print, worker: bo
                 if requeue(study, r.trial, "interrupted"):
                     echo(f"[{r.tid}] interrupted: queued to resume from its checkpoint")
             raise
+    return study
