@@ -116,7 +116,7 @@ def register_cli(app: Any) -> None:
         prune_warmup: int = typer.Option(
             0,
             "--prune-warmup",
-            help="Median pruning: no trial is pruned before this batch. Default: from the first evaluation.",
+            help="Median pruning: no trial is pruned before this batch (0: from the first evaluation).",
         ),
         metric: Optional[str] = typer.Option(
             None,
