@@ -68,7 +68,8 @@ def save_checkpoint_now(saver: Any, state: Any, logger: Any) -> None:
 # ``import composer`` imports torchmetrics, whose package __init__ imports every metric module: BERTScore's
 # ``from transformers import AutoModel, AutoTokenizer`` loads transformers' modelling and generation code (and
 # through it sklearn.metrics, scipy.stats and pandas), the audio metrics ``import scipy.signal``; Composer's
-# MosaicML-platform logger imports mcli. None of it runs in a training run: on a 2-core CPU it is ~1.7 s of CPU and
+# MosaicML-platform logger imports mcli; ``composer.algorithms`` imports transformers' BERT, whose generation code
+# imports sklearn.metrics for assisted decoding. None of it runs in a training run: on a 2-core CPU it is ~1.7 s of CPU and
 # ~150 MB of the 3-batch smoke run (scripts/benchmark_cli.py). Installed when this module is imported (the CLI
 # imports it before torch), it acts only on an import of torchmetrics or mcli that has not happened yet:
 # - during torchmetrics' own import, ``transformers.AutoModel``/``AutoTokenizer`` are stand-ins that forward every
@@ -76,6 +77,8 @@ def save_checkpoint_now(saver: Any, state: Any, logger: Any) -> None:
 #   removed, so any later ``from transformers import AutoModel`` gets the real class;
 # - during it, ``scipy.signal`` is a stand-in with the ``hamming`` torchmetrics checks for (a shim for SRMRpy, a
 #   speech metric's optional dependency: the one behaviour that goes); any other name loads the real module;
+# - during the import of transformers' candidate_generator, ``sklearn.metrics`` is a stand-in whose ``roc_curve``
+#   imports the real one when called;
 # - mcli is a lazy module (``importlib.util.LazyLoader``): executed on first attribute access.
 
 
@@ -94,17 +97,59 @@ class _Forward:
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
-def _signal_stand_in() -> types.ModuleType:
-    stand_in = types.ModuleType("scipy.signal")
-    stand_in.hamming = _Forward("scipy.signal.windows", "hamming")  # type: ignore[attr-defined]
+def _stand_in(name: str, **forwards: _Forward) -> types.ModuleType:
+    """A module ``name`` holding ``forwards``; any other attribute drops it and imports the real module."""
+    stand_in = types.ModuleType(name)
+    vars(stand_in).update(forwards)
 
-    def __getattr__(attr: str) -> Any:  # anything else: drop the stand-in, import the real module
-        if sys.modules.get("scipy.signal") is stand_in:
-            del sys.modules["scipy.signal"]
-        return getattr(importlib.import_module("scipy.signal"), attr)
+    def __getattr__(attr: str) -> Any:
+        if attr.startswith(
+            "__"
+        ):  # the import system probing (__path__ for ``from x import y``): not a package
+            raise AttributeError(attr)
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+        return getattr(importlib.import_module(name), attr)
 
     stand_in.__getattr__ = __getattr__  # type: ignore[attr-defined]
     return stand_in
+
+
+def _signal_stand_in() -> types.ModuleType:
+    return _stand_in("scipy.signal", hamming=_Forward("scipy.signal.windows", "hamming"))
+
+
+@contextlib.contextmanager
+def _modules_stood_in(stand_ins: dict[str, types.ModuleType]) -> Iterator[None]:
+    """``sys.modules`` entries for modules not imported yet, removed (with parent bindings) afterwards."""
+    placed = {n: m for n, m in stand_ins.items() if n not in sys.modules}
+    sys.modules.update(placed)
+    try:
+        yield
+    finally:
+        for name, mod in placed.items():
+            if sys.modules.get(name) is mod:
+                del sys.modules[name]
+            parent, _, child = name.rpartition(".")
+            if parent and vars(sys.modules.get(parent, types.ModuleType(parent))).get(child) is mod:
+                delattr(sys.modules[parent], child)
+
+
+@contextlib.contextmanager
+def _sklearn_stand_ins() -> Iterator[None]:
+    # transformers' assisted generation imports sklearn.metrics.roc_curve at import (sklearn, scipy.stats, pandas)
+    if "sklearn" in sys.modules or importlib.util.find_spec("sklearn") is None:
+        yield
+        return
+    with _modules_stood_in(
+        {
+            "sklearn": _stand_in("sklearn"),
+            "sklearn.metrics": _stand_in(
+                "sklearn.metrics", roc_curve=_Forward("sklearn.metrics", "roc_curve")
+            ),
+        }
+    ):
+        yield
 
 
 @contextlib.contextmanager
@@ -117,43 +162,37 @@ def _torchmetrics_stand_ins() -> Iterator[None]:
             if name not in vars(transformers):  # not resolved yet (a resolved class is cheap to keep)
                 setattr(transformers, name, _Forward("transformers", name))
                 placed.append(name)
-    signal = None
-    if "scipy.signal" not in sys.modules and importlib.util.find_spec("scipy") is not None:
-        signal = sys.modules["scipy.signal"] = _signal_stand_in()
+    signal = {"scipy.signal": _signal_stand_in()} if importlib.util.find_spec("scipy") is not None else {}
     try:
-        yield
+        with _modules_stood_in(signal):
+            yield
     finally:
         for name in placed:
             if isinstance(vars(transformers).get(name), _Forward):
                 delattr(transformers, name)  # later lookups resolve the real class
-        if signal is not None and sys.modules.get("scipy.signal") is signal:
-            del sys.modules["scipy.signal"]
-            scipy = sys.modules.get("scipy")
-            if scipy is not None and vars(scipy).get("signal") is signal:
-                delattr(scipy, "signal")
 
 
 class _StandInLoader(importlib.abc.Loader):
-    """Runs torchmetrics' real loader with the stand-ins in place, then hands the module its real loader."""
+    """Runs a module's real loader with stand-ins in place; the module keeps its real loader."""
 
-    def __init__(self, real: Any) -> None:
-        self.real = real
+    def __init__(self, real: Any, stand_ins: Callable[[], Any]) -> None:
+        self.real, self.stand_ins = real, stand_ins
 
     def create_module(self, spec: Any) -> Any:
         return self.real.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
         module.__spec__.loader = module.__loader__ = self.real
-        with _torchmetrics_stand_ins():
+        with self.stand_ins():
             self.real.exec_module(module)
 
 
 class _LeanImports(importlib.abc.MetaPathFinder):
-    """Meta-path finder for the two top-level imports above; every other name goes to the usual finders."""
+    """Meta-path finder for the imports above; every other name goes to the usual finders."""
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         """The real spec of torchmetrics or mcli, with the loader wrapped; None for anything else."""
-        if fullname not in ("torchmetrics", "mcli"):
+        if fullname not in _LEAN:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -165,18 +204,27 @@ class _LeanImports(importlib.abc.MetaPathFinder):
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        if fullname == "mcli":
+        stand_ins = _LEAN[fullname]
+        if stand_ins is None:
             spec.loader = importlib.util.LazyLoader(spec.loader)
         else:
-            spec.loader = _StandInLoader(spec.loader)
+            spec.loader = _StandInLoader(spec.loader, stand_ins)
         return spec
+
+
+# Module -> stand-ins to import it with (None: a lazy module).
+_LEAN: dict[str, Any] = {
+    "torchmetrics": _torchmetrics_stand_ins,
+    "transformers.generation.candidate_generator": _sklearn_stand_ins,
+    "mcli": None,
+}
 
 
 def install_lean_imports() -> bool:
     """Put :class:`_LeanImports` first on ``sys.meta_path`` (idempotent); False when there was nothing to defer."""
     if any(isinstance(f, _LeanImports) for f in sys.meta_path):
         return True
-    if "torchmetrics" in sys.modules and "mcli" in sys.modules:
+    if all(name in sys.modules for name in _LEAN):
         return False
     sys.meta_path.insert(0, _LeanImports())
     return True

@@ -147,6 +147,7 @@ def run(workdir: Path, batches: int, vocab: int, side: str | None = None) -> dic
 
 def _timed(cmd: list[str], env: dict[str, str], workdir: Path) -> dict[str, float]:
     """Run one training command; wall time, peak RSS and progress-line timestamps."""
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # progress lines timed as printed, not as a pipe buffer fills
     t0 = time.perf_counter()
     # stderr merged: Composer's console logger (llm-foundry's progress lines) writes there.
     proc = subprocess.Popen(
