@@ -83,18 +83,23 @@ def save_checkpoint_now(saver: Any, state: Any, logger: Any) -> None:
 
 
 class _Forward:
-    """Stand-in for ``module.name``: every attribute access loads the real object and forwards to it."""
+    """Stand-in for ``module.name`` (a dotted name): every attribute access or call loads the real object."""
 
     def __init__(self, module: str, name: str) -> None:
         self._where = (module, name)
 
-    def __getattr__(self, attr: str) -> Any:
+    def _target(self) -> Any:
         module, name = self._where
-        return getattr(getattr(importlib.import_module(module), name), attr)
+        obj = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._target(), attr)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        module, name = self._where
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+        return self._target()(*args, **kwargs)
 
 
 def _stand_in(name: str, **forwards: _Forward) -> types.ModuleType:
@@ -116,7 +121,8 @@ def _stand_in(name: str, **forwards: _Forward) -> types.ModuleType:
 
 
 def _signal_stand_in() -> types.ModuleType:
-    return _stand_in("scipy.signal", hamming=_Forward("scipy.signal.windows", "hamming"))
+    # Through the module itself: called while the stand-in is in place, it swaps in the real scipy.signal.
+    return _stand_in("scipy.signal", hamming=_Forward("scipy.signal", "windows.hamming"))
 
 
 @contextlib.contextmanager
