@@ -404,5 +404,12 @@ def _main(argv: list[str], debug: bool) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``llmfoundry-lite`` command: :func:`main`, then exit without the interpreter's slow teardown."""
+    from llmfoundry_lite import compat
+
+    compat.exit_fast(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

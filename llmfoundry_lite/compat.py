@@ -19,6 +19,39 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 # ---------------------------------------------------------------------------------------------------------
+# Python itself
+# ---------------------------------------------------------------------------------------------------------
+
+
+def exit_fast(code: int) -> None:
+    """End the process with ``code`` after everything a normal exit runs, minus the interpreter's teardown.
+
+    After a run, CPython's finalisation (clearing the modules of torch, Composer, transformers one object at a
+    time) takes ~1.3 s of a 3-batch CLI run's ~9 s and does nothing a user needs. This does what matters of a normal
+    exit, in its order — wait for non-daemon threads and executors (``threading._shutdown``), run the ``atexit``
+    handlers (logging, wandb, streaming's shared-memory cleanup, weakref finalizers; ``atexit._run_exitfuncs``),
+    flush every open writable file — then ``os._exit``. Relies on those two private functions (tested).
+    """
+    import gc
+    import io
+    import os
+    import threading
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    with contextlib.suppress(Exception):
+        threading._shutdown()  # type: ignore[attr-defined]
+    atexit._run_exitfuncs()
+    for obj in gc.get_objects():  # buffered files nobody closed would lose their tail to os._exit
+        if issubclass(type(obj), io.IOBase):  # not isinstance: it reads __class__, which some objects warn on
+            with contextlib.suppress(Exception):
+                if not obj.closed and obj.writable():
+                    obj.flush()
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Composer
 # ---------------------------------------------------------------------------------------------------------
 

@@ -3,11 +3,14 @@ the helper, when an upgrade changes that behaviour (run these first after upgrad
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 import re
 import subprocess
 import sys
+import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -285,3 +288,31 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", "_signal_stand_in: " + out.stderr[-2000:]
+
+
+def test_exit_fast_runs_what_a_normal_exit_runs(tmp_path):
+    """exit_fast: non-daemon threads joined, atexit handlers run, unclosed buffered files flushed, exit code kept."""
+    probe = textwrap.dedent(
+        f"""
+        import atexit, threading, time
+        from concurrent.futures import ThreadPoolExecutor
+        from llmfoundry_lite import compat
+        kept = open({str(tmp_path / "unclosed.txt")!r}, "w")
+        kept.write("tail")  # buffered, never closed
+        atexit.register(lambda: open({str(tmp_path / "atexit.txt")!r}, "w").write("ran"))
+        def slow():
+            time.sleep(0.5)
+            open({str(tmp_path / "thread.txt")!r}, "w").write("done")
+        threading.Thread(target=slow).start()
+        ThreadPoolExecutor(1).submit(lambda: None)  # an idle worker thread must not hang the exit
+        compat.exit_fast(3)
+        """
+    )
+    assert hasattr(threading, "_shutdown") and hasattr(atexit, "_run_exitfuncs"), (
+        "CPython's exit internals moved"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert out.stderr == ""
+    for name, text in (("unclosed.txt", "tail"), ("atexit.txt", "ran"), ("thread.txt", "done")):
+        assert (tmp_path / name).read_text() == text, name
