@@ -145,16 +145,36 @@ def make_pruner(spec: dict) -> Any:
 
 
 def _grid_sampler(search_space: dict, seed: int) -> Any:
+    import itertools
+    import random
+
     import optuna
 
-    class GridSampler(optuna.samplers.GridSampler):
-        """Optuna's grid sampler without its stop at exhaustion: the sweep's trial budget ends workers
-        (``Study.stop`` only works inside ``optimize``, and the ask-and-tell loop never calls it)."""
+    keys = list(search_space)
+    points = [dict(zip(keys, combo)) for combo in itertools.product(*(search_space[k] for k in keys))]
+    random.Random(seed).shuffle(points)  # --trials below the grid size: a seeded random subset
 
-        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
-            return None
+    class GridSampler(optuna.samplers.BaseSampler):
+        """The k-th fresh trial of the study (by number) gets grid point k. Trial numbers come from the storage,
+        so workers sharing a study never take the same point; Optuna's GridSampler can, when two ask at once
+        (it picks among the points no trial holds yet), and it stops the study at exhaustion, which the
+        ask-and-tell loop does not want: the sweep's trial budget ends workers."""
 
-    return GridSampler(search_space, seed=seed)
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict:
+            return {}
+
+        def sample_relative(self, study: Any, trial: Any, search_space: dict) -> dict:
+            return {}
+
+        def sample_independent(self, study: Any, trial: Any, name: str, distribution: Any) -> Any:
+            rank = sum(
+                1
+                for t in study.get_trials(deepcopy=False)
+                if t.number < trial.number and A_RETRY_OF not in t.user_attrs
+            )
+            return points[rank % len(points)][name]  # past the budget: a surplus ask, never run
+
+    return GridSampler()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,8 +241,8 @@ class SweepPlan:
         import optuna
 
         seed = self.seed if worker_seed is None else worker_seed
-        if self.sampler == "grid":
-            return _grid_sampler({a.key: a.grid_values() for a in self.axes}, seed)
+        if self.sampler == "grid":  # one order of the points for every worker: the plan's seed
+            return _grid_sampler({a.key: a.grid_values() for a in self.axes}, self.seed)
         if self.sampler == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         # TPE starts with random trials; Optuna's default of 10 would leave a small sweep nothing to model.
