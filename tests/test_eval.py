@@ -213,7 +213,7 @@ def test_callback_logs_the_same_accuracy_during_training(trained, llama_tok):
 
 def test_eval_hf_folder_with_lm_evals_hf_model(trained, tmp_path, monkeypatch):
     """The exported folder of the same model, scored by lm-eval's own HFLM, gets the same accuracies."""
-    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (lm_eval[hf])")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (the eval extra has it)")
     from llmfoundry_lite.apps.evaluate.harness import evaluate
     from llmfoundry_lite.apps.export import export_checkpoint
 

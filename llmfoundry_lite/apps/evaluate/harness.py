@@ -172,9 +172,10 @@ def build_lm(
         )
     try:
         from lm_eval.models.huggingface import HFLM
-    except ImportError as e:  # lm-eval's `hf` model needs its [hf] extra (accelerate, peft)
+    except ImportError as e:  # lm-eval's `hf` model needs accelerate (our eval extra has it)
         raise RecipeError(
-            f'lm-eval\'s hf model cannot load ({e}); run: pip install "lm_eval[hf]"', key="CHECKPOINT"
+            f'lm-eval\'s hf model cannot load ({e}); run: pip install -e ".[eval]" (or pip install accelerate)',
+            key="CHECKPOINT",
         ) from None
     return HFLM(
         pretrained=str(path), tokenizer=tokenizer, device=device, batch_size=batch_size, dtype="float32"
