@@ -115,15 +115,9 @@ def check_loader(section: str, block: Mapping[str, Any]) -> Optional[dict[str, A
 
 
 def _check_streams(section: str, block: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    from llmfoundry_lite.data.mixture import stream_blocks
+    from llmfoundry_lite.data.mixture import refuse_folder_keys, stream_blocks
 
-    given = [k for k in ("local", "remote", "split") if block.get(k) is not None]
-    if given:
-        raise RecipeError(
-            f"`streams:` names every folder; remove {', '.join(given)} here (or set them to null), or put them "
-            "in each stream",
-            key=f"{section}.{given[0]}",
-        )
+    refuse_folder_keys(block, f"{section}.")
     blocks = stream_blocks(block["streams"], f"{section}.streams", weights=section != "eval_loader")
     if section != "eval_loader":
         from llmfoundry_lite.data.mixture import make_streams

@@ -219,15 +219,9 @@ def build_text_dataloader(
         raise RecipeError(f"max_seq_len must be positive, got {max_seq_len}", key="max_seq_len")
     blocks = None
     if streams is not None:
-        from llmfoundry_lite.data.mixture import stream_blocks
+        from llmfoundry_lite.data.mixture import refuse_folder_keys, stream_blocks
 
-        given = [k for k, v in (("local", local), ("remote", remote), ("split", split)) if v is not None]
-        if given:
-            raise RecipeError(
-                f"`streams:` names every folder; remove {', '.join(given)} here (or set them to null), or put "
-                "them in each stream",
-                key=given[0],
-            )
+        refuse_folder_keys({"local": local, "remote": remote, "split": split})
         blocks = stream_blocks(streams)
     elif local is None and remote is None:
         raise RecipeError("set `local:` (an MDS folder) or `remote:` (s3://..., gs://...)", key="local")

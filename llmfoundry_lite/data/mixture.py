@@ -34,6 +34,17 @@ STREAM_KEYS = ("local", "remote", "split", *WEIGHT_KEYS)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+def refuse_folder_keys(block: Mapping[str, Any], prefix: str = "") -> None:
+    """With ``streams:`` each stream names its folder: the loader's own local/remote/split must be unset (null)."""
+    given = [k for k in ("local", "remote", "split") if block.get(k) is not None]
+    if given:
+        raise RecipeError(
+            f"`streams:` names every folder; remove {', '.join(given)} here (or set them to null), or put them "
+            "in each stream",
+            key=f"{prefix}{given[0]}",
+        )
+
+
 def stream_blocks(streams: Any, key: str = "streams", weights: bool = True) -> dict[str, dict[str, Any]]:
     """The ``streams:`` mapping checked for shape (names, known keys, a folder each); name -> block."""
     if not isinstance(streams, Mapping) or not streams:

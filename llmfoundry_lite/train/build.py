@@ -226,17 +226,11 @@ def build_stream_evaluators(
     """One Evaluator per ``eval_loader.streams`` entry: the loader block with that stream's folder."""
     from composer.core import Evaluator
 
-    from llmfoundry_lite.data.mixture import stream_blocks
+    from llmfoundry_lite.data.mixture import refuse_folder_keys, stream_blocks
 
     if block.get("name") != "text":
         raise RecipeError("streams are a `text` loader setting", key="eval_loader.streams")
-    given = [k for k in ("local", "remote", "split") if block.get(k) is not None]
-    if given:
-        raise RecipeError(
-            f"`streams:` names every folder; remove {', '.join(given)} here (or set them to null), or put them "
-            "in each stream",
-            key=f"eval_loader.{given[0]}",
-        )
+    refuse_folder_keys(block, "eval_loader.")
     evaluators = []
     for name, stream in stream_blocks(block["streams"], "eval_loader.streams", weights=False).items():
         keypath = f"eval_loader.streams.{name}"
