@@ -168,7 +168,8 @@ def build_trainer(
         device_train_microbatch_size=cfg.get("device_train_microbatch_size"),
         run_name=cfg.run_name,
         eval_interval=cfg.eval_interval if eval_loader is not None else 1,
-        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        # Composer warns about a subset size with nothing to evaluate (a recipe with eval_loader=null).
+        eval_subset_num_batches=cfg.eval_subset_num_batches if eval_loader is not None else -1,
         optimizers=optimizer,
         schedulers=scheduler,
         max_duration=cfg.max_duration,
