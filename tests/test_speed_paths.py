@@ -41,8 +41,10 @@ class OpLog(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("block", [64, 512])  # several vocabulary blocks (online softmax, argmax across them), one
 @pytest.mark.parametrize("n,chunk_rows", [(37, 8), (37, 1000), (0, 8)])
-def test_linear_cross_entropy_equals_plain_loss_and_gradients(n, chunk_rows):
+def test_linear_cross_entropy_equals_plain_loss_and_gradients(n, chunk_rows, block, monkeypatch):
+    monkeypatch.setattr(lm_loss, "CPU_VOCAB_BLOCK", block)
     torch.manual_seed(0)
     V, d = 301, 24
     h0, w0, t = torch.randn(n, d), torch.randn(V, d) * 0.3, torch.randint(0, V, (n,))
@@ -62,8 +64,10 @@ def test_linear_cross_entropy_equals_plain_loss_and_gradients(n, chunk_rows):
     assert abs(ev.item() - ref.item()) <= 1e-5 and int(ev_stats.correct) == int(stats.correct)
 
 
+@pytest.mark.parametrize("block", [50, 512])
 @pytest.mark.parametrize("chunk_rows", [8, 1000])
-def test_linear_cross_entropy_with_bias_and_padded_vocabulary_equals_plain_slice(chunk_rows):
+def test_linear_cross_entropy_with_bias_and_padded_vocabulary_equals_plain_slice(chunk_rows, block, monkeypatch):
+    monkeypatch.setattr(lm_loss, "CPU_VOCAB_BLOCK", block)
     # MosaicBERT's tied decoder: weight and bias padded past the vocabulary; the plain path slices the logits.
     torch.manual_seed(1)
     V, padded, d, n = 301, 320, 24, 37
@@ -92,7 +96,8 @@ def test_linear_cross_entropy_with_bias_and_padded_vocabulary_equals_plain_slice
     assert abs(ev.item() - ref.item()) <= 1e-5 and int(ev_stats.correct) == int(stats.correct)
 
 
-def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_linear():
+def test_linear_cross_entropy_under_bf16_autocast_matches_autocast_linear(monkeypatch):
+    monkeypatch.setattr(lm_loss, "CPU_VOCAB_BLOCK", 128)  # blocks, the last one partial
     torch.manual_seed(0)
     h0, w0, t = torch.randn(50, 32), torch.randn(500, 32) * 0.2, torch.randint(0, 500, (50,))
     h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
