@@ -20,10 +20,11 @@ from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.recipe import COMPONENT_SECTIONS, MULTI_SECTIONS, iter_multi
 from llmfoundry_lite.recipe import section as recipe_section
 from llmfoundry_lite.train.checks import WANDB_FIX
+from llmfoundry_lite.train.optim import DecoupledAdamW
 
 # Names follow llm-foundry's, so recipes written for it read the same here.
 for _name, _obj in {
-    "decoupled_adamw": co.DecoupledAdamW,
+    "decoupled_adamw": DecoupledAdamW,  # Composer's, with torch's fused update (train/optim.py)
     "decoupled_sgdw": co.DecoupledSGDW,
     "adamw": torch.optim.AdamW,
     "adam": torch.optim.Adam,

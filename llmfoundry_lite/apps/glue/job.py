@@ -93,7 +93,9 @@ def _make_trainer(
     save_folder: str | None = None,
 ) -> Any:
     """The Composer Trainer of one job (optimizer, schedule, device, precision; a weights-only save at the end)."""
-    from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler
+    from composer.optim import LinearWithWarmupScheduler
+
+    from llmfoundry_lite.train.optim import DecoupledAdamW
 
     device, precision = device_and_precision(glue)
     # In batches, so that t_warmup=0.06dur is 6% of the steps (with "Nep" Composer rounds it to 0 epochs).
