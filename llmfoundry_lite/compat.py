@@ -112,6 +112,10 @@ def save_checkpoint_now(saver: Any, state: Any, logger: Any) -> None:
 #   speech metric's optional dependency: the one behaviour that goes); any other name loads the real module;
 # - during the import of transformers' candidate_generator, ``sklearn.metrics`` is a stand-in whose ``roc_curve``
 #   imports the real one when called;
+# - during the import of transformers' losses (modeling_utils), ``scipy.optimize`` is a stand-in whose
+#   ``linear_sum_assignment`` (object-detection matching) imports the real one when called;
+# - during the import of torchmetrics' plotting helpers, ``matplotlib`` (axes, colors, pyplot) is a stand-in: the
+#   type aliases are classes that import the real one on an isinstance check, ``plt.style.context`` forwards;
 # - mcli is a lazy module (``importlib.util.LazyLoader``): executed on first attribute access.
 
 
@@ -135,7 +139,28 @@ class _Forward:
         return self._target()(*args, **kwargs)
 
 
-def _stand_in(name: str, **forwards: _Forward) -> types.ModuleType:
+class _ForwardTypeMeta(type):
+    """isinstance/issubclass against a class that is imported on the first such check."""
+
+    _where: tuple[str, str]
+
+    def _target(cls) -> type:
+        module, name = cls._where
+        return getattr(importlib.import_module(module), name)
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(obj, cls._target())
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        return issubclass(sub, cls._target())
+
+
+def _forward_type(module: str, name: str) -> type:
+    """Stand-in for the class ``module.name`` where a type is needed (type hints, isinstance)."""
+    return _ForwardTypeMeta(name, (), {"_where": (module, name)})
+
+
+def _stand_in(name: str, **forwards: Any) -> types.ModuleType:
     """A module ``name`` holding ``forwards``; any other attribute drops it and imports the real module."""
     stand_in = types.ModuleType(name)
     vars(stand_in).update(forwards)
@@ -211,6 +236,58 @@ def _torchmetrics_stand_ins() -> Iterator[None]:
                 delattr(transformers, name)  # later lookups resolve the real class
 
 
+@contextlib.contextmanager
+def _scipy_optimize_stand_ins() -> Iterator[None]:
+    # transformers' object-detection losses (imported by modeling_utils, so by any model class or
+    # composer.algorithms) import scipy.optimize.linear_sum_assignment at import: ~0.4 s of scipy.linalg/optimize.
+    if "scipy.optimize" in sys.modules or importlib.util.find_spec("scipy") is None:
+        yield
+        return
+    forward = _Forward("scipy.optimize", "linear_sum_assignment")
+    with _modules_stood_in({"scipy.optimize": _stand_in("scipy.optimize", linear_sum_assignment=forward)}):
+        yield
+
+
+class _LazyStyleContext(contextlib.ContextDecorator):
+    """``plt.style.context(*args)`` made on entry: torchmetrics decorates its plot functions with one at import."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+        self.entered: list[Any] = []
+
+    def __enter__(self) -> Any:
+        import matplotlib.pyplot as plt
+
+        cm = plt.style.context(*self.args, **self.kwargs)
+        self.entered.append(cm)
+        return cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self.entered.pop().__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _matplotlib_stand_ins() -> Iterator[None]:
+    # torchmetrics' plotting helpers import matplotlib.pyplot at import (~0.25 s) for type aliases and
+    # ``plt.style.context``; a metric's .plot() is the only user.
+    if "matplotlib" in sys.modules or importlib.util.find_spec("matplotlib") is None:
+        yield
+        return
+    axes = _stand_in("matplotlib.axes", Axes=_forward_type("matplotlib.axes", "Axes"))
+    style = types.SimpleNamespace(context=_LazyStyleContext)
+    colors = _stand_in("matplotlib.colors", Colormap=_forward_type("matplotlib.colors", "Colormap"))
+    pyplot = _stand_in(
+        "matplotlib.pyplot",
+        Figure=_forward_type("matplotlib.figure", "Figure"),
+        style=style,
+    )
+    mpl = _stand_in("matplotlib", axes=axes, colors=colors, pyplot=pyplot)
+    with _modules_stood_in(
+        {"matplotlib": mpl, "matplotlib.axes": axes, "matplotlib.colors": colors, "matplotlib.pyplot": pyplot}
+    ):
+        yield
+
+
 class _StandInLoader(importlib.abc.Loader):
     """Runs a module's real loader with stand-ins in place; the module keeps its real loader."""
 
@@ -254,7 +331,9 @@ class _LeanImports(importlib.abc.MetaPathFinder):
 # Module -> stand-ins to import it with (None: a lazy module).
 _LEAN: dict[str, Any] = {
     "torchmetrics": _torchmetrics_stand_ins,
+    "torchmetrics.utilities.plot": _matplotlib_stand_ins,
     "transformers.generation.candidate_generator": _sklearn_stand_ins,
+    "transformers.loss.loss_utils": _scipy_optimize_stand_ins,
     "mcli": None,
 }
 

@@ -253,7 +253,7 @@ def test_lean_imports_defer_what_composer_pulls_in_and_keep_it_working():
 import sys, types
 import llmfoundry_lite.compat as compat
 import composer, composer.algorithms  # train/build.py imports the algorithms package (transformers' BERT)
-heavy = [m for m in ("sklearn", "scipy.signal", "scipy.stats", "pandas", "mcli.api")
+heavy = [m for m in ("sklearn", "scipy.signal", "scipy.stats", "scipy.optimize", "pandas", "mcli.api", "matplotlib")
          if m in sys.modules]
 assert not heavy, heavy
 from torchmetrics.functional.text import bert
@@ -267,6 +267,18 @@ from transformers.generation import candidate_generator
 import numpy as np
 assert isinstance(candidate_generator.roc_curve, compat._Forward)
 assert candidate_generator.roc_curve(np.array([0, 1]), np.array([0.2, 0.9]))[0].shape == (3,)  # the real one
+from transformers.loss import loss_for_object_detection as detr  # imported by transformers' modeling_utils
+assert isinstance(detr.linear_sum_assignment, compat._Forward)
+assert detr.linear_sum_assignment(1 - np.eye(3))[1].tolist() == [0, 1, 2]  # the real one, loaded when called
+assert "scipy.optimize" in sys.modules and sys.modules["scipy.optimize"].__file__
+import torch, torchmetrics  # a metric's plot: the real matplotlib, the type aliases check against its classes
+import matplotlib
+matplotlib.use("Agg")
+from torchmetrics.utilities import plot
+metric = torchmetrics.MeanSquaredError()
+metric.update(torch.ones(3), torch.zeros(3))
+fig, ax = metric.plot()
+assert type(fig).__name__ == "Figure" and isinstance(ax, plot._AX_TYPE) and not isinstance(3, plot._AX_TYPE)
 import mcli
 assert callable(mcli.update_run_metadata) and "mcli.api" in sys.modules  # loaded on first use
 print("ok")
