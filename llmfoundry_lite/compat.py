@@ -34,6 +34,7 @@ def exit_fast(code: int) -> None:
     """
     import gc
     import io
+    import itertools
     import os
     import threading
 
@@ -43,11 +44,15 @@ def exit_fast(code: int) -> None:
     with contextlib.suppress(Exception):
         threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
-    for obj in gc.get_objects():  # buffered files nobody closed would lose their tail to os._exit
-        if issubclass(type(obj), io.IOBase):  # not isinstance: it reads __class__, which some objects warn on
-            with contextlib.suppress(Exception):
-                if not obj.closed and obj.writable():
-                    obj.flush()
+    # Buffered files nobody closed would lose their tail to os._exit. ~400k live objects after a run: an ABC
+    # subclass check per object took 0.5 s, so pick the file types once and filter in C (0.1 s). type(), not
+    # isinstance: isinstance reads __class__, which some objects warn on.
+    objs = gc.get_objects()
+    file_types = {t for t in set(map(type, objs)) if issubclass(t, io.IOBase)}
+    for obj in itertools.compress(objs, map(file_types.__contains__, map(type, objs))):
+        with contextlib.suppress(Exception):
+            if not obj.closed and obj.writable():
+                obj.flush()
     os._exit(code)
 
 
