@@ -29,7 +29,7 @@ BUILTINS: dict[str, dict[str, str]] = {
     "optimizers": {
         "adam": "Implements Adam algorithm.",
         "adamw": "Implements AdamW algorithm, where weight decay does not accumulate in the momentum nor variance.",
-        "decoupled_adamw": "Adam optimizer with the weight decay term decoupled from the learning rate.",
+        "decoupled_adamw": "Adam with weight decay decoupled from the learning rate: Composer's DecoupledAdamW, updated by torch's fused kernel.",
         "decoupled_sgdw": "SGD optimizer with the weight decay term decoupled from the learning rate.",
         "sgd": "Implements stochastic gradient descent (optionally with momentum).",
     },

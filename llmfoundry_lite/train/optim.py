@@ -29,7 +29,10 @@ def _fusable(p: torch.Tensor) -> bool:
 
 
 class DecoupledAdamW(_ComposerDecoupledAdamW):
-    """Composer's DecoupledAdamW (same arguments, state and update) with torch's fused kernel doing the update."""
+    """Adam with weight decay decoupled from the learning rate: Composer's DecoupledAdamW, updated by torch's fused kernel.
+
+    Same arguments, state and update as Composer's class (a subclass of it); see the module docstring.
+    """
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
