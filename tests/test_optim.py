@@ -85,3 +85,15 @@ def test_the_registry_builds_ours():
     ps = _params()
     opt = registry.build("optimizers", {"name": "decoupled_adamw", "lr": 1e-3}, "optimizer", params=ps)
     assert type(opt) is DecoupledAdamW and isinstance(opt, ComposerAdamW)
+
+
+def test_only_plain_tensors_take_the_fused_kernel():
+    from torch.distributed.fsdp._flat_param import FlatParameter
+    from torch.distributed.tensor import DTensor
+
+    from llmfoundry_lite.train.optim import _fusable
+
+    assert _fusable(torch.nn.Parameter(torch.ones(2))) and _fusable(torch.ones(2, dtype=torch.bfloat16))
+    assert FlatParameter.__torch_dispatch__ is torch.Tensor.__torch_dispatch__  # FSDP1's flat parameters fuse
+    assert DTensor.__torch_dispatch__ is not torch.Tensor.__torch_dispatch__  # FSDP2's DTensors take the loop
+    assert not _fusable(torch.ones(2, dtype=torch.int64))

@@ -20,9 +20,10 @@ from torch.optim.adamw import adamw as _torch_adamw
 
 
 def _fusable(p: torch.Tensor) -> bool:
-    # type() and not isinstance: a DTensor (FSDP2, tensor parallel) or another subclass takes Composer's loop.
+    # Plain storage only: a wrapper subclass with its own dispatch (DTensor: FSDP2, tensor parallel) takes Composer's
+    # loop; Parameter and FSDP1's FlatParameter keep torch.Tensor's.
     return (
-        type(p) in (torch.Tensor, torch.nn.Parameter)
+        type(p).__torch_dispatch__ is torch.Tensor.__torch_dispatch__
         and p.device.type in ("cpu", "cuda")
         and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
     )
