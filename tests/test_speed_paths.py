@@ -41,7 +41,8 @@ class OpLog(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("block", [64, 512])  # several vocabulary blocks (online softmax, argmax across them), one
+# block 64: several vocabulary blocks (online softmax, argmax across them); 512: one
+@pytest.mark.parametrize("block", [64, 512])
 @pytest.mark.parametrize("n,chunk_rows", [(37, 8), (37, 1000), (0, 8)])
 def test_linear_cross_entropy_equals_plain_loss_and_gradients(n, chunk_rows, block, monkeypatch):
     monkeypatch.setattr(lm_loss, "CPU_VOCAB_BLOCK", block)
@@ -66,7 +67,9 @@ def test_linear_cross_entropy_equals_plain_loss_and_gradients(n, chunk_rows, blo
 
 @pytest.mark.parametrize("block", [50, 512])
 @pytest.mark.parametrize("chunk_rows", [8, 1000])
-def test_linear_cross_entropy_with_bias_and_padded_vocabulary_equals_plain_slice(chunk_rows, block, monkeypatch):
+def test_linear_cross_entropy_with_bias_and_padded_vocabulary_equals_plain_slice(
+    chunk_rows, block, monkeypatch
+):
     monkeypatch.setattr(lm_loss, "CPU_VOCAB_BLOCK", block)
     # MosaicBERT's tied decoder: weight and bias padded past the vocabulary; the plain path slices the logits.
     torch.manual_seed(1)
