@@ -229,39 +229,8 @@ def test_quickstart_mixture_draws_3_to_1_and_logs_per_stream(tmp_path, two_sourc
         assert f"eval/{name}/" in line and f"eval/{'b' if name == 'a' else 'a'}/" not in line, line
 
 
-# Test-only: SIGKILL once after batch 3 (a marker file remembers), and record every trained batch (its rows)
-# to a JSON-lines file, so the resumed run's samples can be compared with an uninterrupted run's.
-KILL_DRIVER = textwrap.dedent(
-    """
-    import json, os, signal, sys
-    from pathlib import Path
-    from composer.core import Callback
-    from llmfoundry_lite import registry
-    from llmfoundry_lite.train.launch import entrypoint
-
-    class KillOnce(Callback):
-        def __init__(self, batch: int, marker: str):
-            self.batch, self.marker = batch, Path(marker)
-
-        def batch_end(self, state, logger):
-            if int(state.timestamp.batch) == self.batch and not self.marker.exists():
-                self.marker.write_text("killed")
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    class RecordRows(Callback):
-        def __init__(self, path: str):
-            self.path = path
-
-        def after_dataloader(self, state, logger):
-            with open(self.path, "a") as f:
-                rows = state.batch["input_ids"].tolist()
-                f.write(json.dumps({"batch": int(state.timestamp.batch) + 1, "rows": rows}) + "\\n")
-
-    registry.callbacks.register("kill_once", func=KillOnce)
-    registry.callbacks.register("record_rows", func=RecordRows)
-    sys.exit(entrypoint(sys.argv[1:]))
-    """
-)
+# Test-only entry point with the kill_once and record_rows callbacks (run as a script).
+KILL_DRIVER = Path(__file__).resolve().parent / "_kill_driver.py"
 
 
 def test_sigkill_then_rerun_continues_the_exact_mixture(tmp_path, two_sources, llama_tokenizer_dir):
@@ -275,8 +244,7 @@ def test_sigkill_then_rerun_continues_the_exact_mixture(tmp_path, two_sources, l
         save_num_checkpoints_to_keep=-1,
         deterministic="true",
     )
-    driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER)
+    driver = KILL_DRIVER
 
     def run(name: str, kill: bool):
         cmd = [sys.executable, str(driver), str(recipe), f"run_name={name}"]

@@ -34,29 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
 ENV = {**os.environ, "WANDB_MODE": "offline"}
 
-# Test-only: a callback that SIGKILLs its own process once (a marker file remembers), so the rerun is the
-# exact same command and runs to the end.
-KILL_DRIVER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from pathlib import Path
-    from composer.core import Callback
-    from llmfoundry_lite import registry
-    from llmfoundry_lite.train.launch import entrypoint
-
-    class KillOnce(Callback):
-        def __init__(self, batch: int, marker: str):
-            self.batch, self.marker = batch, Path(marker)
-
-        def batch_end(self, state, logger):
-            if int(state.timestamp.batch) == self.batch and not self.marker.exists():
-                self.marker.write_text("killed")
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    registry.callbacks.register("kill_once", func=KillOnce)
-    sys.exit(entrypoint(sys.argv[1:]))
-    """
-)
+# Test-only entry point with the kill_once and record_rows callbacks (run as a script).
+KILL_DRIVER = Path(__file__).resolve().parent / "_kill_driver.py"
 
 
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -87,8 +66,7 @@ def test_sigkill_then_same_command_resumes_bit_exact(tiny_bert, tmp_path):
     trainer.close()
     reference = model_weights(tmp_path / "runs" / "whole" / "ep0-ba6-rank0.pt")
 
-    driver = tmp_path / "driver.py"
-    driver.write_text(KILL_DRIVER)
+    driver = KILL_DRIVER
     marker = tmp_path / "killed-once"
     cmd = [
         sys.executable, str(driver), QUICKSTART,
