@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.bert import BertConfig, BertEncoder, build_bert, build_mosaic_bert
-from llmfoundry_lite.models.layers import GeGLU, LowPrecisionLayerNorm
+from llmfoundry_lite.models.bert.layers import GeGLU, LowPrecisionLayerNorm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A tiny published-style config.json (mosaicml/mosaic-bert-base's keys; its auto_map points at bert_layers.py).

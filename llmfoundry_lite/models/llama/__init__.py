@@ -14,7 +14,6 @@ from llmfoundry_lite.models.llama.hf_adapter import (
     state_dict_to_hf,
 )
 from llmfoundry_lite.models.llama.model import (
-    IGNORE_INDEX,
     Attention,
     ComposerLlama,
     LlamaBlock,
@@ -25,12 +24,10 @@ from llmfoundry_lite.models.llama.model import (
     RotaryEmbedding,
     SwiGLU,
     apply_rotary,
-    build_attention_mask,
     shifted_targets,
 )
 
 __all__ = [
-    "IGNORE_INDEX",
     "Attention",
     "ComposerLlama",
     "LlamaBlock",
@@ -41,7 +38,6 @@ __all__ = [
     "RotaryEmbedding",
     "SwiGLU",
     "apply_rotary",
-    "build_attention_mask",
     "build_llama",
     "build_llama_model",
     "config_from_hf",
