@@ -26,7 +26,6 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, Maske
 # Each chunk reads the head's weight twice and read-modify-writes its fp32 gradient once, so few large chunks win;
 # beyond ~128 MB only memory grows (one buffer of this size lives for the pass).
 CHUNK_BYTES = 128 * 2**20
-IGNORE_INDEX = -100  # label of positions that carry no target (padding, unmasked MLM tokens)
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import nn
 
+from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.checkpoints import check_weights_match
 from llmfoundry_lite.models.accounting import TransformerFlops, count_params
 from llmfoundry_lite.models.attention import (
@@ -35,7 +36,7 @@ from llmfoundry_lite.models.attention import (
 from llmfoundry_lite.models.bert.config import BertConfig
 from llmfoundry_lite.models.bert.layers import GeGLU, GeluMLP, SelfAttention, make_norm
 from llmfoundry_lite.models.head import LMHead, TiedEmbedding
-from llmfoundry_lite.models.lm_loss import IGNORE_INDEX, LabelStats, StatsAccuracy, StatsCrossEntropy
+from llmfoundry_lite.models.lm_loss import LabelStats, StatsAccuracy, StatsCrossEntropy
 
 # ---------------------------------------------------------------------------------------------------------
 # Embeddings and one Post-LN layer

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional
 
-from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.llama.hf_adapter import load_hf_llama
 from llmfoundry_lite.models.llama.model import ComposerLlama, LlamaConfig
@@ -41,12 +40,9 @@ def build_llama_model(
     return model
 
 
-build_llama = registry.models.register(
-    "llama",
-    func=config_builder(
-        LlamaConfig,
-        build_llama_model,
-        name="build_llama",
-        doc="LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, GQA); `init_from_hf` starts from a HF Llama checkpoint.",
-    ),
+build_llama = config_builder(
+    LlamaConfig,
+    build_llama_model,
+    name="build_llama",
+    doc="LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, GQA); `init_from_hf` starts from a HF Llama checkpoint.",
 )

@@ -29,6 +29,7 @@ from composer.models import ComposerModel
 from torch import nn
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import TransformerFlops, parameter_counts
 from llmfoundry_lite.models.attention import (
@@ -41,7 +42,6 @@ from llmfoundry_lite.models.attention import (
 )
 from llmfoundry_lite.models.head import LMHead, TiedEmbedding
 from llmfoundry_lite.models.lm_loss import (
-    IGNORE_INDEX,
     LabelStats,
     StatsAccuracy,
     StatsCrossEntropy,
@@ -453,7 +453,7 @@ class ComposerLlama(ComposerModel):
         )
 
     def loss(self, outputs: Any, batch: Mapping[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Mean token cross-entropy of next-token prediction (labels shifted by one, -100 ignored)."""
+        """Mean token cross-entropy of next-token prediction (labels shifted by one, IGNORE_INDEX ignored)."""
         if isinstance(outputs, LlamaOutput):
             return outputs.loss
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
