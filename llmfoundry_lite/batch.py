@@ -33,3 +33,20 @@ def batch_tokens(batch: Mapping[str, Any]) -> BatchTokens:
     labels = batch.get("labels")
     labelled = int((labels != IGNORE_INDEX).sum()) if labels is not None else tokens
     return BatchTokens(tokens, int((lengths.long() ** 2).sum()), labelled)
+
+
+def check_vocab_fits(
+    vocab_size: int, tokenizer_vocab: int, key: str, tokenizer: str = "the tokenizer"
+) -> None:
+    """RecipeError (``key``) when a model's vocabulary is smaller than its tokenizer's: ids would overflow it.
+
+    Token ids past the embedding table fail deep inside the first forward pass (or index garbage on GPU).
+    """
+    if vocab_size < tokenizer_vocab:
+        from llmfoundry_lite.errors import RecipeError
+
+        raise RecipeError(
+            f"{vocab_size} is smaller than the vocabulary of {tokenizer} ({tokenizer_vocab} ids); remove "
+            f"model.vocab_size (it defaults to the tokenizer's) or set at least {tokenizer_vocab}",
+            key=key,
+        )

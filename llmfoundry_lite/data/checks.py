@@ -19,6 +19,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.batch import check_vocab_fits
 from llmfoundry_lite.data.loaders import columns, concat_length, read_index, split_dir
 from llmfoundry_lite.errors import RecipeError
 
@@ -372,12 +373,8 @@ def check_vocab_size(model_block: Mapping[str, Any], folder: Optional[str]) -> N
     if not isinstance(vocab, int) or model_block.get("init_from_hf") or folder is None:
         return  # unset: taken from the tokenizer; init_from_hf: the checkpoint's, checked when it is loaded
     tok_vocab = tokenizer_vocab_size(folder)
-    if tok_vocab is not None and vocab < tok_vocab:
-        raise RecipeError(
-            f"{vocab} is smaller than the vocabulary of the tokenizer in {folder!r} ({tok_vocab} ids); remove "
-            f"model.vocab_size (it defaults to the tokenizer's) or set at least {tok_vocab}",
-            key="model.vocab_size",
-        )
+    if tok_vocab is not None:
+        check_vocab_fits(vocab, tok_vocab, "model.vocab_size", f"the tokenizer in {folder!r}")
 
 
 def check_recipe_data(data: Mapping[str, Any]) -> None:
