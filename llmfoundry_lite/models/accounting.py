@@ -7,7 +7,7 @@ Training FLOPs (forward + backward = 3 x forward) of a transformer, per batch::
 
 ``N`` is the weight-matrix entries every token multiplies (the blocks; for decoders also the LM head, which runs
 whether tied or not), ``attention_pairs`` the (query, key) pairs QK^T and AV compute (sum over sequences of
-length^2, not halved for causal masks, as in PaLM and BENCHMARKS.md), and ``H`` weights applied only to
+length^2, not halved for causal masks, as PaLM's MFU counts them), and ``H`` weights applied only to
 labelled tokens (MosaicBERT's MLM head runs on masked tokens only). Tokens are real tokens: padding is not
 useful work, whether a model skips it (unpadding) or not, so MFU compares implementations fairly.
 Per token at a full sequence length ``S`` this is ``6 N + 12 n_layers d_model S`` (+ the head's share).

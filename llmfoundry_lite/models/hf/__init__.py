@@ -24,9 +24,8 @@ from llmfoundry_lite.models.accounting import TransformerFlops, count_params, la
 from llmfoundry_lite.models.schema import vocab_size_from
 from llmfoundry_lite.models.spec import FamilySpec, register_family
 
-# Composer 0.32.1's ALiBi surgery on transformers' BERT (recipes/mosaicbert/hf-bert-mosaic-algorithms.yaml) trains
-# with transformers 4.51.3-4.53.3 and fails from 4.54 (measured with 4.57.6: its replacement forward is called with
-# `past_key_values`). The project pins transformers<4.54 for this; a newer install is reported, never patched.
+# Composer 0.32.1's ALiBi surgery on transformers' BERT fails from transformers 4.54 (its replacement forward is
+# called with `past_key_values`); the project pins transformers<4.54, and a newer install is reported, not patched.
 ALIBI_HF_BERT_BREAKS_AT = "4.54"
 
 

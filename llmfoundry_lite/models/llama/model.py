@@ -5,12 +5,10 @@ Read top to bottom: config -> norm -> rotary -> attention -> feed-forward -> blo
 applied from outside: the decoder only *declares* which modules are blocks (``fsdp_wrap_fn``,
 ``activation_checkpointing_fn``, ``param_init_fn``, the hooks Composer's FSDP wrapper looks for).
 
-Speed choices (measured on CPU, see scripts/benchmark_llama.py): one fused QKV projection, one fused gate+up
-projection, RoPE applied once to the fused q/k slice, and in training the LM head runs only on positions that
-carry a label, with the loss computed inside ``forward`` (so FSDP gathers the head's weight normally) by
-``lm_loss.linear_cross_entropy``: chunk by chunk, never a full (tokens, vocab) logits tensor, gradients taken in
-the same pass. Metrics read the summed loss and argmax hits it returns (LabelStats) instead of recomputing the
-cross-entropy over the vocabulary; train metrics are off unless ``use_train_metrics: true``.
+Speed choices (figures: docs/model-families.md): one fused QKV projection, one fused gate+up projection, RoPE
+applied once to the fused q/k slice, and in training the LM head runs only on positions that carry a label, its
+loss fused in (``head.LMHead``): no (tokens, vocab) logits tensor. Metrics read the summed loss and argmax hits
+it returns (LabelStats); train metrics are off unless ``use_train_metrics: true``.
 """
 
 from __future__ import annotations
@@ -146,7 +144,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The hand-written form beats F.rms_norm on CPU in torch 2.7 (0.30 s vs 0.39 s, fwd+bwd microbenchmark).
+        # Hand-written: faster than F.rms_norm on CPU (docs/model-families.md).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -159,8 +157,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embeddings as unit complex numbers e^{i t theta_j}, one per (position, dimension pair).
 
-    Pairs are adjacent dimensions (2j, 2j+1) of a head (Meta's layout), so the rotation is one complex multiply:
-    3.5x faster than HF's rotate-half form on CPU (fwd+bwd microbenchmark). Converting HF weights permutes the
+    Pairs are adjacent dimensions (2j, 2j+1) of a head (Meta's layout), so the rotation is one complex multiply,
+    faster than HF's rotate-half form (docs/model-families.md). Converting HF weights permutes the
     q/k projection rows accordingly (``hf_adapter.rope_permutation``); attention scores are unchanged.
     """
 
