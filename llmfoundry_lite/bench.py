@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from llmfoundry_lite import hardware
-from llmfoundry_lite.models.accounting import batch_tokens
+from llmfoundry_lite.batch import batch_tokens
 
 
 def matmul_peak(

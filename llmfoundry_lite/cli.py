@@ -120,8 +120,8 @@ def _load(recipe: str, overrides: list[str], check_resources: bool = False) -> A
 @app.command()
 def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the fully resolved recipe as YAML, with its parameter count."""
-    from llmfoundry_lite.models.meta import count_parameters
     from llmfoundry_lite.recipe import to_yaml
+    from llmfoundry_lite.train.meta import count_parameters
 
     cfg = _load(recipe, list(overrides or []))
     counts = count_parameters(cfg)

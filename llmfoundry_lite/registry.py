@@ -58,9 +58,7 @@ BUILTIN_MODULES = (
     "llmfoundry_lite.data.tokenizers",
     "llmfoundry_lite.data.collators",
     "llmfoundry_lite.data.loaders",
-    "llmfoundry_lite.models.hf",
-    "llmfoundry_lite.models.bert",
-    "llmfoundry_lite.models.llama",
+    "llmfoundry_lite.models.families",
     "llmfoundry_lite.sweep",
 )
 
@@ -116,6 +114,14 @@ def describe(obj: Any) -> str:
     """First line of an entry's docstring, for ``llmfoundry-lite list``."""
     doc = inspect.getdoc(obj) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def model_family(name: Any) -> Any:
+    """The FamilySpec (``models/spec.py``) the ``models`` entry ``name`` declares; None if unknown or undeclared."""
+    try:
+        return getattr(lookup("models", name), "family", None)
+    except RecipeError:
+        return None
 
 
 def lookup(registry: str, name: Any, key: str = "name") -> Any:

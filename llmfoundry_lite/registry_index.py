@@ -23,7 +23,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "text": "MDS shards (raw text or token rows) -> batches via StreamingDataset; collator mlm/causal_lm (auto).",
     },
     "collators": {
-        "causal_lm": "Causal-LM batches: labels = input ids (padding -100), optional per-document sequence_id.",
+        "causal_lm": "Causal-LM batches: labels = input ids (padding IGNORE_INDEX), optional per-document sequence_id.",
         "mlm": "Masked-LM batches (BERT 80/10/10); tokenizes raw text on the fly; max_seq_len comes from the loader.",
     },
     "optimizers": {

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.models import layers
-from llmfoundry_lite.models.layers import AttentionKernelError, check_attn_impl, select_attention_kernel
+from llmfoundry_lite.models import attention
+from llmfoundry_lite.models.attention import AttentionKernelError, check_attn_impl, select_attention_kernel
 
 REQUESTS = ("auto", "flash", "sdpa")
 DEVICES = ("cuda", "cpu")
@@ -86,7 +86,7 @@ def test_run_settings_flash_cannot_serve_are_a_recipe_error(
     monkeypatch, requested, device, precision, importable, reason
 ):
     # Whether flash-attn imports is this machine's fact; the table is about what the run asks for.
-    monkeypatch.setattr(layers, "flash_attn_function", lambda name: object() if importable else None)
+    monkeypatch.setattr(attention, "flash_attn_function", lambda name: object() if importable else None)
     if reason is None:
         check_attn_impl(requested, device, precision)
         return
@@ -101,16 +101,13 @@ def test_run_settings_flash_cannot_serve_are_a_recipe_error(
 @pytest.fixture
 def spy(monkeypatch):
     """Record every (requested, device, dtype, importable, mask) the models ask about; answer truthfully."""
-    import llmfoundry_lite.models.llama.model as llama
-
     calls = []
 
     def recording(*args):
         calls.append(args)
         return select_attention_kernel(*args)
 
-    monkeypatch.setattr(llama, "select_attention_kernel", recording)
-    monkeypatch.setattr(layers, "select_attention_kernel", recording)
+    monkeypatch.setattr(attention, "select_attention_kernel", recording)
     return calls
 
 

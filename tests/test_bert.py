@@ -10,16 +10,9 @@ import torch.nn.functional as F
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.attention import alibi_bias, alibi_slopes, pad, unpad, unpad_info
 from llmfoundry_lite.models.bert import BertConfig, BertEncoder, BertMLM, MLMOutput, build_mosaic_bert
-from llmfoundry_lite.models.layers import (
-    GeGLU,
-    LowPrecisionLayerNorm,
-    alibi_bias,
-    alibi_slopes,
-    pad,
-    unpad,
-    unpad_info,
-)
+from llmfoundry_lite.models.bert.layers import GeGLU, LowPrecisionLayerNorm
 
 TINY = dict(d_model=32, n_layers=2, n_heads=4, intermediate_size=48)
 
@@ -217,7 +210,7 @@ def test_registered_builders_pad_vocab_and_tie_decoder(tokenizer):
     assert isinstance(model, BertMLM) and isinstance(model.encoder, BertEncoder)
     assert model.cfg.vocab_size % 64 == 0 and model.cfg.vocab_size >= len(tokenizer)
     # Tied by calling the encoder's embedding module (never a stored weight): one Parameter, registered once.
-    assert model.head.word is model.encoder.embeddings.word
+    assert model.head.weight is None
     assert sum(p is model.encoder.embeddings.word.weight for p in model.parameters()) == 1
     assert not any(k.startswith("head.word") or k.startswith("head._") for k in model.state_dict())
     classic = registry.build("models", {"name": "bert", **TINY}, "model", tokenizer=tokenizer)

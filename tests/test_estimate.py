@@ -14,8 +14,8 @@ import torch
 from llmfoundry_lite import hardware
 from llmfoundry_lite.apps.estimate import estimate
 from llmfoundry_lite.cli import main
-from llmfoundry_lite.models.meta import build_meta_model
 from llmfoundry_lite.recipe import load_recipe
+from llmfoundry_lite.train.meta import build_meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "recipes" / "mosaicbert" / "base.yaml")

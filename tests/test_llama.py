@@ -275,8 +275,8 @@ def test_trains_with_composer_loss_falls(tokenizer):
     [("125m", 110e6, 140e6), ("350m", 330e6, 380e6), ("1b", 1.0e9, 1.2e9), ("7b", 6.6e9, 6.9e9)],
 )
 def test_recipe_param_counts(name, low, high):
-    from llmfoundry_lite.models.meta import count_parameters
     from llmfoundry_lite.recipe import load_recipe
+    from llmfoundry_lite.train.meta import count_parameters
 
     total, non_emb = count_parameters(load_recipe(str(REPO / "recipes" / "llama" / f"{name}.yaml")))
     assert low <= total <= high and non_emb < total

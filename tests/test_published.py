@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.bert import BertConfig, BertEncoder, build_bert, build_mosaic_bert
-from llmfoundry_lite.models.layers import GeGLU, LowPrecisionLayerNorm
+from llmfoundry_lite.models.bert.layers import GeGLU, LowPrecisionLayerNorm
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # A tiny published-style config.json (mosaicml/mosaic-bert-base's keys; its auto_map points at bert_layers.py).
@@ -203,8 +203,8 @@ def test_glu_has_no_up_bias_and_drops_out_the_gated_activation_before_wo():
 
 
 def test_mosaicbert_base_has_the_published_parameter_count():
-    from llmfoundry_lite.models.meta import count_parameters
     from llmfoundry_lite.recipe import load_recipe
+    from llmfoundry_lite.train.meta import count_parameters
 
     cfg = load_recipe(str(REPO / "recipes/mosaicbert/base.yaml"), overrides=["model.vocab_size=30528"])
     assert count_parameters(cfg)[0] == 137_400_384

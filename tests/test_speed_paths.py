@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.models import lm_loss
-from llmfoundry_lite.models.layers import unpad
+from llmfoundry_lite.models.attention import unpad
 from llmfoundry_lite.models.lm_loss import linear_cross_entropy
 
 LLAMA = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_size=96, max_seq_len=64)
@@ -226,7 +226,7 @@ def _bert_plain_loss(model, batch: dict) -> torch.Tensor:
     h, info = model.encoder(batch["input_ids"], batch["attention_mask"], unpadded=True)
     labels = unpad(batch["labels"], info)
     sel = labels != -100
-    logits = model.head(h[sel])[:, : model.vocab_size]
+    logits = model.head(h[sel], tied_to=model.encoder.embeddings.word)[:, : model.vocab_size]
     return F.cross_entropy(logits.float(), labels[sel])
 
 

@@ -190,7 +190,7 @@ def test_train_checks_the_same_without_validate(bert_tokenizer_dir, causal_mds_d
     with pytest.raises(RecipeError, match="masked LM on token rows"):
         builders.build_dataloader(cfg, "train_loader", tok, 4)
     cfg = load_recipe(QUICKSTART, [*tiny_bert(), "model.vocab_size=100"])
-    with pytest.raises(RecipeError, match="smaller than the tokenizer's vocabulary") as ei:
+    with pytest.raises(RecipeError, match="smaller than the vocabulary of the tokenizer") as ei:
         builders.build_model(cfg, tok)
     assert ei.value.key == "model.vocab_size"
 

@@ -96,6 +96,7 @@ def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[f
     """Training FLOPs per token of full-length sequences: from ``model.flops_per_batch``, else from shapes."""
     import torch
 
+    from llmfoundry_lite.batch import IGNORE_INDEX
     from llmfoundry_lite.models.accounting import TransformerFlops, layer_shape, model_flops, parameter_counts
 
     ids = torch.zeros((1, seq_len), dtype=torch.long)
@@ -105,7 +106,8 @@ def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[f
         if mlm_p is not None:
             # flops_per_batch is affine in the number of labelled (masked) tokens: interpolate exactly.
             none = model_flops(
-                model, {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, -100)}
+                model,
+                {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, IGNORE_INDEX)},
             )
             every = none + mlm_p * (every - none)
         return every / seq_len, "model.flops_per_batch"
@@ -201,7 +203,8 @@ def measure_throughput(cfg: Any, steps: int = 4, peak_flops: Optional[float] = N
     from composer.core import Callback
 
     from llmfoundry_lite import bench
-    from llmfoundry_lite.models.accounting import batch_tokens, model_flops
+    from llmfoundry_lite.batch import batch_tokens
+    from llmfoundry_lite.models.accounting import model_flops
     from llmfoundry_lite.train import build_trainer
 
     if steps < 1:
@@ -297,7 +300,7 @@ def estimate(
     assumptions: list[str] = []
 
     from llmfoundry_lite.models.accounting import parameter_counts
-    from llmfoundry_lite.models.meta import build_meta_model
+    from llmfoundry_lite.train.meta import build_meta_model
 
     model = build_meta_model(cfg)
     total, non_emb = parameter_counts(model)

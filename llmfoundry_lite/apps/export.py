@@ -37,13 +37,14 @@ def _recipe_near(path: pathlib.Path) -> Optional[Mapping[str, Any]]:
 
 
 def _llama_config(extra: Any, recipe: Optional[Mapping[str, Any]], decoder_sd: Mapping[str, torch.Tensor]):
-    from llmfoundry_lite.models.llama import LlamaConfig
+    from llmfoundry_lite import registry
+    from llmfoundry_lite.models.llama import LLAMA, LlamaConfig
 
-    if isinstance(extra, Mapping) and extra.get("family") == "llama":
+    if isinstance(extra, Mapping) and extra.get("family") == LLAMA.name:
         fields = {f.name for f in dataclasses.fields(LlamaConfig)}
         return LlamaConfig(**{k: v for k, v in extra["config"].items() if k in fields})
     model_block = (recipe or {}).get("model") or {}
-    if model_block.get("name") == "llama" and "embed.weight" in decoder_sd:
+    if registry.model_family(model_block.get("name")) is LLAMA and "embed.weight" in decoder_sd:
         fields = {f.name for f in dataclasses.fields(LlamaConfig)}
         kwargs = {k: v for k, v in model_block.items() if k in fields and v is not None}
         kwargs["vocab_size"] = decoder_sd["embed.weight"].shape[0]

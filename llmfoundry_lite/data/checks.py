@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+from llmfoundry_lite import registry
+from llmfoundry_lite.batch import check_vocab_fits
 from llmfoundry_lite.data.loaders import columns, concat_length, read_index, split_dir
 from llmfoundry_lite.errors import RecipeError
 
@@ -33,14 +35,6 @@ TOKENIZER_FILES = (
 )
 TRAIN_HINT = "`llmfoundry-lite data tokenizer --train --kind wordpiece|bpe --out DIR` builds one offline"
 CONVERT_HINT = "`llmfoundry-lite data convert`"
-# Registry names of the built-in models and the objective they train; plugins are not checked.
-MODEL_OBJECTIVES = {
-    "mosaic_bert": "mlm",
-    "bert": "mlm",
-    "hf_bert": "mlm",
-    "llama": "causal_lm",
-    "hf_causal_lm": "causal_lm",
-}
 HUB_PROBE_SECONDS = 2.0
 # huggingface_hub's repo-id rule: "name" or "org/name", word characters, '-', '.', no '--' or '..'.
 _REPO_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]{1,96}$")
@@ -166,7 +160,7 @@ def check_loader_fit(
     rows, text = "tokens" in cols, "text" in cols
     collator = block.get("collator")
     explicit = collator.get("name") if isinstance(collator, Mapping) else None
-    model_objective = MODEL_OBJECTIVES.get(model_name) if isinstance(model_name, str) else None
+    model_objective = getattr(registry.model_family(model_name), "objective", None)  # the family's spec
     if explicit in ("mlm", "causal_lm") and model_objective and explicit != model_objective:
         kind = "a masked LM" if model_objective == "mlm" else "a causal (decoder) LM"
         raise RecipeError(
@@ -379,12 +373,8 @@ def check_vocab_size(model_block: Mapping[str, Any], folder: Optional[str]) -> N
     if not isinstance(vocab, int) or model_block.get("init_from_hf") or folder is None:
         return  # unset: taken from the tokenizer; init_from_hf: the checkpoint's, checked when it is loaded
     tok_vocab = tokenizer_vocab_size(folder)
-    if tok_vocab is not None and vocab < tok_vocab:
-        raise RecipeError(
-            f"{vocab} is smaller than the vocabulary of the tokenizer in {folder!r} ({tok_vocab} ids); remove "
-            f"model.vocab_size (it defaults to the tokenizer's) or set at least {tok_vocab}",
-            key="model.vocab_size",
-        )
+    if tok_vocab is not None:
+        check_vocab_fits(vocab, tok_vocab, "model.vocab_size", f"the tokenizer in {folder!r}")
 
 
 def check_recipe_data(data: Mapping[str, Any]) -> None:

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.errors import RecipeError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-IGNORE_INDEX = -100
 
 
 def _texts(samples: Sequence[Mapping[str, Any]]) -> list[str] | None:
@@ -101,7 +100,7 @@ class MLMCollator(_Base):
         return self.mask(batch)
 
     def mask(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Apply 80/10/10 masking in place of ``input_ids`` and set ``labels`` (-100 where not masked)."""
+        """Apply 80/10/10 masking in place of ``input_ids`` and set ``labels`` (IGNORE_INDEX where not masked)."""
         ids = batch["input_ids"]
         maskable = (batch["attention_mask"] == 1) & ~torch.isin(ids, self.special_ids)
         prob = torch.full(ids.shape, self.mlm_probability)
@@ -121,7 +120,7 @@ class MLMCollator(_Base):
 
 
 class CausalLMCollator(_Base):
-    """Causal LM: labels are the (unshifted) input ids, padding -100; optional ``sequence_id`` per document."""
+    """Causal LM: labels are the (unshifted) input ids, padding IGNORE_INDEX; optional ``sequence_id`` per document."""
 
     def __init__(
         self,
@@ -200,7 +199,7 @@ def build_causal_lm_collator(
     padding: Literal["max_length", "longest"] = "max_length",
     append_eos: bool = True,
 ) -> CausalLMCollator:
-    """Causal-LM batches: labels = input ids (padding -100), optional per-document sequence_id."""
+    """Causal-LM batches: labels = input ids (padding IGNORE_INDEX), optional per-document sequence_id."""
     return CausalLMCollator(
         tokenizer, max_seq_len=max_seq_len, sequence_id=sequence_id, padding=padding, append_eos=append_eos
     )

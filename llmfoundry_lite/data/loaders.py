@@ -173,7 +173,7 @@ def concat_length(index: dict[str, Any]) -> Optional[int]:
 
 def _get_num_tokens_in_batch(batch: Any) -> int:
     # Real tokens only: padding does not count toward Composer's throughput or `tok` durations.
-    from llmfoundry_lite.models.accounting import batch_tokens  # torch: imported when batches flow
+    from llmfoundry_lite.batch import batch_tokens
 
     return batch_tokens(batch).tokens
 

@@ -154,6 +154,6 @@ def prepare_causal_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTo
             absolute=True,
         )
     if tokenizer.pad_token is None:
-        # Labels at padding are -100 via the attention mask, so reusing eos as pad is safe (GPT-2/LLaMA habit).
+        # Labels at padding are IGNORE_INDEX via the attention mask, so reusing eos as pad is safe (GPT-2/LLaMA habit).
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -7,7 +7,7 @@ Training FLOPs (forward + backward = 3 x forward) of a transformer, per batch::
 
 ``N`` is the weight-matrix entries every token multiplies (the blocks; for decoders also the LM head, which runs
 whether tied or not), ``attention_pairs`` the (query, key) pairs QK^T and AV compute (sum over sequences of
-length^2, not halved for causal masks, as in PaLM and BENCHMARKS.md), and ``H`` weights applied only to
+length^2, not halved for causal masks, as PaLM's MFU counts them), and ``H`` weights applied only to
 labelled tokens (MosaicBERT's MLM head runs on masked tokens only). Tokens are real tokens: padding is not
 useful work, whether a model skips it (unpadding) or not, so MFU compares implementations fairly.
 Per token at a full sequence length ``S`` this is ``6 N + 12 n_layers d_model S`` (+ the head's share).
@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 from torch import nn
+
+from llmfoundry_lite.batch import batch_tokens
 
 
 def count_params(module: nn.Module, *, matrices_only: bool = False) -> int:
@@ -65,26 +66,6 @@ def layer_shape(model: Any) -> tuple[int, int]:
         if n_layers and d:
             return int(n_layers), int(d)
     return 0, 0
-
-
-@dataclass(frozen=True)
-class BatchTokens:
-    """What a batch asks of a model: real tokens, attention (query, key) pairs, labelled tokens."""
-
-    tokens: int
-    attention_pairs: int
-    labelled: int
-
-
-def batch_tokens(batch: Mapping[str, Any]) -> BatchTokens:
-    """Count a batch's real tokens (attention mask, else every position), their attention pairs and labels."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    lengths = mask.sum(dim=1) if mask is not None else torch.full((ids.shape[0],), ids.shape[-1])
-    tokens = int(lengths.sum())
-    labels = batch.get("labels")
-    labelled = int((labels != -100).sum()) if labels is not None else tokens
-    return BatchTokens(tokens, int((lengths.long() ** 2).sum()), labelled)
 
 
 @dataclass(frozen=True)

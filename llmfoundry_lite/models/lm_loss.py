@@ -1,15 +1,14 @@
 """LM head + cross-entropy without a full (tokens, vocab) logits tensor, and metrics fed from what it computed.
 
-At a real vocabulary the head and the loss dominate a small model's step: for d=256, L=4 and vocab 30,522 the
-(2,032 x 30,522) fp32 logits are 248 MB, and the plain ``F.cross_entropy(F.linear(h, W))`` keeps them, their
-log-softmax, a zero-filled gradient and the log-softmax backward's output alive at once (~1 GB, and page faults
-on every fresh allocation). :func:`linear_cross_entropy` walks the labelled rows in chunks of a few MB instead:
-per chunk it computes the logits, the loss and -- when gradients are wanted -- the gradients of the hidden
-states and of the head's weight right away (softmax - one-hot is the logits' gradient), so backward only scales
-them. Same three matmuls as the plain path, none of the (tokens, vocab) temporaries (scripts/profile_tiny.py,
-tests/test_speed_paths.py). A decoder bias and a padded vocabulary (MosaicBERT's tied MLM decoder: rows past
-the tokenizer's vocabulary) ride along: the bias is added in the chunk's matmul, padding rows are never multiplied.
-The per-token losses and (when asked) argmax hits come out as :class:`LabelStats`,
+At a real vocabulary the head and the loss dominate a small model's step, and the plain
+``F.cross_entropy(F.linear(h, W))`` keeps the logits, their log-softmax, a zero-filled gradient and the
+log-softmax backward's output alive at once. :func:`linear_cross_entropy` walks the labelled rows in chunks
+instead: per chunk it computes the logits, the loss and -- when gradients are wanted -- the gradients of the
+hidden states and of the head's weight right away (softmax - one-hot is the logits' gradient), so backward only
+scales them. Same three matmuls as the plain path, none of the (tokens, vocab) temporaries (figures:
+docs/model-families.md; tests/test_speed_paths.py). A decoder bias and a padded vocabulary (MosaicBERT's tied
+MLM decoder: rows past the tokenizer's vocabulary) ride along: the bias is added in the chunk's matmul, padding
+rows are never multiplied. The per-token losses and (when asked) argmax hits come out as :class:`LabelStats`,
 which the metric classes below accept in place of logits: train and eval metrics cost nothing extra.
 """
 
@@ -21,10 +20,8 @@ from typing import Any, Optional
 import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 
-# Bytes of one chunk's fp32 logits. Measured on CPU (d=256, vocab 30,522, 2,032 rows, fwd+bwd, 2 threads, CPU
-# seconds, logits buffer reused across chunks): plain path 1.85; chunks of 32 MB 1.78, 128 MB 1.51, 512 MB 1.51.
-# Each chunk reads the head's weight twice and read-modify-writes its fp32 gradient once, so few large chunks win;
-# beyond ~128 MB only memory grows (one buffer of this size lives for the pass).
+# Bytes of one chunk's fp32 logits: each chunk rereads the head's weight, so few large chunks win; past this
+# size only memory grows (docs/model-families.md).
 CHUNK_BYTES = 128 * 2**20
 
 
@@ -108,8 +105,8 @@ def _chunked_pass(
         gw = None if out.grad_w is None else out.grad_w[:n_valid]  # views: padding rows are never written
         gb = None if out.grad_b is None else out.grad_b[:n_valid]
         want_grad = any(grads)
-        # One logits buffer for all chunks: a fresh ~32 MB tensor per chunk is a fresh mmap on Linux (glibc's
-        # threshold), page-faulted and zeroed on first touch, which made the logits matmul run at half speed.
+        # One logits buffer for all chunks: a fresh large tensor per chunk is a fresh mmap on Linux, page-faulted
+        # and zeroed on first touch, which halved the logits matmul's speed.
         rows = min(chunk_rows, n)
         buf = torch.empty((rows, n_valid), dtype=cdtype, device=dev)
         fbuf = buf if cdtype == torch.float32 else torch.empty(buf.shape, dtype=torch.float32, device=dev)

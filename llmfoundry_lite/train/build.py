@@ -14,6 +14,7 @@ from composer import optim as co
 from omegaconf import DictConfig
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.batch import check_vocab_fits
 from llmfoundry_lite.data.checks import check_loader, check_loader_fit
 from llmfoundry_lite.data.loaders import SplitTooSmall
 from llmfoundry_lite.errors import RecipeError
@@ -133,18 +134,8 @@ def build_model(cfg: Any, tokenizer: Any = None) -> Any:
         tokenizer = build_tokenizer(cfg)
     block = recipe_section(cfg, "model")
     vocab = block.get("vocab_size") if isinstance(block, dict) else None
-    # Token ids beyond the embedding table fail deep inside the first forward pass (or index garbage on GPU).
-    if (
-        isinstance(vocab, int)
-        and tokenizer is not None
-        and not block.get("init_from_hf")
-        and vocab < len(tokenizer)
-    ):
-        raise RecipeError(
-            f"{vocab} is smaller than the tokenizer's vocabulary ({len(tokenizer)} ids); remove model.vocab_size "
-            f"(it defaults to the tokenizer's) or set at least {len(tokenizer)}",
-            key="model.vocab_size",
-        )
+    if isinstance(vocab, int) and tokenizer is not None and not block.get("init_from_hf"):
+        check_vocab_fits(vocab, len(tokenizer), "model.vocab_size")
     return registry.build("models", block, "model", tokenizer=tokenizer)
 
 

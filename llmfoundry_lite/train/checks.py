@@ -13,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_lite.data.checks import check_recipe_data
 from llmfoundry_lite.errors import RecipeError, suggest
-from llmfoundry_lite.models.meta import check_model_shape
 from llmfoundry_lite.recipe import iter_multi
 from llmfoundry_lite.recipe.sections import register_check, register_section
+from llmfoundry_lite.train.meta import check_model_shape
 
 WANDB_FIX = (
     "run `wandb login` (or set WANDB_API_KEY), or log locally with WANDB_MODE=offline "

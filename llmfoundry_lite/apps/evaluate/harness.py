@@ -18,10 +18,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError, suggest
 
 INSTALL_HINT = 'pip install -e ".[eval]"'
-ENCODER_MODELS = ("mosaic_bert", "bert", "hf_bert")
 RESULTS_JSON = "eval.json"
 RESULTS_MD = "eval.md"
 
@@ -121,7 +121,9 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
 def _refuse_encoder(model_state: Mapping[str, Any], recipe: Optional[Mapping[str, Any]], source: str) -> None:
     name = ((recipe or {}).get("model") or {}).get("name")
     keys = list(model_state)
-    if name in ENCODER_MODELS or any(k.startswith("encoder.") or ".bert." in f".{k}" for k in keys):
+    if getattr(registry.model_family(name), "encoder", False) or any(
+        k.startswith("encoder.") or ".bert." in f".{k}" for k in keys
+    ):
         raise RecipeError(
             f"{source} is a BERT encoder ({name or 'encoder weights'}), not a decoder: lm-eval's tasks score "
             "next-token likelihoods; evaluate an encoder with `llmfoundry-lite glue`",

@@ -185,7 +185,7 @@ _GLUE_EQUIVALENT = {
 def _validate_recipe(data: Mapping[str, Any]) -> None:
     """Validate what finetuning reads: the whole recipe if it is a pretraining recipe, else its GLUE keys."""
     from llmfoundry_lite import recipe
-    from llmfoundry_lite.models.meta import check_model_shape
+    from llmfoundry_lite.train.meta import check_model_shape
 
     required = [
         name

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 from typing import Any, Optional
 
-from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.bert.config import CLASSIC, BertConfig, pad_vocab
 from llmfoundry_lite.models.bert.hf_adapter import load_hf_bert
@@ -87,24 +86,18 @@ def build_bert_mlm(
 
 
 # The tokenizer supplies the padding id; the vocabulary size is build_bert_mlm's own (optional) key.
-build_mosaic_bert = registry.models.register(
-    "mosaic_bert",
-    func=config_builder(
-        BertConfig,
-        build_bert_mlm,
-        name="build_mosaic_bert",
-        doc="MosaicBERT encoder for MLM: ALiBi, GeGLU, low-precision LayerNorm, unpadding, masked-only head.",
-        omit=("pad_token_id",),
-    ),
+build_mosaic_bert = config_builder(
+    BertConfig,
+    build_bert_mlm,
+    name="build_mosaic_bert",
+    doc="MosaicBERT encoder for MLM: ALiBi, GeGLU, low-precision LayerNorm, unpadding, masked-only head.",
+    omit=("pad_token_id",),
 )
-build_bert = registry.models.register(
-    "bert",
-    func=config_builder(
-        BertConfig,
-        build_bert_mlm,
-        name="build_bert",
-        doc="Classic BERT (learned positions, GELU MLP, LayerNorm) on the same encoder class; loads HF weights.",
-        defaults=CLASSIC,
-        omit=("pad_token_id",),
-    ),
+build_bert = config_builder(
+    BertConfig,
+    build_bert_mlm,
+    name="build_bert",
+    doc="Classic BERT (learned positions, GELU MLP, LayerNorm) on the same encoder class; loads HF weights.",
+    defaults=CLASSIC,
+    omit=("pad_token_id",),
 )

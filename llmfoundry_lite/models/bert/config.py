@@ -9,7 +9,8 @@ from typing import Any, Literal
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.models.layers import AttnImpl, Norm
+from llmfoundry_lite.models.attention import AttnImpl
+from llmfoundry_lite.models.bert.layers import Norm
 
 Position = Literal["alibi", "learned"]
 FFN = Literal["geglu", "mlp"]

@@ -54,10 +54,6 @@ _RULES = [
 ]
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def _resolve(path_or_name: str, filename: str) -> Optional[str]:
     """Local path of ``filename`` in a checkpoint folder or (cached) hub repo; None when it has none."""
     if os.path.isdir(path_or_name):

@@ -12,6 +12,8 @@ GELU MLP, LayerNorm; it loads Hugging Face ``BertModel`` / ``BertForMaskedLM`` w
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -20,22 +22,20 @@ import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import nn
 
+from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.checkpoints import check_weights_match
 from llmfoundry_lite.models.accounting import TransformerFlops, count_params
-from llmfoundry_lite.models.bert.config import BertConfig
-from llmfoundry_lite.models.layers import (
-    GeGLU,
-    GeluMLP,
-    SelfAttention,
-    TiedEmbedding,
+from llmfoundry_lite.models.attention import (
     Unpadded,
     alibi_slopes,
     check_attn_impl,
-    make_norm,
     pad,
     unpad,
     unpad_info,
 )
+from llmfoundry_lite.models.bert.config import BertConfig
+from llmfoundry_lite.models.bert.layers import GeGLU, GeluMLP, SelfAttention, make_norm
+from llmfoundry_lite.models.head import LMHead, TiedEmbedding
 from llmfoundry_lite.models.lm_loss import LabelStats, StatsAccuracy, StatsCrossEntropy
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,7 +48,7 @@ class BertEmbeddings(nn.Module):
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        # Also the MLM decoder (tied): the head calls it with unembed=True, so FSDP gathers it for that call.
+        # Also the MLM decoder (tied): the head projects through it, so FSDP gathers it for that use too.
         self.word = TiedEmbedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.position = (
             nn.Embedding(cfg.max_position_embeddings, cfg.d_model) if cfg.position == "learned" else None
@@ -214,27 +214,27 @@ class BertEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class MLMHead(nn.Module):
+class MLMHead(LMHead):
     """Dense -> GELU -> norm -> tied decoder + bias, as in BERT's ``cls.predictions``.
 
-    The decoder is the encoder's word embedding, reached through ``embeddings.word`` at call time and
-    *called* (``unembed=True``), never read as ``.weight``: under FSDP that attribute is the embedding's own
-    unit, which gathers its weight for the call; a stored weight is a shard outside the encoder's forward.
+    The decoder is the encoder's word embedding, passed per call (``tied_to``): under FSDP that is the
+    embedding's own unit, which gathers its weight for the call. Only the first ``vocab_size`` rows of the
+    padded vocabulary are scored.
     """
 
-    def __init__(self, cfg: BertConfig, embeddings: BertEmbeddings):
-        super().__init__()
+    def __init__(self, cfg: BertConfig, vocab_size: int):
+        super().__init__(
+            cfg.d_model,
+            cfg.vocab_size,
+            tied=True,
+            bias=True,
+            n_valid=vocab_size,
+            count_correct=cfg.use_train_metrics,
+        )
         self.cfg = cfg
         self.transform = nn.Linear(cfg.d_model, cfg.d_model)
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
-        self._embeddings = [embeddings]  # a list: tied, not registered (or sharded) twice
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.apply(self.param_init_fn)
-
-    @property
-    def word(self) -> nn.Module:
-        """The tied word embedding (its FSDP wrapper once sharded)."""
-        return self._embeddings[0].word
 
     def param_init_fn(self, m: nn.Module) -> None:
         """N(0, std) dense weight, zero biases, unit norm (Composer's FSDP asks the head for this)."""
@@ -251,20 +251,10 @@ class MLMHead(nn.Module):
         self,
         h: torch.Tensor,
         targets: Optional[torch.Tensor] = None,
-        n_valid: Optional[int] = None,
-        with_correct: bool = False,
+        tied_to: Optional[TiedEmbedding] = None,
     ) -> Any:
-        """(N, d) -> logits (N, padded_vocab); with ``targets`` (N,) -> (mean cross-entropy, LabelStats).
-
-        The loss path fuses decoder, bias and cross-entropy over the first ``n_valid`` vocabulary rows chunk by
-        chunk (``lm_loss.linear_cross_entropy``): no (N, vocab) logits, no slice of the padded vocabulary.
-        """
-        h = self.norm(F.gelu(self.transform(h)))
-        if targets is None:
-            return self.word(h, unembed=True, bias=self.bias)
-        return self.word(
-            h, unembed=True, bias=self.bias, targets=targets, n_valid=n_valid, with_correct=with_correct
-        )
+        """(N, d) -> logits (N, padded_vocab); with ``targets`` (N,) -> (mean cross-entropy, LabelStats)."""
+        return super().forward(self.norm(F.gelu(self.transform(h))), targets, tied_to)
 
 
 @dataclass
@@ -284,7 +274,7 @@ class MLMOutput:
     _masked_hidden: torch.Tensor  # trunk output at masked positions (the head's input)
     _hidden: torch.Tensor
     _info: Unpadded
-    _head: MLMHead
+    _head: Callable[[torch.Tensor], torch.Tensor]  # hidden -> padded-vocabulary logits
     _vocab: int
     _logits: Optional[torch.Tensor] = None
     _masked_logits: Optional[torch.Tensor] = None
@@ -321,7 +311,7 @@ class BertMLM(ComposerModel):
         self.cfg = cfg
         self.vocab_size = vocab_size  # the tokenizer's; logits are sliced to it (padded rows never win)
         self.encoder = BertEncoder(cfg)
-        self.head = MLMHead(cfg, self.encoder.embeddings)
+        self.head = MLMHead(cfg, vocab_size)
         # Counted now, before FSDP shards the parameters: the trunk's matrices for every real token; the head
         # (transform + tied decoder) only for masked tokens.
         self.flops = TransformerFlops(
@@ -339,7 +329,7 @@ class BertMLM(ComposerModel):
         return {"LanguageCrossEntropy": StatsCrossEntropy(), "MaskedAccuracy": StatsAccuracy()}
 
     def forward(self, batch: dict) -> MLMOutput:
-        """Run the trunk on real tokens, then the head only where ``labels != -100`` (all tokens if no labels)."""
+        """Run the trunk on real tokens, then the head only where labels are not IGNORE_INDEX (all if no labels)."""
         # Through the modules' __call__ (not .encode): under FSDP that is what gathers each unit's weights.
         h, info = self.encoder(
             batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), unpadded=True
@@ -348,12 +338,13 @@ class BertMLM(ComposerModel):
         if labels is None:
             labels = batch["input_ids"]
         labels = unpad(labels.reshape(info.batch, info.seq_len), info)  # (T,) labels of real tokens
-        sel = torch.nonzero(labels != -100, as_tuple=False).flatten()
+        sel = torch.nonzero(labels != IGNORE_INDEX, as_tuple=False).flatten()
         masked_h, masked_labels = h.index_select(0, sel), labels.index_select(0, sel)
-        # Head on masked tokens only, loss fused in; argmax hits only where a metric will read them.
-        with_correct = self.cfg.use_train_metrics or not torch.is_grad_enabled()
-        loss, stats = self.head(masked_h, masked_labels, n_valid=self.vocab_size, with_correct=with_correct)
-        return MLMOutput(loss, masked_labels, stats, masked_h, h, info, self.head, self.vocab_size)
+        # Head on masked tokens only, loss fused in; looked up per call, so under FSDP these are the units.
+        word = self.encoder.embeddings.word
+        loss, stats = self.head(masked_h, masked_labels, word)
+        head = functools.partial(self.head, targets=None, tied_to=word)
+        return MLMOutput(loss, masked_labels, stats, masked_h, h, info, head, self.vocab_size)
 
     def loss(self, outputs: Any, batch: dict) -> torch.Tensor:
         """Mean cross-entropy over masked tokens."""
@@ -361,7 +352,9 @@ class BertMLM(ComposerModel):
             return outputs.loss
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
         return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1), ignore_index=-100
+            logits.reshape(-1, logits.shape[-1]).float(),
+            batch["labels"].reshape(-1),
+            ignore_index=IGNORE_INDEX,
         )
 
     def eval_forward(self, batch: dict, outputs: Any = None) -> MLMOutput:

@@ -1,7 +1,7 @@
 """LLaMA-style decoders.
 
 ``model.py`` (config, layers, decoder, Composer model), ``hf_adapter.py`` (Hugging Face conversion both ways),
-``builder.py`` (the ``llama`` recipe entry; importing this package registers it).
+``builder.py`` (the ``llama`` recipe entry). Importing this package registers the family (its spec, last line).
 """
 
 from llmfoundry_lite.models.llama.builder import build_llama, build_llama_model
@@ -14,7 +14,6 @@ from llmfoundry_lite.models.llama.hf_adapter import (
     state_dict_to_hf,
 )
 from llmfoundry_lite.models.llama.model import (
-    IGNORE_INDEX,
     Attention,
     ComposerLlama,
     LlamaBlock,
@@ -25,12 +24,25 @@ from llmfoundry_lite.models.llama.model import (
     RotaryEmbedding,
     SwiGLU,
     apply_rotary,
-    build_attention_mask,
     shifted_targets,
+)
+from llmfoundry_lite.models.spec import FamilySpec, register_family
+
+LLAMA = register_family(
+    FamilySpec(
+        name="llama",
+        objective="causal_lm",
+        builders={"llama": build_llama},
+        blocks=(LlamaBlock,),
+        config_cls=LlamaConfig,
+        hf_import=load_hf_llama,
+        hf_export=state_dict_to_hf,
+        hf_config=hf_config_dict,
+    )
 )
 
 __all__ = [
-    "IGNORE_INDEX",
+    "LLAMA",
     "Attention",
     "ComposerLlama",
     "LlamaBlock",
@@ -41,7 +53,6 @@ __all__ = [
     "RotaryEmbedding",
     "SwiGLU",
     "apply_rotary",
-    "build_attention_mask",
     "build_llama",
     "build_llama_model",
     "config_from_hf",

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional
 
-from llmfoundry_lite import registry
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.batch import check_vocab_fits
 from llmfoundry_lite.models.llama.hf_adapter import load_hf_llama
 from llmfoundry_lite.models.llama.model import ComposerLlama, LlamaConfig
 from llmfoundry_lite.models.schema import config_builder, vocab_size_from
@@ -28,12 +27,9 @@ def build_llama_model(
         cfg = dataclasses.replace(cfg, attn_impl=config.attn_impl, use_train_metrics=config.use_train_metrics)
     else:
         cfg, weights = dataclasses.replace(config, vocab_size=vocab_size_from(tokenizer, vocab_size)), None
-    if tok_vocab is not None and cfg.vocab_size < tok_vocab:
-        key = "model.init_from_hf" if init_from_hf else "model.vocab_size"
-        raise RecipeError(
-            f"vocabulary size {cfg.vocab_size} is smaller than the tokenizer's {tok_vocab}; "
-            "remove vocab_size (it defaults to the tokenizer's) or raise it",
-            key=key,
+    if tok_vocab is not None:
+        check_vocab_fits(
+            cfg.vocab_size, tok_vocab, "model.init_from_hf" if init_from_hf else "model.vocab_size"
         )
     model = ComposerLlama(cfg, tokenizer, init_device="cpu" if weights is not None else init_device)
     if weights is not None:
@@ -41,12 +37,9 @@ def build_llama_model(
     return model
 
 
-build_llama = registry.models.register(
-    "llama",
-    func=config_builder(
-        LlamaConfig,
-        build_llama_model,
-        name="build_llama",
-        doc="LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, GQA); `init_from_hf` starts from a HF Llama checkpoint.",
-    ),
+build_llama = config_builder(
+    LlamaConfig,
+    build_llama_model,
+    name="build_llama",
+    doc="LLaMA-style decoder (RMSNorm, SwiGLU, RoPE, GQA); `init_from_hf` starts from a HF Llama checkpoint.",
 )

@@ -5,12 +5,10 @@ Read top to bottom: config -> norm -> rotary -> attention -> feed-forward -> blo
 applied from outside: the decoder only *declares* which modules are blocks (``fsdp_wrap_fn``,
 ``activation_checkpointing_fn``, ``param_init_fn``, the hooks Composer's FSDP wrapper looks for).
 
-Speed choices (measured on CPU, see scripts/benchmark_llama.py): one fused QKV projection, one fused gate+up
-projection, RoPE applied once to the fused q/k slice, and in training the LM head runs only on positions that
-carry a label, with the loss computed inside ``forward`` (so FSDP gathers the head's weight normally) by
-``lm_loss.linear_cross_entropy``: chunk by chunk, never a full (tokens, vocab) logits tensor, gradients taken in
-the same pass. Metrics read the summed loss and argmax hits it returns (LabelStats) instead of recomputing the
-cross-entropy over the vocabulary; train metrics are off unless ``use_train_metrics: true``.
+Speed choices (figures: docs/model-families.md): one fused QKV projection, one fused gate+up projection, RoPE
+applied once to the fused q/k slice, and in training the LM head runs only on positions that carry a label, its
+loss fused in (``head.LMHead``): no (tokens, vocab) logits tensor. Metrics read the summed loss and argmax hits
+it returns (LabelStats); train metrics are off unless ``use_train_metrics: true``.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,24 +27,24 @@ from composer.models import ComposerModel
 from torch import nn
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import TransformerFlops, parameter_counts
-from llmfoundry_lite.models.layers import (
+from llmfoundry_lite.models.attention import (
     AttnImpl,
+    KVCache,
+    LayerKV,
+    causal_attention,
     check_attn_impl,
-    flash_attn_function,
-    select_attention_kernel,
+    decoder_mask,
 )
+from llmfoundry_lite.models.head import LMHead, TiedEmbedding
 from llmfoundry_lite.models.lm_loss import (
     LabelStats,
     StatsAccuracy,
     StatsCrossEntropy,
     StatsPerplexity,
-    linear_cross_entropy,
 )
-
-IGNORE_INDEX = -100
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Config
@@ -146,7 +144,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The hand-written form beats F.rms_norm on CPU in torch 2.7 (0.30 s vs 0.39 s, fwd+bwd microbenchmark).
+        # Hand-written: faster than F.rms_norm on CPU (docs/model-families.md).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -159,8 +157,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Rotary position embeddings as unit complex numbers e^{i t theta_j}, one per (position, dimension pair).
 
-    Pairs are adjacent dimensions (2j, 2j+1) of a head (Meta's layout), so the rotation is one complex multiply:
-    3.5x faster than HF's rotate-half form on CPU (fwd+bwd microbenchmark). Converting HF weights permutes the
+    Pairs are adjacent dimensions (2j, 2j+1) of a head (Meta's layout), so the rotation is one complex multiply,
+    faster than HF's rotate-half form (docs/model-families.md). Converting HF weights permutes the
     q/k projection rows accordingly (``hf_adapter.rope_permutation``); attention scores are unchanged.
     """
 
@@ -200,34 +198,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.wo._is_residual_out = True  # scaled init
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        kv: Optional[LayerKV] = None,
+    ) -> torch.Tensor:
         B, S, _ = x.shape
         H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
         # split (not slicing): its backward is one cat instead of zero-filled full-size buffers per slice
         qk, v = self.wqkv(x).view(B, S, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=2)
         q, k = apply_rotary(qk, freqs_cis).split([H, Hkv], dim=2)  # one rotary pass for q and k together
-        # Decide from q/k/v themselves: under autocast they are bf16 while x (the block input) stays fp32.
-        flash = flash_attn_function("flash_attn_func")
-        kernel = select_attention_kernel(
-            self.attn_impl,
-            q.device.type,
-            q.dtype,
-            flash is not None,
-            None if mask is None else "a padding or document (sequence_id) mask",
-        )
-        if kernel == "flash":
-            out = flash(q, k, v, causal=True)  # (B, S, H, hd); handles GQA natively
-        else:
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if Hkv != H:  # CPU SDPA kernels need equal head counts
-                k = k.repeat_interleave(H // Hkv, dim=1)
-                v = v.repeat_interleave(H // Hkv, dim=1)
-            if mask is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            out = out.transpose(1, 2)
-        return self.wo(out.reshape(B, S, H * hd))
+        if kv is not None:  # decoding: attend to every position stored so far
+            k, v = kv.update(k, v)
+        return self.wo(causal_attention(q, k, v, self.attn_impl, mask).reshape(B, S, H * hd))
 
 
 class SwiGLU(nn.Module):
@@ -256,34 +241,14 @@ class LlamaBlock(nn.Module):
         self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
     def forward(
-        self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        kv: Optional[LayerKV] = None,
     ) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), freqs_cis, mask)
+        h = x + self.attn(self.attn_norm(x), freqs_cis, mask, kv)
         return h + self.ffn(self.ffn_norm(h))
-
-
-def build_attention_mask(
-    seq_len: int,
-    attention_mask: Optional[torch.Tensor],
-    sequence_id: Optional[torch.Tensor],
-    device: torch.device,
-) -> Optional[torch.Tensor]:
-    """Boolean (B, 1, S, S) mask (True = may attend), or None when plain causal attention suffices.
-
-    Combines causality, key padding (only when some position is padding) and document masking for packed
-    sequences (a token attends only within its own ``sequence_id``). Every query may attend to itself so that
-    fully padded rows stay finite.
-    """
-    needs_padding = attention_mask is not None and not bool(attention_mask.bool().all())
-    if sequence_id is None and not needs_padding:
-        return None
-    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None]
-    if sequence_id is not None:
-        allowed = allowed & (sequence_id[:, :, None] == sequence_id[:, None, :])
-    if needs_padding:
-        allowed = allowed & attention_mask.bool()[:, None, :]
-    allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)[None]
-    return allowed[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,18 +304,22 @@ class LlamaDecoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = (TiedEmbedding if cfg.tie_embeddings else nn.Embedding)(cfg.vocab_size, cfg.d_model)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(
+            cfg.d_model, cfg.vocab_size, tied=cfg.tie_embeddings, count_correct=cfg.use_train_metrics
+        )
         if not any(p.is_meta for p in self.parameters()):
             self.apply(self.param_init_fn)
 
     # -- hooks Composer's FSDP wrapper and checkpointing look for (model code applies neither) --
     def fsdp_wrap_fn(self, module: nn.Module) -> bool:
-        """Shard each block as its own FSDP unit."""
-        return isinstance(module, LlamaBlock)
+        """Shard each block as its own FSDP unit, and the head's weight: logits are also asked for after forward."""
+        return isinstance(module, (LlamaBlock, TiedEmbedding)) or (
+            isinstance(module, LMHead) and module.weight is not None
+        )
 
     def activation_checkpointing_fn(self, module: nn.Module) -> bool:
         """Recompute each block's activations in backward when activation checkpointing is on."""
@@ -364,67 +333,67 @@ class LlamaDecoder(nn.Module):
                 1 / math.sqrt(2 * self.cfg.n_layers) if getattr(module, "_is_residual_out", False) else 1.0
             )
             nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding) or (isinstance(module, LMHead) and module.weight is not None):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             module.reset_parameters()
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM head: final hidden states -> logits."""
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+    def head(self, hidden: torch.Tensor, targets: Optional[torch.Tensor] = None) -> Any:
+        """The LM head on final hidden states: logits, or with ``targets`` (loss, LabelStats) (see LMHead)."""
+        return self.lm_head(hidden, targets, self.embed if self.cfg.tie_embeddings else None)
 
     def hidden_states(
         self,
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         sequence_id: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B, S, d_model)."""
+        """Final-norm hidden states (B, S, d_model); with ``cache``, of positions ``cache.pos`` onwards."""
         B, S = input_ids.shape
-        if S > self.cfg.max_seq_len:
+        start = 0 if cache is None else cache.pos
+        if start + S > self.cfg.max_seq_len:
             raise ValueError(
-                f"input sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}; raise "
+                f"input sequence length {start + S} exceeds max_seq_len={self.cfg.max_seq_len}; raise "
                 "model.max_seq_len or shorten the data's sequences"
             )
+        if cache is not None and (attention_mask is not None or sequence_id is not None):
+            raise ValueError("decoding with a KV cache takes unpadded single-document rows (no masks)")
         x = self.embed(input_ids)
-        freqs_cis = self.rotary(S, x.device)
-        mask = build_attention_mask(S, attention_mask, sequence_id, x.device)
-        for block in self.blocks:
-            x = block(x, freqs_cis, mask)
+        freqs_cis = self.rotary(start + S, x.device)[start:]
+        mask = decoder_mask(S, attention_mask, sequence_id, x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, freqs_cis, mask, None if cache is None else LayerKV(cache, i))
+        if cache is not None:
+            cache.advance(S)
         return self.norm(x)
 
     def forward(
         self,
-        input_ids: Optional[torch.Tensor] = None,
+        input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
         sequence_id: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         last_logits_only: bool = False,
-        head_only: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> torch.Tensor | LlamaOutput:
         """Logits (B, S, vocab) without labels; with labels a LlamaOutput whose head ran on labelled positions only.
 
-        ``head_only``: final hidden states to run just the LM head on (through forward, so FSDP gathers it).
+        ``cache``: decode ``input_ids`` as the positions after those the cache holds, and store theirs.
         """
-        if head_only is not None:
-            return self.head(head_only)
-        hidden = self.hidden_states(input_ids, attention_mask, sequence_id)
+        hidden = self.hidden_states(input_ids, attention_mask, sequence_id, cache)
         if labels is None:
             return self.head(hidden[:, -1:] if last_logits_only else hidden)
         targets = shifted_targets(labels)
         keep = targets != IGNORE_INDEX
         label_targets = targets[keep]
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        # Head on labelled positions only (padding and last positions skipped), chunked, loss fused in. Argmax
-        # hits only where a metric will read them: evaluation, or training with use_train_metrics.
-        with_correct = self.cfg.use_train_metrics or not torch.is_grad_enabled()
-        loss, stats = linear_cross_entropy(hidden[keep], weight, label_targets, with_correct=with_correct)
+        # Head on labelled positions only (padding and last positions skipped), chunked, loss fused in.
+        loss, stats = self.head(hidden[keep], label_targets)
         return LlamaOutput(loss, stats, label_targets, hidden, keep, self.head)
 
-    def get_output_embeddings(self) -> Optional[nn.Linear]:
+    def get_output_embeddings(self) -> Optional[LMHead]:
         """The untied LM head (None when tied to the input embedding), as Hugging Face models name it."""
-        return self.lm_head
+        return None if self.cfg.tie_embeddings else self.lm_head
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -474,22 +443,15 @@ class ComposerLlama(ComposerModel):
 
     def forward(self, batch: Mapping[str, Any]) -> torch.Tensor | LlamaOutput:
         """Logits (B, S, vocab), or a LlamaOutput (loss, ``.logits``) when the batch has labels."""
-        out = self.model(
+        return self.model(
             batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             sequence_id=batch.get("sequence_id"),
             labels=batch.get("labels"),
         )
-        if isinstance(out, LlamaOutput):
-            out._head = self._lm_head
-        return out
-
-    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        # `self.model` is looked up per call: once Composer wraps it in FSDP, this goes through the wrapper.
-        return self.model(head_only=hidden)
 
     def loss(self, outputs: Any, batch: Mapping[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Mean token cross-entropy of next-token prediction (labels shifted by one, -100 ignored)."""
+        """Mean token cross-entropy of next-token prediction (labels shifted by one, IGNORE_INDEX ignored)."""
         if isinstance(outputs, LlamaOutput):
             return outputs.loss
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
@@ -537,26 +499,57 @@ class ComposerLlama(ComposerModel):
         eos_token_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         stop_early: bool = True,
+        top_p: Optional[float] = None,
+        use_cache: bool = True,
+        on_token: Optional[Callable[[torch.Tensor], None]] = None,
     ) -> torch.Tensor:
-        """Sample continuations of ``input_ids`` (B, S) without a KV cache (temperature 0 = greedy)."""
+        """Sample continuations of ``input_ids`` (B, S) (temperature 0 = greedy); returns prompt + new tokens.
+
+        With ``use_cache`` the prompt runs once (prefill) and each step feeds only the newest token, reading
+        earlier keys/values from a KVCache; past ``max_seq_len`` a step recomputes the last ``max_seq_len``
+        tokens, as without the cache. ``top_k``/``top_p`` filter the distribution before sampling;
+        ``on_token`` gets each step's new tokens (B,), for streaming.
+        """
         ids = input_ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        max_len = self.cfg.max_seq_len
+        cache = KVCache(self.cfg.n_layers, max_len) if use_cache else None
         for _ in range(max_new_tokens):
-            ctx = ids[:, -self.cfg.max_seq_len :]
-            logits = self.model(ctx, last_logits_only=True)[:, -1].float()
-            if temperature <= 0:
-                nxt = logits.argmax(-1)
+            if cache is not None and ids.shape[1] <= max_len:
+                logits = self.model(ids[:, cache.pos :], last_logits_only=True, cache=cache)
             else:
-                logits = logits / temperature
-                if top_k is not None and top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(ids.device)
+                logits = self.model(ids[:, -max_len:], last_logits_only=True)
+            nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done = done | (nxt == eos_token_id)
             ids = torch.cat((ids, nxt[:, None]), dim=1)
+            if on_token is not None:
+                on_token(nxt)
             if stop_early and eos_token_id is not None and bool(done.all()):
                 break
         return ids
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Next tokens (B,) from last-position logits (B, vocab): argmax at temperature 0, else a filtered sample."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        # nucleus: keep the most likely tokens whose mass reaches top_p (the first one always)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        sorted_drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(sorted_drop.scatter(-1, order, sorted_drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)

@@ -17,15 +17,15 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity, Maske
 from composer.models import HuggingFaceModel
 from torch import nn
 
-from llmfoundry_lite import registry
+from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.compat import no_split_module_names
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import TransformerFlops, count_params, layer_shape, parameter_counts
 from llmfoundry_lite.models.schema import vocab_size_from
+from llmfoundry_lite.models.spec import FamilySpec, register_family
 
-# Composer 0.32.1's ALiBi surgery on transformers' BERT (recipes/mosaicbert/hf-bert-mosaic-algorithms.yaml) trains
-# with transformers 4.51.3-4.53.3 and fails from 4.54 (measured with 4.57.6: its replacement forward is called with
-# `past_key_values`). The project pins transformers<4.54 for this; a newer install is reported, never patched.
+# Composer 0.32.1's ALiBi surgery on transformers' BERT fails from transformers 4.54 (its replacement forward is
+# called with `past_key_values`); the project pins transformers<4.54, and a newer install is reported, not patched.
 ALIBI_HF_BERT_BREAKS_AT = "4.54"
 
 
@@ -169,7 +169,6 @@ def _from_pretrained(cls: Any, path: str, **kw: Any) -> Any:
         ) from None
 
 
-@registry.models.register("hf_bert")
 def build_hf_bert(
     tokenizer: Any = None,
     *,
@@ -209,11 +208,10 @@ def build_hf_bert(
             pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0, **(config_overrides or {}),
         )  # fmt: skip
         model = AutoModelForMaskedLM.from_config(cfg, attn_implementation=attn_implementation)
-    metrics = [LanguageCrossEntropy(), MaskedAccuracy(ignore_index=-100)]
+    metrics = [LanguageCrossEntropy(), MaskedAccuracy(ignore_index=IGNORE_INDEX)]
     return HFMaskedLM(declare_fsdp_blocks(model), tokenizer=tokenizer, use_logits=True, metrics=metrics)
 
 
-@registry.models.register("hf_causal_lm")
 def build_hf_causal_lm(
     tokenizer: Any = None,
     *,
@@ -245,3 +243,10 @@ def build_hf_causal_lm(
     return HFCausalLM(
         declare_fsdp_blocks(model), tokenizer=tokenizer, use_logits=True, metrics=metrics, shift_labels=True
     )
+
+
+# Blocks are the wrapped architecture's own (declare_fsdp_blocks finds them per model).
+HF_BERT = register_family(FamilySpec(name="hf_bert", objective="mlm", builders={"hf_bert": build_hf_bert}))
+HF_CAUSAL_LM = register_family(
+    FamilySpec(name="hf_causal_lm", objective="causal_lm", builders={"hf_causal_lm": build_hf_causal_lm})
+)

@@ -1,8 +1,11 @@
-"""Transformer building blocks shared by the model families: attention, unpadding, norms, feed-forward nets.
+"""Attention apart from the model math: kernel choice, masks, GQA, varlen (unpadded) sequences, a KV cache.
 
-Attention runs through flash-attn or ``torch.nn.functional.scaled_dot_product_attention``; which one is
-decided per call by :func:`select_attention_kernel` from what actually reaches the kernel (device, dtype of
-q/k/v, mask). Both compute the same function, so models can be trained on GPU and evaluated on CPU.
+A family's attention module projects q/k/v and calls one function here: :func:`causal_attention` (decoders:
+causal, padding and document masks, grouped-query heads, decoding against a :class:`KVCache`) or
+:func:`varlen_attention` (encoders on unpadded tokens, ALiBi). Each runs flash-attn or
+``torch.nn.functional.scaled_dot_product_attention``, decided per call by :func:`select_attention_kernel` from
+what actually reaches the kernel (device, dtype of q/k/v, mask). Both compute the same function, so models can
+be trained on GPU and evaluated on CPU.
 """
 
 from __future__ import annotations
@@ -11,14 +14,12 @@ import math
 import typing
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.models.lm_loss import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------------------
 # flash-attn (optional, lazily imported: it only builds on CUDA machines) and the choice of kernel
@@ -110,8 +111,32 @@ def select_attention_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ALiBi (Press et al., "Train Short, Test Long")
+# Masks: causal + padding + documents (decoders), ALiBi (Press et al., "Train Short, Test Long")
 # ---------------------------------------------------------------------------------------------------------
+
+
+def decoder_mask(
+    seq_len: int,
+    attention_mask: Optional[torch.Tensor],
+    sequence_id: Optional[torch.Tensor],
+    device: torch.device,
+) -> Optional[torch.Tensor]:
+    """Boolean (B, 1, S, S) mask (True = may attend), or None when plain causal attention suffices.
+
+    Combines causality, key padding (only when some position is padding) and document masking for packed
+    sequences (a token attends only within its own ``sequence_id``). Every query may attend to itself so that
+    fully padded rows stay finite.
+    """
+    needs_padding = attention_mask is not None and not bool(attention_mask.bool().all())
+    if sequence_id is None and not needs_padding:
+        return None
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None]
+    if sequence_id is not None:
+        allowed = allowed & (sequence_id[:, :, None] == sequence_id[:, None, :])
+    if needs_padding:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)[None]
+    return allowed[:, None]
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -139,7 +164,97 @@ def alibi_bias(slopes: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Unpadding: run token-wise layers only on real tokens
+# Decoders: causal attention with grouped-query heads, optionally against a KV cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, one preallocated (B, max_len, kv_heads, head_dim) pair per layer.
+
+    ``pos`` is the number of positions already stored (the rotary offset of the next token); a forward writes
+    each layer's new keys/values at ``pos`` (:meth:`update`), then the decoder :meth:`advance` s it once.
+    Buffers take the dtype and device of the first keys stored, so they follow autocast.
+    """
+
+    def __init__(self, n_layers: int, max_len: int):
+        self.max_len = max_len
+        self.pos = 0
+        self.keys: list[Optional[torch.Tensor]] = [None] * n_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * n_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` (B, S, kv_heads, head_dim) at positions pos..pos+S; return all stored so far."""
+        end = self.pos + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
+        if self.keys[layer] is None:
+            self.keys[layer] = k.new_empty(k.shape[0], self.max_len, *k.shape[2:])
+            self.values[layer] = v.new_empty(v.shape[0], self.max_len, *v.shape[2:])
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, self.pos : end] = k
+        values[:, self.pos : end] = v
+        return keys[:, :end], values[:, :end]
+
+    def advance(self, n: int) -> None:
+        """Mark ``n`` more positions as stored (after every layer has written them)."""
+        self.pos += n
+
+
+@dataclass
+class LayerKV:
+    """One layer's view of a :class:`KVCache` (what a block's attention writes to)."""
+
+    cache: KVCache
+    layer: int
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See :meth:`KVCache.update`."""
+        return self.cache.update(self.layer, k, v)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    impl: str,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Causal attention, q (B, Sq, H, hd) over k/v (B, Sk, Hkv, hd) -> (B, Sq, H, hd).
+
+    ``Sq < Sk`` is decoding: the queries are the last ``Sq`` positions (a bottom-right aligned causal mask).
+    ``mask`` is :func:`decoder_mask`'s (padding/documents, Sq == Sk) or None. Fewer kv heads (GQA) are
+    repeated for SDPA; flash-attn takes them as they are.
+    """
+    B, Sq, H, hd = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    flash = flash_attn_function("flash_attn_func")
+    kernel = select_attention_kernel(
+        impl,
+        q.device.type,
+        q.dtype,
+        flash is not None,
+        None if mask is None else "a padding or document (sequence_id) mask",
+    )
+    if kernel == "flash":
+        return flash(q, k, v, causal=True)  # bottom-right aligned when Sq < Sk (flash-attn >= 2.1)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if Hkv != H:  # CPU SDPA kernels need equal head counts
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    if mask is not None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    elif Sq == Sk:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif Sq == 1:  # the newest token sees every stored position
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:  # SDPA's is_causal aligns top-left; decoding needs bottom-right
+        allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=q.device).tril(diagonal=Sk - Sq)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Encoders: bidirectional attention over unpadded (varlen) token streams
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -193,11 +308,6 @@ def pad(x: torch.Tensor, info: Unpadded) -> torch.Tensor:
     return out.reshape(info.batch, info.seq_len, *x.shape[1:])
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Attention
-# ---------------------------------------------------------------------------------------------------------
-
-
 def attention_bias(info: Unpadded, slopes: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive SDPA mask: key padding (B,1,1,S) plus ALiBi (1,H,S,S) when ``slopes`` is given; None if neither.
 
@@ -217,170 +327,44 @@ def attention_bias(info: Unpadded, slopes: torch.Tensor | None, dtype: torch.dty
     return bias
 
 
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention with a fused QKV projection, on unpadded tokens."""
+def varlen_attention(
+    qkv: torch.Tensor,
+    info: Unpadded,
+    impl: str,
+    slopes: Optional[torch.Tensor] = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Bidirectional attention over the sequences ``info`` describes: packed qkv (T, 3, H, hd) -> (T, H * hd).
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        attn_dropout: float = 0.0,
-        bias: bool = True,
-        attn_impl: str = "auto",
-    ):
-        super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.attn_dropout = attn_dropout
-        self.attn_impl = attn_impl
-        self.Wqkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # one GEMM instead of three
-        self.out = nn.Linear(d_model, d_model, bias=bias)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        info: Unpadded,
-        slopes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """(T, d) -> (T, d) over the sequences described by ``info``; ``slopes`` are ALiBi's (or None)."""
-        T, d = x.shape
-        qkv = self.Wqkv(x)  # under autocast this is bf16 whatever x is: choose the kernel from it
-        dropout = self.attn_dropout if self.training else 0.0
-        fn = flash_attn_function("flash_attn_varlen_qkvpacked_func")
-        kernel = select_attention_kernel(
-            self.attn_impl,
-            qkv.device.type,
-            qkv.dtype,
-            fn is not None,
-            # the varlen kernel takes sequence boundaries, not a key-padding mask inside the stream
-            "a key-padding mask over padding kept in the token stream (unpad: false)"
-            if info.padded_stream
-            else None,
+    ``slopes`` are ALiBi's (fp32, (H,)) or None. flash-attn's varlen kernel takes the token stream as it is;
+    the SDPA path pads per batch (attention is a small share of the FLOPs at encoder lengths) and masks padded
+    keys, while the caller's projections and FFNs stay unpadded.
+    """
+    T, _, H, hd = qkv.shape
+    fn = flash_attn_function("flash_attn_varlen_qkvpacked_func")
+    kernel = select_attention_kernel(
+        impl,
+        qkv.device.type,
+        qkv.dtype,
+        fn is not None,
+        # the varlen kernel takes sequence boundaries, not a key-padding mask inside the stream
+        "a key-padding mask over padding kept in the token stream (unpad: false)"
+        if info.padded_stream
+        else None,
+    )
+    if kernel == "flash":
+        ctx = fn(
+            qkv,
+            info.cu_seqlens,  # int32 (B+1,), on the tokens' device
+            info.max_seqlen,  # a Python int: a tensor here would sync or fail
+            dropout_p=dropout,
+            causal=False,
+            # flash-attn wants fp32 (nheads,) slopes; its bias -slope*|i-j| is ALiBi's symmetric one
+            alibi_slopes=None if slopes is None else slopes.to(qkv.device, torch.float32),
         )
-        if kernel == "flash":
-            ctx = fn(
-                qkv.view(T, 3, self.n_heads, self.head_dim),
-                info.cu_seqlens,  # int32 (B+1,), on the tokens' device
-                info.max_seqlen,  # a Python int: a tensor here would sync or fail
-                dropout_p=dropout,
-                causal=False,
-                # flash-attn wants fp32 (nheads,) slopes; its bias -slope*|i-j| is ALiBi's symmetric one
-                alibi_slopes=None if slopes is None else slopes.to(qkv.device, torch.float32),
-            )
-            return self.out(ctx.reshape(T, d))
-        # SDPA path: attention itself is a small share of the FLOPs at BERT lengths, so it runs padded per
-        # batch (bias masks padded keys) while the projections and FFNs stay unpadded.
-        B, S = info.batch, info.seq_len
-        qkv = pad(qkv, info).view(B, S, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        bias = attention_bias(info, slopes, q.dtype)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        ctx = ctx.transpose(1, 2).reshape(B, S, d)
-        return self.out(unpad(ctx, info))
-
-
-class TiedEmbedding(nn.Embedding):
-    """An embedding that is also the tied output projection: ``forward(h, unembed=True) = h @ weight.T``.
-
-    Models call it for both uses instead of reading ``.weight`` elsewhere, so when FSDP wraps it as a unit every
-    use runs inside that unit's forward, with its weight gathered.
-    """
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        unembed: bool = False,
-        bias: Optional[torch.Tensor] = None,
-        targets: Optional[torch.Tensor] = None,
-        n_valid: Optional[int] = None,
-        with_correct: bool = False,
-    ) -> Any:
-        """Ids (...) -> (..., d); with ``unembed``, hidden states (..., d) -> logits (..., vocab) plus ``bias``.
-
-        With ``unembed`` and ``targets`` (N,): hidden states (N, d) -> (mean cross-entropy, LabelStats) over the
-        first ``n_valid`` vocabulary rows, fused and chunked (``lm_loss.linear_cross_entropy``): no logits kept.
-        """
-        if not unembed:
-            return super().forward(x)
-        if targets is None:
-            return F.linear(x, self.weight, bias)
-        return linear_cross_entropy(
-            x, self.weight, targets, bias=bias, n_valid=n_valid, with_correct=with_correct
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Feed-forward networks
-# ---------------------------------------------------------------------------------------------------------
-
-
-class GeluMLP(nn.Module):
-    """Classic BERT feed-forward: Linear -> GELU (erf) -> Linear."""
-
-    def __init__(self, d_model: int, d_ff: int, bias: bool = True):
-        super().__init__()
-        self.up = nn.Linear(d_model, d_ff, bias=bias)
-        self.down = nn.Linear(d_ff, d_model, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., d) -> (..., d)."""
-        return self.down(F.gelu(self.up(x)))
-
-
-class GeGLU(nn.Module):
-    """Gated GELU feed-forward as in MosaicBERT (``BertGatedLinearUnitMLP``; Shazeer 2020's GEGLU).
-
-    One bias-free up-projection yields [gate | value]; dropout acts on ``gelu(gate) * value`` *before* the
-    down-projection (which has a bias), so the caller adds no dropout of its own after it.
-    """
-
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
-        super().__init__()
-        self.d_ff = d_ff
-        self.up = nn.Linear(d_model, 2 * d_ff, bias=False)  # [gate | value] in one GEMM, as the reference
-        self.dropout = nn.Dropout(dropout)
-        self.down = nn.Linear(d_ff, d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., d) -> (..., d)."""
-        gate, value = self.up(x).split(self.d_ff, dim=-1)
-        return self.down(self.dropout(F.gelu(gate) * value))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Norms
-# ---------------------------------------------------------------------------------------------------------
-
-
-class LowPrecisionLayerNorm(nn.LayerNorm):
-    """LayerNorm that runs in the autocast dtype (e.g. bf16) instead of being upcast to fp32.
-
-    Outside autocast it is an ordinary LayerNorm; the parameters stay fp32 and are cast per call.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise ``x`` in the current autocast precision."""
-        device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return super().forward(x)
-        dtype = torch.get_autocast_dtype(device_type)
-        w = self.weight.to(dtype) if self.weight is not None else None
-        b = self.bias.to(dtype) if self.bias is not None else None
-        with torch.autocast(device_type=device_type, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps)
-
-
-# "fused_layernorm" is the name the MosaicBERT reference YAMLs use (Composer's apex-based FusedLayerNorm, gone
-# from Composer): an alias of the low-precision LayerNorm, which serves the same purpose (a LayerNorm that does not
-# upcast to fp32), so those recipes keep working with the same behaviour.
-Norm = Literal["layernorm", "low_precision_layernorm", "fused_layernorm"]
-NORMS: dict[str, type[nn.LayerNorm]] = {
-    "layernorm": nn.LayerNorm,
-    "low_precision_layernorm": LowPrecisionLayerNorm,
-    "fused_layernorm": LowPrecisionLayerNorm,
-}
-
-
-def make_norm(kind: Norm, d_model: int, eps: float) -> nn.Module:
-    """A norm of one of the :data:`Norm` kinds (the choice is checked where the config is)."""
-    return NORMS[kind](d_model, eps=eps)
+        return ctx.reshape(T, H * hd)
+    B, S = info.batch, info.seq_len
+    q, k, v = pad(qkv, info).view(B, S, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    bias = attention_bias(info, slopes, q.dtype)
+    ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    return unpad(ctx.transpose(1, 2).reshape(B, S, H * hd), info)
