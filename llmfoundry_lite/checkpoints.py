@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 
 LATEST = "latest-rank0.pt"  # Composer's symlink to the last checkpoint of rank 0
 # Prefixes DDP / FSDP / activation checkpointing / torch.compile may leave in parameter names.
@@ -86,9 +86,8 @@ def load_model_state(path: str | os.PathLike, key: str = "checkpoint") -> dict[s
     try:  # full unpickling: Composer checkpoints hold Python objects besides tensors
         ckpt = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, unpicklable, not a torch file
-        first = str(e).splitlines()[0] if str(e) else ""
         raise RecipeError(
-            f"cannot read checkpoint {str(file)!r}: {type(e).__name__}: {first}", key=key
+            f"cannot read checkpoint {str(file)!r}: {type(e).__name__}: {first_line(str(e))}", key=key
         ) from None
     state = ckpt.get("state", ckpt) if isinstance(ckpt, Mapping) else None
     model_state = state.get("model") if isinstance(state, Mapping) else None

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 
+from llmfoundry_lite import startup
 from llmfoundry_lite.compat import NO_SUCH_COMMAND, UNEXPECTED_EXTRA_ARGS, click_classes
 from llmfoundry_lite.errors import RecipeError, suggest
 from llmfoundry_lite.quiet import DEBUG_ENV
@@ -358,6 +359,7 @@ def _usage_detail(e: Any, ctx: Any, raw: str, argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
+    startup.install_lean_imports()  # before any verb imports Composer
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line (users add it after the verb when a command fails).
     debug = "--debug" in argv
@@ -406,9 +408,7 @@ def _main(argv: list[str], debug: bool) -> int:
 
 def run() -> None:
     """The ``llmfoundry-lite`` command: :func:`main`, then exit without the interpreter's slow teardown."""
-    from llmfoundry_lite import compat
-
-    compat.exit_fast(main())
+    startup.exit_fast(main())
 
 
 if __name__ == "__main__":

@@ -251,7 +251,8 @@ def test_lean_imports_defer_what_composer_pulls_in_and_keep_it_working():
     # A fresh interpreter, as the CLI starts: compat first, then Composer (scripts/benchmark_cli.py measures it).
     code = """
 import sys, types
-import llmfoundry_lite.compat as compat
+import llmfoundry_lite.startup as compat
+compat.install_lean_imports()  # what the CLI's main does first
 import composer, composer.algorithms  # train/build.py imports the algorithms package (transformers' BERT)
 heavy = [m for m in ("sklearn", "scipy.signal", "scipy.stats", "scipy.optimize", "pandas", "mcli.api", "matplotlib")
          if m in sys.modules]
@@ -290,7 +291,7 @@ print("ok")
 def test_lean_imports_stand_in_loads_the_real_scipy_signal_on_any_other_name():
     code = """
 import sys
-from llmfoundry_lite import compat
+from llmfoundry_lite import startup as compat
 stand_in = compat._signal_stand_in()
 sys.modules["scipy.signal"] = stand_in
 assert stand_in.hamming(5).shape == (5,)  # forwarded to scipy.signal.windows.hamming
@@ -308,7 +309,7 @@ def test_exit_fast_runs_what_a_normal_exit_runs(tmp_path):
         f"""
         import atexit, threading, time
         from concurrent.futures import ThreadPoolExecutor
-        from llmfoundry_lite import compat
+        from llmfoundry_lite import startup as compat
         kept = open({str(tmp_path / "unclosed.txt")!r}, "w")
         kept.write("tail")  # buffered, never closed
         atexit.register(lambda: open({str(tmp_path / "atexit.txt")!r}, "w").write("ran"))
@@ -328,3 +329,73 @@ def test_exit_fast_runs_what_a_normal_exit_runs(tmp_path):
     assert out.stderr == ""
     for name, text in (("unclosed.txt", "tail"), ("atexit.txt", "ran"), ("thread.txt", "done")):
         assert (tmp_path / name).read_text() == text, name
+
+
+def test_importing_the_shims_installs_no_import_hook():
+    """The lean-import hook is installed by the CLI's main, explicitly; importing a module changes nothing."""
+    code = """
+import sys
+import llmfoundry_lite.compat, llmfoundry_lite.startup, llmfoundry_lite.cli
+assert not any(type(f).__name__ == "_LeanImports" for f in sys.meta_path), sys.meta_path
+llmfoundry_lite.startup.install_lean_imports()
+assert type(sys.meta_path[0]).__name__ == "_LeanImports"
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_tested_versions_are_the_installed_ones():
+    """The table says what tests/test_compat.py ran against: this environment's versions (update both together)."""
+    for t in compat.TESTED_VERSIONS:
+        installed = compat.installed_version(t.distribution)
+        assert compat.untested(t.distribution, installed) == (), (
+            f"{t.distribution} {installed} is installed, compat.TESTED_VERSIONS says {t.version}: check the shims "
+            f"{', '.join(t.shims)} with this file, then update the table"
+        )
+    assert compat.untested("transformers", "4.53.9") == ()  # a prefix: any 4.53.x
+    assert compat.untested("mosaicml", "0.33.0") == (
+        "use_cpu_model_lookup",
+        "restore_checkpoint_rng",
+        "save_checkpoint_now",
+    )
+
+
+def test_an_untested_version_warns_once_naming_the_shims(monkeypatch):
+    monkeypatch.setattr(compat, "_checked", set())
+    monkeypatch.setattr(compat, "installed_version", lambda d: "0.99.0" if d == "mosaicml" else "x")
+    with pytest.warns(compat.UntestedVersionWarning) as record:
+        compat.check_version("mosaicml")
+        compat.check_version("mosaicml")  # once per process
+    assert len(record) == 1
+    text = str(record[0].message)
+    assert "mosaicml 0.99.0" in text and "restore_checkpoint_rng" in text and "0.32.1" in text
+
+
+def test_restore_checkpoint_rng_refuses_when_composer_moved_the_field(tmp_path):
+    trainer = _tiny_trainer(tmp_path)
+    assert compat.restore_checkpoint_rng(trainer) is False  # a fresh run: nothing pending
+    del trainer._rng_state  # what a Composer that keeps it elsewhere looks like
+    with pytest.raises(compat.CompatError, match=r"restore_checkpoint_rng: Trainer\._rng_state"):
+        compat.restore_checkpoint_rng(trainer)
+
+
+def test_save_checkpoint_now_refuses_without_composers_private_save():
+    with pytest.raises(compat.CompatError, match="save_checkpoint_now"):
+        compat.save_checkpoint_now(object(), None, None)
+
+
+def test_hub_offline_refuses_when_transformers_no_longer_reads_its_flag(monkeypatch):
+    import huggingface_hub.constants as hc
+    import transformers.utils.hub as th
+
+    before = hc.HF_HUB_OFFLINE, th._is_offline_mode
+    monkeypatch.setattr(th, "is_offline_mode", lambda: False)  # reads something else now
+    with pytest.raises(compat.CompatError, match="hub_offline"):
+        with compat.hub_offline():
+            pass
+    assert (hc.HF_HUB_OFFLINE, th._is_offline_mode) == before  # restored
+    monkeypatch.delattr(th, "_is_offline_mode")
+    with pytest.raises(compat.CompatError, match="_is_offline_mode is gone"):
+        with compat.hub_offline():
+            pass

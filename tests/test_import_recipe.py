@@ -3,13 +3,19 @@ that validate, with every key that has no equivalent listed with its reason."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
 
 from llmfoundry_lite.apps.import_recipe import import_recipe, register_cli, translate
 from llmfoundry_lite.errors import RecipeError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # llm-foundry scripts/train/yamls/pretrain/mpt-125m.yaml, with the ALiBi/QK-clip/sequence-id settings of its
 # "realistic" variant and a foundry-only callback, top-level free variables as in the older format.
@@ -503,3 +509,74 @@ def test_streams_become_a_mixture(tmp_path, causal_mds_dir, llama_tokenizer_dir)
     out.write_text(yaml.safe_dump(t.recipe))
     cfg = load_recipe(out, check_resources=True)  # the stream folders and the tokenizer are real here
     assert set(cfg.train_loader.streams) == {"web", "books"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``llmfoundry-lite ARGS`` in a fresh process, the hub offline (nothing may download)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "llmfoundry_lite.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_cli_says_what_it_checked_instead_of_valid(tmp_path, llama_tokenizer_dir):
+    """A hub tokenizer and data that is not here: the structure validates, `validate` would not; it says so."""
+    src = _write(
+        tmp_path, "mpt-125m.yaml", MPT_125M, data=tmp_path / "no-data", tokenizer="EleutherAI/gpt-neox-20b"
+    )
+    out = tmp_path / "ours.yaml"
+    run = _cli("import-recipe", str(src), "-o", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "valid: llmfoundry-lite train" not in run.stdout
+    assert "structure valid; not ready to train: " in run.stdout
+    assert "not checked here (fetched at run time): hub tokenizer 'EleutherAI/gpt-neox-20b'" in run.stdout
+    assert f"when they are in place: llmfoundry-lite validate {out}" in run.stdout
+    check = _cli("validate", str(out))  # what the report promised: validate fails on it too
+    assert check.returncode == 2
+
+    strict = _cli("import-recipe", str(src), "-o", str(out), "--check")
+    assert strict.returncode == 2 and len(strict.stderr.strip().splitlines()) == 1, strict.stderr
+    assert "Traceback" not in strict.stderr
+
+
+def test_cli_says_valid_only_when_validate_passes(tmp_path, causal_mds_dir, llama_tokenizer_dir):
+    src = _write(tmp_path, "mpt-125m.yaml", MPT_125M, data=causal_mds_dir, tokenizer=llama_tokenizer_dir)
+    out = tmp_path / "ours.yaml"
+    run = _cli("import-recipe", str(src), "-o", str(out))
+    assert run.returncode == 0 and f"valid: llmfoundry-lite train {out}" in run.stdout, (
+        run.stdout + run.stderr
+    )
+    assert _cli("validate", str(out)).returncode == 0
+
+
+def test_hub_hf_causal_lm_starts_from_the_checkpoint_not_the_default_shape(tmp_path, llama_tokenizer_dir):
+    """`pretrained: false` with a hub name and no local config.json: init_from_hf, never LLaMA's default shape."""
+    src = _write(
+        tmp_path,
+        "hf-llama.yaml",
+        HF_LLAMA,
+        data=tmp_path / "no-data",
+        model="meta-llama/Llama-3.1-8B",
+        tokenizer=llama_tokenizer_dir,
+    )
+    out = tmp_path / "llama.yaml"
+    run = _cli("import-recipe", str(src), "-o", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    model = yaml.safe_load(out.read_text())["model"]
+    assert model["name"] == "llama" and model["init_from_hf"] == "meta-llama/Llama-3.1-8B"
+    assert not {"d_model", "n_layers", "n_heads"} & set(model)  # the shape comes from the checkpoint
+    assert "model.pretrained: false (that architecture, fresh weights)" in run.stdout
+    assert "hub checkpoint 'meta-llama/Llama-3.1-8B'" in run.stdout
+
+
+def test_one_of_our_recipes_is_refused_in_one_line(tmp_path):
+    ours = ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml"
+    out = tmp_path / "x.yaml"
+    run = _cli("import-recipe", str(ours), "-o", str(out))
+    assert run.returncode == 2 and not out.exists()
+    err = run.stderr.strip()
+    assert err.count("\n") == 0 and "already a llmfoundry-lite recipe" in err and str(ours) in err, err

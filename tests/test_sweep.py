@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ import yaml
 
 from llmfoundry_lite.sweep import METRICS_FILE, TRAIN_LOSS, read_metrics
 from llmfoundry_lite.sweep.grammar import parse_arguments, split_values
-from llmfoundry_lite.sweep.study import plan_sweep
+from llmfoundry_lite.sweep.plan import plan_sweep
+from llmfoundry_lite.sweep.storage import default_storage, open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
@@ -42,6 +44,19 @@ def sweep(capsys, *args: str) -> tuple[int, str, str]:
 
 def loss_lines(folder: Path) -> int:
     return sum(1 for r in read_metrics(folder / METRICS_FILE) if TRAIN_LOSS in r)
+
+
+def wait_for_plots(out: Path, timeout: float = 120.0) -> str:
+    """The background plot process's log once it is done (the sweep command does not wait for it)."""
+    from llmfoundry_lite.sweep.plots import DONE_LINE, LOG_FILE
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = (out / LOG_FILE).read_text() if (out / LOG_FILE).exists() else ""
+        if DONE_LINE in log:
+            return log
+        time.sleep(0.2)
+    raise AssertionError(f"plots not drawn in {timeout:.0f} s: {log}")
 
 
 def summary_rows(out: Path) -> dict[str, dict]:
@@ -101,7 +116,7 @@ def test_grid_sweep_runs_summarizes_and_rerun_continues_the_study(tiny_bert, tmp
     assert rc == 0, stdout + stderr
     assert "(grid, pruning none)" in stdout
 
-    study = optuna.load_study(study_name="grid", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="grid", storage=open_storage(default_storage(out)))
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
     points = {(t.params["optimizer.lr"], t.params["model.intermediate_size"]) for t in trials}
@@ -140,6 +155,8 @@ def test_grid_sweep_runs_summarizes_and_rerun_continues_the_study(tiny_bert, tmp
     assert "best: " + best[0]["trial"] in stdout and "final train loss" in stdout  # console table
     import matplotlib.image
 
+    assert "drawn in the background" in stdout
+    wait_for_plots(out)
     image = matplotlib.image.imread(out / "summary.png")
     assert image.shape[0] >= 300 and image.shape[1] >= 900  # loss curves + one panel per swept key
     for png in ("history.png", "importance.png", "parallel.png"):  # Optuna's plots (2 params: importances)
@@ -150,6 +167,7 @@ def test_grid_sweep_runs_summarizes_and_rerun_continues_the_study(tiny_bert, tmp
     rc, stdout, _ = sweep(capsys, *args)
     assert rc == 0 and "started" not in stdout and "4 of 4 trials already finished" in stdout
     assert len(study.get_trials()) == 4 and all(loss_lines(out / t) == 3 for t in rows)
+    wait_for_plots(out)
 
 
 def test_validation_errors_stop_the_sweep_before_anything_starts(tiny_bert, tmp_path, capsys, monkeypatch):

@@ -16,7 +16,8 @@ from pathlib import Path
 import optuna
 
 from llmfoundry_lite.sweep import METRICS_FILE, TRAIN_LOSS, read_metrics
-from llmfoundry_lite.sweep.study import A_FOLDER, A_REQUEUED, A_RETRY_OF, PRUNED_FILE
+from llmfoundry_lite.sweep.storage import A_FOLDER, A_REQUEUED, A_RETRY_OF, default_storage, open_storage
+from llmfoundry_lite.sweep.worker import PRUNED_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
@@ -46,7 +47,7 @@ def test_median_pruning_stops_a_hopeless_trial_and_a_diverging_one_fails(
     rc = main(["sweep", QUICKSTART, *args])
     stdout = capsys.readouterr().out
     assert rc == 1, stdout
-    study = optuna.load_study(study_name="pr", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="pr", storage=open_storage(default_storage(out)))
     trials = {t.params["optimizer.lr"]: t for t in study.get_trials()}
     assert [t.params["optimizer.lr"] for t in study.get_trials()] == ["3e-3", "1e-9", "1e30"]
     good, diverged, hopeless = trials["3e-3"], trials["1e30"], trials["1e-9"]
@@ -104,7 +105,7 @@ def test_a_killed_sweep_resumes_its_trial_from_the_checkpoint(tiny_bert, tmp_pat
     deadline = time.time() + 60  # the trial gets SIGTERM when its parent dies and checkpoints on the way out
     while _trial_processes("run_name=kill-t000") and time.time() < deadline:
         time.sleep(0.2)
-    storage = f"sqlite:///{out / 'study.db'}"
+    storage = open_storage(default_storage(out))
     assert [t.state.name for t in optuna.load_study(study_name="kill", storage=storage).trials] == ["RUNNING"]
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

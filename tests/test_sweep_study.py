@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 
 from llmfoundry_lite.recipe import load_recipe
-from llmfoundry_lite.sweep.study import (
+from llmfoundry_lite.sweep.plan import plan_sweep
+from llmfoundry_lite.sweep.storage import (
     A_FOLDER,
     A_OWNER,
     A_REQUEUED,
     A_RETRY_OF,
     A_SURPLUS,
     ask_next,
-    open_study,
+    make_pruner,
     own_trials,
-    plan_sweep,
     requeue_dead,
 )
 
@@ -52,10 +52,10 @@ def draw(tiny_bert, tmp_path, sampler: str, seed: int, n: int = 12) -> list[dict
         seed=seed,
         out=tmp_path / f"{sampler}{seed}",
     )
-    study = open_study(plan)
+    study = plan.open_study()
     dists = plan.distributions()
     points = []
-    while (trial := ask_next(study, plan, dists)) is not None:
+    while (trial := ask_next(study, plan.n_trials, dists)) is not None:
         params = {a.key: a.text(trial.params[a.key]) for a in plan.axes}
         points.append(params)
         study.tell(trial, float(trial.params["optimizer.lr"]))  # any objective: TPE needs values
@@ -87,19 +87,21 @@ def test_sampling_is_seeded_within_bounds_and_stops_at_the_budget(tiny_bert, tmp
 
 def test_a_surplus_ask_never_runs_and_workers_agree_on_the_budget(tiny_bert, tmp_path):
     plan = plan_sweep(QUICKSTART, [*fixed(tiny_bert), "optimizer.lr=1e-3,2e-3,3e-3"], out=tmp_path / "g")
-    a, b = open_study(plan), open_study(plan)  # two workers of one SQLite study
+    a, b = plan.open_study(), plan.open_study()  # two workers of one SQLite study
     dists = plan.distributions()
-    t0, t1 = ask_next(a, plan, dists), ask_next(b, plan, dists)
+    t0, t1 = ask_next(a, plan.n_trials, dists), ask_next(b, plan.n_trials, dists)
     raced = []
     ask = a.ask
 
     def ask_after_b(fixed_distributions):  # b asks between a's budget check and a's own ask
-        raced.append(ask_next(b, plan, dists))
+        raced.append(ask_next(b, plan.n_trials, dists))
         return ask(fixed_distributions)
 
     a.ask = ask_after_b
-    assert ask_next(a, plan, dists) is None  # b's trial took number 2: a's (number 3) is over the budget
-    assert ask_next(b, plan, dists) is None
+    assert (
+        ask_next(a, plan.n_trials, dists) is None
+    )  # b's trial took number 2: a's (number 3) is over the budget
+    assert ask_next(b, plan.n_trials, dists) is None
     surplus = [t for t in a.get_trials() if t.user_attrs.get(A_SURPLUS)]
     assert [t.number for t in surplus] == [3] and surplus[0].state.name == "FAIL"
     assert [t.number for t in own_trials(a)] == [0, 1, 2] and raced[0].number == 2
@@ -109,32 +111,32 @@ def test_a_surplus_ask_never_runs_and_workers_agree_on_the_budget(tiny_bert, tmp
 
 def test_trial_of_a_dead_worker_is_requeued_with_its_parameters_and_folder(tiny_bert, tmp_path):
     plan = plan_sweep(QUICKSTART, [*fixed(tiny_bert), "optimizer.lr=1e-3,2e-3"], out=tmp_path / "d")
-    study = open_study(plan)
+    study = plan.open_study()
     dists = plan.distributions()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan = ask_next(study, plan, dists)
+    orphan = ask_next(study, plan.n_trials, dists)
     orphan.set_user_attr(A_FOLDER, "t000")
     orphan.set_user_attr(A_OWNER, f"{socket.gethostname()}:{dead.pid}")
-    alive = ask_next(study, plan, dists)
+    alive = ask_next(study, plan.n_trials, dists)
     alive.set_user_attr(A_FOLDER, "t001")
     alive.set_user_attr(A_OWNER, f"{socket.gethostname()}:{subprocess.os.getpid()}")
     said = []
-    assert requeue_dead(open_study(plan), said.append) == 1 and "[t000]" in said[0]
+    assert requeue_dead(plan.open_study(), said.append) == 1 and "[t000]" in said[0]
     trials = study.get_trials()
     assert trials[0].state.name == "FAIL" and trials[0].user_attrs[A_REQUEUED]
     assert trials[1].state.name == "RUNNING"  # its worker (this process) is alive
-    retry = ask_next(study, plan, dists)  # the queued copy comes first, beyond the fresh-trial budget
+    retry = ask_next(
+        study, plan.n_trials, dists
+    )  # the queued copy comes first, beyond the fresh-trial budget
     assert retry is not None and retry.number == 2 and retry.user_attrs[A_RETRY_OF] == 0
     assert retry.params == orphan.params and retry.user_attrs[A_FOLDER] == "t000"
     assert [t.number for t in own_trials(study)] == [1, 2]
-    assert ask_next(study, plan, dists) is None
+    assert ask_next(study, plan.n_trials, dists) is None
 
 
 def test_pruners_take_their_resources_from_the_recipe(tiny_bert, tmp_path):
     import optuna
-
-    from llmfoundry_lite.sweep.study import make_pruner
 
     args = [*fixed(tiny_bert), "max_duration=40ba", "eval_interval=5ba", "optimizer.lr=1e-3,2e-3"]
     plan = plan_sweep(QUICKSTART, args, prune="hyperband", out=tmp_path / "h")

@@ -4,18 +4,49 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from typing import Any, Optional
 
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.sweep.study import (
-    SweepPlan,
-    open_study,
-    own_trials,
-    plan_sweep,
-    run_worker,
-    write_record,
-    write_slurm_script,
-)
+from llmfoundry_lite.sweep.plan import SweepPlan, plan_sweep, write_record, write_slurm_script
+from llmfoundry_lite.sweep.storage import A_FOLDER, A_OWNER, requeue_dead, unfinished
+
+# How often a sweep waiting for other workers' trials looks at the study again.
+WAIT_POLL_S = 2.0
+
+
+def _pending_text(trials: list[Any]) -> str:
+    """``t003 (host:pid), t004 (queued)`` for trials still running or queued."""
+    parts = []
+    for t in trials:
+        tid = t.user_attrs.get(A_FOLDER) or f"t{t.number:03d}"
+        where = t.user_attrs.get(A_OWNER) if t.state.name == "RUNNING" else "queued"
+        parts.append(f"{tid} ({where})" if where else tid)
+    return ", ".join(parts)
+
+
+def wait_for_others(plan: SweepPlan, study: Any, parallel: int, echo: Any) -> Any:
+    """Wait until no trial of the study is running in another worker; run any that get queued meanwhile.
+
+    A trial queued while waiting is a retry of one whose worker died (found by :func:`requeue_dead`):
+    this worker runs it, so a dead worker never leaves the summary waiting for ever.
+    """
+    from llmfoundry_lite.sweep.worker import TrialRunner
+
+    said = None
+    while True:
+        requeue_dead(study, echo)
+        pending = unfinished(study)
+        if not pending:
+            return study
+        if any(t.state.name == "WAITING" for t in pending):
+            study = TrialRunner(plan, study, parallel, echo).run()
+            continue
+        text = _pending_text(pending)
+        if text != said:
+            echo(f"waiting for {len(pending)} trial(s) still running in other workers: {text}")
+            said = text
+        time.sleep(WAIT_POLL_S)
 
 
 def _remote_data_warning(plan: SweepPlan) -> Optional[str]:
@@ -39,6 +70,7 @@ def run_sweep(
 ) -> int:
     """Write the sweep record, then write the Slurm script (dry run), or run trials and summarise; exit code."""
     from llmfoundry_lite.sweep.summary import summarize
+    from llmfoundry_lite.sweep.worker import run_worker
 
     if parallel < 1:
         raise RecipeError(f"--parallel must be at least 1, got {parallel}", key="--parallel")
@@ -60,7 +92,7 @@ def run_sweep(
     for note in plan.notes:
         echo(f"note: {note}")
     if summary_only:
-        study = open_study(plan, create=False)
+        study = plan.open_study(create=False)
     else:
         if parallel > 1:
             warning = _remote_data_warning(plan)
@@ -69,14 +101,16 @@ def run_sweep(
         study = run_worker(plan, parallel, echo, worker=worker)
         if worker:  # several workers share the study: the summary is a separate --summary-only run
             return 0
-    rows = summarize(plan, study, echo)
+        study = wait_for_others(plan, study, parallel, echo)
+    # After trials, the plots are drawn off the command's critical path; --summary-only draws them in place.
+    rows = summarize(plan, study, echo, background_plots=not summary_only)
+    pending = unfinished(study)
+    if pending:  # --summary-only while workers still run
+        echo(f"{len(pending)} trial(s) still running in other workers: {_pending_text(pending)}")
     failed = [r for r in rows if r.state == "FAIL"]
     if failed:
         echo(f"{len(failed)} of {len(rows)} trials failed: " + ", ".join(r.tid for r in failed))
         return 1
-    unfinished = [t for t in own_trials(study) if not t.state.is_finished()]
-    if unfinished and not summary_only:
-        echo(f"{len(unfinished)} trials still running in other workers")
     return 0
 
 

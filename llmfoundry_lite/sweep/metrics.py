@@ -7,6 +7,7 @@ pick the same metric from the same names.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -44,6 +45,16 @@ def final_train_loss(records: list[dict]) -> float | None:
     """The last logged training loss."""
     curve = loss_curve(records)
     return curve[-1][1] if curve else None
+
+
+def best_value(records: list[dict], metric: str, maximize: bool) -> float | None:
+    """The best finite value of ``metric`` over a trial's records (final train loss for the train loss)."""
+    if metric == TRAIN_LOSS:
+        loss = final_train_loss(records)
+        return loss if loss is not None and math.isfinite(loss) else None
+    values = [r[metric] for r in records if isinstance(r.get(metric), (int, float))]
+    values = [v for v in values if math.isfinite(v)]
+    return (max(values) if maximize else min(values)) if values else None
 
 
 def eval_metric_names(records: list[dict]) -> list[str]:
@@ -87,3 +98,10 @@ def error_line(text: str) -> str:
         if pattern.match(ln):
             return ln[:300]
     return lines[-1][:300] if lines else "(no output)"
+
+
+def fmt_seconds(s: float | None) -> str:
+    """Seconds as ``12.3s`` or ``4m05s`` ('' for None)."""
+    if s is None:
+        return ""
+    return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"

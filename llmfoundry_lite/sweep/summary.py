@@ -1,44 +1,29 @@
 """A sweep's results: one row per trial (parameters, state, metric, batches, tok/s, GPU-hours, $), what pruning
-saved, ``summary.csv``, ``summary.md``, ``summary.png`` (loss curves, metric against each swept key) and Optuna's
-matplotlib plots (optimisation history, parameter importances, parallel coordinates)."""
+saved, ``summary.csv`` and ``summary.md``; the plots are :mod:`.plots`'."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from llmfoundry_lite.sweep.grammar import Axis
+from llmfoundry_lite.sweep import plots
 from llmfoundry_lite.sweep.metrics import (
     METRICS_FILE,
-    TRAIN_LOSS,
+    best_value,
     choose_metric,
     eval_metric_names,
     final_train_loss,
+    fmt_seconds,
     loss_curve,
     metric_label,
     read_metrics,
 )
-from llmfoundry_lite.sweep.study import (
-    A_BATCHES,
-    A_ERROR,
-    A_FOLDER,
-    A_WALL,
-    LOG_FILE,
-    SweepPlan,
-    best_value,
-    own_trials,
-)
-
-PLOTS = {
-    "history.png": "optimisation history",
-    "importance.png": "parameter importances",
-    "parallel.png": "parallel coordinates",
-}
+from llmfoundry_lite.sweep.plan import SweepPlan
+from llmfoundry_lite.sweep.storage import A_BATCHES, A_ERROR, A_FOLDER, A_WALL, own_trials
+from llmfoundry_lite.sweep.worker import LOG_FILE
 
 
 @dataclasses.dataclass
@@ -180,12 +165,6 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
-def _fmt_seconds(s: Optional[float]) -> str:
-    if s is None:
-        return ""
-    return f"{s:.1f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
 def _table(plan: SweepPlan, rows: list[Row], metric: str) -> tuple[list[str], list[list[str]]]:
     header = ["best", "trial", *(a.key for a in plan.axes), "state", metric_label(metric), "batches"]
     header += ["final train loss", "tokens/s", "device-hours", "$", "wall time"]
@@ -194,7 +173,7 @@ def _table(plan: SweepPlan, rows: list[Row], metric: str) -> tuple[list[str], li
         cells = ["*" if r.best else "", r.tid, *(r.params.get(a.key, "") for a in plan.axes)]
         cells += [r.state, _fmt(r.value, ".4g"), str(r.batches), _fmt(r.final_loss, ".4f")]
         cells += [_fmt(r.tokens_per_s, ",.0f"), _fmt(r.gpu_hours, ".3g"), _fmt(r.usd, ".3g")]
-        cells.append(_fmt_seconds(r.wall_s))
+        cells.append(fmt_seconds(r.wall_s))
         body.append(cells)
     return header, body
 
@@ -269,194 +248,11 @@ def write_markdown(
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------------------
+def summarize(plan: SweepPlan, study: Any, echo: Any = print, background_plots: bool = False) -> list[Row]:
+    """Collect results, print the table and write summary.csv, summary.md and the PNGs.
 
-
-def _as_number(text: str) -> Optional[float]:
-    try:
-        x = float(text)
-    except ValueError:
-        return None
-    return x if math.isfinite(x) else None
-
-
-def _plot_metric_vs_key(
-    ax: Any, plan: SweepPlan, rows: list[Row], axis: Axis, colors: dict, short: dict
-) -> None:
-    """Scatter the ranking metric of trials that have one against one swept key's value."""
-    pts = [
-        (r, r.params.get(axis.key, ""))
-        for r in rows
-        if r.value is not None and r.state in ("COMPLETE", "PRUNED")
-    ]
-    if not pts:
-        ax.text(0.5, 0.5, "no finished trials", ha="center", va="center", transform=ax.transAxes)
-        return
-    numeric = all(_as_number(v) is not None for _, v in pts)
-    if numeric:
-        xs = [float(_as_number(v)) for _, v in pts]  # type: ignore[arg-type]
-        if min(xs) > 0 and max(xs) / min(xs) >= 10:
-            ax.set_xscale("log")
-        distinct = sorted({(x, v) for x, (_, v) in zip(xs, pts)})
-        if axis.kind in ("grid", "choice", "int") and len(distinct) <= 8:
-            # Discrete values: tick exactly those, written as on the command line.
-            ax.set_xticks([x for x, _ in distinct], [v for _, v in distinct])
-            ax.minorticks_off()
-    else:
-        cats = [v for v in (axis.values or []) if any(v == pv for _, pv in pts)]
-        xs = [float(cats.index(v)) for _, v in pts]
-        ax.set_xticks(range(len(cats)), cats, rotation=20 if max(len(c) for c in cats) > 6 else 0)
-        ax.set_xlim(-0.5, len(cats) - 0.5)
-    # Grid: trials that differ only in this key are joined by a line, one per setting of the others.
-    others = [a.key for a in plan.axes if a.key != axis.key]
-    groups: dict[tuple, list[tuple[float, float]]] = {}
-    for (r, _), x in zip(pts, xs):
-        if r.state == "COMPLETE":
-            groups.setdefault(tuple(r.params.get(k) for k in others), []).append((x, r.value))  # type: ignore[arg-type]
-    lines = {g: sorted(p) for g, p in groups.items() if len(p) > 1} if plan.sampler == "grid" else {}
-    if lines and len(lines) <= 8:
-        for g, p in lines.items():
-            label = " ".join(f"{short[k]}={v}" for k, v in zip(others, g))
-            ax.plot([a for a, _ in p], [b for _, b in p], color="0.55", linewidth=1, zorder=1)
-            ax.annotate(label, p[-1], textcoords="offset points", xytext=(6, -10), fontsize=7, color="0.35")
-    ax.margins(x=0.15)
-    for (r, _), x in zip(pts, xs):
-        ax.scatter(
-            [x],
-            [r.value],
-            s=160 if r.best else 50,
-            color=colors[r.tid],
-            marker="*" if r.best else ("o" if r.state == "COMPLETE" else "x"),
-            edgecolors="black" if r.state == "COMPLETE" else None,
-            linewidths=0.6 if r.state == "COMPLETE" else 1.5,
-            zorder=3,
-        )
-        ax.annotate(r.tid, (x, r.value), textcoords="offset points", xytext=(5, 4), fontsize=7)
-
-
-def plot_summary(plan: SweepPlan, rows: list[Row], metric: str) -> Path:
-    """``summary.png``: every trial's loss curve, and the ranking metric against each swept key."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    n_panels = 1 + len(plan.axes)
-    cols = min(3, n_panels)
-    nrows = math.ceil(n_panels / cols)
-    fig, axs = plt.subplots(nrows, cols, figsize=(6.0 * cols, 4.4 * nrows), squeeze=False)
-    flat = list(axs.flat)
-    cmap = plt.get_cmap("tab10" if len(rows) <= 10 else "viridis")
-    colors = {r.tid: cmap(i if len(rows) <= 10 else i / max(1, len(rows) - 1)) for i, r in enumerate(rows)}
-    short = {a.key: a.key.rsplit(".", 1)[-1] for a in plan.axes}
-
-    ax = flat[0]
-    for r in rows:
-        pts = [(s, v) for s, v in r.curve if math.isfinite(v)]
-        if not pts:
-            continue
-        label = f"{r.tid} " + " ".join(f"{short.get(k, k)}={v}" for k, v in r.params.items())
-        if r.state != "COMPLETE":
-            label += f" ({r.state.lower()})"
-        if r.best:
-            label += " ★ best"
-        ax.plot(
-            [p[0] for p in pts],
-            [p[1] for p in pts],
-            marker="o" if len(pts) < 30 else None,
-            markersize=3,
-            linewidth=2.6 if r.best else 1.4,
-            linestyle="-" if r.state == "COMPLETE" else "--",
-            color=colors[r.tid],
-            label=label,
-        )
-    ax.set_title("Training loss (dashed: pruned or failed)", fontsize=10)
-    ax.set_xlabel("batch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    if ax.lines and len(rows) <= 16:
-        ax.legend(fontsize=8, loc="best")
-    elif not ax.lines:
-        ax.text(0.5, 0.5, "no training loss logged", ha="center", va="center", transform=ax.transAxes)
-
-    ylabel = "best " + metric_label(metric) if metric != TRAIN_LOSS else metric_label(metric)
-    direction = "higher is better" if plan.direction == "maximize" else "lower is better"
-    n_failed = sum(1 for r in rows if r.state == "FAIL")
-    for i, axis in enumerate(plan.axes, start=1):
-        _plot_metric_vs_key(flat[i], plan, rows, axis, colors, short)
-        ax = flat[i]
-        title = f"{ylabel} vs {axis.key} (x: pruned)"
-        ax.set_title(title + (f"\n({n_failed} failed trial(s) not shown)" if n_failed else ""), fontsize=10)
-        ax.set_xlabel(axis.key)
-        ax.set_ylabel(f"{ylabel}\n({direction})")
-        ax.grid(alpha=0.3)
-    for ax in flat[n_panels:]:
-        ax.axis("off")
-    fig.suptitle(f"Sweep {plan.name}: {len(rows)} trials of {Path(plan.recipe).name}", fontsize=12)
-    fig.tight_layout()
-    path = plan.out / "summary.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _importance_evaluator() -> Any:
-    """fANOVA (Optuna's default) needs scikit-learn; without it, PED-ANOVA (numpy only)."""
-    from optuna import importance
-
-    try:
-        import sklearn  # noqa: F401
-
-        return importance.FanovaImportanceEvaluator(seed=0)
-    except ImportError:
-        return importance.PedAnovaImportanceEvaluator()
-
-
-def plot_optuna(plan: SweepPlan, study: Any, n_params: int) -> tuple[dict[str, str], list[str]]:
-    """Optuna's matplotlib plots as PNGs; returns {file: what} written and notes on the ones skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
-
-    complete = [t for t in own_trials(study) if t.state.name == "COMPLETE"]
-    makers: dict[str, Any] = {"history.png": lambda: vis.plot_optimization_history(study)}
-    notes = []
-    if n_params >= 2 and len(complete) >= 2:
-        makers["importance.png"] = lambda: vis.plot_param_importances(
-            study, evaluator=_importance_evaluator()
-        )
-    else:
-        notes.append("parameter importances need 2 swept keys and 2 complete trials")
-    if len(complete) >= 1:
-        makers["parallel.png"] = lambda: vis.plot_parallel_coordinate(study)
-    written = {}
-    for name, make in makers.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-            try:
-                ax = make()
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
-                fig.tight_layout()
-                fig.savefig(plan.out / name, dpi=110)
-                plt.close(fig)
-                written[name] = PLOTS[name]
-            except Exception as e:  # a plot Optuna cannot draw for this study (too few trials, ...)
-                notes.append(
-                    f"{PLOTS[name]} not drawn: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                )
-                plt.close("all")
-    return written, notes
-
-
-def summarize(plan: SweepPlan, study: Any, echo: Any = print) -> list[Row]:
-    """Collect results, print the table and write summary.csv, summary.md and the PNGs."""
+    ``background_plots``: the PNGs are drawn by a detached process, so the command ends with the table.
+    """
     rows, metric = collect(plan, study)
     if plan.metric and metric.rsplit("/", 1)[-1] != plan.metric and metric != plan.metric:
         if plan.metric != "train_loss":
@@ -472,13 +268,20 @@ def summarize(plan: SweepPlan, study: Any, echo: Any = print) -> list[Row]:
     saved = savings(plan, rows)
     if saved is not None:
         echo(saved.line())
-    plots = {"summary.png": "training loss of every trial, and the metric against each swept key"}
-    plot_summary(plan, rows, metric)
-    extra, notes = plot_optuna(plan, study, len(plan.axes))
-    plots.update(extra)
+    n_complete = sum(1 for r in rows if r.state == "COMPLETE")
+    optuna_plots, notes = plots.planned(len(plan.axes), n_complete)
+    planned = {**plots.SUMMARY_PLOT, **optuna_plots}
     for note in notes:
         echo(f"note: {note}")
     csv_path = write_csv(plan, rows, metric)
-    md_path = write_markdown(plan, rows, metric, saved, plots)
-    echo(f"summary: {md_path}  {csv_path}  " + "  ".join(str(plan.out / p) for p in plots))
+    md_path = write_markdown(plan, rows, metric, saved, planned)
+    echo(f"summary: {md_path}  {csv_path}")
+    pngs = "  ".join(str(plan.out / p) for p in planned)
+    if background_plots:
+        pid = plots.draw_in_background(plan, rows, metric, list(optuna_plots))
+        echo(f"plots (drawn in the background, pid {pid}, log {plan.out / plots.LOG_FILE}): {pngs}")
+    else:
+        for note in plots.draw(plan, study, rows, metric, list(optuna_plots)):
+            echo(f"note: {note}")
+        echo(f"plots: {pngs}")
     return rows

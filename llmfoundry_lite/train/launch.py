@@ -14,6 +14,7 @@ import traceback
 
 import click
 
+from llmfoundry_lite import startup
 from llmfoundry_lite.errors import RecipeError
 
 # Only the standard library here: the stop-signal handlers go in before torch and Composer load (seconds).
@@ -208,6 +209,7 @@ def _die_with_parent() -> None:
 
 def entrypoint(argv: list[str]) -> int:
     """One training process: ``RECIPE [key=value ...] [--debug]``; errors print one line (on rank 0)."""
+    startup.install_lean_imports()  # as the CLI's main: before anything imports Composer
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmfoundry_lite import registry
-from llmfoundry_lite.errors import RecipeError, suggest
+from llmfoundry_lite.errors import RecipeError, first_line, suggest
 
 INSTALL_HINT = 'pip install -e ".[eval]"'
 RESULTS_JSON = "eval.json"
@@ -150,7 +150,7 @@ def load_checkpoint_model(
         model.model.load_state_dict(decoder_sd, strict=True)
     except RuntimeError as e:
         raise RecipeError(
-            f"checkpoint weights do not match its llama config: {str(e).splitlines()[0]}", key="CHECKPOINT"
+            f"checkpoint weights do not match its llama config: {first_line(e)}", key="CHECKPOINT"
         ) from None
     return model.to(torch.device(device)).eval(), tok
 
@@ -220,7 +220,7 @@ def run_tasks(
             )
     except (ConnectionError, FileNotFoundError) as e:  # a task's data: not downloadable offline, or missing
         raise RecipeError(
-            f"cannot load the data of {', '.join(tasks)}: {type(e).__name__}: {str(e).splitlines()[0]}; lm-eval "
+            f"cannot load the data of {', '.join(tasks)}: {type(e).__name__}: {first_line(str(e))}; lm-eval "
             "downloads its tasks' data from the Hugging Face Hub (run once with internet to cache it), and a "
             "local task's data_files are relative to the working directory",
             key="--tasks",

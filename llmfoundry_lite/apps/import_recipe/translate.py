@@ -1,5 +1,5 @@
-"""`llmfoundry-lite import-recipe FOUNDRY.yaml [-o OURS.yaml]`: an llm-foundry (or mosaicml/examples BERT) YAML
-translated into a recipe here, validated, with every key that has no equivalent listed with the reason.
+"""An llm-foundry (or mosaicml/examples BERT) YAML translated section by section into a recipe here, with every
+key that has no equivalent listed with the reason (the model block is :mod:`.models`').
 
 Read from the formats of llm-foundry's ``scripts/train/yamls/pretrain`` (``mpt-*.yaml``, ``hf-llama-*.yaml``:
 ``variables``, ``model`` with ``mpt_causal_lm`` / ``hf_causal_lm``, ``tokenizer``, loaders with a nested
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Optional
 
-from llmfoundry_lite.errors import RecipeError, suggest
+from llmfoundry_lite.apps.import_recipe.models import MODEL_TRANSLATORS
+from llmfoundry_lite.errors import RecipeError, first_line, suggest
 
 # Top-level keys with the same name and meaning here (Composer Trainer arguments, as in llm-foundry).
 SAME_TOP_LEVEL = (
@@ -83,8 +82,6 @@ UNMAPPED_CALLBACKS = {
     "fdiff_metrics": "no equivalent",
     "eval_output_logging": "no equivalent",
 }
-MPT_ATTN_IMPL = {"flash": "flash", "torch": "sdpa", "triton": "auto"}
-MPT_LLAMA_NORMS = ("rmsnorm", "low_precision_rmsnorm", "triton_rmsnorm")
 # Framework-set or renamed keys of the text loader's dataset block.
 DATASET_RENAMED = {
     "mlm_probability": "train_loader.collator.mlm_probability",
@@ -103,6 +100,7 @@ class Translation:
     unmapped: dict[str, str]
     notes: dict[str, str]
     inlined: list[str]
+    checked: list[str] = dataclasses.field(default_factory=list)  # what validating the written recipe found
 
     def report(self, out: Optional[str] = None) -> str:
         """The lines `import-recipe` prints."""
@@ -120,7 +118,9 @@ class Translation:
         return "\n".join(lines)
 
 
-class _Translator:
+class Translator:
+    """Translates the resolved source section by section into ``out``, recording what has no equivalent."""
+
     def __init__(self, data: dict, referenced: set[str], source: str):
         self.src = data
         self.referenced = referenced
@@ -171,17 +171,11 @@ class _Translator:
                 "has no model block with a name; is this an llm-foundry training YAML?", key="model"
             )
         name = model["name"]
-        if name == "mpt_causal_lm":
-            self.kind = "llm-foundry MPT -> llama"
-            self._mpt(model)
-        elif name == "hf_causal_lm":
-            self._hf_causal_lm(model)
-        elif name == "mosaic_bert":
-            self.kind = "mosaicml/examples MosaicBERT -> mosaic_bert"
-            self._mosaic_bert(model)
+        if name in MODEL_TRANSLATORS:
+            MODEL_TRANSLATORS[name](self, model)
         else:
             raise RecipeError(
-                f"model {name!r}{suggest(name, ('mpt_causal_lm', 'hf_causal_lm', 'mosaic_bert'))} is not one "
+                f"model {name!r}{suggest(name, MODEL_TRANSLATORS)} is not one "
                 "import-recipe translates; it reads mpt_causal_lm, hf_causal_lm "
                 "(llm-foundry) and mosaic_bert (mosaicml/examples)",
                 key="model.name",
@@ -211,212 +205,6 @@ class _Translator:
         self._multi("loggers", "loggers")
         self._fsdp()
         self._top_level()
-
-    def _mpt(self, m: Mapping[str, Any]) -> None:
-        attn = dict(m.get("attn_config") or {})
-        ffn = dict(m.get("ffn_config") or {})
-        d = m.get("d_model", 2048)
-        out: dict[str, Any] = {"name": "llama"}
-        for k in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
-            if k in m:
-                out[k] = m[k]
-        out["tie_embeddings"] = bool(m.get("tie_word_embeddings", True))  # MPT ties by default
-        if m.get("init_device") in ("meta", "cpu"):
-            out["init_device"] = m["init_device"]
-        elif "init_device" in m:
-            self.unmapped["model.init_device"] = f"{m['init_device']!r}: only cpu or meta here"
-        # Positions: LLaMA has rotary embeddings; MPT has learned positions unless alibi or rope is set.
-        if attn.get("rope"):
-            if "rope_theta" in attn:
-                out["rope_theta"] = float(attn["rope_theta"])
-            if (
-                attn.get("rope_impl", "dail") == "dail"
-                and attn.get("rope_dail_config", {}).get("type") == "xpos"
-            ):
-                self.notes["model.attn_config.rope_dail_config"] = (
-                    "xPos is not LLaMA's RoPE; plain RoPE is used"
-                )
-        elif attn.get("alibi"):
-            self.notes["model.attn_config.alibi"] = "MPT's ALiBi biases are not LLaMA's; the recipe uses RoPE"
-        elif m.get("learned_pos_emb", True):
-            self.notes["model.learned_pos_emb"] = (
-                "MPT's learned position embeddings (its default) are not LLaMA's; the recipe uses RoPE"
-            )
-        for k in ("rope", "rope_theta", "rope_impl", "rope_dail_config", "rope_hf_config", "alibi"):
-            attn.pop(k, None)
-        if not attn.get("alibi") and "alibi_bias_max" in attn:
-            attn.pop("alibi_bias_max")
-        # Normalization.
-        norm = m.get("norm_type", "low_precision_layernorm")
-        if norm not in MPT_LLAMA_NORMS:
-            which = "" if "norm_type" in m else " (MPT's default)"
-            self.notes["model.norm_type"] = (
-                f"{norm}{which} is a LayerNorm, not LLaMA's RMSNorm; the recipe uses RMSNorm"
-            )
-        if "norm_eps" in m:
-            out["norm_eps"] = m["norm_eps"]
-        # Feed-forward: LLaMA's is SwiGLU without biases.
-        ffn_type = ffn.pop("ffn_type", "mptmlp")
-        act = (ffn.pop("ffn_act_fn", None) or {}).get("name", "gelu" if ffn_type == "mptmlp" else "silu")
-        ratio = m.get("expansion_ratio", 4)
-        if ffn_type == "mptglu" and act in ("silu", "swish"):
-            out["ffn_hidden_size"] = int(ffn.pop("ffn_hidden_size", None) or ratio * d)
-        else:
-            self.notes["model.ffn_config"] = (
-                f"MPT's {ffn_type} with {act} (expansion_ratio {ratio}) is not LLaMA's SwiGLU; the recipe uses "
-                "SwiGLU with LLaMA's hidden size (2/3 x 4 x d_model, rounded to 256: about the same parameters)"
-            )
-            ffn.pop("ffn_hidden_size", None)
-        for k in ffn:
-            self.unmapped[f"model.ffn_config.{k}"] = "no equivalent in the LLaMA decoder"
-        if not m.get("no_bias", False):
-            self.notes["model.no_bias"] = "MPT has biases unless no_bias: true; the LLaMA decoder has none"
-        # Attention.
-        if attn.get("attn_type", "multihead_attention") == "grouped_query_attention":
-            out["n_kv_heads"] = attn.get("kv_n_heads", 1)
-        elif attn.get("attn_type") == "multiquery_attention":
-            out["n_kv_heads"] = 1
-        attn.pop("attn_type", None)
-        attn.pop("kv_n_heads", None)
-        impl = attn.pop("attn_impl", None)
-        if impl is not None:
-            out["attn_impl"] = MPT_ATTN_IMPL.get(impl, "auto")
-            if impl == "triton":
-                self.notes["model.attn_config.attn_impl"] = (
-                    "no triton kernel here; auto uses flash-attn when installed, else PyTorch SDPA"
-                )
-        if attn.pop("attn_uses_sequence_id", False):
-            self.sequence_id = True  # the causal_lm collator emits sequence_id: no attention across documents
-        for k, v in attn.items():
-            if k == "sliding_window_size" and v in (-1, None):
-                continue
-            if k in ("attn_pdrop", "clip_qkv", "softmax_scale") and not v:
-                continue
-            if k == "qk_ln" and not v:
-                continue
-            self.unmapped[f"model.attn_config.{k}"] = "no equivalent in the LLaMA decoder"
-        for k in ("resid_pdrop", "emb_pdrop"):
-            if m.get(k):
-                self.unmapped[f"model.{k}"] = "the LLaMA decoder has no dropout"
-        known = {
-            "name", "d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size", "tie_word_embeddings",
-            "init_device", "attn_config", "ffn_config", "norm_type", "norm_eps", "expansion_ratio", "no_bias",
-            "learned_pos_emb", "resid_pdrop", "emb_pdrop",
-        }  # fmt: skip
-        reasons = {
-            "init_config": "initialization here is LLaMA's (normal, std model.init_std)",
-            "logit_scale": "no equivalent in the LLaMA decoder",
-            "loss_fn": "a kernel choice; the loss here is torch cross-entropy",
-            "fc_type": "a kernel choice (Transformer Engine); layers here are torch.nn.Linear",
-            "use_cache": "generation setting; no equivalent in training",
-            "verbose": "no equivalent",
-            "embedding_fraction": "no equivalent in the LLaMA decoder",
-            "use_pad_tok_in_ffn": "no equivalent in the LLaMA decoder",
-        }
-        for k in m:
-            if k not in known:
-                self.unmapped[f"model.{k}"] = reasons.get(k, "no equivalent in the LLaMA decoder")
-        self.out["model"] = out
-
-    def _hf_causal_lm(self, m: Mapping[str, Any]) -> None:
-        name = m.get("pretrained_model_name_or_path")
-        if not name:
-            raise RecipeError(
-                "hf_causal_lm needs pretrained_model_name_or_path", key="model.pretrained_model_name_or_path"
-            )
-        pretrained = bool(m.get("pretrained", True))
-        config = _local_hf_config(name)
-        is_llama = (config or {}).get("model_type") == "llama" or "llama" in str(name).lower()
-        out: dict[str, Any]
-        if is_llama:
-            self.kind = "llm-foundry hf_causal_lm (Llama) -> llama"
-            out = {"name": "llama"}
-            if pretrained:
-                out["init_from_hf"] = name  # shape and weights from the checkpoint, as from_pretrained does
-            elif config is not None:
-                out.update(_llama_shape(config))
-            else:
-                self.notes["model.pretrained_model_name_or_path"] = (
-                    f"pretrained: false reads the architecture of {name!r} from the hub at run time in llm-foundry; "
-                    "here the shape is written out and the recipe has the llama defaults (d_model 768, 12 layers) "
-                    "until you set model.d_model/n_layers/n_heads/n_kv_heads/ffn_hidden_size/vocab_size from its "
-                    "config.json, or import again from a local folder that holds it"
-                )
-        else:
-            self.kind = "llm-foundry hf_causal_lm -> hf_causal_lm"
-            out = {"name": "hf_causal_lm"}
-            if pretrained:
-                out["init_from_hf"] = name
-            elif config is not None:
-                out["model_type"] = config.get("model_type", "llama")
-                out["config"] = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-            else:
-                self.notes["model.pretrained_model_name_or_path"] = (
-                    f"pretrained: false with a hub model {name!r}: write its model_type and config here"
-                )
-        overrides = dict(m.get("config_overrides") or {})
-        overrides.pop("torch_dtype", None)  # precision comes from the recipe's `precision`
-        for k, v in overrides.items():
-            self.unmapped[f"model.config_overrides.{k}"] = (
-                f"set it in the model block or checkpoint config ({v!r})"
-            )
-        if m.get("init_device") in ("meta", "cpu") and out["name"] == "llama" and not pretrained:
-            out["init_device"] = m["init_device"]
-        if m.get("use_flash_attention_2"):
-            if out["name"] == "llama":
-                out["attn_impl"] = "auto"  # flash-attn when installed
-            self.notes["model.use_flash_attention_2"] = "flash-attn is used when installed (attn_impl: auto)"
-        reasons = {
-            "use_auth_token": "hub logins come from `huggingface-cli login` / HF_TOKEN",
-            "trust_remote_code": "remote model code is not run here",
-            "peft_config": "parameter-efficient finetuning is not part of this framework",
-            "init_device": "weights load on the CPU here",
-            "config_overrides": "",
-        }
-        handled = {"name", "pretrained_model_name_or_path", "pretrained", "use_flash_attention_2"}
-        for k in m:
-            if k in handled or (k == "config_overrides") or (k == "init_device" and "init_device" in out):
-                continue
-            self.unmapped[f"model.{k}"] = reasons.get(k) or "no equivalent"
-        self.out["model"] = out
-
-    def _mosaic_bert(self, m: Mapping[str, Any]) -> None:
-        cfg = dict(m.get("model_config") or {})
-        out: dict[str, Any] = {"name": "mosaic_bert"}
-        names = {
-            "hidden_size": "d_model",
-            "num_hidden_layers": "n_layers",
-            "num_attention_heads": "n_heads",
-            "intermediate_size": "intermediate_size",
-            "attention_probs_dropout_prob": "attention_dropout",
-            "hidden_dropout_prob": "hidden_dropout",
-            "max_position_embeddings": "max_position_embeddings",
-            "type_vocab_size": "type_vocab_size",
-            "layer_norm_eps": "layer_norm_eps",
-            "initializer_range": "init_std",
-            "vocab_size": "vocab_size",
-        }
-        for k, v in cfg.items():
-            if k in names:
-                out[names[k]] = v
-            else:
-                self.unmapped[f"model.model_config.{k}"] = "no equivalent in the mosaic_bert model"
-        if m.get("pretrained_model_name") not in (None, "bert-base-uncased"):
-            self.notes["model.pretrained_model_name"] = (
-                f"the architecture defaults of {m['pretrained_model_name']!r} are not read; the recipe has "
-                "BERT-Base's (768 x 12 layers x 12 heads) unless model_config says otherwise"
-            )
-        if m.get("pretrained_checkpoint"):
-            self.unmapped["model.pretrained_checkpoint"] = (
-                "start from a Composer checkpoint with load_path=PATH load_weights_only=true"
-            )
-        if m.get("gradient_checkpointing"):
-            self.unmapped["model.gradient_checkpointing"] = "no activation checkpointing for mosaic_bert here"
-        for k in m:
-            if k not in ("name", "model_config", "pretrained_model_name", "tokenizer_name", "pretrained_checkpoint",
-                         "gradient_checkpointing"):  # fmt: skip
-                self.unmapped[f"model.{k}"] = "no equivalent in the mosaic_bert model"
-        self.out["model"] = out
 
     def _tokenizer(self) -> None:
         tok = self.src.get("tokenizer")
@@ -611,31 +399,6 @@ class _Translator:
                 )
 
 
-def _local_hf_config(name: str) -> Optional[dict]:
-    path = Path(os.path.expanduser(str(name))) / "config.json"
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    return None
-
-
-def _llama_shape(c: Mapping[str, Any]) -> dict[str, Any]:
-    """LLaMA decoder keys from a Hugging Face LlamaConfig (config.json)."""
-    pairs = {
-        "hidden_size": "d_model",
-        "num_hidden_layers": "n_layers",
-        "num_attention_heads": "n_heads",
-        "num_key_value_heads": "n_kv_heads",
-        "intermediate_size": "ffn_hidden_size",
-        "rms_norm_eps": "norm_eps",
-        "rope_theta": "rope_theta",
-        "vocab_size": "vocab_size",
-        "max_position_embeddings": "max_seq_len",
-        "tie_word_embeddings": "tie_embeddings",
-    }
-    return {ours: c[hf] for hf, ours in pairs.items() if c.get(hf) is not None}
-
-
 _INTERP = re.compile(r"\$\{\s*([A-Za-z_][\w.]*)\s*\}")
 
 
@@ -649,9 +412,8 @@ def translate(data: Mapping[str, Any], source: str = "<yaml>") -> Translation:
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(dict(data)), resolve=True)
     except OmegaConfBaseException as e:
-        msg = str(e).strip().splitlines()[0]
-        raise RecipeError(f"cannot resolve an interpolation ({msg})", file=source) from None
-    t = _Translator(resolved, referenced, source)
+        raise RecipeError(f"cannot resolve an interpolation ({first_line(e)})", file=source) from None
+    t = Translator(resolved, referenced, source)
     try:
         t.run()
     except RecipeError as e:
@@ -669,60 +431,3 @@ def translate(data: Mapping[str, Any], source: str = "<yaml>") -> Translation:
     recipe = {k: t.out[k] for k in order if k in t.out}
     recipe.update({k: v for k, v in t.out.items() if k not in recipe})
     return Translation(source, t.kind, recipe, t.unmapped, t.notes, t.inlined)
-
-
-def import_recipe(
-    path: str | os.PathLike,
-    out: str | os.PathLike | None = None,
-    check_resources: bool = False,
-) -> Translation:
-    """Translate the YAML at ``path``, write it to ``out`` (default: next to it, ``NAME.lite.yaml``), validate it."""
-    import yaml
-
-    from llmfoundry_lite.recipe import load_recipe, to_yaml
-
-    src = Path(path)
-    if not src.is_file():
-        raise RecipeError(f"no such file {str(src)!r}", key="FOUNDRY_YAML")
-    try:
-        data = yaml.safe_load(src.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"invalid YAML: {str(e).splitlines()[0]}", file=str(src)) from None
-    if not isinstance(data, Mapping):
-        raise RecipeError("expected a mapping of settings at the top level", file=str(src))
-    t = translate(data, str(src))
-    dest = Path(out) if out is not None else src.with_name(f"{src.stem}.lite.yaml")
-    header = [f"# Translated from {src} by `llmfoundry-lite import-recipe` ({t.kind})."]
-    if t.unmapped:
-        header.append("# Not translated (no equivalent here):")
-        header += [f"#   {k}: {v}" for k, v in t.unmapped.items()]
-    if t.notes:
-        header.append("# Translated with a difference:")
-        header += [f"#   {k}: {v}" for k, v in t.notes.items()]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text("\n".join(header) + "\n" + to_yaml(t.recipe), encoding="utf-8")
-    load_recipe(dest, check_resources=check_resources)  # RecipeError names the written file and the key
-    return t
-
-
-def register_cli(app: Any) -> None:
-    """Add the ``import-recipe`` verb to the main CLI."""
-    import typer
-
-    @app.command("import-recipe")
-    def import_recipe_cmd(
-        foundry_yaml: str = typer.Argument(
-            ..., help="An llm-foundry (or mosaicml/examples BERT) training YAML."
-        ),
-        out: Optional[str] = typer.Option(
-            None, "--out", "-o", help="Where to write the recipe (default: FOUNDRY.lite.yaml next to it)."
-        ),
-        check: bool = typer.Option(
-            False, "--check/--no-check", help="Also check the data splits, tokenizer and logins it names."
-        ),
-    ) -> None:
-        """Translate an llm-foundry YAML into a recipe; list every key with no equivalent and why."""
-        dest = out or str(Path(foundry_yaml).with_name(f"{Path(foundry_yaml).stem}.lite.yaml"))
-        t = import_recipe(foundry_yaml, dest, check_resources=check)
-        typer.echo(t.report(dest))
-        typer.echo(f"valid: llmfoundry-lite train {dest}")

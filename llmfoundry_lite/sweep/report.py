@@ -24,7 +24,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmfoundry_lite.sweep.metrics import choose_metric
-from llmfoundry_lite.sweep.study import TRIAL_ENV, make_pruner, open_storage
+from llmfoundry_lite.sweep.storage import TRIAL_ENV, make_pruner, open_storage
 from llmfoundry_lite.train.callbacks.progress import JSONLMetricsLogger
 
 
