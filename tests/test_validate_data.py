@@ -246,12 +246,20 @@ def test_fsdp_auto_microbatching_rejected_on_torch_2_7_1():
     check_auto_microbatching({**data, "fsdp": None}, "2.8.0", "0.32.1")
 
 
-def test_fsdp_auto_microbatching_valid_on_the_installed_torch():
-    # torch 2.7.0 is pinned: the combination works there.
-    cfg = load_recipe(
-        QUICKSTART, ["fsdp={sharding_strategy: FULL_SHARD}", "device_train_microbatch_size=auto"]
-    )
-    assert cfg.device_train_microbatch_size == "auto"
+def test_fsdp_auto_microbatching_on_the_installed_torch_and_composer():
+    """Accepted or rejected as the installed versions say (pyproject pins torch 2.7.0; GPU images have newer)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    torch_version, composer_version = version("torch"), version("mosaicml")
+    overrides = ["fsdp={sharding_strategy: FULL_SHARD}", "device_train_microbatch_size=auto"]
+    if Version(torch_version) >= Version("2.7.1") and Version(composer_version) < Version("0.33"):
+        with pytest.raises(RecipeError, match="patch_unshard_for_automicrobatching") as ei:
+            load_recipe(QUICKSTART, overrides)
+        assert ei.value.key == "device_train_microbatch_size" and torch_version in str(ei.value)
+    else:
+        assert load_recipe(QUICKSTART, overrides).device_train_microbatch_size == "auto"
 
 
 # ---------------------------------------------------------------------------------------------------------
