@@ -144,6 +144,33 @@ def llama_tok(llama_tokenizer_dir):
     return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
 
 
+_network_log: list | None = None
+
+
+def _audit_network(event: str, args: tuple) -> None:
+    if _network_log is None:
+        return
+    if event == "socket.getaddrinfo" and args[0] not in (None, "localhost", "127.0.0.1", "::1"):
+        _network_log.append(f"name lookup of {args[0]}")
+    elif event == "socket.connect" and isinstance(args[1], tuple) and args[1][0] not in ("127.0.0.1", "::1"):
+        _network_log.append(f"connection to {args[1]}")
+
+
+@pytest.fixture
+def network_attempts():
+    """What this process tries to reach beyond localhost during the test (Python's audit hooks: nothing is
+    blocked), so "no retries against a hub" is asserted as no attempt at all rather than as a time margin."""
+    global _network_log
+    if not getattr(_audit_network, "installed", False):
+        sys.addaudithook(_audit_network)  # for the rest of the process: hooks cannot be removed
+        _audit_network.installed = True
+    _network_log = []
+    try:
+        yield _network_log
+    finally:
+        _network_log = None
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp_path(tmp_path, monkeypatch):
     """Every test runs in its own folder, so default run folders (runs/<name>) never land in the checkout."""

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 WHEELS_SH = ROOT / "scripts" / "gpu_wheels.sh"
+DOC = ROOT / "docs" / "gpu-check.md"
+
+
+def doc_commands() -> list[str]:
+    """The commands of docs/gpu-check.md's bash blocks, in order."""
+    blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
+    return [ln.strip() for block in blocks for ln in block.splitlines() if ln.strip()]
 
 
 def _load_gpu_check():
@@ -44,8 +52,10 @@ def dry_run(tmp_path_factory):
     so every test that uses it fails at once with the reason instead of running it again.
     """
     cwd = tmp_path_factory.mktemp("gpu-check")
-    out = cwd / "tmp" / "gpu_check.json"
-    argv = [sys.executable, str(SCRIPT), "--cpu-dry-run", "--out", str(out)]
+    (doc_cmd,) = [c for c in doc_commands() if "--cpu-dry-run" in c]  # the documented command, as written
+    argv = [sys.executable if a == "python" else a for a in shlex.split(doc_cmd)]
+    argv = [str(SCRIPT) if a == "scripts/gpu_check.py" else a for a in argv]
+    out = cwd / argv[argv.index("--out") + 1]
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=DRY_RUN_BUDGET)
     except subprocess.TimeoutExpired as e:
@@ -282,6 +292,44 @@ def test_test_subprocesses_import_the_checkout_from_any_directory(tmp_path):
         timeout=120,
     )
     assert out.returncode == 0 and Path(out.stdout.strip()).parent.parent == ROOT, out.stderr
+
+
+def test_the_docs_commands_are_the_tested_ones():
+    """docs/gpu-check.md: the dry run is the `dry_run` fixture's command; make's lines install and run as said."""
+    assert doc_commands() == [
+        "make gpu-check",
+        "scripts/gpu_wheels.sh gpu-wheels",
+        "make gpu-check WHEELS=gpu-wheels",
+        "python scripts/gpu_check.py --cpu-dry-run --out tmp/gpu_check.json",
+    ]
+
+    def make_n(*args: str) -> str:  # what make would run, without running it
+        out = subprocess.run(
+            ["make", "-n", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "scripts/gpu_check.py --out gpu_check.json" in make_n("gpu-check")
+    with_wheels = make_n("gpu-check", "WHEELS=gpu-wheels")
+    assert (
+        "install --no-index --no-deps --no-compile --upgrade --target build/gpu-site gpu-wheels/*.whl"
+        in with_wheels
+    )
+    assert f'PYTHONPATH="{ROOT}:{ROOT / "build" / "gpu-site"}' in with_wheels  # the checkout first
+    assert "--cpu-dry-run" in make_n("gpu-check", "GPU_CHECK_ARGS=--cpu-dry-run")
+    usage = subprocess.run(["bash", str(WHEELS_SH)], capture_output=True, text=True, timeout=60).stderr
+    assert "OUT_DIR" in usage  # gpu_wheels.sh takes the folder as its one argument
+    helptext = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
+    options = re.findall(r"^\| `(--[a-z-]+)", DOC.read_text(), re.M)
+    assert len(options) == 5 and all(o in helptext for o in options), options
+    gc = _load_gpu_check()
+    assert "(`doctor`, `peak`, `throughput`, `train`)" in DOC.read_text()
+    assert gc.STEP_GROUPS == ("doctor", "peak", "throughput", "train")
+    assert "doctor and peak 300 s, throughput, data and train 900 s each" in " ".join(DOC.read_text().split())
+    assert gc.STEP_LIMITS == {"doctor": 300, "peak": 300, "throughput": 900, "data": 900, "train": 900}
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
