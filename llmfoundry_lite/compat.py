@@ -48,7 +48,11 @@ class Tested:
 
 
 TESTED_VERSIONS: tuple[Tested, ...] = (
-    Tested("mosaicml", "0.32.1", ("use_cpu_model_lookup", "restore_checkpoint_rng", "save_checkpoint_now")),
+    Tested(
+        "mosaicml",
+        "0.32.1",
+        ("use_cpu_model_lookup", "restore_checkpoint_rng", "save_checkpoint_now", "release_closed_engine"),
+    ),
     Tested(
         "mosaicml-streaming",
         "0.13.0",
@@ -61,7 +65,7 @@ TESTED_VERSIONS: tuple[Tested, ...] = (
     ),
     Tested("transformers", "4.53", ("hub_offline", "no_split_module_names", "startup.install_lean_imports")),
     # Composer restores torch's generator states as this torch saved them.
-    Tested("torch", "2.7.0", ("restore_checkpoint_rng",)),
+    Tested("torch", "2.7.0", ("restore_checkpoint_rng", "clear_state_dict_name_cache")),
 )
 _checked: set[str] = set()
 
@@ -165,6 +169,53 @@ def save_checkpoint_now(saver: Any, state: Any, logger: Any) -> None:
     if save is None:
         raise _moved("save_checkpoint_now", "mosaicml", "CheckpointSaver._save_checkpoint is gone")
     save(state, logger)
+
+
+# Composer releases whose Engine registers the exit hook that ``release_closed_engine`` removes (tests/test_compat.py).
+ENGINE_EXIT_HOOK_VERSIONS = ("0.32.",)
+
+
+def release_closed_engine(trainer: Any) -> bool:
+    """Remove the ``atexit`` close that a now-closed Trainer's Composer ``Engine`` registered; True when removed.
+
+    ``Engine.__init__`` registers ``atexit.register(Engine._close, state, logger)`` and ``Engine.close()`` never
+    unregisters it, so the State of every Trainer (model, optimizer, data loaders, their streaming datasets) lives
+    until the process exits: one more per run in a notebook or an in-process sweep. ``atexit.unregister`` removes
+    every registration of a function (it compares the function, not its arguments), so the engines still open are
+    registered again. Relies on the static ``Engine._close`` registered with ``(state, logger)`` and on ``close()``
+    setting ``_is_closed`` (tested); a Composer outside ``ENGINE_EXIT_HOOK_VERSIONS`` is left alone.
+    """
+    import gc
+
+    import composer
+    from composer.core.engine import Engine
+
+    check_version("mosaicml")
+    engine = getattr(trainer, "engine", None)
+    if not composer.__version__.startswith(ENGINE_EXIT_HOOK_VERSIONS) or not getattr(
+        engine, "_is_closed", False
+    ):
+        return False
+    atexit.unregister(Engine._close)
+    for other in [o for o in gc.get_objects() if type(o) is Engine and not o._is_closed]:
+        atexit.register(Engine._close, other.state, other.logger)
+    return True
+
+
+def clear_state_dict_name_cache() -> bool:
+    """Empty torch's unbounded cache of parameter names per (model, name); True when there was one to empty.
+
+    ``torch.distributed.checkpoint.state_dict._get_fqns`` is an ``lru_cache(maxsize=None)`` keyed by the model
+    itself, filled by every checkpoint Composer saves through ``get_model_state_dict``: it keeps each saved model
+    alive until the process exits. Clearing it is safe (names are recomputed on the next call).
+    """
+    from torch.distributed.checkpoint import state_dict
+
+    cache_clear = getattr(getattr(state_dict, "_get_fqns", None), "cache_clear", None)
+    if cache_clear is None:
+        return False
+    cache_clear()
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runs from a checkout without `pip install -e .` (the GPU image)
-    sys.path.insert(0, str(ROOT))
+# The checkout first on the import path, always: the GPU image runs it without `pip install -e .`, and a wheel of
+# this package in the carried site folder (scripts/gpu_wheels.sh builds one) must not shadow the code checked.
+sys.path[:] = [str(ROOT), *(p for p in sys.path if p != str(ROOT))]
 
 # Offline by construction: nothing here may reach a hub or a tracking server.
 OFFLINE_ENV = {
@@ -69,6 +70,9 @@ MAKE_DATA_VAR = "$(DATA)"
 RECIPE_DATA_PREFIX = "data/quickstart"  # the Makefile's DATA default, as the recipes' variables spell it
 
 
+STEP_LIMITS = {"doctor": 300, "peak": 300, "throughput": 900, "data": 900, "train": 900}
+
+
 @dataclass
 class Mode:
     """Shapes and lengths of one kind of run: the real check on a GPU, or the CPU dry run."""
@@ -84,6 +88,13 @@ class Mode:
     llama_steps: int
     batches_half: int  # train to this, checkpoint, then resume to twice this
     eval_batches: int
+    # Seconds each step may take before it counts as hung (stopped, a failed row), by step group: generous
+    # bounds for a hang (NCCL, a data loader), not speed targets; --step-timeout overrides them all.
+    limits: dict = field(default_factory=lambda: dict(STEP_LIMITS))
+
+    def limit(self, step: str) -> float:
+        """The time limit of ``step`` (its group is its first word: "train llama-tiny" -> "train")."""
+        return float(self.limits.get(step.split()[0], max(self.limits.values())))
 
 
 def gpu_mode(llama_batch: int) -> Mode:
@@ -167,7 +178,11 @@ class Skip(Exception):
 
 
 class Failed(Exception):
-    """The step ran and found a problem; the message is the one-line reason."""
+    """The step ran and found a problem; the message is the one-line reason, ``details`` go to the JSON."""
+
+    def __init__(self, message: str, details: Optional[dict] = None):
+        super().__init__(message)
+        self.details = details or {}
 
 
 @dataclass
@@ -210,19 +225,65 @@ class Tee(io.TextIOBase):
 
 
 class Check:
-    """Runs steps in isolation, prints progress and the table, keeps the JSON up to date."""
+    """Runs steps in isolation, prints progress and the table, keeps the JSON up to date.
 
-    def __init__(self, mode: Mode, out: Path, log: Path):
+    ``run_isolated`` runs a step in a worker process under the step's time limit (main uses it for every step);
+    ``run`` runs a callable in this process (the worker's own loop, and tests).
+    """
+
+    def __init__(self, mode: Mode, out: Optional[Path], log: Path, workdir: Optional[Path] = None):
+        """``out`` None: a worker's Check, which keeps no report and whose stdout already is the log."""
         self.mode = mode
         self.out = out
         self.log_path = log
-        out.parent.mkdir(parents=True, exist_ok=True)
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(log, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 (open for the whole run)
+        self.workdir = workdir
+        if out is None:
+            self.log = sys.stdout
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text("", encoding="utf-8")  # appended to, by this process and its worker
+            self.log = open(log, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (open for the whole run)
         self.results: list[StepResult] = []
         self.started = time.time()
         self.context: dict[str, Any] = {}
         self.machine: dict[str, Any] = {}
+        self._worker: Optional[_Worker] = None
+
+    def run_isolated(self, name: str, target: str, *args: Any) -> StepResult:
+        """Run the step function ``target`` ("file.py:function", called as ``function(check, *args)``) in the
+        worker process, under ``mode.limit(name)`` seconds. A hang or a crash of the worker becomes a failed row
+        (the worker is stopped; the next step starts a fresh one). Never raises."""
+        limit = self.mode.limit(name)
+        print(f"[gpu-check] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        if self._worker is None:
+            self._worker = _Worker(self)
+        reply = self._worker.call(
+            {"name": name, "target": target, "args": list(args), "context": _jsonable(self.context)}, limit
+        )
+        seconds = round(time.perf_counter() - t0, 1)
+        if isinstance(reply, dict):
+            r = StepResult(**reply["result"])
+            self.context.update(reply["context"])
+            self.machine.update(reply["machine"])
+        else:  # no answer: the worker hung (stopped now) or died
+            self._worker.stop(grace=0)
+            self._worker = None
+            if reply is None:
+                why = f"timed out after {limit:.0f} s (hung? stopped; the log has its last output)"
+            else:
+                why = f"its process exited with code {reply} (crashed? the log has its last output)"
+            self.log.write(f"\n===== {name}: {why} =====\n")
+            r = StepResult(name, "failed", seconds, why)
+        return self._record(r)
+
+    def close(self) -> None:
+        """Stop the worker process and close the log."""
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+        self.log.close()
 
     def run(self, name: str, fn: Callable[[], tuple[str, dict]]) -> StepResult:
         """Run one step; any exception becomes a failed (or, for Skip, skipped) row. Never raises."""
@@ -237,13 +298,15 @@ class Check:
         except Skip as e:
             status, summary = "skipped", one_line(e)
         except (Exception, SystemExit) as e:  # noqa: BLE001 (a failing step must not stop the others)
-            status, summary = "failed", one_line(e)
+            status, summary, details = "failed", one_line(e), getattr(e, "details", {})
             traceback.print_exc(file=self.log)
         finally:
             _free_memory()
-        r = StepResult(name, status, round(time.perf_counter() - t0, 1), summary, details)
+        return self._record(StepResult(name, status, round(time.perf_counter() - t0, 1), summary, details))
+
+    def _record(self, r: StepResult) -> StepResult:
         self.results.append(r)
-        print(f"[gpu-check] {name}: {status} ({r.seconds:.0f} s) {summary}", flush=True)
+        print(f"[gpu-check] {r.name}: {r.status} ({r.seconds:.0f} s) {r.summary}", flush=True)
         self.write_json()
         return r
 
@@ -252,7 +315,9 @@ class Check:
         return all(r.status != "failed" for r in self.results)
 
     def write_json(self) -> None:
-        """The report so far, as JSON at ``--out``."""
+        """The report so far, as JSON at ``--out`` (none in a worker)."""
+        if self.out is None:
+            return
         report = {
             "mode": self.mode.name,
             "ok": self.ok(),
@@ -280,7 +345,7 @@ class Check:
         if self.mode.name == "gpu":
             lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
             for name, g in goals(self.results).items():
-                measured = "n/a" if g["measured"] is None else f"{g['measured']:.3g}"
+                measured = _measured(g["measured"], g["unit"])
                 met = "n/a" if g["met"] is None else ("yes" if g["met"] else "NO")
                 lines.append(f"| {name} | {g['target']} | {measured} | {met} |")
         total = time.time() - self.started
@@ -292,6 +357,133 @@ class Check:
             f"JSON: {self.out}; log: {self.log_path}",
         ]
         return "\n".join(lines)
+
+
+class _Worker:
+    """A ``gpu_check.py --worker`` process that runs the steps it is sent, one JSON line each way.
+
+    Its own stdout and stderr (file descriptors 1 and 2, so what C code prints too) go to the check's log; its
+    answers come back on a pipe of their own. It is a process group leader, so stopping it stops what it started.
+    """
+
+    def __init__(self, check: Check):
+        import queue
+        import threading
+
+        check.log.flush()
+        read_fd, write_fd = os.pipe()
+        mode = check.mode
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            str(write_fd),
+            "--log",
+            str(check.log_path),
+        ]
+        argv += ["--cpu-dry-run"] if mode.name == "cpu-dry-run" else []
+        argv += ["--llama-batch", str(mode.llama["batch"])] if mode.name == "gpu" else []
+        argv += ["--workdir", str(check.workdir)] if check.workdir else []
+        with open(check.log_path, "a", encoding="utf-8") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=log,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                text=True,
+                env=_subprocess_env(),
+            )
+        os.close(write_fd)
+        self.answers: queue.Queue = queue.Queue()
+        replies = os.fdopen(read_fd, encoding="utf-8")
+
+        def read() -> None:  # a thread, so the wait for an answer can time out
+            for line in replies:
+                self.answers.put(json.loads(line))
+            self.answers.put(EOFError())
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def call(self, request: dict, limit: float) -> Any:
+        """The worker's answer (a dict), None after ``limit`` seconds, or its exit code when it died."""
+        import queue
+
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # it died already: the reader reports EOF
+        try:
+            answer = self.answers.get(timeout=limit)
+        except queue.Empty:
+            return None
+        if isinstance(answer, EOFError):
+            return self.proc.wait()
+        return answer
+
+    def stop(self, grace: float = 30) -> None:
+        """End the worker and everything it started: an idle one exits when its input ends; after ``grace``
+        seconds (at once for a hung one) its process group is killed."""
+        import signal
+
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # what it started, even if it is gone
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def worker_main(answer_fd: int, mode: Mode, log: Path, workdir: Optional[Path]) -> int:
+    """The worker's loop: read a step request per line on stdin, run it (``Check.run``), answer on ``answer_fd``."""
+    answers = os.fdopen(answer_fd, "w", encoding="utf-8", buffering=1)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    check = Check(mode, None, log, workdir)
+    steps: dict[str, Any] = {}
+    for line in sys.stdin:
+        req = json.loads(line)
+        check.context.update(req["context"])
+        target = req["target"]
+        if target not in steps:
+            path, func = target.rsplit(":", 1)
+            steps[target] = getattr(_module_at(Path(path)), func)
+        r = check.run(req["name"], lambda fn=steps[target], a=req["args"]: fn(check, *a))
+        answers.write(json.dumps({"result": asdict(r), "context": _jsonable(check.context), "machine": check.machine},
+                                 default=str) + "\n")  # fmt: skip
+    return 0
+
+
+def _module_at(path: Path) -> Any:
+    """The module of a step file (this script itself once, as the module running)."""
+    if path.resolve() == Path(__file__).resolve():
+        return sys.modules[__name__]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def _jsonable(context: dict) -> dict:
+    """The entries of a step context that travel between processes (numbers, strings, paths as strings)."""
+    out = {}
+    for key, value in context.items():
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+    return out
+
+
+def _measured(value: Optional[float], unit: str) -> str:
+    """A goal's measured value as the table prints it: a ratio as "2.61x", a fraction as "42.0%"."""
+    if value is None:
+        return "n/a"
+    return f"{value:.1%}" if unit == "%" else f"{value:.2f}x"
 
 
 def _free_memory() -> None:
@@ -314,15 +506,16 @@ def goals(results: list[StepResult]) -> dict[str, dict]:
         ]
         return max(values) if values else None
 
-    def goal(target: float, measured: Optional[float], text: str) -> dict:
-        return {"target": text, "measured": measured, "met": None if measured is None else measured >= target}
+    def goal(target: float, measured: Optional[float], text: str, unit: str = "x") -> dict:
+        met = None if measured is None else measured >= target
+        return {"target": text, "measured": measured, "unit": unit, "met": met}
 
     return {
         "MosaicBERT-Base / BertForMaskedLM real tokens/s": goal(
             GOAL_BERT_RATIO, best("throughput bert", "ratio"), f">= {GOAL_BERT_RATIO}x"
         ),
         "LLaMA-1B MFU (measured bf16 peak)": goal(
-            GOAL_LLAMA_MFU, best("throughput llama", "mfu"), f">= {GOAL_LLAMA_MFU:.0%}"
+            GOAL_LLAMA_MFU, best("throughput llama", "mfu"), f">= {GOAL_LLAMA_MFU:.0%}", unit="%"
         ),
         "LLaMA-1B / LlamaForCausalLM tokens/s": goal(
             GOAL_LLAMA_RATIO, best("throughput llama", "ratio"), f">= {GOAL_LLAMA_RATIO}x"
@@ -345,7 +538,8 @@ def step_doctor(check: Check) -> tuple[str, dict]:
     check.machine.update(_machine(gpu))
 
     def short(key: str, default: str = "?") -> str:  # "not installed (optional; ...)" -> "not installed"
-        return info.get(key, default).split(" (")[0]
+        value = info.get(key, default)
+        return value if "FAILED" in value else value.split(" (")[0]  # "2.1 (import FAILED)" stays whole
 
     parts = [
         f"torch {info.get('torch', '?')}",
@@ -357,9 +551,13 @@ def step_doctor(check: Check) -> tuple[str, dict]:
         f"GPU {gpu.split(' (')[0]}",
     ]
     problems = [msg for _, msg in report.problems]
+    details = {"versions": info, "problems": problems}
+    fatal = [msg for is_fatal, msg in report.problems if is_fatal]
+    if fatal:  # e.g. Composer fails to import: nothing after this can run
+        raise Failed(f"{fatal[0]}; " + "; ".join(parts), details)
     if problems:
         parts.append(f"{len(problems)} doctor finding(s), see JSON")
-    return "; ".join(parts), {"versions": info, "problems": problems}
+    return "; ".join(parts), details
 
 
 def _machine(gpu: str) -> dict:
@@ -458,14 +656,16 @@ def _pair_result(pair: Any, info: dict, flops_per_token: Optional[float], peak: 
 
 def step_bert(check: Check, impl: str) -> tuple[str, dict]:
     """MosaicBERT vs BertForMaskedLM, bf16 autocast, real tokens/s on real padded text."""
+    mode = check.mode
+    usable, why = flash_status(mode.device)
+    if (
+        impl == "flash" and not usable
+    ):  # before our models import Composer: no flash-attn is a skip, not a failure
+        raise Skip(why)
     import torch
     from transformers import BertForMaskedLM
 
-    mode = check.mode
-    usable, why = flash_status(mode.device)
     has_option = _bert_attn_option()
-    if impl == "flash" and not usable:
-        raise Skip(why)
     if impl == "sdpa" and usable and not has_option:
         raise Skip(
             "mosaic_bert has no attn_impl option, so with flash-attn importable it cannot be forced to SDPA"
@@ -496,13 +696,13 @@ def step_bert(check: Check, impl: str) -> tuple[str, dict]:
 
 def step_llama(check: Check, impl: str) -> tuple[str, dict]:
     """Our LLaMA vs LlamaForCausalLM at the 1B shape, bf16 autocast: tokens/s and MFU."""
-    import torch
-    from transformers import LlamaForCausalLM
-
     mode = check.mode
     usable, why = flash_status(mode.device)
     if impl == "flash" and not usable:
         raise Skip(why)
+    import torch
+    from transformers import LlamaForCausalLM
+
     bm = _benchmark_module()
     pair, _, info = bm.llama_pair(
         mode.llama,
@@ -557,14 +757,14 @@ def _subprocess_env() -> dict:
     return env
 
 
-def step_data(check: Check, workdir: Path) -> tuple[str, dict]:
+def step_data(check: Check, workdir: str) -> tuple[str, dict]:
     """Build the quickstart tokenizers and shards with the Makefile's commands, into ``workdir/data``.
 
     Each target's commands run in order (a conversion reads the tokenizer trained before it); the targets run
     side by side. ``llmfoundry-lite`` is run as ``python -m llmfoundry_lite.cli`` (the GPU image has the package
     on PYTHONPATH, not installed).
     """
-    data = workdir / "data"
+    data = Path(workdir) / "data"
     procs = []
     for target, cmds in makefile_data_commands().items():
         argvs = [[sys.executable, "-m", "llmfoundry_lite.cli", *(a.replace(MAKE_DATA_VAR, str(data)) for a in c[1:])]
@@ -591,7 +791,7 @@ def step_data(check: Check, workdir: Path) -> tuple[str, dict]:
             failures.append(f"the data commands of `make {target}` exited {proc.returncode}: {last}")
     if failures:
         raise Failed("; ".join(failures))
-    check.context["data"] = data
+    check.context["data"] = str(data)
     commands = [shlex.join(c) for _, cmds, _ in procs for c in cmds]
     summary = (
         f"{len(commands)} `llmfoundry-lite data` commands of `make {' '.join(DATA_TARGETS)}` into {data}"
@@ -649,16 +849,17 @@ def _fsdp_units(model: Any) -> tuple[int, int]:
     return units, ckpt
 
 
-def step_train(check: Check, recipe: Path, fsdp: bool, workdir: Path) -> tuple[str, dict]:
+def step_train(check: Check, recipe_path: str, fsdp: bool, workdir_path: str) -> tuple[str, dict]:
     """Train half, checkpoint, resume to the full length through load_recipe + train, as `train` runs it."""
 
     from llmfoundry_lite import load_recipe
     from llmfoundry_lite.train import train
 
     mode = check.mode
-    data = check.context.get("data")
-    if data is None:
+    recipe, workdir = Path(recipe_path), Path(workdir_path)
+    if check.context.get("data") is None:
         raise Failed("needs the quickstart data, whose step did not run")
+    data = Path(check.context["data"])
     overrides = recipe_overrides(recipe, data, workdir, mode, fsdp)
     half, full = mode.batches_half, 2 * mode.batches_half
     cfg = load_recipe(str(recipe), [*overrides, f"max_duration={half}ba"])  # the fsdp block is validated too
@@ -765,6 +966,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument(
         "--workdir", default=None, help="Keep data, checkpoints and runs here (default: a temp dir)"
     )
+    ap.add_argument(
+        "--step-timeout",
+        type=float,
+        default=None,
+        help=f"Seconds any one step may run before it is stopped as hung (default by step: {STEP_LIMITS})",
+    )
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # internal: answer pipe fd
     args = ap.parse_args(argv)
 
     for k, v in OFFLINE_ENV.items():
@@ -792,10 +1000,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.llama_batch <= 0:
         print(f"error: --llama-batch must be positive, got {args.llama_batch}", file=sys.stderr)
         return 2
+    if args.step_timeout is not None and args.step_timeout <= 0:
+        print(f"error: --step-timeout must be positive, got {args.step_timeout}", file=sys.stderr)
+        return 2
     mode = cpu_dry_mode() if args.cpu_dry_run else gpu_mode(args.llama_batch)
+    if args.step_timeout is not None:
+        mode.limits = dict.fromkeys(mode.limits, args.step_timeout)
     out = Path(args.out).resolve()
-    check = Check(mode, out, Path(args.log).resolve() if args.log else out.with_suffix(".log"))
-    print(f"[gpu-check] {mode.name}: JSON -> {out}, step output -> {check.log_path}", flush=True)
+    log = Path(args.log).resolve() if args.log else out.with_suffix(".log")
+    if args.worker is not None:
+        return worker_main(args.worker, mode, log, Path(args.workdir) if args.workdir else None)
+    print(f"[gpu-check] {mode.name}: JSON -> {out}, step output -> {log}", flush=True)
 
     with contextlib.ExitStack() as stack:
         if args.workdir:
@@ -803,28 +1018,30 @@ def main(argv: Optional[list[str]] = None) -> int:
             workdir.mkdir(parents=True, exist_ok=True)
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu-check-")))
+        check = Check(mode, out, log, workdir)
+        stack.callback(check.close)
+        me = f"{Path(__file__).resolve()}:"
         if "doctor" in groups:
-            check.run("doctor", lambda: step_doctor(check))
+            check.run_isolated("doctor", me + "step_doctor")
         if not check.machine:
             check.machine.update(
                 _machine(torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
             )
         if "peak" in groups or "throughput" in groups:  # MFU needs the peak
-            check.run("peak", lambda: step_peak(check))
+            check.run_isolated("peak", me + "step_peak")
         if "throughput" in groups:
             for impl in ("flash", "sdpa"):
-                check.run(f"throughput bert {impl}", lambda impl=impl: step_bert(check, impl))
+                check.run_isolated(f"throughput bert {impl}", me + "step_bert", impl)
             for impl in ("flash", "sdpa"):
-                check.run(f"throughput llama {impl}", lambda impl=impl: step_llama(check, impl))
+                check.run_isolated(f"throughput llama {impl}", me + "step_llama", impl)
         if "train" in groups:
-            check.run("data", lambda: step_data(check, workdir))
+            check.run_isolated("data", me + "step_data", str(workdir))
             for recipe in quickstart_recipes():
                 for fsdp in (False, True):
                     name = f"train {recipe.stem}{' fsdp' if fsdp else ''}"
-                    check.run(name, lambda r=recipe, f=fsdp: step_train(check, r, f, workdir))
+                    check.run_isolated(name, me + "step_train", str(recipe), fsdp, str(workdir))
         check.write_json()
         print("\n" + check.table(), flush=True)
-    check.log.close()
     return 0 if check.ok() else 1
 
 

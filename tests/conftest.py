@@ -1,8 +1,27 @@
-"""Shared fixtures: offline environment and tokenizers built locally from the embedded corpus."""
+"""Shared fixtures: offline environment, the checkout first on the import path, and tokenizers and data built
+locally from the embedded corpus (once per test run: session-scoped)."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checkout_first(paths: list[str]) -> list[str]:
+    """``paths`` with the checkout moved to the front: a wheel of this package elsewhere (the GPU image's site
+    folder, another worktree's install) must never shadow the code under test."""
+    return [str(ROOT), *(p for p in paths if os.path.abspath(p or os.curdir) != str(ROOT))]
+
+
+# In this process, and in every subprocess a test starts (from any directory: tests run in their tmp_path).
+sys.path[:] = _checkout_first(sys.path)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    _checkout_first([p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,6 +71,18 @@ def mlm_mds_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("mds-text") / "embedded"
     convert("embedded", out, splits=("train", "val"))
     return str(out)
+
+
+def mds_samples(split_dir: str | Path) -> int:
+    """The samples of one MDS split folder, from its index.json."""
+    index = json.loads((Path(split_dir) / "index.json").read_text())
+    return sum(shard["samples"] for shard in index["shards"])
+
+
+@pytest.fixture(scope="session")
+def mlm_samples(mlm_mds_dir) -> dict[str, int]:
+    """Samples per split of ``mlm_mds_dir``: the embedded corpus is Python's own docs, whose size varies by release."""
+    return {split: mds_samples(Path(mlm_mds_dir) / split) for split in ("train", "val")}
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +142,33 @@ def llama_tok(llama_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+
+
+_network_log: list | None = None
+
+
+def _audit_network(event: str, args: tuple) -> None:
+    if _network_log is None:
+        return
+    if event == "socket.getaddrinfo" and args[0] not in (None, "localhost", "127.0.0.1", "::1"):
+        _network_log.append(f"name lookup of {args[0]}")
+    elif event == "socket.connect" and isinstance(args[1], tuple) and args[1][0] not in ("127.0.0.1", "::1"):
+        _network_log.append(f"connection to {args[1]}")
+
+
+@pytest.fixture
+def network_attempts():
+    """What this process tries to reach beyond localhost during the test (Python's audit hooks: nothing is
+    blocked), so "no retries against a hub" is asserted as no attempt at all rather than as a time margin."""
+    global _network_log
+    if not getattr(_audit_network, "installed", False):
+        sys.addaudithook(_audit_network)  # for the rest of the process: hooks cannot be removed
+        _audit_network.installed = True
+    _network_log = []
+    try:
+        yield _network_log
+    finally:
+        _network_log = None
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 WHEELS_SH = ROOT / "scripts" / "gpu_wheels.sh"
+DOC = ROOT / "docs" / "gpu-check.md"
+
+
+def doc_commands() -> list[str]:
+    """The commands of docs/gpu-check.md's bash blocks, in order."""
+    blocks = re.findall(r"```bash\n(.*?)```", DOC.read_text(), re.S)
+    return [ln.strip() for block in blocks for ln in block.splitlines() if ln.strip()]
 
 
 def _load_gpu_check():
@@ -30,27 +38,34 @@ def _load_gpu_check():
     return module
 
 
-@pytest.fixture(scope="module")
+# The whole dry run, once per test run: ~3 min on an idle 2-core box, several times that under load. The
+# subprocess gets DRY_RUN_BUDGET; each test that uses it gets that plus a margin (the first one pays for it).
+DRY_RUN_BUDGET = 1500
+dry_run_timeout = pytest.mark.timeout(DRY_RUN_BUDGET + 120)
+
+
+@pytest.fixture(scope="session")
 def dry_run(tmp_path_factory):
-    """One `--cpu-dry-run` of the whole check in a subprocess: (completed process, report, JSON path)."""
+    """One `--cpu-dry-run` of the whole check in a subprocess: (completed process, report, JSON path).
+
+    Never raises: a dry run over its budget is returned as a process with returncode None and what it printed,
+    so every test that uses it fails at once with the reason instead of running it again.
+    """
     cwd = tmp_path_factory.mktemp("gpu-check")
-    out = cwd / "tmp" / "gpu_check.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--cpu-dry-run", "--out", str(out)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
+    (doc_cmd,) = [c for c in doc_commands() if "--cpu-dry-run" in c]  # the documented command, as written
+    argv = [sys.executable if a == "python" else a for a in shlex.split(doc_cmd)]
+    argv = [str(SCRIPT) if a == "scripts/gpu_check.py" else a for a in argv]
+    out = cwd / argv[argv.index("--out") + 1]
+    try:
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=DRY_RUN_BUDGET)
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        proc = subprocess.CompletedProcess(argv, None, text + f"\n(over its {DRY_RUN_BUDGET} s budget)", "")
     report = json.loads(out.read_text()) if out.exists() else None
     return proc, report, out
 
 
+@dry_run_timeout
 def test_dry_run_exits_0_and_prints_the_table(dry_run):
     proc, report, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -63,8 +78,10 @@ def test_dry_run_exits_0_and_prints_the_table(dry_run):
     assert Path(report["log"]).is_file() and Path(report["log"]).parent == out.parent
 
 
+@dry_run_timeout
 def test_every_step_is_reported_ok_or_skipped_with_a_reason(dry_run):
-    _, report, _ = dry_run
+    proc, report, _ = dry_run
+    assert report is not None, proc.stdout[-3000:]
     steps = {s["name"]: s for s in report["steps"]}
     expected = {
         "doctor", "peak", "data",
@@ -83,8 +100,10 @@ def test_every_step_is_reported_ok_or_skipped_with_a_reason(dry_run):
     assert steps["peak"]["details"]["peak_flops"] > 0
 
 
+@dry_run_timeout
 def test_ours_vs_transformers_ratios_are_numbers(dry_run):
-    _, report, _ = dry_run
+    proc, report, _ = dry_run
+    assert report is not None, proc.stdout[-3000:]
     steps = {s["name"]: s for s in report["steps"]}
     for name in ("throughput bert sdpa", "throughput llama sdpa"):
         d = steps[name]["details"]
@@ -95,8 +114,10 @@ def test_ours_vs_transformers_ratios_are_numbers(dry_run):
     assert 0 < llama["mfu"] and 0 < llama["hf_mfu"]  # against the peak measured in the same run
 
 
+@dry_run_timeout
 def test_trainer_runs_checkpoint_and_resume(dry_run):
-    _, report, _ = dry_run
+    proc, report, _ = dry_run
+    assert report is not None, proc.stdout[-3000:]
     steps = {s["name"]: s for s in report["steps"]}
     for recipe in ("llama-tiny", "mosaicbert-tiny"):
         d = steps[f"train {recipe}"]["details"]
@@ -133,6 +154,182 @@ def test_a_failing_step_is_reported_and_the_others_still_run(tmp_path, capsys):
     assert "Traceback" in (tmp_path / "r.log").read_text()  # the full traceback goes to the log only
     assert "| broken | failed |" in check.table()
     assert "Traceback" not in capsys.readouterr().out
+
+
+STEPS_FILE = """
+import os, time
+
+
+def hang(check):
+    time.sleep(3600)
+
+
+def crash(check):
+    os._exit(3)
+
+
+def remember(check, value):
+    check.context["value"] = value
+    return f"remembered {value}", {"pid": os.getpid()}
+
+
+def recall(check):
+    return f"recalled {check.context['value']}", {"pid": os.getpid()}
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_or_crashed_step_becomes_a_failed_row_and_the_next_step_runs(tmp_path):
+    """Steps run in a worker process under a time limit: a hang is stopped, a crash is reported, and the next
+    step gets a fresh worker that still has what earlier steps left in the context."""
+    gc = _load_gpu_check()
+    steps = tmp_path / "steps.py"
+    steps.write_text(STEPS_FILE)
+    mode = gc.cpu_dry_mode()
+    mode.limits = {"hang": 3, "crash": 120, "remember": 120, "recall": 120}
+    check = gc.Check(mode, tmp_path / "r.json", tmp_path / "r.log", tmp_path)
+    try:
+        check.run_isolated("remember", f"{steps}:remember", 7)
+        check.run_isolated("hang", f"{steps}:hang")
+        check.run_isolated("recall", f"{steps}:recall")
+        check.run_isolated("crash", f"{steps}:crash")
+        check.run_isolated("recall again", f"{steps}:recall")
+    finally:
+        check.close()
+    rows = {r.name: r for r in check.results}
+    assert [r.status for r in check.results] == ["ok", "failed", "ok", "failed", "ok"]
+    assert rows["hang"].summary.startswith("timed out after 3 s") and rows["hang"].seconds < 60
+    assert rows["crash"].summary.startswith("its process exited with code 3")
+    assert rows["recall"].summary == "recalled 7" and rows["recall again"].summary == "recalled 7"
+    pids = [rows[n].details["pid"] for n in ("remember", "recall", "recall again")]
+    assert len(set(pids)) == 3 and os.getpid() not in pids  # a fresh worker after each hang or crash
+    assert "| hang | failed |" in check.table()
+    assert json.loads((tmp_path / "r.json").read_text())["ok"] is False
+
+
+def _broken_site(tmp_path: Path) -> Path:
+    """A site folder like the GPU image's carried one, but whose Composer fails to import and whose
+    llmfoundry_lite is a stale wheel copy that must never be used."""
+    site = tmp_path / "site"
+    (site / "composer").mkdir(parents=True)
+    (site / "composer" / "__init__.py").write_text("raise ImportError('composer is broken on purpose')\n")
+    (site / "llmfoundry_lite").mkdir()
+    (site / "llmfoundry_lite" / "__init__.py").write_text(
+        "raise ImportError('the wheel copy was imported')\n"
+    )
+    return site
+
+
+@pytest.mark.timeout(600)
+def test_doctor_fails_when_composer_fails_to_import_and_the_checkout_comes_first(tmp_path):
+    site = _broken_site(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ["PYTHONPATH"]])}
+    out = tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu-dry-run", "--only", "doctor", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (doctor,) = json.loads(out.read_text())["steps"]
+    assert doctor["status"] == "failed", doctor
+    assert "mosaicml fails to import" in doctor["summary"] and "(import FAILED)" in doctor["summary"]
+    assert "wheel copy" not in doctor["summary"] and "wheel copy" not in out.with_suffix(".log").read_text()
+    assert re.search(r"^\| doctor \| failed \|", proc.stdout, re.M)
+
+
+@pytest.mark.timeout(300)
+def test_bert_flash_step_is_skipped_without_flash_attn_before_composer_is_imported(tmp_path):
+    """With flash-attn missing the flash step is "skipped", even where Composer itself cannot be imported."""
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    site = _broken_site(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ["PYTHONPATH"]])}
+    code = (
+        "import sys, importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('gpu_check', {str(SCRIPT)!r})\n"
+        "gc = importlib.util.module_from_spec(spec); sys.modules['gpu_check'] = gc; spec.loader.exec_module(gc)\n"
+        "mode = gc.cpu_dry_mode(); mode.device = 'cuda'  # as on a GPU: only flash-attn decides\n"
+        "check = gc.Check(mode, gc.Path('r.json'), gc.Path('r.log'))\n"
+        "r = check.run('throughput bert flash', lambda: gc.step_bert(check, 'flash'))\n"
+        "print('ROW', r.status, r.summary, 'composer' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    row = next(ln for ln in proc.stdout.splitlines() if ln.startswith("ROW "))
+    assert row.startswith("ROW skipped flash-attn is not installed") and row.endswith(" False"), proc.stdout
+
+
+def test_goals_table_prints_mfu_in_percent_and_ratios_with_x(tmp_path):
+    gc = _load_gpu_check()
+    check = gc.Check(gc.gpu_mode(llama_batch=4), tmp_path / "r.json", tmp_path / "r.log")
+    check.results += [
+        gc.StepResult("throughput llama sdpa", "ok", 1.0, "", {"mfu": 0.4213, "ratio": 1.31}),
+        gc.StepResult("throughput bert sdpa", "ok", 1.0, "", {"ratio": 2.6}),
+    ]
+    check.log.close()
+    table = check.table()
+    assert "| LLaMA-1B MFU (measured bf16 peak) | >= 50% | 42.1% | NO |" in table
+    assert "| LLaMA-1B / LlamaForCausalLM tokens/s | >= 1.2x | 1.31x | yes |" in table
+    assert "| MosaicBERT-Base / BertForMaskedLM real tokens/s | >= 2.5x | 2.60x | yes |" in table
+
+
+def test_test_subprocesses_import_the_checkout_from_any_directory(tmp_path):
+    """conftest puts the checkout first on PYTHONPATH: a subprocess started elsewhere imports it, not a wheel."""
+    site = _broken_site(tmp_path)
+    assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", "import llmfoundry_lite; print(llmfoundry_lite.__file__)"],
+        cwd=tmp_path,  # not the checkout: only PYTHONPATH can find it
+        env={
+            **os.environ,
+            "PYTHONPATH": os.environ["PYTHONPATH"] + os.pathsep + str(site),
+        },  # a wheel site too
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and Path(out.stdout.strip()).parent.parent == ROOT, out.stderr
+
+
+def test_the_docs_commands_are_the_tested_ones():
+    """docs/gpu-check.md: the dry run is the `dry_run` fixture's command; make's lines install and run as said."""
+    assert doc_commands() == [
+        "make gpu-check",
+        "scripts/gpu_wheels.sh gpu-wheels",
+        "make gpu-check WHEELS=gpu-wheels",
+        "python scripts/gpu_check.py --cpu-dry-run --out tmp/gpu_check.json",
+    ]
+
+    def make_n(*args: str) -> str:  # what make would run, without running it
+        out = subprocess.run(
+            ["make", "-n", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "scripts/gpu_check.py --out gpu_check.json" in make_n("gpu-check")
+    with_wheels = make_n("gpu-check", "WHEELS=gpu-wheels")
+    assert (
+        "install --no-index --no-deps --no-compile --upgrade --target build/gpu-site gpu-wheels/*.whl"
+        in with_wheels
+    )
+    assert f'PYTHONPATH="{ROOT}:{ROOT / "build" / "gpu-site"}' in with_wheels  # the checkout first
+    assert "--cpu-dry-run" in make_n("gpu-check", "GPU_CHECK_ARGS=--cpu-dry-run")
+    usage = subprocess.run(["bash", str(WHEELS_SH)], capture_output=True, text=True, timeout=60).stderr
+    assert "OUT_DIR" in usage  # gpu_wheels.sh takes the folder as its one argument
+    helptext = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
+    options = re.findall(r"^\| `(--[a-z-]+)", DOC.read_text(), re.M)
+    assert len(options) == 5 and all(o in helptext for o in options), options
+    gc = _load_gpu_check()
+    assert "(`doctor`, `peak`, `throughput`, `train`)" in DOC.read_text()
+    assert gc.STEP_GROUPS == ("doctor", "peak", "throughput", "train")
+    assert "doctor and peak 300 s, throughput, data and train 900 s each" in " ".join(DOC.read_text().split())
+    assert gc.STEP_LIMITS == {"doctor": 300, "peak": 300, "throughput": 900, "data": 900, "train": 900}
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):

@@ -305,8 +305,10 @@ def test_progress_line_has_a_total_and_eta_in_any_unit(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_eval_split_smaller_than_a_batch(tiny_bert, mlm_mds_dir):
-    """30 validation samples: a larger eval batch is fine without drop_last, an error with it."""
+def test_eval_split_smaller_than_a_batch(tiny_bert, mlm_mds_dir, mlm_samples):
+    """Fewer validation samples than the eval batch: fine without drop_last, an error with it."""
+    n = mlm_samples["val"]
+    assert 0 < n < 64
     cfg = load_recipe(QUICKSTART, tiny_bert(run_name="ev-ok", max_duration="1ba", device_eval_batch_size=64))
     build_trainer(cfg, QUICKSTART).close()
     cfg = load_recipe(
@@ -317,20 +319,23 @@ def test_eval_split_smaller_than_a_batch(tiny_bert, mlm_mds_dir):
         build_trainer(cfg, QUICKSTART)
     assert e.value.key == "eval_loader"
     assert str(e.value) == (
-        f"eval_loader: split 'val' of {mlm_mds_dir!r} has 30 samples, fewer than one batch (device_eval_batch_size "
-        "64, drop_last: true), so nothing would be evaluated; set device_eval_batch_size to at most 30, or "
+        f"eval_loader: split 'val' of {mlm_mds_dir!r} has {n} samples, fewer than one batch (device_eval_batch_size "
+        f"64, drop_last: true), so nothing would be evaluated; set device_eval_batch_size to at most {n}, or "
         "eval_loader.drop_last: false"
     )
 
 
-def test_remote_dataset_smaller_than_a_batch_is_caught_after_it_is_built(tiny_bert, mlm_mds_dir, tmp_path):
+def test_remote_dataset_smaller_than_a_batch_is_caught_after_it_is_built(
+    tiny_bert, mlm_mds_dir, mlm_samples, tmp_path
+):
     """A dataset streamed from `remote` (here a plain folder streaming copies from) has no index to read first."""
     cfg = load_recipe(
         QUICKSTART,
         tiny_bert(run_name="remote", global_train_batch_size=1024, device_train_microbatch_size=32)
         + [f"train_loader.remote={mlm_mds_dir}", f"train_loader.local={tmp_path / 'cache'}"],
     )
-    with pytest.raises(RecipeError, match=r"^train_loader: .* has 565 samples, fewer than one batch"):
+    n = mlm_samples["train"]
+    with pytest.raises(RecipeError, match=rf"^train_loader: .* has {n} samples, fewer than one batch"):
         build_trainer(cfg, QUICKSTART)
 
 

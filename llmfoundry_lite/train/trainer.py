@@ -88,6 +88,15 @@ class ReleaseStreaming(Callback):
             compat.release_streaming_memory(dataset)
 
 
+class ClosingTrainer(Trainer):
+    """Composer's Trainer, whose ``close()`` also drops what would keep it alive until exit (compat explains)."""
+
+    def close(self) -> None:  # noqa: D102
+        super().close()
+        compat.release_closed_engine(self)
+        compat.clear_state_dict_name_cache()
+
+
 def make_trainer(
     model: Any,
     train_dataloader: Any,
@@ -101,7 +110,7 @@ def make_trainer(
     key_prefix: str = "",
     **kwargs: Any,
 ) -> Trainer:
-    """A Composer Trainer for ``model`` on ``device`` ("auto", "cpu", "gpu" or "mps").
+    """A Composer Trainer for ``model`` on ``device`` ("auto", "cpu", "gpu" or "mps"), freed once closed.
 
     Runs the model's ``check_runtime(device, precision)`` before anything is trained; amp_bf16 on CPU becomes
     fp32 with bf16 autocast around forward and loss; ``auto`` microbatching only on GPU (it searches GPU memory).
@@ -123,7 +132,7 @@ def make_trainer(
     micro = device_train_microbatch_size
     if micro == "auto" and device_name != "gpu":
         micro = None  # auto microbatching searches for the largest size that fits in GPU memory
-    return Trainer(
+    return ClosingTrainer(
         model=model,
         train_dataloader=train_dataloader,
         eval_dataloader=eval_dataloader,
