@@ -92,12 +92,12 @@ def _run_case(family: str, fsdp: dict, kw: dict) -> dict:
     from transformers.models.bert.modeling_bert import BertLayer as HFBertLayer
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from llmfoundry_lite.models.bert import BertLayer
-    from llmfoundry_lite.models.llama import LlamaBlock
+    from llmfoundry_lite.models.bert import BERT
+    from llmfoundry_lite.models.llama import LLAMA
 
-    block = {
-        "bert": BertLayer,
-        "llama": LlamaBlock,
+    block = {  # our families' units are the blocks their specs declare
+        "bert": BERT.blocks,
+        "llama": LLAMA.blocks,
         "hf_bert": HFBertLayer,
         "hf_causal_lm": LlamaDecoderLayer,
     }[family]

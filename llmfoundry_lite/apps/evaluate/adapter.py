@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
-GENERATE_STEP = 16  # tokens generated between checks for stop strings (no KV cache: each step is a forward)
+GENERATE_STEP = (
+    16  # tokens generated between checks for stop strings (each chunk prefills once, then a KV cache)
+)
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HFLM default
 
 

@@ -513,9 +513,9 @@ class ComposerLlama(ComposerModel):
         ids = input_ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         max_len = self.cfg.max_seq_len
-        cache = KVCache(self.cfg.n_layers, max_len) if use_cache else None
+        cache = KVCache(self.cfg.n_layers, min(max_len, ids.shape[1] + max_new_tokens)) if use_cache else None
         for _ in range(max_new_tokens):
-            if cache is not None and ids.shape[1] <= max_len:
+            if cache is not None and ids.shape[1] <= cache.max_len:
                 logits = self.model(ids[:, cache.pos :], last_logits_only=True, cache=cache)
             else:
                 logits = self.model(ids[:, -max_len:], last_logits_only=True)
