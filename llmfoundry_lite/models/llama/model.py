@@ -537,8 +537,14 @@ class ComposerLlama(ComposerModel):
         eos_token_id: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         stop_early: bool = True,
+        top_p: Optional[float] = None,
+        on_token: Optional[Any] = None,
     ) -> torch.Tensor:
-        """Sample continuations of ``input_ids`` (B, S) without a KV cache (temperature 0 = greedy)."""
+        """Sample continuations of ``input_ids`` (B, S) without a KV cache (temperature 0 = greedy).
+
+        ``top_p``: nucleus sampling (the smallest set of tokens whose probability reaches it); ``on_token(ids)``
+        is called with each step's new tokens (B,) as they come (streaming).
+        """
         ids = input_ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
@@ -552,11 +558,17 @@ class ComposerLlama(ComposerModel):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = torch.softmax(logits, dim=-1)
+                if top_p is not None and top_p < 1.0:
+                    sorted_p, order = probs.sort(dim=-1, descending=True)
+                    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # keep up to the token that reaches top_p
+                    probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
                 nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(ids.device)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done = done | (nxt == eos_token_id)
             ids = torch.cat((ids, nxt[:, None]), dim=1)
+            if on_token is not None:
+                on_token(nxt)
             if stop_early and eos_token_id is not None and bool(done.all()):
                 break
         return ids
