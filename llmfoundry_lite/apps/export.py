@@ -158,9 +158,10 @@ def export_checkpoint(
     out = pathlib.Path(out_dir)
     # The tokenizer loads and the weights map before anything is written: a failed export leaves no folder.
     if export_bert.is_bert_state(model_sd):
+        cfg = export_bert.bert_config(export_bert.split_state(model_sd)[0], run_recipe, str(path))
         tok = _tokenizer(tokenizer or _recipe_tokenizer(run_recipe))
         with tempfile_folder(out) as tmp:
-            kind, config = export_bert.export_bert(path, model_sd, run_recipe, tok, tmp, target)
+            kind, config = export_bert.export_bert(path, model_sd, cfg, run_recipe, tok, tmp, target)
             context = (run_recipe or {}).get("max_seq_len") or config["max_position_embeddings"]
             export_bert.prepare_tokenizer_for_encoder(tok, context)
             tok.save_pretrained(str(tmp))

@@ -88,12 +88,16 @@ def bert_config(enc: Mapping[str, torch.Tensor], recipe: Optional[Mapping[str, A
 def export_bert(
     source: pathlib.Path,
     model_sd: Mapping[str, Any],
+    cfg: Any,
     recipe: Optional[Mapping[str, Any]],
     tok: Any,
     out: pathlib.Path,
     dtype: Optional[torch.dtype],
 ) -> tuple[str, dict[str, Any]]:
-    """Write config.json, model.safetensors (and mosaic_bert.py) into ``out``; return (architecture, config)."""
+    """Write config.json, model.safetensors (and mosaic_bert.py) into ``out``; return (architecture, config).
+
+    ``cfg`` is :func:`bert_config` of the checkpoint's encoder.
+    """
     from safetensors.torch import save_file
 
     from llmfoundry_lite.models.bert.hf_adapter import (
@@ -105,7 +109,6 @@ def export_bert(
     from llmfoundry_lite.models.bert.model import check_weights_fit
 
     enc, head, task = split_state(model_sd)
-    cfg = bert_config(enc, recipe, str(source))
     cfg = dataclasses.replace(cfg, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
     check_weights_fit(cfg, enc, head, str(source), "CHECKPOINT")
     vocab = len(tok)
