@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def doc_blocks() -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # nine CLI runs (two trainings, a GLUE job), each paying the CLI's start-up
 def test_doc_commands_run_as_written(
     tmp_path, bert_tokenizer_dir, mlm_mds_dir, llama_tokenizer_dir, causal_mds_dir
 ):
@@ -49,7 +51,9 @@ def test_doc_commands_run_as_written(
     for cmd in commands:
         argv = shlex.split(cmd)
         argv = [sys.executable, "-m", "llmfoundry_lite.cli", *argv[1:], *SHORTER.get(argv[1], [])]
+        t0 = time.time()
         out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        print(f"{time.time() - t0:6.1f} s  {cmd}")
         assert out.returncode == 0, f"{cmd}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
         outputs.append(out.stdout)
     assert "mask 1:" in outputs[2]

@@ -46,7 +46,7 @@ def _text_batch(tok) -> dict:
 def _save_run(folder, model, block: dict, tok_dir: str, glue: dict | None = None, recipe: bool = True):
     """A Composer-format checkpoint (plus the run's recipe.yaml and metrics.jsonl, as `train` writes them)."""
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = {"batch": 7, "sample": 56, "token": 1792}
+    stamp = {"Timestamp": {"batch": 7, "sample": 56, "token": 1792}}  # as Composer saves it
     torch.save({"state": {"model": model.state_dict(), "timestamp": stamp}}, folder / "ep0-ba7-rank0.pt")
     if recipe:
         cfg = {"run_name": "tiny-export", "max_seq_len": 64, "model": block,
@@ -144,7 +144,7 @@ def test_fill_mask_pipeline_and_model_card(mosaic, mosaic_hf):
     preds = fill("The quick brown fox [MASK] over the lazy dog.", top_k=3)
     assert len(preds) == 3 and all(p["token"] < len(tok) for p in preds)
     card = (mosaic_hf / "README.md").read_text()
-    for fact in ("MosaicBertForMaskedLM", "Tokens seen | 1,792", "Final training loss | 7.1250 (batch 7)",
+    for fact in ("MosaicBertForMaskedLM", "Tokens seen | 1,792", "Final training loss | 7.1250 (last logged)",
                  "local: /data/c4", "trust_remote_code=True", "name: mosaic_bert"):  # fmt: skip
         assert fact in card, fact
 
@@ -213,6 +213,20 @@ def test_classic_bert_exports_as_plain_bert_for_masked_lm(tmp_path, bert_tokeniz
     own = model.encoder.state_dict()
     assert all(torch.equal(own[k], enc[k]) for k in own if k != "embeddings.word.weight")
     assert torch.equal(own["embeddings.word.weight"][: len(tok)], enc["embeddings.word.weight"][: len(tok)])
+    # A GLUE classifier around it: transformers' BertForSequenceClassification (regression: one label).
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from llmfoundry_lite.apps.glue.model import GlueClassifier
+
+    clf = GlueClassifier(model.encoder, 1, dropout=0.1)
+    _perturb(clf.classifier, seed=6)
+    glue = _save_run(tmp_path / "glue", clf, block, bert_tokenizer_dir)
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        export_checkpoint(glue, tmp_path / "hf-glue")
+    ).eval()
+    assert isinstance(hf, BertForSequenceClassification) and hf.config.problem_type == "regression"
+    with torch.no_grad():
+        assert (clf.eval()(batch) - hf(**batch).logits).abs().max().item() <= 1e-5
 
 
 def test_encoder_options_without_a_hf_layout_are_one_line(tmp_path, bert_tokenizer_dir):

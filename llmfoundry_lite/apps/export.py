@@ -257,6 +257,7 @@ def _training_facts(path: pathlib.Path) -> dict[str, Any]:
     try:  # mmap: only the small timestamp is read, whatever the checkpoint's size
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         stamp = ckpt.get("state", {}).get("timestamp", {})
+        stamp = stamp.get("Timestamp", stamp)  # Composer saves {"Timestamp": {"batch": ..., "token": ...}}
         facts.update({k: int(stamp[k]) for k in ("batch", "sample", "token") if k in stamp})
     except Exception:  # the weights loaded already; the card only loses these lines
         pass
@@ -269,7 +270,7 @@ def _training_facts(path: pathlib.Path) -> dict[str, Any]:
                 except json.JSONDecodeError:
                     continue
                 if TRAIN_LOSS in row:
-                    facts["loss"], facts["loss_step"] = row[TRAIN_LOSS], row.get("step")
+                    facts["loss"] = row[TRAIN_LOSS]
             break
     return facts
 
@@ -297,7 +298,8 @@ def write_model_card(
     facts = _training_facts(path)
     recipe = recipe or {}
     model = recipe.get("model") or {}
-    data = (recipe.get("train_loader") or {}).get("dataset") or {}
+    loader = recipe.get("train_loader") or {}
+    data = {**loader, **(loader.get("dataset") or {})}  # the text loader's keys, or a dataset block's
     data_text = ", ".join(f"{k}: {data[k]}" for k in ("remote", "local", "split") if data.get(k)) or "unknown"
     rows = [
         ("Architecture", f"{kind} ({model.get('name', config.get('model_type'))})"),
@@ -308,7 +310,7 @@ def write_model_card(
         ("Training data", data_text),
         ("Batches", f"{facts['batch']:,}" if "batch" in facts else "unknown"),
         ("Tokens seen", f"{facts['token']:,}" if facts.get("token") else "unknown"),
-        ("Final training loss", f"{facts['loss']:.4f} (batch {facts['loss_step']})" if "loss" in facts else "unknown"),
+        ("Final training loss", f"{facts['loss']:.4f} (last logged)" if "loss" in facts else "unknown"),
     ]  # fmt: skip
     lines = [
         "---",
