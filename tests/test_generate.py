@@ -136,3 +136,30 @@ def test_mlm_checkpoint_fills_masks_like_the_fill_mask_pipeline(tmp_path, bert_t
     with pytest.raises(RecipeError, match=r"no \[MASK\]"):
         fill_masks(load_generator(str(out)), "No mask here.")
     assert json.loads((out / "config.json").read_text())["model_type"] == "mosaic_bert"
+
+
+def test_benchmark_script_runs_and_the_decoders_agree():
+    """scripts/benchmark_generate.py (docs/export-and-generate.md) at toy size: every decoder gives the same tokens."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_generate.py"
+    args = [
+        "--d-model",
+        "64",
+        "--layers",
+        "1",
+        "--heads",
+        "2",
+        "--vocab",
+        "600",
+        "--new-tokens",
+        "8",
+        "--repeats",
+        "1",
+    ]
+    out = subprocess.run([sys.executable, str(script), *args, "--threads", "1"], capture_output=True, text=True,
+                         timeout=170)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith(("ours", "transformers"))]
+    assert any(r.startswith("transformers generate") for r in rows) and any("no cache" in r for r in rows)
+    assert all(r.rstrip().endswith("True") for r in rows if "not in this build" not in r), out.stdout
