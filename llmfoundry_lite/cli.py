@@ -55,7 +55,11 @@ PLUGIN_VERBS: dict[str, tuple[str, str]] = {
     ),
     "export": (
         "llmfoundry_lite.apps.export",
-        "Export a Composer checkpoint to a Hugging Face folder (AutoModelForCausalLM loads it).",
+        "Export a Composer checkpoint to a Hugging Face folder (llama, MosaicBERT, BERT; GLUE classifiers).",
+    ),
+    "generate": (
+        "llmfoundry_lite.apps.generate",
+        "Generate text from a checkpoint or HF folder (tokens streamed), or fill [MASK] with an MLM.",
     ),
     "import-recipe": (
         "llmfoundry_lite.apps.import_recipe",

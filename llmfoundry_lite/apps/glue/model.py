@@ -207,9 +207,18 @@ def build_encoder(
     checkpoint = checkpoint if checkpoint is not None else glue.checkpoint
     tokenizer = build_tokenizer(cfg)
     if glue.init_from_hf:
-        from llmfoundry_lite.models.bert import BertEncoder
+        from llmfoundry_lite.models.bert import CLASSIC, BertConfig, BertEncoder
 
-        return BertEncoder.from_hf(glue.init_from_hf), tokenizer
+        # One attention-dropout rule for both routes (glue.init_from_hf here, model.init_from_hf in the builder): the
+        # recipe's model.attention_dropout (mosaic_bert: 0.0, as the reference finetunes), never the checkpoint's.
+        block = cfg.get("model") or {}
+        default = (
+            CLASSIC["attention_dropout"] if block.get("name") == "bert" else BertConfig.attention_dropout
+        )
+        p = block.get("attention_dropout")
+        return BertEncoder.from_hf(
+            glue.init_from_hf, attention_dropout=default if p is None else p
+        ), tokenizer
     model = build_model(cfg, tokenizer)
     apply_init_surgery(model, cfg, precision)
     encoder = getattr(model, "encoder", None)

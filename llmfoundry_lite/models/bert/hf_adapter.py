@@ -11,6 +11,7 @@ multiple of 64 (zeros, never predicted).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any, Optional
@@ -43,11 +44,26 @@ MOSAIC_BERT_NAMES: dict[str, str] = {
     "cls.predictions.transform.LayerNorm.bias": "head.norm.bias",
     "cls.predictions.decoder.bias": "head.bias",
 }
-# Published names that are known and deliberately not loaded: the decoder weight is the word embedding (tied);
-# a sequence-classification checkpoint's pooler and classifier are task heads (GLUE trains a fresh one).
-MOSAIC_BERT_NOT_LOADED = ("cls.predictions.decoder.weight", "bert.pooler.", "classifier.")
+# Published names that are known and deliberately not loaded, and why (said in one line when a checkpoint has them):
+# the decoder weight is the word embedding (tied; checked equal); a sequence-classification checkpoint's pooler and
+# classifier are task heads (GLUE trains fresh ones); the reference code before early 2023 saved its ALiBi table.
+DECODER_WEIGHT = "cls.predictions.decoder.weight"
+LEGACY_ALIBI = "bert.encoder.alibi"
+MOSAIC_BERT_NOT_LOADED: dict[str, str] = {
+    DECODER_WEIGHT: "tied: equal to the word embedding",
+    "bert.pooler.": "task head: GLUE trains a fresh pooler",
+    "classifier.": "task head: GLUE trains a fresh classifier",
+    LEGACY_ALIBI: "legacy ALiBi buffer: recomputed from n_heads",
+}
+# The same for transformers' BERT checkpoints (BertModel, BertForPreTraining, BertForSequenceClassification).
+CLASSIC_NOT_LOADED: dict[str, str] = {
+    "bert.pooler.": "task head: GLUE trains a fresh pooler",
+    "classifier.": "task head: GLUE trains a fresh classifier",
+    "cls.seq_relationship.": "next-sentence-prediction head: not part of the MLM model",
+}
 _MOSAIC_MARKERS = (".attention.self.Wqkv.", ".mlp.gated_layers.")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+log = logging.getLogger(__name__)
 _RULES = [
     (re.compile("^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)") + "$"), dst)
     for src, dst in MOSAIC_BERT_NAMES.items()
@@ -124,6 +140,7 @@ def mosaic_bert_state_dicts(
     enc: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
     unmatched = []
+    dropped: dict[str, int] = {}
     for name, tensor in sd.items():
         for rule, dst in _RULES:
             m = rule.match(name)
@@ -133,8 +150,11 @@ def mosaic_bert_state_dicts(
                 target[ours] = tensor
                 break
         else:
-            if not name.startswith(MOSAIC_BERT_NOT_LOADED):
+            known = next((p for p in MOSAIC_BERT_NOT_LOADED if name.startswith(p)), None)
+            if known is None:
                 unmatched.append(name)
+            else:
+                dropped[known] = dropped.get(known, 0) + 1
     if unmatched:
         shown = ", ".join(unmatched[:8]) + (f" and {len(unmatched) - 8} more" if len(unmatched) > 8 else "")
         raise RecipeError(
@@ -142,7 +162,26 @@ def mosaic_bert_state_dicts(
             "checkpoints written by mosaicml/examples' bert_layers.py (names in models/bert/hf_adapter.py)",
             key=key,
         )
+    decoder, embedding = sd.get(DECODER_WEIGHT), enc.get("embeddings.word.weight")
+    if decoder is not None and embedding is not None and not torch.equal(decoder, embedding):
+        raise RecipeError(
+            f"{source}: {DECODER_WEIGHT} differs from the word embedding; MosaicBERT ties them and this loader "
+            "reads only the embedding (an untied decoder cannot be loaded)",
+            key=key,
+        )
+    if dropped:
+        say_not_loaded(source, dropped, MOSAIC_BERT_NOT_LOADED)
     return enc, head
+
+
+def say_not_loaded(source: str, dropped: dict[str, int], why: dict[str, str]) -> None:
+    """One warning line: the weights (name or prefix -> count) a checkpoint has that are not loaded, and why."""
+    parts = [
+        f"{prefix}{'*' if prefix.endswith('.') else ''} ({n} tensor{'s' if n > 1 else ''}; "
+        f"{why.get(prefix, 'not a weight of this model')})"
+        for prefix, n in dropped.items()
+    ]
+    log.warning("%s: not loaded: %s", source, ", ".join(parts))
 
 
 def mosaic_bert_config(
@@ -208,7 +247,14 @@ def load_hf_bert(
         model_type = AutoConfig.from_pretrained(path_or_name).model_type
         if model_type != "bert":
             raise RecipeError(f"{path_or_name!r} is a {model_type!r} checkpoint, not BERT", key=key)
-        hf, info = BertForMaskedLM.from_pretrained(path_or_name, output_loading_info=True)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its multi-line "weights not used" warning: we say it in one line below
+        try:
+            hf, info = BertForMaskedLM.from_pretrained(path_or_name, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RecipeError(
@@ -216,6 +262,12 @@ def load_hf_bert(
             "saved by transformers (hub names need internet)",
             key=key,
         ) from None
+    dropped: dict[str, int] = {}
+    for name in info.get("unexpected_keys", []):
+        prefix = next((p for p in CLASSIC_NOT_LOADED if name.startswith(p)), name)
+        dropped[prefix] = dropped.get(prefix, 0) + 1
+    if dropped:
+        say_not_loaded(path_or_name, dropped, CLASSIC_NOT_LOADED)
     hc = hf.config
     if getattr(hc, "position_embedding_type", "absolute") != "absolute":
         raise RecipeError(f"{path_or_name}: only absolute position embeddings are supported", key=key)
@@ -275,3 +327,114 @@ def load_hf_bert(
             "bias": padrows(sd[c + "bias"]),
         }
     return cfg, {k: v.detach().clone() for k, v in enc.items()}, head
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Export: our weights -> the published MosaicBERT layout, or transformers' BertForMaskedLM
+# ---------------------------------------------------------------------------------------------------------
+
+
+def mosaic_bert_to_hf(enc: dict[str, torch.Tensor], head: Optional[dict[str, torch.Tensor]]) -> dict:
+    """Our encoder (and MLM head) state dicts under the published MosaicBERT names (the inverse of the map).
+
+    The tied decoder weight is written as its own copy of the word embedding, as the published checkpoints have it.
+    """
+    rules = [
+        (re.compile("^" + re.escape(dst).replace(re.escape("{i}"), r"(\d+)") + "$"), src)
+        for src, dst in MOSAIC_BERT_NAMES.items()
+    ]
+    ours = {**enc, **{"head." + k: v for k, v in (head or {}).items()}}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in ours.items():
+        for rule, src in rules:
+            m = rule.match(name)
+            if m:
+                out[src.replace("{i}", m.group(1)) if m.groups() else src] = tensor
+                break
+        else:
+            raise KeyError(name)
+    if head:
+        out[DECODER_WEIGHT] = enc["embeddings.word.weight"]
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def mosaic_bert_hf_config(cfg: BertConfig, valid_vocab_size: Optional[int] = None) -> dict[str, Any]:
+    """config.json keys of the published MosaicBERT (``alibi_starting_size``, padded ``vocab_size``...)."""
+    return {
+        "model_type": "mosaic_bert",
+        "vocab_size": cfg.vocab_size,
+        "valid_vocab_size": valid_vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "alibi_starting_size": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "initializer_range": cfg.init_std,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": cfg.pad_token_id,
+        "position_embedding_type": "alibi",
+        "classifier_dropout": None,
+    }
+
+
+def classic_bert_to_hf(
+    enc: dict[str, torch.Tensor], head: Optional[dict[str, torch.Tensor]], cfg: BertConfig, vocab: int
+) -> dict[str, torch.Tensor]:
+    """Our classic-BERT state dicts under transformers' BertForMaskedLM names; vocabulary rows cut to ``vocab``.
+
+    The inverse of :func:`load_hf_bert`'s classic mapping (fused ``Wqkv`` split into query/key/value).
+    """
+    e = "bert.embeddings."
+    out = {
+        e + "word_embeddings.weight": enc["embeddings.word.weight"][:vocab],
+        e + "position_embeddings.weight": enc["embeddings.position.weight"],
+        e + "token_type_embeddings.weight": enc["embeddings.token_type.weight"],
+        e + "LayerNorm.weight": enc["embeddings.norm.weight"],
+        e + "LayerNorm.bias": enc["embeddings.norm.bias"],
+    }
+    for i in range(cfg.n_layers):
+        p, q = f"bert.encoder.layer.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            for n, part in zip(("query", "key", "value"), enc[q + f"attn.Wqkv.{kind}"].chunk(3)):
+                out[p + f"attention.self.{n}.{kind}"] = part
+            out[p + f"attention.output.dense.{kind}"] = enc[q + f"attn.out.{kind}"]
+            out[p + f"attention.output.LayerNorm.{kind}"] = enc[q + f"norm1.{kind}"]
+            out[p + f"intermediate.dense.{kind}"] = enc[q + f"ffn.up.{kind}"]
+            out[p + f"output.dense.{kind}"] = enc[q + f"ffn.down.{kind}"]
+            out[p + f"output.LayerNorm.{kind}"] = enc[q + f"norm2.{kind}"]
+    if head:
+        c = "cls.predictions."
+        out.update({
+            c + "transform.dense.weight": head["transform.weight"], c + "transform.dense.bias": head["transform.bias"],
+            c + "transform.LayerNorm.weight": head["norm.weight"], c + "transform.LayerNorm.bias": head["norm.bias"],
+            c + "bias": head["bias"][:vocab], c + "decoder.bias": head["bias"][:vocab],
+            c + "decoder.weight": enc["embeddings.word.weight"][:vocab],
+        })  # fmt: skip
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def classic_bert_hf_config(cfg: BertConfig, vocab: int) -> dict[str, Any]:
+    """config.json of transformers' BertForMaskedLM with our shape (learned positions, GELU MLP)."""
+    return {
+        "architectures": ["BertForMaskedLM"],
+        "model_type": "bert",
+        "vocab_size": vocab,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "initializer_range": cfg.init_std,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "pad_token_id": cfg.pad_token_id,
+        "position_embedding_type": "absolute",
+    }
