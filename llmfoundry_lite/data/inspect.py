@@ -63,7 +63,7 @@ def inspect_dataset(path: str, samples: int = 3, tokenizer: Optional[str] = None
     if tokenizer:
         from tokenizers import Tokenizer
 
-        from llmfoundry_lite.data.convert import load_fast_tokenizer
+        from llmfoundry_lite.data.tokenizers import load_fast_tokenizer
 
         decode = Tokenizer.from_str(load_fast_tokenizer(tokenizer).json).decode
     lines = []
@@ -71,7 +71,7 @@ def inspect_dataset(path: str, samples: int = 3, tokenizer: Optional[str] = None
         index = read_index(sp)
         shards = index["shards"]
         n_samples = sum(s["samples"] for s in shards)
-        n_bytes = sum(os.path.getsize(os.path.join(sp, p)) for p in os.listdir(sp))
+        n_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(sp) for f in files)
         cols = ", ".join(f"{k}: {v}" for k, v in columns(index).items())
         comp = shards[0].get("compression") if shards else None
         lines.append(
