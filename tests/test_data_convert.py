@@ -23,7 +23,9 @@ from llmfoundry_lite.errors import RecipeError
 def _digest(folder) -> dict[str, str]:
     """sha256 of every file under ``folder``, by relative path."""
     return {
-        os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+        os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(
+            open(os.path.join(d, f), "rb").read()
+        ).hexdigest()
         for d, _, files in os.walk(folder)
         for f in files
     }

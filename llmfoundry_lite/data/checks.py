@@ -411,7 +411,9 @@ def check_recipe_data(data: Mapping[str, Any]) -> None:
                 check_finetune_fit(section, block, index, model.get("name"))
 
 
-def check_finetune_fit(section: str, block: Mapping[str, Any], index: Mapping[str, Any], model_name: Any) -> None:
+def check_finetune_fit(
+    section: str, block: Mapping[str, Any], index: Mapping[str, Any], model_name: Any
+) -> None:
     """RecipeError when finetuning data and the loader or model disagree (packed rows need sequence_id)."""
     cols = columns(dict(index))
     src = resolve(str(block.get("remote") or block.get("local")))

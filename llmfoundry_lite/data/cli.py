@@ -56,7 +56,9 @@ def convert_cmd(
         "text", "--text-field", help="Text field of JSONL/Parquet/HF rows (C4, Dolma, FineWeb: text)"
     ),
     num_workers: Optional[int] = typer.Option(
-        None, "--num-workers", help="Processes converting shards side by side (default: CPU cores; 0 = this one)"
+        None,
+        "--num-workers",
+        help="Processes converting shards side by side (default: CPU cores; 0 = this one)",
     ),
     max_chars: Optional[int] = typer.Option(
         None, "--max-chars", help="Cut documents longer than this at paragraph/line/space boundaries"
@@ -83,7 +85,9 @@ def convert_cmd(
         False, "--pack", help="Finetuning: pack examples into rows of --max-seq-len, with sequence_id"
     ),
     chat_template: Optional[str] = typer.Option(
-        None, "--chat-template", help="Finetuning: chatml, llama2 or zephyr when the tokenizer has no template"
+        None,
+        "--chat-template",
+        help="Finetuning: chatml, llama2 or zephyr when the tokenizer has no template",
     ),
 ) -> None:
     """Convert a corpus to MDS shards: raw text, token rows (--concat-tokens) or finetuning examples (--finetune).

@@ -213,7 +213,9 @@ class FinetuneCollator:
     were packed carry ``sequence_id`` (one per example) so attention stays within each example.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None, padding: str = "max_length"):
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None, padding: str = "max_length"
+    ):
         if tokenizer is None:
             raise RecipeError("a collator needs a tokenizer; add a `tokenizer:` section to the recipe")
         if max_seq_len is None:
