@@ -157,7 +157,7 @@ def test_chat_labels_every_assistant_turn_and_nothing_else(tmp_path, chat_tok_di
         # The conversation is the tokenizer's own template, as transformers renders it.
         assert tok.decode(ids) == tok.apply_chat_template(row["messages"], tokenize=False)
         runs, cur = [], []  # labelled runs, token by token
-        for t, (i, lab) in enumerate(zip(ids, labels)):
+        for i, lab in zip(ids, labels):
             assert lab in (-100, i)
             if lab != -100:
                 cur.append(i)
