@@ -217,6 +217,7 @@ KILL_CMD = [
 ]
 
 
+@pytest.mark.timeout(600)  # three conversions of 12 shards in fresh processes
 def test_killed_conversion_resumes_to_identical_bytes(tmp_path, llama_tokenizer_dir):
     docs = embedded_documents()
     src = tmp_path / "src"

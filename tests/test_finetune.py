@@ -281,13 +281,13 @@ def test_loss_is_the_mean_over_response_tokens_only(tmp_path, llama_tokenizer_di
     assert abs(sum(every) / len(every) - total / count) > 1e-3
 
 
-def _hf_llama(tok, out) -> str:
+def _hf_llama(tok, out, positions: int = SEQ) -> str:
     """A small Hugging Face Llama folder (config, safetensors, tokenizer), as `llmfoundry-lite export` writes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(str(out))
     tok.save_pretrained(str(out))
