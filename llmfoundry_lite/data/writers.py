@@ -1,7 +1,7 @@
 """Writing MDS: one writer per split of a unit, the merge of units into one index, the atomic publish.
 
 Each unit of a source is written to its own MDS folder; a split is then those folders side by side, in unit
-order, under one ``index.json`` that lists every unit's shards (the layout of streaming's ``merge_index``,
+order (a split from one unit keeps its flat layout), under one ``index.json`` that lists every unit's shards (the layout of streaming's ``merge_index``,
 written here directly because the shards are local and that helper imports all of streaming). Shards are
 hard-linked, not copied, into a hidden folder that is renamed into place only when complete, so an interrupted
 or failed conversion never leaves a folder with an ``index.json`` that looks finished.
@@ -86,20 +86,30 @@ class UnitWriters:
 def merge_split(
     parts: Sequence[tuple[str, pathlib.Path]], tmp: pathlib.Path, tail: Optional[pathlib.Path] = None
 ) -> int:
-    """Hard-link the MDS folders ``parts`` ((name, folder), in order) into ``tmp`` under one index; shard count."""
+    """Hard-link the MDS folders ``parts`` ((name, folder), in order) into ``tmp`` under one index; shard count.
+
+    A split made of one folder keeps that folder's flat layout (``shard.00000.mds`` next to ``index.json``).
+    """
     tmp.mkdir(parents=True)
+    folders = [*parts, *([(TAIL_DIR, tail)] if tail is not None else [])]
+    flat = len(folders) == 1
     shards: list[dict[str, Any]] = []
-    for name, folder in [*parts, *([(TAIL_DIR, tail)] if tail is not None else [])]:
+    for name, folder in folders:
         with open(folder / "index.json") as f:
             index = json.load(f)
-        (tmp / name).mkdir()
+        if not flat:
+            (tmp / name).mkdir()
         for shard in index["shards"]:
             for key in ("raw_data", "zip_data", "raw_meta", "zip_meta"):
                 if shard.get(key):
                     base = shard[key]["basename"]
-                    _link(folder / base, tmp / name / base)
-                    shard[key]["basename"] = f"{name}/{base}"
+                    dest = base if flat else f"{name}/{base}"
+                    _link(folder / base, tmp / dest)
+                    shard[key]["basename"] = dest
             shards.append(shard)
+    if flat:
+        _link(folders[0][1] / "index.json", tmp / "index.json")
+        return len(shards)
     with open(tmp / "index.json", "w") as f:
         json.dump({"version": 2, "shards": shards}, f, sort_keys=True)
     return len(shards)
