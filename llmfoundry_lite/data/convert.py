@@ -334,8 +334,8 @@ class _locked:
         for old in self.out.glob(WORK_PREFIX + "*"):
             if old != self.work:
                 shutil.rmtree(old, ignore_errors=True)
-        for tmp in (self.work / "units").glob(".*.tmp-*"):  # units a killed run was writing
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in [*(self.work / "units").glob(".*.tmp-*"), *self.work.glob(".*.tmp-*")]:
+            shutil.rmtree(tmp, ignore_errors=True)  # units (or the tail) a killed run was writing
         for d in ("claims", "progress", "errors", "logs"):
             shutil.rmtree(self.work / d, ignore_errors=True)
         return self
@@ -409,7 +409,7 @@ def _progress_sum(files: list[tuple[pathlib.Path, pathlib.Path]]) -> tuple[int, 
 def _publish_splits(
     job: U.Job, work: pathlib.Path, out: pathlib.Path, names: list[str], n_units: int, source: str
 ) -> dict[str, SplitStats]:
-    """Merge the units' folders into one index per split, pack the leftover tokens, rename the splits in place."""
+    """Merge the units' folders (and the packed leftovers) into one index per split; rename the splits in place."""
     per_unit = [U.unit_stats(work, i) for i in range(n_units)]
     if any(s is None for s in per_unit):
         raise RuntimeError("a unit is missing after every worker finished")
@@ -417,7 +417,15 @@ def _publish_splits(
     for s in per_unit:
         for split, st in s["splits"].items():
             stats[split].add(st)
-    tails = {n: _tail_rows(job, work, n, n_units, stats[n]) for n in names} if job.mode == "concat" else {}
+    tails: dict[str, pathlib.Path] = {}
+    for n, rows in U.tail_rows(work).items():
+        stats[n].samples += rows
+        if job.max_tokens is not None:  # report what the rows hold, not the tokens left out
+            stats[n].tokens = stats[n].samples * job.concat_tokens
+        if rows:
+            tails[n] = work / U.TAIL / n
+    if job.mode == "concat" and not (work / U.TAIL).is_dir():
+        raise RuntimeError("the leftover tokens were not packed after every unit finished")
     empty = [n for n in names if stats[n].samples == 0]
     if empty:
         detail = f"fewer than {job.concat_tokens} tokens" if job.concat_tokens else "no documents"
@@ -442,33 +450,3 @@ def _publish_splits(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return stats
-
-
-def _tail_rows(
-    job: U.Job, work: pathlib.Path, split: str, n_units: int, st: SplitStats
-) -> Optional[pathlib.Path]:
-    """Pack the units' leftover tokens of ``split``, in unit order, into rows of their own; their MDS folder."""
-    import numpy as np
-
-    from llmfoundry_lite.data.writers import UnitWriters
-
-    n = job.concat_tokens
-    pieces = [
-        np.load(f) for i in range(n_units) if (f := U.unit_dir(work, i) / f"{split}.tail.npy").is_file()
-    ]
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
-    rows = len(flat) // n
-    if job.max_tokens is not None:  # a budget of T tokens is ceil(T / n) rows
-        rows = max(0, min(rows, -(-job.max_tokens[split] // n) - st.samples))
-    if job.max_tokens is not None:
-        st.tokens = (st.samples + rows) * n  # report what the rows hold, not the tokens left out
-    if rows == 0:
-        return None
-    folder = work / f"tail-{split}"
-    shutil.rmtree(folder, ignore_errors=True)
-    w = UnitWriters(folder, job.columns(), job.compression, job.size_limit)
-    for r in range(rows):
-        w.write("rows", {"tokens": flat[r * n : (r + 1) * n]})
-    w.finish()
-    st.samples += rows
-    return folder / "rows"

@@ -153,9 +153,11 @@ class ExampleEncoder:
         full = self._render(messages, False, where)
         spans = []
         for k in turns:
+            # The turn's text lies between the conversation up to the reply prompt and the conversation with it.
             start = len(self._render(messages[:k], True, where))
-            end = len(self._render(messages[: k + 1], False, where))
-            if not full.startswith(self._render(messages[: k + 1], False, where)) or start > end:
+            upto = self._render(messages[: k + 1], False, where)
+            end = len(upto)
+            if not full.startswith(upto) or start > end:
                 raise RecipeError(
                     f"{where}: the chat template does not render a conversation turn by turn, so the assistant "
                     f"turns cannot be located; use --chat-template {'|'.join(CHAT_TEMPLATES)}",

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
-from llmfoundry_lite.data.readers import Unit, kind_of, read_rows, text_of
+from llmfoundry_lite.data.readers import Unit, compression_of, kind_of, read_rows, text_of
 from llmfoundry_lite.errors import RecipeError
 
 # Words in a shard's path that name its split (the words `datasets` recognises), and our split for each.
@@ -129,8 +129,6 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
 def _file_units(
     path: str, kind: str, split: Optional[str], one_doc_per_file: bool, range_bytes: int
 ) -> list[Unit]:
-    from llmfoundry_lite.data.readers import compression_of
-
     _, compression = compression_of(path)
     size = os.path.getsize(path)
     if kind == "text" and one_doc_per_file:

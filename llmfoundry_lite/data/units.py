@@ -322,17 +322,68 @@ def load_job(work: pathlib.Path) -> Job:
 
 
 def work_loop(work: pathlib.Path, claims: Optional[pathlib.Path], progress: Progress) -> None:
-    """Convert every unfinished unit this worker can claim (all of them in order when ``claims`` is None)."""
+    """Convert every unfinished unit this worker can claim (all of them in order when ``claims`` is None).
+
+    The worker that finishes the last unit also packs the units' leftover tokens (concat mode), so the parent
+    never imports the writer (and the torch that streaming imports with it).
+    """
     job = load_job(work)
     for i in range(len(job.units)):
         if unit_stats(work, i) is not None:
             continue
-        if claims is not None:
-            try:
-                os.close(os.open(claims / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue  # another worker has it
+        if claims is not None and not _claim(claims, str(i)):
+            continue  # another worker has it
         convert_unit(job, work, i, progress)
+    if job.mode == "concat" and all(unit_stats(work, i) is not None for i in range(len(job.units))):
+        if not (work / TAIL).is_dir() and (claims is None or _claim(claims, TAIL)):
+            write_tail(job, work)
+
+
+def _claim(claims: pathlib.Path, name: str) -> bool:
+    try:
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+TAIL = "tail"  # the rows packed from every unit's leftover tokens, in the work folder
+
+
+def write_tail(job: Job, work: pathlib.Path) -> None:
+    """Pack the units' leftover tokens of each split, in unit order, into rows of their own (``work/tail``)."""
+    import numpy as np
+
+    n, counts = job.concat_tokens, {}
+    tmp = work / f".{TAIL}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    writers = UnitWriters(tmp, job.columns(), job.compression, job.size_limit)
+    stats = [unit_stats(work, i) or {} for i in range(len(job.units))]
+    for split in job.wanted:
+        files = [unit_dir(work, i) / f"{split}.tail.npy" for i in range(len(job.units))]
+        pieces = [np.load(f) for f in files if f.is_file()]
+        flat = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+        rows = len(flat) // n
+        if job.max_tokens is not None:  # a budget of T tokens is ceil(T / n) rows
+            done = sum(int(s.get("splits", {}).get(split, {}).get("samples", 0)) for s in stats)
+            rows = max(0, min(rows, -(-job.max_tokens[split] // n) - done))
+        for r in range(rows):
+            writers.write(split, {"tokens": flat[r * n : (r + 1) * n]})
+        counts[split] = rows
+    writers.finish()
+    with open(tmp / "stats.json", "w") as f:
+        json.dump(counts, f, sort_keys=True)
+    os.replace(tmp, work / TAIL)
+
+
+def tail_rows(work: pathlib.Path) -> dict[str, int]:
+    """Rows per split that ``write_tail`` packed ({} before it ran, or outside concat mode)."""
+    try:
+        with open(work / TAIL / "stats.json") as f:
+            return json.load(f)
+    except OSError:
+        return {}
 
 
 def main(argv: list[str]) -> int:
