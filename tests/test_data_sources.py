@@ -33,10 +33,12 @@ def _digest(folder) -> dict[str, str]:
 
 
 def _texts(split_dir) -> list[str]:
-    from streaming import StreamingDataset
+    """Every document of an MDS split, in order, decoded straight from its shards (index.json order)."""
+    from llmfoundry_lite.data.inspect import shard_samples
+    from llmfoundry_lite.data.loaders import read_index
 
-    ds = StreamingDataset(local=str(split_dir), shuffle=False, batch_size=1)
-    return [ds[i]["text"] for i in range(len(ds))]
+    shards = read_index(str(split_dir))["shards"]
+    return [s["text"] for sh in shards for s in shard_samples(str(split_dir), sh, sh["samples"])]
 
 
 def _c4_row(i: int, text: str) -> str:
