@@ -20,10 +20,12 @@ BUILTINS: dict[str, dict[str, str]] = {
         "hf": "A Hugging Face tokenizer by hub name or local folder (AutoTokenizer).",
     },
     "dataloaders": {
+        "finetune": "Instruction/chat examples from `data convert --finetune` (MDS): loss on responses only, packed or padded.",
         "text": "MDS shards (raw text or token rows) -> batches via StreamingDataset; collator mlm/causal_lm (auto).",
     },
     "collators": {
         "causal_lm": "Causal-LM batches: labels = input ids (padding IGNORE_INDEX), optional per-document sequence_id.",
+        "finetune": "Finetuning batches (data convert --finetune): padded, labels only on responses, sequence_id when packed.",
         "mlm": "Masked-LM batches (BERT 80/10/10); tokenizes raw text on the fly; max_seq_len comes from the loader.",
     },
     "optimizers": {

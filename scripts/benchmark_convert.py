@@ -8,6 +8,12 @@ on a busy machine they are steadier than wall time.
     python scripts/benchmark_convert.py [--tokens 1700000] [--concat 128] [--vocab 8192] [--workdir DIR]
 
 The loop tokenizes one document at a time with the transformers tokenizer and writes each row with MDSWriter.
+
+Worker scaling (``--sweep 1,2``): the same corpus as C4-shaped shards (``--shards`` ``.json.gz`` files of JSON Lines
+with text/timestamp/url), converted by ``data convert --num-workers W`` for each W, alternating the worker counts
+over ``--repeats`` rounds so a busy machine slows them alike; prints every run and the median docs/s per W:
+
+    python scripts/benchmark_convert.py --sweep 1,2 --shards 8 --tokens 4000000 --repeats 3
 """
 
 from __future__ import annotations
@@ -89,8 +95,56 @@ def _cli_row(source: str, tok_dir: str, work: str, args: argparse.Namespace) -> 
     return [("`llmfoundry-lite data convert` (same, via the main CLI)", cmd, os.path.join(out, "train"))]
 
 
+def sweep(
+    args: argparse.Namespace, docs: list[str], repeats: int, tok_dir: str, work: str, env: dict
+) -> None:
+    """Convert the same .json.gz shards with each worker count, alternating; print every run and the medians."""
+    import gzip
+    import statistics
+
+    counts = [int(w) for w in args.sweep.split(",")]
+    src = os.path.join(work, "shards")
+    os.makedirs(src, exist_ok=True)
+    all_docs = [d for _ in range(repeats) for d in docs]
+    per = -(-len(all_docs) // args.shards)
+    for k in range(args.shards):
+        with gzip.open(os.path.join(src, f"c4-train.{k:05d}-of-{args.shards:05d}.json.gz"), "wt") as f:
+            for i, d in enumerate(all_docs[k * per : (k + 1) * per]):
+                f.write(
+                    json.dumps({"text": d, "timestamp": "2019-04-25T12:00:00Z", "url": f"https://x/{i}"})
+                    + "\n"
+                )
+    mb = sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src)) / 1e6
+    runs: dict[int, list[tuple[float, float]]] = {w: [] for w in counts}
+    print("| round | workers | wall s | docs/s | CPU s |\n|---:|---:|---:|---:|---:|")
+    for r in range(args.repeats):
+        for w in counts if r % 2 == 0 else counts[::-1]:
+            out = os.path.join(work, f"sweep-{w}")
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "llmfoundry_lite.data.cli", "convert", "--source", src, "--out", out,
+                   "--splits", "train", "--tokenizer", tok_dir, "--concat-tokens", str(args.concat),
+                   "--num-workers", str(w), "--no-progress"]  # fmt: skip
+            dt, cpu = _timed(cmd, env)
+            runs[w].append((dt, cpu))
+            print(f"| {r + 1} | {w} | {dt:.1f} | {len(all_docs) / dt:,.0f} | {cpu:.1f} |", flush=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(
+        f"\nCorpus: {len(all_docs):,} documents in {args.shards} .json.gz shards ({mb:.1f} MB), rows of "
+        f"{args.concat} tokens; {cores} CPU cores; load average before: {os.getloadavg()[0]:.1f}; median of "
+        f"{args.repeats} runs, end to end (fresh process each)\n"
+    )
+    base = statistics.median(len(all_docs) / dt for dt, _ in runs[counts[0]])
+    print(
+        "| --num-workers | docs/s (median) | per worker | speed-up | CPU s (median) |\n|---:|---:|---:|---:|---:|"
+    )
+    for w in counts:
+        rate = statistics.median(len(all_docs) / dt for dt, _ in runs[w])
+        cpu = statistics.median(c for _, c in runs[w])
+        print(f"| {w} | {rate:,.0f} | {rate / w:,.0f} | {rate / base:.2f}x | {cpu:.1f} |")
+
+
 def main() -> None:
-    """Build the corpus and tokenizer, run both converters, print the table."""
+    """Build the corpus and tokenizer, run both converters (or the worker sweep), print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1_700_000, help="approximate corpus size in tokens")
     ap.add_argument("--concat", type=int, default=128)
@@ -99,6 +153,11 @@ def main() -> None:
         "--workers", type=int, default=None, help="--num-workers for data convert (default: cores)"
     )
     ap.add_argument("--workdir", default=None)
+    ap.add_argument(
+        "--sweep", default=None, help="worker counts to compare, e.g. 1,2 (converts .json.gz shards)"
+    )
+    ap.add_argument("--shards", type=int, default=8, help="--sweep: number of .json.gz shards")
+    ap.add_argument("--repeats", type=int, default=3, help="--sweep: rounds (worker counts alternate)")
     ap.add_argument(
         "--naive-worker", nargs=4, metavar=("SOURCE", "TOKENIZER", "OUT", "CONCAT"), help=argparse.SUPPRESS
     )
@@ -132,6 +191,11 @@ def main() -> None:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("TOKENIZERS_PARALLELISM", None)
+    if args.sweep:
+        sweep(args, docs, repeats, tok_dir, work, env)
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     results = []
     for name, cmd, out in [
         (

@@ -21,9 +21,13 @@ from llmfoundry_lite.errors import RecipeError
 
 
 def _digest(folder) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
     return {
-        f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
-        for f in sorted(os.listdir(folder))
+        os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(
+            open(os.path.join(d, f), "rb").read()
+        ).hexdigest()
+        for d, _, files in os.walk(folder)
+        for f in files
     }
 
 
@@ -121,7 +125,7 @@ def test_concat_mode_rows_bos_eos_and_worker_independence(tmp_path, llama_tokeni
     )
     for split in ("train", "val"):
         assert _digest(tmp_path / "w0" / split) == _digest(tmp_path / "w2" / split)
-    assert any(f.endswith(".zstd") for f in os.listdir(tmp_path / "w0" / "train"))
+    assert any(f.endswith(".zstd") for f in _digest(tmp_path / "w0" / "train"))
     train = s0.splits["train"]
     assert train.samples == train.tokens // 64 and s2.splits["train"].tokens == train.tokens
     ds = StreamingDataset(local=str(tmp_path / "w0" / "val"), shuffle=False, batch_size=1)
@@ -136,9 +140,9 @@ def test_concat_mode_rows_bos_eos_and_worker_independence(tmp_path, llama_tokeni
 
 
 def _first_val_index() -> int:
-    from llmfoundry_lite.data.convert import _HoldOut
+    from llmfoundry_lite.data.holdout import HoldOut
 
-    hold = _HoldOut(0.05, 17)
+    hold = HoldOut(0.05, 17)
     return next(i for i in range(10_000) if hold.is_val())
 
 
@@ -299,7 +303,7 @@ def test_failed_conversion_leaves_no_half_written_split(tmp_path, docs):
     convert(_folder(tmp_path / "good", docs, bad=False), out, splits="train")
     before = _digest(out / "train")
     bad = _folder(tmp_path / "bad", docs * 5, bad=True)
-    with pytest.raises(RecipeError, match="cannot read source"):
+    with pytest.raises(RecipeError, match="cannot read .*zzz.txt' at byte 12: not UTF-8"):
         convert(bad, out, splits="train")
     assert _digest(out / "train") == before  # the old complete split is untouched
     assert sorted(os.listdir(out)) == ["train"]  # and no temporary folder is left behind
@@ -333,7 +337,7 @@ def test_worker_pool_shuts_down_in_a_process_with_a_sigterm_handler(tmp_path, ll
     cmd = [sys.executable, "-c", POOL_SHUTDOWN, llama_tokenizer_dir, str(tmp_path / "out"), bad]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "failed as expected: --source: cannot read source" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "failed as expected: --source: cannot read" in r.stdout, r.stdout + r.stderr[-2000:]
     assert not (tmp_path / "out" / "bad" / "train").exists()
 
 
@@ -415,7 +419,7 @@ def test_lazy_streaming_import_keeps_streaming_usable(tmp_path):
     # work afterwards in the same process (fresh interpreter: in pytest streaming may already be imported).
     code = (
         "import sys\n"
-        "from llmfoundry_lite.data.convert import convert, import_mds_writer\n"
+        "from llmfoundry_lite.compat import import_mds_writer\nfrom llmfoundry_lite.data.convert import convert\n"
         f"convert('embedded', {str(tmp_path)!r}, splits='train')\n"
         "assert 'transformers' not in sys.modules\n"
         "import streaming\n"
@@ -429,18 +433,18 @@ def test_lazy_streaming_import_keeps_streaming_usable(tmp_path):
 
 
 def test_split_routing():
-    from llmfoundry_lite.data.convert import _routed_docs
+    from llmfoundry_lite.data.holdout import Router
 
-    docs = [f"d{i}" for i in range(40)]
+    def route(unit_split, wanted, hold_out):
+        r = Router(unit_split, wanted, hold_out, 0.1, 1)
+        return [r.route() for _ in range(40)]
 
-    def route(sources, splits):
-        return sorted({s for s, _ in _routed_docs(sources, splits, 0.1, 1, None)}), [
-            d for s, d in _routed_docs(sources, splits, 0.1, 1, None) if s == "val"
-        ]
-
-    held = route({None: docs}, ["train", "val"])[1]
+    held = [i for i, s in enumerate(route(None, ["train", "val"], True)) if s == "val"]
     assert len(held) == 4
-    assert route({None: docs}, ["val"]) == (["val"], held)  # --splits val: only the held-out part
-    assert route({None: docs}, ["train"]) == (["train"], [])
-    assert route({"train": docs}, ["train", "val"])[1] == held  # hub dataset without a val split
-    assert route({"train": docs, "val": ["v"]}, ["train", "val"])[1] == ["v"]  # the source's own val split
+    only_val = route(None, ["val"], True)  # --splits val: only the held-out part
+    assert [i for i, s in enumerate(only_val) if s == "val"] == held and set(only_val) == {"val", None}
+    assert set(route(None, ["train"], False)) == {"train"}
+    hub_train = route("train", ["train", "val"], True)  # hub dataset without a val split
+    assert [i for i, s in enumerate(hub_train) if s == "val"] == held
+    assert set(route("val", ["train", "val"], False)) == {"val"}  # the source's own val split
+    assert set(route("val", ["train"], False)) == {None}

@@ -392,7 +392,38 @@ def check_recipe_data(data: Mapping[str, Any]) -> None:
     has_mask = tokenizer_has_mask(folder) if folder else None
     for section in ("train_loader", "eval_loader"):
         block = data.get(section)
-        if isinstance(block, Mapping) and block.get("name") == "text":
+        if isinstance(block, Mapping) and block.get("name") in ("text", "finetune"):
             index = check_loader(section, block)
             if index is not None:
                 check_loader_fit(section, block, index, model.get("name"), has_mask)
+                check_finetune_fit(section, block, index, model.get("name"))
+
+
+def check_finetune_fit(
+    section: str, block: Mapping[str, Any], index: Mapping[str, Any], model_name: Any
+) -> None:
+    """RecipeError when finetuning data and the loader or model disagree (packed rows need sequence_id)."""
+    cols = columns(dict(index))
+    src = resolve(str(block.get("remote") or block.get("local")))
+    key = f"{section}.{'remote' if block.get('remote') else 'local'}"
+    if block.get("name") == "finetune" and "labels" not in cols:
+        raise RecipeError(
+            f"{src!r} holds no finetuning examples (columns {', '.join(cols)}); convert with {CONVERT_HINT} "
+            "--finetune --tokenizer TOK --max-seq-len N",
+            key=key,
+        )
+    spec = registry.model_family(model_name)  # the family's spec; None for a plugin model without one
+    if "labels" not in cols or spec is None:
+        return
+    if "sequence_id" in cols and not spec.takes_sequence_id:
+        raise RecipeError(
+            f"{src!r} holds packed finetuning rows (sequence_id), but model {model_name!r} does not take "
+            "sequence_id, so packed examples would attend to each other; reconvert without --pack or use a "
+            "model that takes it (llama)",
+            key=key,
+        )
+    if spec.objective != "causal_lm":
+        raise RecipeError(
+            f"{src!r} holds finetuning examples for a causal (decoder) LM; model {model_name!r} is a masked LM",
+            key=key,
+        )

@@ -20,7 +20,10 @@ data_app = typer.Typer(
 @data_app.command("convert")
 def convert_cmd(
     source: str = typer.Option(
-        ..., "--source", help="'embedded', a text/JSONL/Parquet file or folder, or hf:NAME[:CONFIG]"
+        ...,
+        "--source",
+        help="'embedded'; a file (.jsonl, .json.gz, .jsonl.zst, .parquet, .txt), a folder or a quoted glob of "
+        "shards (splits from their names: *-train.*, *-validation.*); or hf:NAME[:CONFIG]",
     ),
     out: str = typer.Option(..., "--out", help="Output folder; one MDS folder per split is written inside"),
     splits: str = typer.Option("train,val", "--splits", help="Comma-separated splits to write (train, val)"),
@@ -49,9 +52,13 @@ def convert_cmd(
         "--eos-text",
         help="Text put after each packed document instead of EOS, e.g. '[SEP]' (tokenizers without EOS)",
     ),
-    text_field: str = typer.Option("text", "--text-field", help="Text field of JSONL/Parquet/HF rows"),
+    text_field: str = typer.Option(
+        "text", "--text-field", help="Text field of JSONL/Parquet/HF rows (C4, Dolma, FineWeb: text)"
+    ),
     num_workers: Optional[int] = typer.Option(
-        None, "--num-workers", help="Tokenizer processes (default: CPU cores, at most 8; 0 = in-process)"
+        None,
+        "--num-workers",
+        help="Processes converting shards side by side (default: CPU cores; 0 = this one)",
     ),
     max_chars: Optional[int] = typer.Option(
         None, "--max-chars", help="Cut documents longer than this at paragraph/line/space boundaries"
@@ -68,8 +75,25 @@ def convert_cmd(
         "--max-tokens",
         help="Convert a subset: N tokens in all (counted with --tokenizer), split like --max-docs",
     ),
+    finetune: bool = typer.Option(
+        False, "--finetune", help="Rows of {prompt, response} or {messages: [...]}: loss on responses only"
+    ),
+    max_seq_len: Optional[int] = typer.Option(
+        None, "--max-seq-len", help="Finetuning: tokens per example/row (prompt left-truncated to fit)"
+    ),
+    pack: bool = typer.Option(
+        False, "--pack", help="Finetuning: pack examples into rows of --max-seq-len, with sequence_id"
+    ),
+    chat_template: Optional[str] = typer.Option(
+        None,
+        "--chat-template",
+        help="Finetuning: chatml, llama2 or zephyr when the tokenizer has no template",
+    ),
 ) -> None:
-    """Convert a corpus to MDS shards (raw text, or concatenated token rows with --concat-tokens)."""
+    """Convert a corpus to MDS shards: raw text, token rows (--concat-tokens) or finetuning examples (--finetune).
+
+    Interrupted, the same command continues from the shards it finished.
+    """
     from llmfoundry_lite.data.convert import convert
 
     summary = convert(
@@ -92,6 +116,10 @@ def convert_cmd(
         max_tokens=max_tokens,
         bos_text=bos_text,
         eos_text=eos_text,
+        finetune=finetune,
+        max_seq_len=max_seq_len,
+        pack=pack,
+        chat_template=chat_template,
     )
     typer.echo(summary.format())
 

@@ -203,3 +203,64 @@ def build_causal_lm_collator(
     return CausalLMCollator(
         tokenizer, max_seq_len=max_seq_len, sequence_id=sequence_id, padding=padding, append_eos=append_eos
     )
+
+
+class FinetuneCollator:
+    """Finetuning batches from ``data convert --finetune`` rows: padded; labels -100 and sequence_id -1 at padding.
+
+    The labels come from conversion (-100 on prompts, labels on responses) and are kept as they are; rows that
+    were packed carry ``sequence_id`` (one per example) so attention stays within each example.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None, padding: str = "max_length"
+    ):
+        if tokenizer is None:
+            raise RecipeError("a collator needs a tokenizer; add a `tokenizer:` section to the recipe")
+        if max_seq_len is None:
+            raise RecipeError("the finetune collator needs the loader's max_seq_len", key="max_seq_len")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = 0 if pad is None else int(pad)
+        self.max_seq_len, self.padding = max_seq_len, padding
+
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad the examples (or packed rows) of a batch to one length."""
+        if not samples or "labels" not in samples[0]:
+            raise RecipeError(
+                "the finetune collator reads rows made by `llmfoundry-lite data convert --finetune` (input_ids, "
+                "labels); this dataset has none",
+                key="collator",
+            )
+        lengths = [len(s["input_ids"]) for s in samples]
+        if max(lengths) > self.max_seq_len:
+            raise RecipeError(
+                f"a finetuning row has {max(lengths)} tokens, more than max_seq_len {self.max_seq_len}; reconvert "
+                f"with --max-seq-len {self.max_seq_len} or raise max_seq_len",
+                key="max_seq_len",
+            )
+        width = self.max_seq_len if self.padding == "max_length" else max(lengths)
+        packed = "sequence_id" in samples[0]
+        ids = torch.full((len(samples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attn = torch.zeros((len(samples), width), dtype=torch.long)
+        seq = torch.full((len(samples), width), -1, dtype=torch.long)
+        for b, (s, n) in enumerate(zip(samples, lengths)):
+            ids[b, :n] = torch.from_numpy(np.asarray(s["input_ids"], dtype=np.int64))
+            labels[b, :n] = torch.from_numpy(np.asarray(s["labels"], dtype=np.int64))
+            attn[b, :n] = 1
+            if packed:
+                seq[b, :n] = torch.from_numpy(np.asarray(s["sequence_id"], dtype=np.int64))
+        batch = {"input_ids": ids, "attention_mask": attn, "labels": labels}
+        if packed:
+            batch["sequence_id"] = seq
+        return batch
+
+
+@registry.collators.register("finetune")
+def build_finetune_collator(
+    tokenizer: Any = None,
+    max_seq_len: Optional[int] = None,
+    padding: Literal["max_length", "longest"] = "max_length",
+) -> FinetuneCollator:
+    """Finetuning batches (data convert --finetune): padded, labels only on responses, sequence_id when packed."""
+    return FinetuneCollator(tokenizer, max_seq_len=max_seq_len, padding=padding)

@@ -1,225 +1,45 @@
-"""Convert a text corpus to MDS shards (streaming's MDSWriter), one folder per split.
+"""Convert a corpus to MDS shards (streaming's MDSWriter), one folder per split, with every core.
 
-Sources: ``embedded`` (Python's own English prose, offline), a text file (one document per blank-line separated
-paragraph), a folder of text files (one document per file), JSON Lines / Parquet files (``--text-field``), and
-``hf:NAME[:CONFIG]`` Hugging Face datasets streamed with the ``datasets`` library (``hf:LOCAL_FOLDER`` takes
-that same code path offline). Plain local files are read directly, without importing ``datasets``.
+Sources (``sources.py``): ``embedded`` (Python's own English prose, offline), files as the big corpora ship them
+(``.json.gz``, ``.jsonl.zst``, ``.parquet``, ``.jsonl``, ``.txt``), globs and folders of shards (splits from the
+shard names), and ``hf:NAME[:CONFIG]`` through the ``datasets`` library.
 
 Modes:
 * raw (default): a ``text`` column (``str``); MLM collators tokenize on the fly.
-* concatenated (``tokenizer`` + ``concat_tokens=N``): documents are tokenized in batches by worker processes,
-  wrapped in BOS/EOS, concatenated, and cut into rows of exactly N ids (``tokens``, ``ndarray:int32:N``); the
-  final partial row is dropped. A tokenizer without BOS/EOS (BERT's WordPiece) packs with ``bos_text`` /
-  ``eos_text`` instead (e.g. ``[CLS]`` / ``[SEP]``): those texts, tokenized without special tokens, go around
-  each document, as llm-foundry's ``ConcatTokensDataset`` does.
+* concatenated (``tokenizer`` + ``concat_tokens=N``): documents wrapped in BOS/EOS (or ``bos_text`` /
+  ``eos_text``, e.g. ``[CLS]`` / ``[SEP]`` for a tokenizer without them, as llm-foundry's
+  ``ConcatTokensDataset``), concatenated and cut into rows of exactly N ids (``tokens``, ``ndarray:int32:N``).
+  Each unit's leftover tokens are packed, in unit order, into rows of their own at the end; the final partial
+  row is dropped.
+* finetuning (``finetune=True``, ``finetune.py``): ``input_ids`` and ``labels`` per example (or per packed row,
+  with ``sequence_id``).
 
-Each split is written to a hidden temporary folder and renamed into place only after it is complete, so an
-interrupted or failed conversion never leaves a folder with an ``index.json`` that looks finished.
-Held-out splits are chosen by stratified sampling (one seeded-random document in each block of ~1/fraction):
-deterministic, exact to the fraction, and streaming-friendly (no need to know the corpus size in advance).
+Parallelism and resumption are ``units.py``'s: each unit (a shard, or a byte range of a big JSON Lines file) is
+converted by one of ``num_workers`` processes (``procs.Processes``) into its own folder; each split is then one
+index over the units' shards, in unit order, so the output is byte-identical for any number of workers and for
+a conversion that was killed and run again.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+import hashlib
 import json
-import math
 import os
 import pathlib
-import random
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
-from llmfoundry_lite.compat import import_mds_writer
-from llmfoundry_lite.data.sources import open_source, split_long
+from llmfoundry_lite.data import units as U
+from llmfoundry_lite.data.holdout import parse_splits, split_budgets
+from llmfoundry_lite.data.sources import plan_source
+from llmfoundry_lite.data.writers import SplitStats, folder_bytes, merge_split, publish
 from llmfoundry_lite.errors import RecipeError
 
-CHUNK_DOCS = (
-    64  # documents per tokenization task: big enough to amortize IPC, small enough to balance workers
-)
-CHUNK_CHARS = 1 << 18
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenization (worker processes)
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class FastTokenizer:
-    """A ``tokenizers.Tokenizer`` (as JSON, picklable) and its BOS/EOS ids; loading needs no transformers."""
-
-    name: str
-    json: str
-    bos_id: Optional[int]
-    eos_id: Optional[int]
-
-
-def _special_content(v: Any) -> Optional[str]:
-    return v.get("content") if isinstance(v, dict) else v
-
-
-def load_fast_tokenizer(name_or_path: str) -> FastTokenizer:
-    """Load a tokenizer for batched encoding: a local HF folder (tokenizer.json) directly, else through HF."""
-    from tokenizers import Tokenizer
-
-    path = pathlib.Path(os.path.expanduser(name_or_path))
-    if (path / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-        specials: dict[str, Any] = {}
-        for fname in ("tokenizer_config.json", "special_tokens_map.json"):
-            f = path / fname
-            if f.is_file():
-                with open(f) as fh:
-                    specials.update(
-                        {k: v for k, v in json.load(fh).items() if k in ("bos_token", "eos_token")}
-                    )
-        bos = _special_content(specials.get("bos_token"))
-        eos = _special_content(specials.get("eos_token"))
-        bos_id = tok.token_to_id(bos) if bos else None
-        eos_id = tok.token_to_id(eos) if eos else None
-    else:
-        from llmfoundry_lite.data.tokenizers import hf_tokenizer
-
-        try:
-            hf = hf_tokenizer(name_or_path)
-        except RecipeError as e:
-            raise RecipeError(e.detail, key="--tokenizer") from None
-        if not getattr(hf, "is_fast", False):
-            raise RecipeError(
-                f"tokenizer {name_or_path!r} has no fast (Rust) version; batched conversion needs one"
-            )
-        tok, bos_id, eos_id = hf.backend_tokenizer, hf.bos_token_id, hf.eos_token_id
-    tok.no_truncation()
-    tok.no_padding()
-    return FastTokenizer(name_or_path, tok.to_str(), bos_id, eos_id)
-
-
-_worker_tok: Any = None
-
-
-def _pool_context() -> Any:
-    """The multiprocessing context of the tokenization workers: forkserver where available, else spawn.
-
-    Not fork: a forked worker copies the caller's locks mid-state (threads of torch, tokenizers or a test runner)
-    and its Python signal handlers, so it can block forever at start-up and ignore SIGTERM, and the parent then
-    waits on it forever (the old ``Pool.terminate()`` -> ``join()`` hang). Forkserver workers fork from a clean
-    single-threaded server that has already imported this module and ``tokenizers``.
-    """
-    import multiprocessing as mp
-
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__, "tokenizers"])  # only used when this starts the server
-        return ctx
-    return mp.get_context("spawn")
-
-
-class _TokenizerPool:
-    """Worker processes that tokenize chunks in order, with at most ``4 x workers`` chunks in flight.
-
-    ``concurrent.futures`` rather than ``multiprocessing.Pool``: a worker that dies (killed, out of memory, or a
-    script without a ``__main__`` guard re-running itself) breaks the executor with an error, where ``Pool``
-    silently starts a replacement forever. The bounded window keeps memory flat on any corpus size.
-    """
-
-    def __init__(self, workers: int, tok_json: str, tasks: Iterator[Any]):
-        from concurrent.futures import ProcessPoolExecutor
-
-        self._executor = ProcessPoolExecutor(
-            workers, mp_context=_pool_context(), initializer=_worker_init, initargs=(tok_json,)
-        )
-        self._tasks = tasks
-        self._ahead = 4 * workers
-        self._pending: collections.deque = collections.deque()
-        self._fill()  # start now, so tokenization overlaps the caller's next imports
-
-    def _fill(self) -> None:
-        while len(self._pending) < self._ahead:
-            task = next(self._tasks, None)
-            if task is None:
-                return
-            self._pending.append(self._executor.submit(_encode_chunk, task))
-
-    def __iter__(self) -> Iterator[tuple[str, int, Any]]:
-        from concurrent.futures.process import BrokenProcessPool
-
-        try:
-            while self._pending:
-                future = self._pending.popleft()
-                self._fill()
-                yield future.result()
-        except BrokenProcessPool as e:
-            raise RecipeError(
-                f"a tokenization worker process died ({e}); when calling convert() from a script, call it under "
-                '`if __name__ == "__main__":` (workers start a fresh interpreter that imports the script), or '
-                "use --num-workers 0",
-                key="--num-workers",
-            ) from None
-
-    def close(self) -> None:
-        """All results consumed: let the workers exit and wait for them."""
-        self._executor.shutdown(wait=True)
-
-    def cancel(self) -> None:
-        """Stop early (an error or Ctrl-C): drop queued chunks; workers exit after the chunk they hold."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _worker_init(tok_json: str) -> None:
-    global _worker_tok
-    # Ctrl-C reaches the whole process group: the parent stops the pool; workers must not print tracebacks.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # One thread per worker process: the processes already fill the cores.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    _worker_tok = Tokenizer.from_str(tok_json)
-
-
-Ids = Optional[tuple[int, ...]]  # a document separator: None, or the ids put before/after each document
-
-
-def _encode_chunk(task: tuple[str, list[str], Ids, Ids]) -> tuple[str, int, Any]:
-    """Tokenize one chunk of documents; return (split, n_docs, flat int32 ids with BOS/EOS around each doc)."""
-    import numpy as np
-
-    split, texts, bos, eos = task
-    # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which packing does not need.
-    encode = getattr(_worker_tok, "encode_batch_fast", _worker_tok.encode_batch)
-    encs = encode(texts, add_special_tokens=False)
-    pieces = []
-    pre = np.array(bos, dtype=np.int32) if bos else None
-    post = np.array(eos, dtype=np.int32) if eos else None
-    for e in encs:
-        if pre is not None:
-            pieces.append(pre)
-        pieces.append(np.asarray(e.ids, dtype=np.int32))
-        if post is not None:
-            pieces.append(post)
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-    return split, len(texts), flat
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Conversion
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class SplitStats:
-    """What one split folder received."""
-
-    documents: int = 0
-    tokens: int = 0
-    samples: int = 0
-    shards: int = 0
-    bytes: int = 0
+WORK_PREFIX = ".convert-"
 
 
 @dataclasses.dataclass
@@ -230,6 +50,10 @@ class ConvertSummary:
     mode: str
     splits: dict[str, SplitStats]
     seconds: float
+    units: int = 1
+    resumed: int = 0  # units finished by an earlier, interrupted run of the same command
+    workers: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def documents(self) -> int:
@@ -243,151 +67,65 @@ class ConvertSummary:
 
     def format(self) -> str:
         """A human-readable closing summary."""
-        lines = [f"converted to {self.out} ({self.mode}) in {self.seconds:.1f} s"]
+        how = f"{self.units} unit(s), {self.workers or 'no'} worker process(es)"
+        if self.resumed:
+            how += f", {self.resumed} unit(s) kept from an interrupted run"
+        lines = [f"converted to {self.out} ({self.mode}) in {self.seconds:.1f} s ({how})"]
         for name, s in self.splits.items():
             tok = f", {s.tokens:,} tokens" if s.tokens else ""
+            drop = f", {s.dropped:,} dropped (longer than --max-seq-len)" if s.dropped else ""
             lines.append(
                 f"  {name}: {s.documents:,} documents{tok}, {s.samples:,} samples, {s.shards} shard(s), "
-                f"{s.bytes / 1e6:.2f} MB"
+                f"{s.bytes / 1e6:.2f} MB{drop}"
             )
         rate = f", {self.tokens / self.seconds:,.0f} tok/s" if self.tokens and self.seconds > 0 else ""
         lines.append(f"  total: {self.documents:,} documents{rate}")
+        if self.skipped:
+            lines.append(
+                f"  not converted: {', '.join(self.skipped[:3])}{' ...' if len(self.skipped) > 3 else ''}"
+            )
         return "\n".join(lines)
 
 
-class _HoldOut:
-    """Stratified held-out selection: documents come in blocks of ~1/f; one seeded-random document per block.
-
-    Deterministic for a seed, exact to the fraction, spread evenly over the stream, and it needs no corpus size.
-    """
-
-    def __init__(self, fraction: float, seed: int):
-        self.f = fraction
-        self.rng = random.Random(seed)
-        self.i = 0
-        self.block = -1
-        self.end = 0
-        self._next_block()
-
-    def _bound(self, k: int) -> int:
-        return math.ceil(round(k / self.f, 6))
-
-    def _next_block(self) -> None:
-        self.block += 1
-        start, self.end = self._bound(self.block), self._bound(self.block + 1)
-        self.pick = self.rng.randrange(start, self.end)
-
-    def is_val(self) -> bool:
-        """Whether the next document goes to the held-out split."""
-        i, self.i = self.i, self.i + 1
-        if i >= self.end:
-            self._next_block()
-        return i == self.pick
+def progress_line(docs: int, tokens: int, done: int, total: int, elapsed: float) -> str:
+    """One progress line: documents/s, MB/s, tokens/s and the ETA from the source bytes left."""
+    dt = max(elapsed, 1e-9)
+    mbs = done / dt / 1e6
+    line = f"{docs:,} docs, {docs / dt:,.0f} docs/s, {mbs:,.1f} MB/s"
+    if tokens:
+        line += f", {tokens / dt:,.0f} tok/s"
+    if total > 0:
+        pct = min(100.0, 100.0 * done / total)
+        eta = (total - done) / (done / dt) if done > 0 else float("nan")
+        eta_s = "?" if eta != eta else f"{int(eta) // 60}:{int(eta) % 60:02d}"
+        line += f", {pct:.0f}% of {total / 1e6:,.1f} MB, ETA {eta_s}"
+    return line
 
 
-def split_budgets(total: int, splits: Sequence[str], val_fraction: float, what: str) -> dict[str, int]:
-    """A subset's size per split: ``total`` divided as ``val_fraction`` says (all of it for a single split)."""
-    if total < len(splits):
-        raise RecipeError(
-            f"must be at least {len(splits)} to give every split ({', '.join(splits)}) a share, got {total}",
-            key=f"--max-{what}",
-        )
-    if len(splits) == 1:
-        return {splits[0]: total}
-    val = min(max(1, round(total * val_fraction)), total - 1)
-    return {"train": total - val, "val": val}
+class _Bar:
+    """Progress on stderr, redrawn in place at most twice a second."""
 
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.t0, self.last = enabled, total, time.perf_counter(), 0.0
 
-def _routed_docs(
-    sources: dict[Optional[str], Iterable[str]],
-    splits: Sequence[str],
-    val_fraction: float,
-    seed: int,
-    max_chars: Optional[int],
-    max_docs: Optional[dict[str, int]] = None,
-) -> Iterator[tuple[str, str]]:
-    """(split, document) pairs in a deterministic order; at most ``max_docs[split]`` per split when given."""
-    # Hold out val documents from the training stream when val is wanted and the source has no val split.
-    hold_out = "val" in splits and "val" not in sources
-    given = dict.fromkeys(splits, 0)
-
-    def full(split: str) -> bool:
-        return max_docs is not None and given[split] >= max_docs[split]
-
-    for src_split, docs in sources.items():
-        if src_split is not None and src_split not in splits and not (src_split == "train" and hold_out):
-            continue
-        hold = _HoldOut(val_fraction, seed) if (hold_out and src_split in (None, "train")) else None
-        for doc in docs:
-            if all(full(n) for n in splits):
-                return  # the subset is complete: read no further (a C4-sized source is never read to its end)
-            if hold is None and full(src_split or "train"):
-                break  # this source feeds one split, and it is full
-            if not doc or not doc.strip():
-                continue
-            if hold is not None:
-                split = "val" if hold.is_val() else "train"
-            else:
-                split = src_split or "train"
-            if split not in splits:
-                continue
-            for piece in split_long(doc, max_chars) if max_chars else (doc,):
-                if full(split):
-                    break
-                given[split] += 1
-                yield split, piece
-
-
-def _chunks(pairs: Iterator[tuple[str, str]], bos: Ids, eos: Ids):
-    """Group routed documents into per-split tokenization tasks (independent of the number of workers)."""
-    pending: dict[str, list[str]] = {}
-    sizes: dict[str, int] = {}
-    for split, doc in pairs:
-        lst = pending.setdefault(split, [])
-        lst.append(doc)
-        sizes[split] = sizes.get(split, 0) + len(doc)
-        if len(lst) >= CHUNK_DOCS or sizes[split] >= CHUNK_CHARS:
-            yield split, lst, bos, eos
-            pending[split], sizes[split] = [], 0
-    for split, lst in pending.items():
-        if lst:
-            yield split, lst, bos, eos
-
-
-class _Progress:
-    def __init__(self, enabled: bool):
-        self.t0 = time.perf_counter()
-        self.docs = 0
-        self.tokens = 0
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(unit=" docs", dynamic_ncols=True, file=sys.stderr, mininterval=0.5, leave=False)
-
-    def update(self, docs: int, tokens: int) -> None:
-        self.docs += docs
-        self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(docs)
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix_str(
-                f"{self.docs / dt:,.0f} docs/s, {self.tokens / dt:,.0f} tok/s", refresh=False
-            )
+    def show(self, docs: int, tokens: int, done: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if self.enabled and (final or now - self.last >= 0.5):
+            self.last = now
+            sys.stderr.write("\r" + progress_line(docs, tokens, done, self.total, now - self.t0) + "\033[K")
+            sys.stderr.flush()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.enabled:
+            sys.stderr.write("\n")
 
 
-def _parse_splits(splits: Sequence[str] | str) -> list[str]:
-    names = [s.strip() for s in (splits.split(",") if isinstance(splits, str) else splits) if s.strip()]
-    if not names or len(set(names)) != len(names):
-        raise RecipeError(f"--splits must list distinct split names, got {splits!r}", key="--splits")
-    bad = [n for n in names if n not in ("train", "val")]
-    if bad:
-        raise RecipeError(f"unknown split {bad[0]!r}; --splits takes train and/or val", key="--splits")
-    return names
+def default_workers() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def convert(
@@ -411,19 +149,81 @@ def convert(
     max_tokens: Optional[int] = None,
     bos_text: Optional[str] = None,
     eos_text: Optional[str] = None,
+    finetune: bool = False,
+    max_seq_len: Optional[int] = None,
+    pack: bool = False,
+    chat_template: Optional[str] = None,
+    range_bytes: Optional[int] = None,
 ) -> ConvertSummary:
-    """Convert ``source`` into MDS splits under ``out`` (raw text, or concatenated token rows of ``concat_tokens``).
+    """Convert ``source`` into MDS splits under ``out`` (raw text, token rows of ``concat_tokens``, or finetuning).
 
     ``max_docs`` / ``max_tokens`` convert a subset: that many documents / tokens in all, divided between train
     and val as ``val_fraction`` says (tokens need a ``tokenizer`` to be counted); the source is read no further.
-    ``bos_text`` / ``eos_text`` (packing only) replace the tokenizer's BOS / EOS token around each document.
+    ``num_workers`` processes convert units side by side (default: the cores; 0: in this process).
     """
     t0 = time.perf_counter()
-    names = _parse_splits(splits)
+    names = parse_splits(splits)
+    job, fast = _job(
+        names, val_fraction, seed, compression, tokenizer, concat_tokens, bos, eos, text_field, max_chars,
+        size_limit, max_docs, max_tokens, bos_text, eos_text, finetune, max_seq_len, pack, chat_template,
+    )  # fmt: skip
+    out = pathlib.Path(os.path.expanduser(str(out)))
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out {str(out)!r} is a file; give a folder", key="--out")
+    plan = plan_source(source, **({"range_bytes": range_bytes} if range_bytes else {}))
+    own = plan.own_splits
+    job.hold_out = "val" in names and "val" not in own
+    # Units that feed no wanted split (a source's val shards with --splits train) are left out.
+    units = [
+        u
+        for u in plan.units
+        if (u.split or "train") in names or (job.hold_out and u.split in (None, "train"))
+    ]
+    if not units:
+        raise RecipeError(f"source {source!r} has no {' or '.join(names)} shards", key="--source")
+    job.units = [dataclasses.asdict(u) for u in units]
+    if num_workers is not None and num_workers < 0:
+        raise RecipeError(f"--num-workers must be >= 0, got {num_workers}", key="--num-workers")
+    workers = default_workers() if num_workers is None else num_workers
+    if job.max_docs is not None or job.max_tokens is not None or len(units) == 1:
+        workers = 0  # a subset converts its units in order; a single unit needs no other process
+    workers = min(workers, len(units))
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / (WORK_PREFIX + _fingerprint(job, units))
+    with _locked(work, out):
+        (work / "job.json").write_text(json.dumps(dataclasses.asdict(job), sort_keys=True))
+        resumed = sum(U.unit_stats(work, i) is not None for i in range(len(units)))
+        try:
+            _run_units(work, workers, progress, plan.bytes)
+            stats = _publish_splits(job, work, out, names, len(units), source)
+        except RecipeError:
+            shutil.rmtree(work, ignore_errors=True)  # a mistake in the input: nothing to resume
+            raise
+    shutil.rmtree(work, ignore_errors=True)
+    mode = {"raw": "raw text", "concat": f"concat {concat_tokens} tokens"}.get(job.mode)
+    mode = mode or f"finetuning, {'packed ' if pack else ''}rows of up to {max_seq_len} tokens"
+    return ConvertSummary(
+        str(out), mode, stats, time.perf_counter() - t0, len(units), resumed, workers, plan.skipped
+    )
+
+
+def _job(
+    names, val_fraction, seed, compression, tokenizer, concat_tokens, bos, eos, text_field, max_chars,
+    size_limit, max_docs, max_tokens, bos_text, eos_text, finetune, max_seq_len, pack, chat_template,
+) -> tuple[U.Job, Any]:  # fmt: skip
+    """Check the options and describe the work (before any source file is opened)."""
+    from llmfoundry_lite.data.tokenizers import load_fast_tokenizer, separator_ids
+
     if "val" in names and not 0.0 < val_fraction < 1.0:
         raise RecipeError(f"--val-fraction must be in (0, 1), got {val_fraction}", key="--val-fraction")
     if concat_tokens is not None and concat_tokens <= 0:
         raise RecipeError(f"--concat-tokens must be positive, got {concat_tokens}", key="--concat-tokens")
+    if finetune:
+        _check_finetune(tokenizer, concat_tokens, max_seq_len, chat_template)
+    elif max_seq_len is not None or pack or chat_template is not None:
+        flag = "--max-seq-len" if max_seq_len is not None else ("--pack" if pack else "--chat-template")
+        raise RecipeError("is for finetuning data: add --finetune (or leave it out)", key=flag)
     if concat_tokens is not None and tokenizer is None:
         raise RecipeError(
             "--concat-tokens needs --tokenizer (a local folder or a hub name)", key="--tokenizer"
@@ -445,9 +245,11 @@ def convert(
             )
     if max_chars is not None and max_chars < 16:
         raise RecipeError(f"--max-chars must be at least 16, got {max_chars}", key="--max-chars")
-    if max_tokens is not None and tokenizer is None:
+    if max_tokens is not None and (tokenizer is None or finetune):
         raise RecipeError(
-            "needs --tokenizer to count tokens; add one, or use --max-docs for a subset of raw text",
+            "needs --tokenizer to count tokens; add one, or use --max-docs for a subset of raw text"
+            if not finetune
+            else "is not for finetuning data; use --max-docs (examples)",
             key="--max-tokens",
         )
     doc_budget = split_budgets(max_docs, names, val_fraction, "docs") if max_docs is not None else None
@@ -460,16 +262,11 @@ def convert(
         raise RecipeError(
             f"unknown compression {compression!r}; use zstd (or gz, bz2, br, snappy)", key="--compression"
         )
-    out = pathlib.Path(os.path.expanduser(str(out)))
-    if out.exists() and not out.is_dir():
-        raise RecipeError(f"--out {str(out)!r} is a file; give a folder", key="--out")
-
     fast = load_fast_tokenizer(tokenizer) if tokenizer else None
-    bos_ids: Ids = None
-    eos_ids: Ids = None
+    bos_ids = eos_ids = None
     if fast is not None and concat_tokens is not None:
-        bos_ids = _separator(fast, "bos", bos, bos_text)
-        eos_ids = _separator(fast, "eos", eos, eos_text)
+        bos_ids = separator_ids(fast, "bos", bos, bos_text)
+        eos_ids = separator_ids(fast, "eos", eos, eos_text)
         if bos_ids is None and eos_ids is None and bos is None and eos is None:
             raise RecipeError(
                 f"tokenizer {tokenizer!r} has no eos (or bos) token to separate packed documents; give the "
@@ -477,224 +274,179 @@ def convert(
                 "with one (e.g. `data tokenizer --train --kind bpe`) or pass --no-eos to pack without separators",
                 key="--tokenizer",
             )
-    sources = open_source(source, text_field)
-    pairs = _routed_docs(sources, names, val_fraction, seed, max_chars, doc_budget)
+    mode = "finetune" if finetune else ("concat" if concat_tokens is not None else "raw")
+    job = U.Job(
+        mode, [], list(names), False, val_fraction, seed, text_field, max_chars, compression, size_limit,
+        dataclasses.asdict(fast) if fast is not None else None, concat_tokens,
+        list(bos_ids) if bos_ids else None, list(eos_ids) if eos_ids else None, doc_budget, token_budget,
+        max_seq_len, pack, chat_template,
+    )  # fmt: skip
+    return job, fast
 
-    # Worker processes start before streaming (and torch) are imported, so tokenization overlaps the import.
-    workers = _num_workers(num_workers) if concat_tokens is not None else 0
-    pool: Optional[_TokenizerPool] = None
-    results: Iterator[Any]
+
+def _check_finetune(tokenizer, concat_tokens, max_seq_len, chat_template) -> None:
+    from llmfoundry_lite.data.finetune import check_chat_template
+
+    if tokenizer is None:
+        raise RecipeError("finetuning data is tokenized at conversion: add --tokenizer", key="--tokenizer")
     if concat_tokens is not None:
-        tasks = _chunks(pairs, bos_ids, eos_ids)
-        if workers > 0:
-            pool = _TokenizerPool(workers, fast.json, tasks)
-            results = iter(pool)
-        else:
-            _worker_init_inproc(fast.json)
-            results = map(_encode_chunk, tasks)
-    else:
-        results = iter(pairs)
+        raise RecipeError(
+            "packs pretraining documents; finetuning examples take --max-seq-len N (and --pack)",
+            key="--concat-tokens",
+        )
+    if max_seq_len is None or max_seq_len < 2:
+        raise RecipeError(
+            "finetuning needs --max-seq-len N (N >= 2, the model's context)", key="--max-seq-len"
+        )
+    check_chat_template(chat_template)
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp_dirs = {n: out / f".{n}.partial-{os.getpid()}" for n in names}
-    for d in tmp_dirs.values():
-        shutil.rmtree(d, ignore_errors=True)
-    stats = {n: SplitStats() for n in names}
-    bar = _Progress(progress)
-    writers: dict[str, Any] = {}
-    try:
-        MDSWriter = import_mds_writer()
-        if concat_tokens is not None:
-            columns = {"tokens": f"ndarray:int32:{concat_tokens}"}
-        else:
-            columns = {"text": "str"}
-        for n in names:
-            writers[n] = MDSWriter(
-                out=str(tmp_dirs[n]), columns=columns, compression=compression, size_limit=size_limit
-            )
-        if concat_tokens is not None:
-            stopped = _write_concat(results, writers, stats, concat_tokens, bar, token_budget)
-            if pool is not None:
-                if stopped:  # the token budget is spent: drop the chunks still queued
-                    pool.cancel()
-                else:
-                    pool.close()  # every chunk is done: the workers exit on their own
-                pool = None
-        else:
-            _write_raw(results, writers, stats, bar, fast, token_budget)
-        empty = [n for n in names if stats[n].samples == 0]
-        if empty:
-            detail = f"fewer than {concat_tokens} tokens" if concat_tokens else "no documents"
+
+def _fingerprint(job: U.Job, units: list) -> str:
+    """Names the work folder: the same command over the same files resumes; anything else starts afresh."""
+    files = []
+    for u in units:
+        if u.path and os.path.isfile(u.path):
+            st = os.stat(u.path)
+            files.append((u.path, st.st_size, st.st_mtime_ns))
+    text = json.dumps([dataclasses.asdict(job), files], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class _locked:
+    """Holds ``work``'s lock for one conversion; removes other (stale) work folders of ``out``."""
+
+    def __init__(self, work: pathlib.Path, out: pathlib.Path):
+        self.work, self.out, self.f = work, out, None
+
+    def __enter__(self) -> _locked:
+        import fcntl
+
+        self.work.mkdir(exist_ok=True)
+        self.f = open(self.work / "lock", "w")  # noqa: SIM115 (closed in __exit__)
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
             raise RecipeError(
-                f"source {source!r} gave split {empty[0]!r} {detail}; "
-                + (
-                    "use a larger source, a smaller --concat-tokens or a larger --val-fraction"
-                    if concat_tokens
-                    else "check the source and --text-field, or use --splits train"
-                ),
-                key="--source",
-            )
-        for n in names:
-            writers[n].finish()
-        writers.clear()
-        for n in names:
-            _publish(tmp_dirs[n], out / n, stats[n])
+                f"another `data convert` is writing {str(self.out)!r} right now; wait for it or use another --out",
+                key="--out",
+            ) from None
+        for old in self.out.glob(WORK_PREFIX + "*"):
+            if old != self.work:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp in [*(self.work / "units").glob(".*.tmp-*"), *self.work.glob(".*.tmp-*")]:
+            shutil.rmtree(tmp, ignore_errors=True)  # units (or the tail) a killed run was writing
+        for d in ("claims", "progress", "errors", "logs"):
+            shutil.rmtree(self.work / d, ignore_errors=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+def _run_units(work: pathlib.Path, workers: int, show: bool, total_bytes: int) -> None:
+    """Convert every unfinished unit: in this process, or in ``workers`` processes side by side."""
+    bar = _Bar(show, total_bytes)
+    try:
+        if workers == 0:
+            U.work_loop(work, None, U.Progress(lambda p: bar.show(p.docs, p.tokens, p.bytes)))
+        else:
+            _run_workers(work, workers, bar)
     finally:
         bar.close()
-        if pool is not None:  # failed or interrupted part-way: drop the queued chunks
-            pool.cancel()
-        for w in writers.values():  # failed: stop writers without writing an index.json
-            try:
-                w.cancel_future_jobs()
-            except Exception:
-                pass
-        for d in tmp_dirs.values():
-            shutil.rmtree(d, ignore_errors=True)
-    mode = f"concat {concat_tokens} tokens" if concat_tokens else "raw text"
-    return ConvertSummary(str(out), mode, stats, time.perf_counter() - t0)
 
 
-def _worker_init_inproc(tok_json: str) -> None:
-    from tokenizers import Tokenizer
+def _run_workers(work: pathlib.Path, n: int, bar: _Bar) -> None:
+    from llmfoundry_lite.procs import Processes
 
-    global _worker_tok
-    _worker_tok = Tokenizer.from_str(tok_json)
-
-
-def _num_workers(requested: Optional[int]) -> int:
-    if requested is not None:
-        if requested < 0:
-            raise RecipeError(f"--num-workers must be >= 0, got {requested}", key="--num-workers")
-        return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
-
-
-def _separator(fast: FastTokenizer, which: str, wanted: Optional[bool], text: Optional[str]) -> Ids:
-    """The ids put before (bos) or after (eos) each packed document: ``text`` tokenized, else the special token."""
-    if text is not None:
-        from tokenizers import Tokenizer
-
-        # No special tokens added around it (llm-foundry's add_special_tokens=False); a special token written in
-        # the text ('[SEP]') is still recognised as that one token.
-        ids = tuple(Tokenizer.from_str(fast.json).encode(text, add_special_tokens=False).ids)
-        if not ids:
-            raise RecipeError(
-                f"{text!r} gives no tokens with tokenizer {fast.name!r}; give a text it encodes, e.g. '[SEP]'",
-                key=f"--{which}-text",
-            )
-        return ids
-    tid = fast.bos_id if which == "bos" else fast.eos_id
-    if wanted is None:  # default: use it when the tokenizer defines it
-        return None if tid is None else (tid,)
-    if not wanted:
-        return None
-    if tid is None:
-        raise RecipeError(
-            f"tokenizer {fast.name!r} has no {which} token but --{which} was requested; use --no-{which}, "
-            f"--{which}-text TEXT (e.g. '[SEP]'), or a tokenizer that defines it",
-            key="--tokenizer",
-        )
-    return (tid,)
+    for d in ("claims", "progress", "errors", "logs"):
+        (work / d).mkdir(parents=True, exist_ok=True)
+    pkg_root = str(pathlib.Path(__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p),
+    }
+    files = [(work / "progress" / f"{w}.json", work / "errors" / f"{w}.json") for w in range(n)]
+    with Processes(grace_s=5.0, poll_s=0.1) as procs:
+        for w, (prog, err) in enumerate(files):
+            cmd = [
+                sys.executable,
+                "-m",
+                "llmfoundry_lite.data.units",
+                str(work),
+                str(work / "claims"),
+                str(prog),
+                str(err),
+            ]
+            procs.start(cmd, work / "logs" / f"{w}.log", env=env, tag=w)
+        while procs.running:
+            for child in procs.wait_any(timeout=0.5):
+                _check_worker(child, files[child.tag][1])
+            bar.show(*_progress_sum(files))
+    bar.show(*_progress_sum(files), final=True)
 
 
-def _write_raw(
-    pairs: Iterator[tuple[str, str]],
-    writers: dict[str, Any],
-    stats: dict[str, SplitStats],
-    bar: _Progress,
-    fast: Optional[FastTokenizer],
-    max_tokens: Optional[dict[str, int]] = None,
-) -> None:
-    tok = None
-    if fast is not None:  # only to report token counts
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(fast.json)
-    batch: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        lens = (
-            [len(e.ids) for e in tok.encode_batch([d for _, d in batch], add_special_tokens=False)]
-            if tok
-            else ([0] * len(batch))
-        )
-        for (split, doc), n_tok in zip(batch, lens):
-            st = stats[split]
-            if max_tokens is not None and st.tokens >= max_tokens[split]:
-                continue  # this split's budget is spent (a document is kept whole: the last one may cross it)
-            writers[split].write({"text": doc})
-            st.documents += 1
-            st.samples += 1
-            st.tokens += n_tok
-        bar.update(len(batch), sum(lens))
-        batch.clear()
-
-    for pair in pairs:
-        batch.append(pair)
-        if len(batch) >= CHUNK_DOCS:
-            flush()
-            if max_tokens is not None and all(stats[n].tokens >= max_tokens[n] for n in max_tokens):
-                return
-    if batch:
-        flush()
+def _check_worker(child: Any, error_file: pathlib.Path) -> None:
+    if child.returncode == 0:
+        return
+    if child.returncode == 2 and error_file.exists():
+        err = json.loads(error_file.read_text())
+        raise RecipeError(err["message"], key=err.get("key"))
+    raise RuntimeError(f"conversion worker {child.tag} failed (exit {child.returncode}):\n{child.log_tail()}")
 
 
-def _write_concat(
-    results: Iterator[Any],
-    writers: dict[str, Any],
-    stats: dict[str, SplitStats],
-    n: int,
-    bar: _Progress,
-    max_tokens: Optional[dict[str, int]] = None,
-) -> bool:
-    """Cut the token stream of each split into rows of ``n``; True when it stopped at the token budget."""
-    import numpy as np
-
-    # A budget of T tokens is ceil(T / n) rows: the rows hold at least T tokens.
-    max_rows = {k: -(-v // n) for k, v in max_tokens.items()} if max_tokens is not None else None
-    carry: dict[str, Any] = {}
-    for split, n_docs, flat in results:
-        st = stats[split]
-        if max_rows is not None and st.samples >= max_rows[split]:
+def _progress_sum(files: list[tuple[pathlib.Path, pathlib.Path]]) -> tuple[int, int, int]:
+    docs = tokens = done = 0
+    for prog, _ in files:
+        try:
+            p = json.loads(prog.read_text())
+        except (OSError, ValueError):
             continue
-        buf = np.concatenate([carry[split], flat]) if split in carry else flat
-        rows = len(buf) // n
-        if max_rows is not None:
-            rows = min(rows, max_rows[split] - st.samples)
-        w = writers[split]
-        for r in range(rows):
-            w.write({"tokens": buf[r * n : (r + 1) * n]})
-        carry[split] = buf[rows * n :]
-        st.documents += n_docs
-        st.tokens += len(flat)
-        st.samples += rows
-        bar.update(n_docs, len(flat))
-        if max_rows is not None and all(stats[k].samples >= v for k, v in max_rows.items()):
-            for k in max_rows:  # report what the rows hold, not the tokenized tail that was left out
-                stats[k].tokens = stats[k].samples * n
-            return True
-    return False
+        docs, tokens, done = docs + p["docs"], tokens + p["tokens"], done + p["bytes"]
+    return docs, tokens, done
 
 
-def _publish(tmp: pathlib.Path, final: pathlib.Path, stats: SplitStats) -> None:
-    """Rename a finished split into place (replacing an older one) and record its shard count and size."""
-    with open(tmp / "index.json") as f:
-        stats.shards = len(json.load(f)["shards"])
-    stats.bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Inspection
-# ---------------------------------------------------------------------------------------------------------
+def _publish_splits(
+    job: U.Job, work: pathlib.Path, out: pathlib.Path, names: list[str], n_units: int, source: str
+) -> dict[str, SplitStats]:
+    """Merge the units' folders (and the packed leftovers) into one index per split; rename the splits in place."""
+    per_unit = [U.unit_stats(work, i) for i in range(n_units)]
+    if any(s is None for s in per_unit):
+        raise RuntimeError("a unit is missing after every worker finished")
+    stats = {n: SplitStats() for n in names}
+    for s in per_unit:
+        for split, st in s["splits"].items():
+            stats[split].add(st)
+    tails: dict[str, pathlib.Path] = {}
+    for n, rows in U.tail_rows(work).items():
+        stats[n].samples += rows
+        if job.max_tokens is not None:  # report what the rows hold, not the tokens left out
+            stats[n].tokens = stats[n].samples * job.concat_tokens
+        if rows:
+            tails[n] = work / U.TAIL / n
+    if job.mode == "concat" and not (work / U.TAIL).is_dir():
+        raise RuntimeError("the leftover tokens were not packed after every unit finished")
+    empty = [n for n in names if stats[n].samples == 0]
+    if empty:
+        detail = f"fewer than {job.concat_tokens} tokens" if job.concat_tokens else "no documents"
+        raise RecipeError(
+            f"source {source!r} gave split {empty[0]!r} {detail}; "
+            + (
+                "use a larger source, a smaller --concat-tokens or a larger --val-fraction"
+                if job.concat_tokens
+                else "check the source and --text-field, or use --splits train"
+            ),
+            key="--source",
+        )
+    for n in names:
+        parts = [(f"{i:05d}", U.unit_dir(work, i) / n) for i in range(n_units)]
+        parts = [(name, d) for name, d in parts if (d / "index.json").is_file()]
+        tmp = out / f".{n}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            stats[n].shards = merge_split(parts, tmp, tails.get(n))
+            stats[n].bytes = folder_bytes(tmp)
+            publish(tmp, out / n)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return stats

@@ -8,8 +8,9 @@ from typing import Any, Optional
 from llmfoundry_lite.errors import RecipeError
 
 
-def _shard_samples(split_path: str, shard: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """The first ``n`` samples of one shard, decompressing in memory when only the zip file is there."""
+def shard_samples(split_path: str, shard: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` samples of one shard (an entry of index.json), decompressing in memory when only the zip
+    file is there; no StreamingDataset (and none of its shared memory) involved."""
     import numpy as np
     from streaming.base.compression import decompress
     from streaming.base.format.mds.encodings import mds_decode
@@ -63,7 +64,7 @@ def inspect_dataset(path: str, samples: int = 3, tokenizer: Optional[str] = None
     if tokenizer:
         from tokenizers import Tokenizer
 
-        from llmfoundry_lite.data.convert import load_fast_tokenizer
+        from llmfoundry_lite.data.tokenizers import load_fast_tokenizer
 
         decode = Tokenizer.from_str(load_fast_tokenizer(tokenizer).json).decode
     lines = []
@@ -71,7 +72,7 @@ def inspect_dataset(path: str, samples: int = 3, tokenizer: Optional[str] = None
         index = read_index(sp)
         shards = index["shards"]
         n_samples = sum(s["samples"] for s in shards)
-        n_bytes = sum(os.path.getsize(os.path.join(sp, p)) for p in os.listdir(sp))
+        n_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(sp) for f in files)
         cols = ", ".join(f"{k}: {v}" for k, v in columns(index).items())
         comp = shards[0].get("compression") if shards else None
         lines.append(
@@ -79,8 +80,8 @@ def inspect_dataset(path: str, samples: int = 3, tokenizer: Optional[str] = None
             f"{f', {comp}' if comp else ''} - columns {cols}"
         )
         if n_samples and "tokens" in columns(index):
-            lines[-1] += f" - {n_samples * len(_shard_samples(sp, shards[0], 1)[0]['tokens']):,} tokens"
-        for i, sample in enumerate(_shard_samples(sp, shards[0], samples) if shards else []):
+            lines[-1] += f" - {n_samples * len(shard_samples(sp, shards[0], 1)[0]['tokens']):,} tokens"
+        for i, sample in enumerate(shard_samples(sp, shards[0], samples) if shards else []):
             if "text" in sample:
                 shown = str(sample["text"])
             elif "tokens" in sample:

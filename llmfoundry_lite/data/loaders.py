@@ -262,9 +262,12 @@ def build_text_dataloader(
 
     cols = columns(index) if index is not None else {}
     if collator is None:
-        # Token rows -> causal LM; raw text -> MLM when the tokenizer can mask, else causal LM.
+        # Finetuning rows -> finetune; token rows -> causal LM; raw text -> MLM when the tokenizer can mask.
         has_mask = getattr(tokenizer, "mask_token", None) is not None
-        collator = {"name": "causal_lm" if ("tokens" in cols or not has_mask) else "mlm"}
+        if "labels" in cols:
+            collator = {"name": "finetune"}
+        else:
+            collator = {"name": "causal_lm" if ("tokens" in cols or not has_mask) else "mlm"}
     collate_fn = registry.build(
         "collators", collator, "collator", tokenizer=tokenizer, max_seq_len=max_seq_len
     )
@@ -333,3 +336,59 @@ def build_text_dataloader(
 
 
 build_text_dataloader.__nested_components__ = {"collator": "collators"}
+
+
+@registry.dataloaders.register("finetune")
+def build_finetune_dataloader(
+    tokenizer: Any,
+    device_batch_size: int,
+    *,
+    max_seq_len: int,
+    local: Optional[str] = None,
+    remote: Optional[str] = None,
+    split: Optional[str] = None,
+    collator: Optional[dict] = None,
+    shuffle: bool = False,
+    shuffle_seed: int = 9176,
+    epoch_size: Optional[int] = None,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+    prefetch_factor: Optional[int] = None,
+    persistent_workers: bool = False,
+    download_retry: int = 2,
+    download_timeout: float = 60.0,
+) -> Any:
+    """Instruction/chat examples from `data convert --finetune` (MDS): loss on responses only, packed or padded."""
+    src = remote if remote is not None and not _has_scheme(remote) else (local if remote is None else None)
+    if src is not None:
+        index = read_index(split_dir(src, split, key="remote" if remote is not None else "local"))
+        if "labels" not in columns(index):
+            raise RecipeError(
+                f"{os.path.join(src, split or '')!r} holds {', '.join(columns(index)) or 'no'} columns, not "
+                "finetuning examples; convert prompt/response or chat rows with `llmfoundry-lite data convert "
+                "--finetune --tokenizer TOK --max-seq-len N`",
+                key="local",
+            )
+    return build_text_dataloader(
+        tokenizer,
+        device_batch_size,
+        max_seq_len=max_seq_len,
+        local=local,
+        remote=remote,
+        split=split,
+        collator=collator or {"name": "finetune"},
+        shuffle=shuffle,
+        shuffle_seed=shuffle_seed,
+        epoch_size=epoch_size,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=persistent_workers,
+        download_retry=download_retry,
+        download_timeout=download_timeout,
+    )
+
+
+build_finetune_dataloader.__nested_components__ = {"collator": "collators"}

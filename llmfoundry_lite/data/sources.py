@@ -1,205 +1,217 @@
-"""Corpora as streams of documents: ``embedded``, text files and folders, JSON Lines, Parquet, ``hf:NAME[:CONFIG]``.
+"""What a ``--source`` names, as units of work: ``embedded``, files, globs and folders of shards, ``hf:NAME[:CONFIG]``.
 
-Plain local files are read directly, without importing ``datasets`` (conversion start-up is most of its wall time
-on small corpora); ``hf:`` sources (and ``hf:LOCAL_FOLDER``) go through ``datasets``.
+Files are taken as the big corpora ship them (C4 and Dolma: ``.json.gz`` JSON Lines; RedPajama: ``.jsonl.zst``;
+FineWeb: ``.parquet``), each file one unit; an uncompressed JSON Lines file larger than ``RANGE_BYTES`` is cut
+into line-aligned byte ranges, so one big file converts in parallel too. Splits come from the shard names, as
+``datasets`` does: ``c4-train.00000-of-01024.json.gz`` is train, ``c4-validation.*``, ``*-val*``, ``dev`` are
+val (a folder named ``train/`` or ``validation/`` counts too); ``test`` files are skipped. Reading is
+``readers.py``'s.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import glob
 import os
-import pathlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Optional
+import re
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
+from llmfoundry_lite.data.readers import Unit, compression_of, kind_of, read_rows, text_of
 from llmfoundry_lite.errors import RecipeError
 
-JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
-PARQUET_SUFFIXES = {".parquet"}
-# Split names a source may use for held-out data, in order of preference.
+# Words in a shard's path that name its split (the words `datasets` recognises), and our split for each.
+SPLIT_WORDS = {
+    "train": "train",
+    "training": "train",
+    "validation": "val",
+    "valid": "val",
+    "val": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+    "eval": "test",
+}
+# Split names a Hugging Face dataset may use for held-out data, in order of preference.
 SOURCE_VAL_NAMES = ("validation", "val", "valid", "dev")
+RANGE_BYTES = 64 << 20  # uncompressed JSON Lines files above this convert as several byte ranges
 
 
-def _hf_rows_to_text(rows: Iterable[dict[str, Any]], field: str, where: str) -> Iterator[str]:
-    for i, row in enumerate(rows):
-        if field not in row:
-            raise RecipeError(
-                f"{where}: row {i} has no field {field!r} (fields: {', '.join(map(str, row))}); "
-                f"set --text-field"
-            )
-        value = row[field]
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise RecipeError(f"{where}: field {field!r} of row {i} is {type(value).__name__}, not text")
-        yield value
+@dataclasses.dataclass
+class SourcePlan:
+    """The units of a source, in conversion order, and what was left out of it."""
+
+    units: list[Unit]
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def own_splits(self) -> set[Optional[str]]:
+        """The splits the source itself provides (None: it has none)."""
+        return {u.split for u in self.units}
+
+    @property
+    def bytes(self) -> int:
+        """Bytes to read from disk (the base of the ETA; 0 when unknown, e.g. hub datasets)."""
+        return sum(u.size for u in self.units)
 
 
-def _local_kind(files: Sequence[pathlib.Path], where: str) -> str:
-    """'json', 'parquet' or 'text' (any other suffix is read as text) for a set of local files."""
-    suffixes = {f.suffix.lower() for f in files}
-    if suffixes <= JSON_SUFFIXES:
-        return "json"
-    if suffixes <= PARQUET_SUFFIXES:
-        return "parquet"
-    if not (suffixes & (JSON_SUFFIXES | PARQUET_SUFFIXES)):
-        return "text"
-    raise RecipeError(f"{where} mixes file kinds ({', '.join(sorted(suffixes))}); convert one kind at a time")
+def split_of_name(path: str) -> Optional[str]:
+    """'train', 'val', 'test' or None from the words of a shard's path (``c4-validation.00003-of-00008``)."""
+    found = None
+    for word in re.split(r"[-_./\\\s]+", path.lower()):
+        if word in SPLIT_WORDS:
+            found = SPLIT_WORDS[word]  # the last one wins: the file name over its folders
+    return found
 
 
-def open_source(source: str, text_field: str = "text") -> dict[Optional[str], Iterable[str]]:
-    """Documents of ``source``: ``{None: docs}``, or ``{"train": ..., "val": ...}`` when it has its own splits."""
+def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
+    """The units of ``source``, each with its own split when the shard names give one."""
     if source == "embedded":
-        from llmfoundry_lite.data.corpus import embedded_documents
+        from pydoc_data import topics
 
-        return {None: embedded_documents()}
+        return SourcePlan([Unit("embedded", size=os.path.getsize(topics.__file__))])
     if source.startswith("hf:"):
-        return _open_hf(source, text_field)
-    path = pathlib.Path(os.path.expanduser(source))
-    if not path.exists():
-        raise RecipeError(
-            f"source {source!r} does not exist; use a text/JSONL/Parquet file, a folder of them, "
-            "'embedded' or 'hf:NAME[:CONFIG]'",
-            key="--source",
+        return _plan_hf(source)
+    path = os.path.expanduser(source)
+    if glob.has_magic(path):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise RecipeError(f"no file matches {source!r}", key="--source")
+        root, one_doc_per_file = os.path.dirname(path.split("*")[0]), True
+    elif os.path.isdir(path):
+        files = sorted(
+            os.path.join(d, f)
+            for d, _, names in os.walk(path)
+            for f in names
+            if not any(
+                part.startswith(".") for part in os.path.relpath(os.path.join(d, f), path).split(os.sep)
+            )
         )
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise RecipeError(f"source folder {source!r} contains no files", key="--source")
+        root, one_doc_per_file = path, True
+    elif os.path.exists(path):
+        files, root, one_doc_per_file = [path], os.path.dirname(path), False
     else:
-        files = [path]
-    if all(f.stat().st_size == 0 for f in files):
+        raise RecipeError(
+            f"source {source!r} does not exist; use a file (.jsonl, .json.gz, .jsonl.zst, .parquet, .txt), a "
+            "folder or glob of them ('c4/en/c4-train.*.json.gz'), 'embedded' or 'hf:NAME[:CONFIG]'",
+            key="--source",
+        )
+    if all(os.path.getsize(f) == 0 for f in files):
         raise RecipeError(f"source {source!r} is empty", key="--source")
-    builder = _local_kind(files, repr(source))
-    # Local files are read directly (no `datasets`/torch import: conversion start-up is most of its wall time
-    # on small corpora); `hf:PATH` reads the same files through the `datasets` streaming path instead.
-    if builder == "json" and all(f.suffix.lower() in (".jsonl", ".ndjson") for f in files):
-        docs: Iterator[str] = _read_jsonl(files, text_field)
-    elif builder == "parquet":
-        docs = _read_parquet(files, text_field)
-    elif builder == "text":
-        docs = _read_text(files, one_doc_per_file=path.is_dir())
-    else:
-        import datasets
-
-        datasets.logging.set_verbosity_error()
-        try:
-            ds = datasets.load_dataset(
-                builder, data_files=[str(f) for f in files], split="train", streaming=True
+    kinds = {f: kind_of(f) for f in files}
+    data_files = [f for f in files if kinds[f] != "text"]
+    if data_files and len(data_files) < len(files):
+        files = data_files  # a dataset folder's README.md / LICENSE are not documents
+    plan = SourcePlan([])
+    named = {f: split_of_name(os.path.relpath(f, root) if root else f) for f in files}
+    use_names = len(files) > 1 and any(named.values())
+    for f in files:
+        split = named[f] if use_names else None
+        if use_names and split is None:
+            raise RecipeError(
+                f"{f!r} has no split in its name while other files of {source!r} do (train/validation/...); "
+                "give one split's files at a time, e.g. --source 'DIR/*-train.*'",
+                key="--source",
             )
-        except Exception as e:  # datasets raises many types for unreadable files
-            raise RecipeError(
-                f"cannot read source {source!r}: {type(e).__name__}: {e}", key="--source"
-            ) from None
-        docs = _hf_rows_to_text(ds, text_field, repr(source))
-    return {None: _guard_read(docs, source)}
+        if split == "test":
+            plan.skipped.append(f)
+            continue
+        plan.units.extend(_file_units(f, kinds[f], split, one_doc_per_file, range_bytes))
+    if not plan.units:
+        raise RecipeError(f"source {source!r} holds only test files; nothing to convert", key="--source")
+    order = {None: 0, "train": 0, "val": 1}
+    plan.units.sort(key=lambda u: (order[u.split], u.path, u.start))
+    return plan
 
 
-def _read_text(files: Sequence[pathlib.Path], one_doc_per_file: bool) -> Iterator[str]:
-    """Text files: one document per file (folders) or per blank-line separated paragraph (a single file)."""
-    import re
-
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise RecipeError(
-                f"cannot read source file {str(f)!r}: not UTF-8 text ({e.reason})", key="--source"
-            ) from None
-        if one_doc_per_file:
-            if text.strip():
-                yield text.strip()
-        else:
-            for para in re.split(r"\n[ \t]*\n", text):
-                if para.strip():
-                    yield para.strip()
+def _file_units(
+    path: str, kind: str, split: Optional[str], one_doc_per_file: bool, range_bytes: int
+) -> list[Unit]:
+    _, compression = compression_of(path)
+    size = os.path.getsize(path)
+    if kind == "text" and one_doc_per_file:
+        kind = "textfile"
+    if kind != "json" or compression is not None or size <= range_bytes or _is_json_array(path):
+        return [Unit(kind, path, split, compression, size=size)]
+    bounds = list(range(0, size, range_bytes)) + [size]
+    return [Unit(kind, path, split, None, a, b, size=b - a) for a, b in zip(bounds, bounds[1:])]
 
 
-def _read_jsonl(files: Sequence[pathlib.Path], field: str) -> Iterator[str]:
-    """JSON Lines files: the ``field`` of each row (rows where it is null are skipped)."""
-    for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{str(f)!r} line {lineno}"
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise RecipeError(
-                        f"cannot read source {where}: invalid JSON ({e})", key="--source"
-                    ) from None
-                if not isinstance(row, dict):
-                    raise RecipeError(
-                        f"cannot read source {where}: expected a JSON object per line", key="--source"
-                    )
-                yield from _hf_rows_to_text([row], field, where)
+def _is_json_array(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(b"[")
 
 
-def _read_parquet(files: Sequence[pathlib.Path], field: str) -> Iterator[str]:
-    """Parquet files: the ``field`` column, streamed in record batches."""
-    import pyarrow.parquet as pq
-
-    for f in files:
-        pf = pq.ParquetFile(f)
-        if field not in pf.schema_arrow.names:
-            raise RecipeError(
-                f"{str(f)!r} has no column {field!r} (columns: {', '.join(pf.schema_arrow.names)}); set --text-field",
-                key="--text-field",
-            )
-        for batch in pf.iter_batches(columns=[field], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                if value is None:
-                    continue
-                if not isinstance(value, str):
-                    raise RecipeError(
-                        f"column {field!r} of {str(f)!r} holds {type(value).__name__}, not text"
-                    )
-                yield value
-
-
-def _guard_read(docs: Iterator[str], source: str) -> Iterator[str]:
-    # Parse errors surface lazily while streaming; turn them into one clear message naming the source.
-    try:
-        yield from docs
-    except RecipeError:
-        raise
-    except Exception as e:
-        raise RecipeError(f"cannot read source {source!r}: {type(e).__name__}: {e}", key="--source") from None
-
-
-def _open_hf(source: str, text_field: str) -> dict[Optional[str], Iterable[str]]:
+def _plan_hf(source: str) -> SourcePlan:
     parts = source[3:].split(":")
     if not parts[0] or len(parts) > 2:
         raise RecipeError(
-            f"malformed source {source!r}; use hf:NAME or hf:NAME:CONFIG (e.g. hf:allenai/c4:en)"
+            f"malformed source {source!r}; use hf:NAME or hf:NAME:CONFIG (e.g. hf:allenai/c4:en)",
+            key="--source",
         )
     name, config = parts[0], (parts[1] if len(parts) == 2 else None)
+    data_dir = None
+    local = os.path.expanduser(name)
+    if os.path.isdir(local) and config is not None:
+        # A local copy of a hub dataset (`hf download allenai/c4 --local-dir c4`): its configs are sub-folders.
+        if not os.path.isdir(os.path.join(local, config)):
+            subs = sorted(
+                d for d in os.listdir(local) if os.path.isdir(os.path.join(local, d)) and d[0] != "."
+            )
+            raise RecipeError(
+                f"local dataset folder {local!r} has no sub-folder {config!r} for config {config!r} (sub-folders: "
+                f"{', '.join(subs) or 'none'}); use --source {os.path.join(local, subs[0] if subs else config)!r} "
+                "(its shards are read directly, faster) or hf:FOLDER without a config",
+                key="--source",
+            )
+        data_dir, config = config, None
     import datasets
 
     datasets.logging.set_verbosity_error()
     try:
-        dsd = datasets.load_dataset(name, config, streaming=True)
+        names = list(
+            datasets.load_dataset(
+                local if os.path.isdir(local) else name, config, data_dir=data_dir, streaming=True
+            )
+        )
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(
-            f"cannot open Hugging Face dataset {source!r} ({msg}); hub datasets need internet - offline, "
-            "use a local file or 'embedded'",
+            f"cannot open Hugging Face dataset {source!r} ({msg}); hub datasets need internet - offline, use a "
+            "local copy: a folder or glob of its shards (--source c4/en), or 'embedded'",
             key="--source",
         ) from None
+    path = local if os.path.isdir(local) else name
+    units = []
+    if "train" in names:
+        units.append(Unit("hf", path, "train", hf_config=config, hf_split="train", hf_data_dir=data_dir))
+    val = next((v for v in SOURCE_VAL_NAMES if v in names), None)
+    if val is not None:
+        units.append(Unit("hf", path, "val", hf_config=config, hf_split=val, hf_data_dir=data_dir))
+    if not units:
+        units.append(Unit("hf", path, None, hf_config=config, hf_split=names[0], hf_data_dir=data_dir))
+    elif "train" not in names:
+        raise RecipeError(f"{source!r} has no 'train' split (splits: {', '.join(names)})", key="--source")
+    return SourcePlan(units, [f"split {n!r}" for n in names if n not in ("train", val)])
+
+
+def open_source(source: str, text_field: str = "text") -> dict[Optional[str], Iterable[str]]:
+    """Documents of ``source`` by its own split: ``{None: docs}``, or ``{"train": ..., "val": ...}``."""
+    plan = plan_source(source)
     out: dict[Optional[str], Iterable[str]] = {}
-    if "train" in dsd:
-        out["train"] = _guard_read(_hf_rows_to_text(dsd["train"], text_field, source), source)
-    for v in SOURCE_VAL_NAMES:
-        if v in dsd:
-            out["val"] = _guard_read(_hf_rows_to_text(dsd[v], text_field, source), source)
-            break
-    if not out:
-        only = next(iter(dsd))
-        out[None] = _guard_read(_hf_rows_to_text(dsd[only], text_field, source), source)
-    elif "train" not in out:
-        raise RecipeError(f"{source!r} has no 'train' split (splits: {', '.join(dsd)})", key="--source")
+    for split in sorted(plan.own_splits, key=lambda s: s or ""):
+        out[split] = _docs([u for u in plan.units if u.split == split], text_field)
     return out
+
+
+def _docs(units: list[Unit], text_field: str) -> Iterator[str]:
+    for unit in units:
+        for where, row in read_rows(unit):
+            doc = text_of(row, text_field, where)
+            if doc is not None:
+                yield doc
 
 
 def split_long(doc: str, max_chars: int) -> list[str]:

@@ -21,6 +21,7 @@ Trained tokenizers are saved in Hugging Face format (``tokenizer.json`` + ``toke
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 from collections.abc import Iterable
@@ -157,3 +158,117 @@ def prepare_causal_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTo
         # Labels at padding are IGNORE_INDEX via the attention mask, so reusing eos as pad is safe (GPT-2/LLaMA habit).
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batched encoding for conversion (worker processes): the Rust tokenizer alone, without transformers
+# ---------------------------------------------------------------------------------------------------------
+
+Ids = Optional[tuple[int, ...]]  # a document separator: None, or the ids put before/after each document
+
+
+@dataclasses.dataclass
+class FastTokenizer:
+    """A ``tokenizers.Tokenizer`` (as JSON, picklable) and its special tokens; loading needs no transformers."""
+
+    name: str
+    json: str
+    bos_id: Optional[int]
+    eos_id: Optional[int]
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+    chat_template: Optional[str] = None
+
+
+def _special_content(v: Any) -> Optional[str]:
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def load_fast_tokenizer(name_or_path: str) -> FastTokenizer:
+    """Load a tokenizer for batched encoding: a local HF folder (tokenizer.json) directly, else through HF."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    path = pathlib.Path(os.path.expanduser(name_or_path))
+    template = None
+    if (path / "tokenizer.json").is_file():
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config: dict[str, Any] = {}
+        for fname in ("special_tokens_map.json", "tokenizer_config.json"):
+            f = path / fname
+            if f.is_file():
+                with open(f) as fh:
+                    config.update(json.load(fh))
+        bos = _special_content(config.get("bos_token"))
+        eos = _special_content(config.get("eos_token"))
+        bos_id = tok.token_to_id(bos) if bos else None
+        eos_id = tok.token_to_id(eos) if eos else None
+        template = config.get("chat_template")
+        if (
+            template is None and (path / "chat_template.jinja").is_file()
+        ):  # transformers >= 4.43 saves it apart
+            template = (path / "chat_template.jinja").read_text()
+    else:
+        try:
+            hf = hf_tokenizer(name_or_path)
+        except RecipeError as e:
+            raise RecipeError(e.detail, key="--tokenizer") from None
+        if not getattr(hf, "is_fast", False):
+            raise RecipeError(
+                f"tokenizer {name_or_path!r} has no fast (Rust) version; batched conversion needs one",
+                key="--tokenizer",
+            )
+        tok, bos_id, eos_id = hf.backend_tokenizer, hf.bos_token_id, hf.eos_token_id
+        bos, eos, template = hf.bos_token, hf.eos_token, getattr(hf, "chat_template", None)
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    tok.no_truncation()
+    tok.no_padding()
+    return FastTokenizer(name_or_path, tok.to_str(), bos_id, eos_id, bos, eos, template)
+
+
+def separator_ids(fast: FastTokenizer, which: str, wanted: Optional[bool], text: Optional[str]) -> Ids:
+    """The ids put before (bos) or after (eos) each packed document: ``text`` tokenized, else the special token."""
+    if text is not None:
+        from tokenizers import Tokenizer
+
+        # No special tokens added around it (llm-foundry's add_special_tokens=False); a special token written in
+        # the text ('[SEP]') is still recognised as that one token.
+        ids = tuple(Tokenizer.from_str(fast.json).encode(text, add_special_tokens=False).ids)
+        if not ids:
+            raise RecipeError(
+                f"{text!r} gives no tokens with tokenizer {fast.name!r}; give a text it encodes, e.g. '[SEP]'",
+                key=f"--{which}-text",
+            )
+        return ids
+    tid = fast.bos_id if which == "bos" else fast.eos_id
+    if wanted is None:  # default: use it when the tokenizer defines it
+        return None if tid is None else (tid,)
+    if not wanted:
+        return None
+    if tid is None:
+        raise RecipeError(
+            f"tokenizer {fast.name!r} has no {which} token but --{which} was requested; use --no-{which}, "
+            f"--{which}-text TEXT (e.g. '[SEP]'), or a tokenizer that defines it",
+            key="--tokenizer",
+        )
+    return (tid,)
+
+
+def encode_wrapped(tok: Any, texts: list[str], bos: Ids, eos: Ids) -> Any:
+    """Token ids of ``texts``, each between ``bos`` and ``eos``, concatenated (int32)."""
+    import numpy as np
+
+    # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which packing does not need.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    pieces = []
+    pre = np.array(bos, dtype=np.int32) if bos else None
+    post = np.array(eos, dtype=np.int32) if eos else None
+    for e in encode(texts, add_special_tokens=False):
+        if pre is not None:
+            pieces.append(pre)
+        pieces.append(np.asarray(e.ids, dtype=np.int32))
+        if post is not None:
+            pieces.append(post)
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)

@@ -30,6 +30,7 @@ class FamilySpec:
     hf_import: Optional[Callable[..., Any]] = None  # HF checkpoint (folder or hub name) -> config, weights
     hf_export: Optional[Callable[..., Any]] = None  # (weights, config) -> HF state dict
     hf_config: Optional[Callable[..., Any]] = None  # (config, tokenizer) -> HF config.json dict
+    takes_sequence_id: bool = False  # attention can keep packed documents apart (batches' ``sequence_id``)
 
     @property
     def encoder(self) -> bool:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.batch import check_vocab_fits
-from llmfoundry_lite.data.checks import check_loader, check_loader_fit
+from llmfoundry_lite.data.checks import check_finetune_fit, check_loader, check_loader_fit
 from llmfoundry_lite.data.loaders import SplitTooSmall
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.recipe import COMPONENT_SECTIONS, MULTI_SECTIONS, iter_multi
@@ -142,13 +142,14 @@ def build_model(cfg: Any, tokenizer: Any = None) -> Any:
 def build_dataloader(cfg: Any, section: str, tokenizer: Any, device_batch_size: int) -> Any:
     """A train or eval dataloader (DataSpec or DataLoader) from a recipe section."""
     block = recipe_section(cfg, section)
-    if isinstance(block, dict) and block.get("name") == "text":
+    if isinstance(block, dict) and block.get("name") in ("text", "finetune"):
         # The same checks as `validate`, so `train` never runs on data that does not fit the recipe.
         index = check_loader(section, block)
         if index is not None:
             model_name = (recipe_section(cfg, "model") or {}).get("name")
             has_mask = None if tokenizer is None else getattr(tokenizer, "mask_token", None) is not None
             check_loader_fit(section, block, index, model_name, has_mask)
+            check_finetune_fit(section, block, index, model_name)
     return registry.build(
         "dataloaders",
         block,

@@ -38,6 +38,7 @@ LLAMA = register_family(
         hf_import=load_hf_llama,
         hf_export=state_dict_to_hf,
         hf_config=hf_config_dict,
+        takes_sequence_id=True,
     )
 )
 

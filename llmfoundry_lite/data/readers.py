@@ -1,0 +1,368 @@
+"""Reading one unit of a source (a file, a byte range of a plain file, an ``hf:`` split) as rows.
+
+Files are read as shipped: gzip (``.gz``) and zstd (``.zst``) decompress while streaming, never to a temporary
+file; bz2 and xz too. A compressed or corrupt file fails with one line naming the file and the byte offset of
+the compressed stream where reading stopped. Rows come with where they are (``'f.jsonl.gz' line 7``), so
+conversion errors can name the row.
+
+Kinds: ``json`` (JSON Lines, or one JSON array), ``parquet`` (streamed by record batch), ``text`` (a file of
+blank-line separated documents), ``textfile`` (one document per file), ``embedded`` and ``hf`` (``datasets``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import IO, Any, Optional
+
+from llmfoundry_lite.errors import RecipeError
+
+# Compressions read by streaming decompression, by suffix and by the file's first bytes.
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+# Compressions and archives recognised but not read: refused with a hint rather than read as garbled text.
+UNSUPPORTED = {
+    ".lz4": "lz4",
+    ".br": "brotli",
+    ".snappy": "snappy",
+    ".zip": "zip",
+    ".7z": "7z",
+    ".tar": "tar",
+    ".tgz": "tar",
+    ".rar": "rar",
+}
+UNSUPPORTED_MAGIC = {b"\x04\x22\x4d\x18": "lz4", b"PK\x03\x04": "zip", b"7z\xbc\xaf": "7z", b"Rar!": "rar"}
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+READ_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One independently convertible piece of a source; plain data, so it travels to worker processes as JSON."""
+
+    kind: str  # json | parquet | text | textfile | embedded | hf
+    path: str = ""  # the file ("" for embedded; the dataset name for hf)
+    split: Optional[str] = None  # the source's own split (from the file name), None when it has none
+    compression: Optional[str] = None
+    start: int = 0  # byte range [start, end) of an uncompressed file; end -1 = to the end
+    end: int = -1
+    size: int = 0  # bytes read from disk (progress and ETA)
+    hf_config: Optional[str] = None
+    hf_split: Optional[str] = None
+    hf_data_dir: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """A short name for messages."""
+        if self.kind == "hf":
+            return f"hf:{self.path}" + (f":{self.hf_config}" if self.hf_config else "")
+        rng = f" bytes {self.start}-{self.end}" if self.end >= 0 else ""
+        return f"{self.path!r}{rng}" if self.path else self.kind
+
+
+def compression_of(path: str) -> tuple[str, Optional[str]]:
+    """(the name without its compression suffix, the compression) of a file; RecipeError for unreadable ones."""
+    stem, suffix = os.path.splitext(path)
+    suffix = suffix.lower()
+    if suffix in COMPRESSIONS:
+        return stem, COMPRESSIONS[suffix]
+    if suffix in UNSUPPORTED:
+        _refuse(path, UNSUPPORTED[suffix])
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return path, None
+    for magic, name in MAGIC.items():
+        if head.startswith(magic) and suffix not in PARQUET_SUFFIXES:
+            return path, name
+    for magic, name in UNSUPPORTED_MAGIC.items():
+        if head.startswith(magic):
+            _refuse(path, name)
+    return path, None
+
+
+def _refuse(path: str, what: str) -> None:
+    raise RecipeError(
+        f"{path!r} at byte 0: {what} compression is not read here; decompress it (or recompress it as .gz or "
+        ".zst) and convert again",
+        key="--source",
+    )
+
+
+def kind_of(path: str) -> str:
+    """'json', 'parquet' or 'text' from a file's name (its compression suffix removed)."""
+    stem, _ = compression_of(path)
+    low = stem.lower()
+    if low.endswith(JSON_SUFFIXES):
+        return "json"
+    if low.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "text"
+
+
+class _Counting(io.RawIOBase):
+    """A raw file that counts the bytes read from disk: the offset named in errors and the progress."""
+
+    def __init__(self, f: IO[bytes], start: int = 0):
+        self.f, self.pos = f, start
+        f.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.f.readinto(b) or 0
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+class _Zstd(io.RawIOBase):
+    """Streaming zstd decompression across frames; a stream that stops inside a frame is an error."""
+
+    def __init__(self, raw: _Counting):
+        import zstandard
+
+        self.raw, self.zstd = raw, zstandard.ZstdDecompressor()
+        self.dobj = self.zstd.decompressobj()
+        self.buf, self.in_frame = b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self.buf:
+            chunk = self.raw.read(READ_CHUNK)
+            if not chunk:
+                if self.in_frame:
+                    raise EOFError("the stream ends inside a zstd frame")
+                return 0
+            while chunk:
+                self.in_frame = True
+                self.buf += self.dobj.decompress(chunk)
+                chunk = b""
+                if self.dobj.eof:
+                    chunk, self.in_frame = self.dobj.unused_data, False
+                    self.dobj = self.zstd.decompressobj()
+        n = min(len(b), len(self.buf))
+        b[:n] = self.buf[:n]
+        self.buf = self.buf[n:]
+        return n
+
+
+def _open_binary(unit: Unit) -> tuple[IO[bytes], _Counting]:
+    raw = _Counting(open(unit.path, "rb"), unit.start)  # noqa: SIM115 (closed by the caller)
+    if unit.compression == "gzip":
+        import gzip
+
+        return gzip.GzipFile(fileobj=raw), raw
+    if unit.compression == "zstd":
+        return io.BufferedReader(_Zstd(raw), READ_CHUNK), raw
+    if unit.compression == "bz2":
+        import bz2
+
+        return bz2.BZ2File(raw), raw
+    if unit.compression == "xz":
+        import lzma
+
+        return lzma.LZMAFile(raw), raw
+    return io.BufferedReader(raw, READ_CHUNK), raw
+
+
+class Position:
+    """Bytes of the source read so far by one reader (shared with the progress report)."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+
+def read_rows(unit: Unit, position: Optional[Position] = None) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of ``unit``: a dict (json, parquet, hf) or a document string (text kinds)."""
+    pos = position or Position()
+    if unit.kind == "embedded":
+        from llmfoundry_lite.data.corpus import embedded_documents
+
+        for i, d in enumerate(embedded_documents()):
+            yield f"embedded document {i}", d
+        return
+    if unit.kind == "hf":
+        yield from _read_hf(unit)
+        return
+    if unit.kind == "parquet":
+        yield from _read_parquet(unit, pos)
+        return
+    fh, raw = _open_binary(unit)
+    base = pos.done
+    try:
+        lines = _lines(fh, unit, raw, pos, base)
+        if unit.kind == "json":
+            yield from _json_rows(lines, unit)
+        elif unit.kind == "textfile":
+            doc = "".join(line for _, line in lines).strip()
+            if doc:
+                yield repr(unit.path), doc
+        else:
+            yield from _paragraphs(lines, unit)
+    finally:
+        fh.close()
+        raw.close()
+
+
+def _failure(unit: Unit, offset: int, e: BaseException) -> RecipeError:
+    if isinstance(e, UnicodeDecodeError):
+        what = f"not UTF-8 text ({e.reason})"
+    else:
+        name = unit.compression or "file"
+        detail = str(e) or type(e).__name__
+        what = f"{name} stream is truncated or corrupt ({detail}); download the file again"
+    return RecipeError(f"cannot read {unit.path!r} at byte {offset}: {what}", key="--source")
+
+
+def _lines(fh: IO[bytes], unit: Unit, raw: _Counting, pos: Position, base: int) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a file; a byte range holds the lines that begin inside it (none is read twice)."""
+    import zlib
+
+    offset = unit.start  # in the decompressed stream (the file itself when uncompressed)
+    lineno = 0
+    try:
+        if unit.start > 0:
+            with open(unit.path, "rb") as f:
+                f.seek(unit.start - 1)
+                starts_line = f.read(1) == b"\n"
+            if not starts_line:  # this line began in the previous range
+                offset += len(fh.readline())
+        while unit.end < 0 or offset < unit.end:
+            line = fh.readline()
+            if not line:
+                return
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = raw.pos if unit.compression else offset + e.start
+                raise _failure(unit, at, e) from None
+            offset += len(line)
+            lineno += 1
+            pos.done = base + (raw.pos if unit.compression else offset) - unit.start
+            yield lineno, text
+    except (EOFError, OSError, zlib.error) as e:
+        raise _failure(unit, raw.pos, e) from None
+    except RecipeError:
+        raise
+    except Exception as e:  # zstd / lzma / bz2 decoder errors have their own classes
+        if type(e).__module__.split(".")[0] in ("zstandard", "_lzma", "lzma", "_bz2", "_compression"):
+            raise _failure(unit, raw.pos, e) from None
+        raise
+
+
+def _json_rows(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[str, Any]]:
+    first = True
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        if first and unit.start == 0 and line.lstrip().startswith("["):
+            # One JSON array (a `.json` export) rather than JSON Lines: read it whole.
+            rest = line + "".join(rest_line for _, rest_line in lines)
+            try:
+                rows = json.loads(rest)
+            except ValueError as e:
+                raise RecipeError(f"cannot read {unit.path!r}: invalid JSON ({e})", key="--source") from None
+            for i, row in enumerate(rows):
+                yield f"{unit.path!r} row {i + 1}", _object(row, f"{unit.path!r} row {i + 1}")
+            return
+        first = False
+        where = f"{unit.path!r} line {lineno}" + (f" of bytes {unit.start}-{unit.end}" if unit.start else "")
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise RecipeError(f"cannot read {where}: invalid JSON ({e})", key="--source") from None
+        yield where, _object(row, where)
+
+
+def _object(row: Any, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise RecipeError(f"cannot read {where}: expected a JSON object per row", key="--source")
+    return row
+
+
+def _paragraphs(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[str, str]]:
+    """Blank-line separated documents of a text file."""
+    blank = re.compile(r"^[ \t]*\r?\n?$")
+    cur: list[str] = []
+    start_line = 1
+    for lineno, line in lines:
+        if blank.match(line):
+            if cur:
+                doc = "".join(cur).strip()
+                if doc:
+                    yield f"{unit.path!r} line {start_line}", doc
+                cur = []
+            continue
+        if not cur:
+            start_line = lineno
+        cur.append(line)
+    if cur and "".join(cur).strip():
+        yield f"{unit.path!r} line {start_line}", "".join(cur).strip()
+
+
+def _read_parquet(unit: Unit, pos: Position) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(unit.path)
+    except Exception as e:
+        raise RecipeError(
+            f"cannot read {unit.path!r} at byte 0: not a Parquet file ({e})", key="--source"
+        ) from None
+    total = max(1, pf.metadata.num_rows)
+    base, row = pos.done, 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for r in batch.to_pylist():
+            row += 1
+            yield f"{unit.path!r} row {row}", r
+        pos.done = base + unit.size * row // total
+
+
+def _read_hf(unit: Unit) -> Iterator[tuple[str, Any]]:
+    """Rows of one split of a Hugging Face dataset (a hub name, or a local folder through ``datasets``)."""
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    try:
+        ds = datasets.load_dataset(
+            unit.path, unit.hf_config, data_dir=unit.hf_data_dir, split=unit.hf_split, streaming=True
+        )
+        for i, row in enumerate(ds):
+            yield f"{unit.label} split {unit.hf_split!r} row {i + 1}", row
+    except RecipeError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise RecipeError(
+            f"cannot read source {unit.label!r}: {type(e).__name__}: {e}", key="--source"
+        ) from None
+
+
+def text_of(row: Any, field: str, where: str) -> Optional[str]:
+    """The document of a row: the row itself (text kinds) or its ``field`` (None when null)."""
+    if isinstance(row, str):
+        return row
+    if field not in row:
+        raise RecipeError(
+            f"{where} has no field {field!r} (fields: {', '.join(map(str, row))}); set --text-field "
+            "(C4, Dolma, FineWeb and RedPajama use 'text')",
+            key="--text-field",
+        )
+    value = row[field]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecipeError(f"{where}: field {field!r} is {type(value).__name__}, not text", key="--text-field")
+    return value
