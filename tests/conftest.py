@@ -3,9 +3,13 @@ locally from the embedded corpus (once per test run: session-scoped)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +47,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Seconds a session fixture may take to build (seconds when idle; a hang guard, generous for a loaded machine).
+FIXTURE_BUDGET = 900
+
+
+@contextlib.contextmanager
+def fixture_budget(what: str, seconds: float = FIXTURE_BUDGET) -> Iterator[None]:
+    """Fail the fixture ``what`` if building it takes over ``seconds`` (pytest-timeout times test functions only).
+
+    A session fixture that fails is not built again: pytest reports the same error for every test that uses it.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def over(signum, frame):
+        pytest.fail(f"building {what} took over its {seconds:.0f} s budget", pytrace=False)
+
+    previous = signal.signal(signal.SIGALRM, over)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="session")
 def bert_tokenizer_dir(tmp_path_factory):
     """A small WordPiece (BERT-style) tokenizer trained on the embedded corpus, in HF format."""
@@ -50,7 +80,8 @@ def bert_tokenizer_dir(tmp_path_factory):
     from llmfoundry_lite.data.tokenizers import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok-wordpiece")
-    return str(train_tokenizer("wordpiece", embedded_documents(), vocab_size=2000, out_dir=out))
+    with fixture_budget("the WordPiece test tokenizer"):
+        return str(train_tokenizer("wordpiece", embedded_documents(), vocab_size=2000, out_dir=out))
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +91,8 @@ def llama_tokenizer_dir(tmp_path_factory):
     from llmfoundry_lite.data.tokenizers import train_tokenizer
 
     out = tmp_path_factory.mktemp("tok-bpe")
-    return str(train_tokenizer("bpe", embedded_documents(), vocab_size=2000, out_dir=out))
+    with fixture_budget("the BPE test tokenizer"):
+        return str(train_tokenizer("bpe", embedded_documents(), vocab_size=2000, out_dir=out))
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +101,8 @@ def mlm_mds_dir(tmp_path_factory):
     from llmfoundry_lite.data.convert import convert
 
     out = tmp_path_factory.mktemp("mds-text") / "embedded"
-    convert("embedded", out, splits=("train", "val"))
+    with fixture_budget("the raw-text MDS shards"):
+        convert("embedded", out, splits=("train", "val"))
     return str(out)
 
 
@@ -91,7 +124,8 @@ def causal_mds_dir(tmp_path_factory, llama_tokenizer_dir):
     from llmfoundry_lite.data.convert import convert
 
     out = tmp_path_factory.mktemp("mds-tokens") / "embedded-128"
-    convert("embedded", out, splits=("train", "val"), tokenizer=llama_tokenizer_dir, concat_tokens=128)
+    with fixture_budget("the 128-token MDS shards"):
+        convert("embedded", out, splits=("train", "val"), tokenizer=llama_tokenizer_dir, concat_tokens=128)
     return str(out)
 
 

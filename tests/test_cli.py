@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
 CLI = [sys.executable, "-m", "llmfoundry_lite.cli"]
 
+# Most tests here start the CLI several times (each a fresh interpreter importing torch and Composer: seconds when
+# idle, a minute when the machine is busy): a hang guard sized for that, not the suite's 300 s default.
+pytestmark = pytest.mark.timeout(900)
+
 
 def run(*args: str, cwd: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}

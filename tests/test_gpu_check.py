@@ -38,10 +38,9 @@ def _load_gpu_check():
     return module
 
 
-# The whole dry run, once per test run: ~3 min on an idle 2-core box, several times that under load. The
-# subprocess gets DRY_RUN_BUDGET; each test that uses it gets that plus a margin (the first one pays for it).
+# The whole dry run, once per test run: ~3-4 min on an idle 2-core box, several times that under load. Its
+# subprocess has this budget; the tests that read it are timed on their own bodies (timeout_func_only).
 DRY_RUN_BUDGET = 1500
-dry_run_timeout = pytest.mark.timeout(DRY_RUN_BUDGET + 120)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +64,6 @@ def dry_run(tmp_path_factory):
     return proc, report, out
 
 
-@dry_run_timeout
 def test_dry_run_exits_0_and_prints_the_table(dry_run):
     proc, report, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -78,7 +76,6 @@ def test_dry_run_exits_0_and_prints_the_table(dry_run):
     assert Path(report["log"]).is_file() and Path(report["log"]).parent == out.parent
 
 
-@dry_run_timeout
 def test_every_step_is_reported_ok_or_skipped_with_a_reason(dry_run):
     proc, report, _ = dry_run
     assert report is not None, proc.stdout[-3000:]
@@ -100,7 +97,6 @@ def test_every_step_is_reported_ok_or_skipped_with_a_reason(dry_run):
     assert steps["peak"]["details"]["peak_flops"] > 0
 
 
-@dry_run_timeout
 def test_ours_vs_transformers_ratios_are_numbers(dry_run):
     proc, report, _ = dry_run
     assert report is not None, proc.stdout[-3000:]
@@ -114,7 +110,6 @@ def test_ours_vs_transformers_ratios_are_numbers(dry_run):
     assert 0 < llama["mfu"] and 0 < llama["hf_mfu"]  # against the peak measured in the same run
 
 
-@dry_run_timeout
 def test_trainer_runs_checkpoint_and_resume(dry_run):
     proc, report, _ = dry_run
     assert report is not None, proc.stdout[-3000:]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -19,6 +21,9 @@ def quickstart_commands() -> list[str]:
     return [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
+@pytest.mark.timeout(
+    1800
+)  # three CLI runs (tokenizer training, conversion, a short training), each up to 600 s
 def test_readme_quickstart_commands(tmp_path):
     commands = quickstart_commands()
     assert [c.split()[:3] for c in commands] == [

@@ -28,3 +28,19 @@ def test_network_attempts_records_what_a_test_tries_to_reach(network_attempts):
     socket.getaddrinfo("192.0.2.1", 443)  # a numeric documentation address: no lookup leaves the machine
     socket.getaddrinfo("localhost", 443)
     assert network_attempts == ["name lookup of 192.0.2.1"]
+
+
+def test_fixture_budget_stops_a_fixture_that_overruns():
+    import time
+
+    import pytest
+    from conftest import fixture_budget
+
+    t0 = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="building a slow fixture took over its 1 s budget"):
+        with fixture_budget("a slow fixture", seconds=1):
+            time.sleep(600)
+    assert time.monotonic() - t0 >= 1  # stopped by the budget (a hang would be the suite's timeout's)
+    with fixture_budget("a quick fixture", seconds=1):
+        pass
+    time.sleep(1.5)  # the timer was cancelled: nothing fires after the block
