@@ -298,7 +298,7 @@ def test_batch_that_never_ends_exits_after_the_wait_and_second_signal_at_once(ti
     assert out[-1].startswith("stopped by SIGTERM: no batch boundary within 3s to checkpoint at"), out[-5:]
     assert "Traceback" not in err, err[-2000:]
     # A second signal does not wait.
-    rc, out, err, took = signal_run(cmd, "AT batch", second_after=0.5)
+    rc, out, err, took = signal_run(cmd, "AT batch", second_after=1.5)  # after REPEAT_S
     assert rc == PREEMPTED_EXIT_CODE and took < 10, (rc, took, out[-5:], err[-2000:])
     assert out[-1] == "second SIGTERM: exiting now, without a checkpoint", out[-5:]
 
