@@ -97,10 +97,10 @@ def train(
     world = nproc * nnodes
     if world > 1 and "WORLD_SIZE" not in os.environ:
         from llmfoundry_lite.recipe import load_recipe
+        from llmfoundry_lite.train.checks import check_pretraining_recipe
 
-        load_recipe(
-            recipe, overrides, nproc=world, check_resources=True
-        )  # fail fast, before any process starts
+        check_pretraining_recipe(recipe, overrides)  # fail fast, before any process starts
+        load_recipe(recipe, overrides, nproc=world, check_resources=True)
         raise typer.Exit(launch.launch(recipe, overrides, nproc, nnodes, node_rank, master_addr, master_port))
     launch.run_local(recipe, overrides)
 

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 from llmfoundry_lite.compat import import_mds_writer
+from llmfoundry_lite.data.provenance import write_tokenizer_record
 from llmfoundry_lite.data.sources import open_source, split_long
 from llmfoundry_lite.errors import RecipeError
 
@@ -539,6 +540,8 @@ def convert(
         writers.clear()
         for n in names:
             _publish(tmp_dirs[n], out / n, stats[n])
+        if concat_tokens is not None:  # token rows mean something only with this tokenizer: say which
+            write_tokenizer_record([out / n for n in names], tokenizer, fast.json)
     finally:
         bar.close()
         if pool is not None:  # failed or interrupted part-way: drop the queued chunks
