@@ -16,7 +16,7 @@ import typer
 
 from llmfoundry_lite.compat import NO_SUCH_COMMAND, UNEXPECTED_EXTRA_ARGS, click_classes
 from llmfoundry_lite.errors import RecipeError, suggest
-from llmfoundry_lite.quiet import DEBUG_ENV
+from llmfoundry_lite.quiet import DEBUG_ENV, quiet_dependency_warnings
 
 PROG = "llmfoundry-lite"
 
@@ -375,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str], debug: bool) -> int:
+    quiet_dependency_warnings()  # every verb: third-party warnings a user cannot act on, unless --debug
     try:
         command = build_command(argv)
         rv = command.main(args=argv, prog_name=PROG, standalone_mode=False)

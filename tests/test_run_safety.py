@@ -111,3 +111,34 @@ def test_validate_refuses_what_train_refuses_with_the_same_line(tiny_bert, overr
     assert main(["train", *args]) == 2
     assert one_error_line(capsys) == validated
     assert "fewer than one batch" in validated
+
+
+@pytest.mark.parametrize("debug", ["", "1"])
+def test_third_party_warnings_hidden_unless_debug(monkeypatch, debug):
+    """torch's 'more workers than CPUs' and lm-eval's divide-by-zero (pooled stderr of one sample) are hidden where
+    those packages warn; the same words from anyone else's code still show, and --debug shows everything."""
+    import warnings
+
+    from llmfoundry_lite.quiet import DEBUG_ENV, quiet_dependency_warnings
+
+    monkeypatch.setenv(DEBUG_ENV, debug)
+    torch_msg = (
+        "This DataLoader will create 8 worker processes in total. Our suggested max number of worker is 2"
+    )
+    cases = [
+        (torch_msg, UserWarning, "torch.utils.data.dataloader"),
+        ("divide by zero encountered in scalar divide", RuntimeWarning, "lm_eval.api.metrics"),
+        ("invalid value encountered in scalar divide", RuntimeWarning, "lm_eval.api.metrics"),
+        ("divide by zero encountered in scalar divide", RuntimeWarning, "my_plugin"),
+    ]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_dependency_warnings()
+        for i, (msg, cat, module) in enumerate(cases):
+            warnings.warn_explicit(msg, cat, f"{module.replace('.', '/')}.py", i + 1, module=module)
+    shown = [(str(w.message), w.filename) for w in seen]
+    assert shown == (
+        [(m, f"{mod.replace('.', '/')}.py") for m, _, mod in cases]
+        if debug
+        else [(cases[3][0], "my_plugin.py")]
+    )

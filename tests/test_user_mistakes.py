@@ -27,6 +27,11 @@ def env(bert_tokenizer_dir, llama_tokenizer_dir, mlm_mds_dir, causal_mds_dir, tm
     """Paths the rows refer to: real data and tokenizers, a few broken recipe files, a run folder held by another
     run and one whose only checkpoint is cut short."""
     (tmp_path / "bad.yaml").write_text("model: {name: mosaic_bert\n  d_model: [\n")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "nomodel.yaml").write_text(
+        Path(BERT).read_text().replace("model:\n  name: mosaic_bert", "modle:\n  name: mosaic_bert")
+    )
     broken = tmp_path / "runs" / "broken"
     broken.mkdir(parents=True)
     (broken / "ep0-ba2-rank0.pt").write_bytes(b"PK\x03\x04 cut short")

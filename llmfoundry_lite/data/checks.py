@@ -7,13 +7,14 @@ recipe file, unlike ``base:``); every error names the resolved absolute path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -243,6 +244,36 @@ def hub_offline_reason() -> Optional[str]:
         return "offline mode"
     endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
     return None if _reachable(endpoint) else f"{urlparse(endpoint).netloc} cannot be reached (no network?)"
+
+
+@contextlib.contextmanager
+def hub_access() -> Iterator[Optional[str]]:
+    """Around a hub download (``datasets.load_dataset``, ``from_pretrained``): when the hub is offline or cannot be
+    reached (one probe, at most 2 s), the hub libraries run in offline mode, so that what is cached still loads and
+    what is not fails at once with one error, instead of a minute of retries and multi-line warnings.
+
+    Yields the reason the hub is offline (for the caller's message), or None.
+    """
+    reason = hub_offline_reason()
+    if reason is None:
+        yield None
+        return
+    from llmfoundry_lite.compat import hub_offline
+
+    dc = None
+    try:
+        import datasets.config as dc
+    except ImportError:
+        pass
+    saved = getattr(dc, "HF_HUB_OFFLINE", None)
+    with hub_offline():
+        if dc is not None:
+            dc.HF_HUB_OFFLINE = True  # datasets keeps its own copy, read at every load
+        try:
+            yield reason
+        finally:
+            if dc is not None:
+                dc.HF_HUB_OFFLINE = saved
 
 
 @functools.lru_cache(maxsize=8)

@@ -177,9 +177,12 @@ def _open_hf(source: str, text_field: str) -> dict[Optional[str], Iterable[str]]
     name, config = parts[0], (parts[1] if len(parts) == 2 else None)
     import datasets
 
+    from llmfoundry_lite.data.checks import hub_access
+
     datasets.logging.set_verbosity_error()
     try:
-        dsd = datasets.load_dataset(name, config, streaming=True)
+        with hub_access():  # offline or unreachable: the cache only, one error at once
+            dsd = datasets.load_dataset(name, config, streaming=True)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(
