@@ -142,3 +142,99 @@ def test_third_party_warnings_hidden_unless_debug(monkeypatch, debug):
         if debug
         else [(cases[3][0], "my_plugin.py")]
     )
+
+
+# The hub unreachable, as on a machine without network: nothing listens on port 9 of this machine.
+UNREACHABLE = {
+    **{
+        k: v
+        for k, v in ENV.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    },
+    "HF_ENDPOINT": "http://127.0.0.1:9",
+}
+
+
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (
+            ["data", "convert", "--source", "hf:someorg/no-such-dataset", "--out", "out"],
+            "hf:someorg/no-such-dataset",
+        ),
+        (
+            [
+                "glue",
+                str(ROOT / "recipes" / "glue" / "tiny.yaml"),
+                "glue.data_dir=null",
+                "glue.make_toy_data=false",
+                "--tasks",
+                "rte",
+            ],
+            "cannot load GLUE task 'rte'",
+        ),
+    ],
+    ids=["hf-source", "glue-datasets"],
+)
+def test_hub_unreachable_fails_at_once_with_one_line(argv, expect, bert_tokenizer_dir, tmp_path):
+    """Without network (and HF_HUB_OFFLINE unset) hub datasets fail with one line, without the hub libraries'
+    retries (five, seconds apart) and their multi-line warnings."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmfoundry_lite.cli",
+        *argv,
+        f"variables.tokenizer_path={bert_tokenizer_dir}",
+    ]
+    if argv[0] == "data":
+        cmd = cmd[:-1]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=UNREACHABLE, cwd=tmp_path)
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert expect in lines[0] and "Retry" not in out.stderr + out.stdout
+
+
+def test_doctor_grades_findings_a_cuda_build_without_gpu_is_a_note(monkeypatch):
+    import torch
+
+    from llmfoundry_lite.apps.doctor import diagnose, format_report
+
+    monkeypatch.setattr(torch.version, "cuda", "12.6")  # what `pip install torch` gives on Linux
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    report = diagnose()
+    text = format_report(report)
+    assert not any("CUDA build" in msg for _, msg in report.problems), text
+    assert any("CUDA build and no GPU is visible" in n for n in report.notes)
+    assert "notes:\n  - torch is a CUDA build" in text
+
+
+def test_microbatch_of_a_recipe_fits_any_process_count(tiny_bert):
+    """The quickstart's microbatch (32 = its whole batch) with --nproc 2 (16 per process): valid, capped at 16."""
+    from llmfoundry_lite.recipe import load_recipe
+    from llmfoundry_lite.train.run import _microbatch
+
+    cfg = load_recipe(
+        QUICKSTART, tiny_bert(global_train_batch_size=32, device_train_microbatch_size=32), nproc=2
+    )
+    assert _microbatch(cfg.device_train_microbatch_size, cfg.global_train_batch_size // 2) == 16
+    assert _microbatch(8, 16) == 8 and _microbatch("auto", 16) == "auto" and _microbatch(None, 16) is None
+
+
+def test_docs_faults_commands_are_valid(capsys):
+    """Every command in docs/faults.md names a real recipe and valid overrides (`show` resolves it)."""
+    import re
+    import shlex
+
+    doc = (ROOT / "docs" / "faults.md").read_text()
+    commands = [
+        ln.strip()
+        for block in re.findall(r"```bash\n(.*?)```", doc, re.S)
+        for ln in block.splitlines()
+        if ln.strip()
+    ]
+    assert len(commands) >= 3
+    for cmd in commands:
+        argv = shlex.split(cmd)
+        assert argv[:2] == ["llmfoundry-lite", "train"], cmd
+        args = [a for a in argv[2:] if a not in ("--nproc", "2")]
+        assert main(["show", str(ROOT / args[0]), *args[1:]]) == 0, capsys.readouterr().err
