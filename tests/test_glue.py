@@ -268,7 +268,7 @@ def test_glue_end_to_end_tiny_recipe(tiny_overrides, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert code == 0
-    assert "average of 3 tasks (MNLI, RTE, STSB; not the GLUE average)" in printed
+    assert "average of 3 tasks (MNLI, STSB, RTE; not the GLUE average)" in printed
     # One line per job as it starts, at each eval and as it finishes; no Composer warnings on the console.
     lines = printed.splitlines()
     assert sum(line.startswith("[glue mnli/seed=19] start: ") for line in lines) == 1
