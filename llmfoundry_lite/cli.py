@@ -17,7 +17,7 @@ import typer
 from llmfoundry_lite import startup
 from llmfoundry_lite.compat import NO_SUCH_COMMAND, UNEXPECTED_EXTRA_ARGS, click_classes
 from llmfoundry_lite.errors import RecipeError, suggest
-from llmfoundry_lite.quiet import DEBUG_ENV
+from llmfoundry_lite.quiet import DEBUG_ENV, quiet_dependency_warnings
 
 PROG = "llmfoundry-lite"
 
@@ -102,10 +102,10 @@ def train(
     world = nproc * nnodes
     if world > 1 and "WORLD_SIZE" not in os.environ:
         from llmfoundry_lite.recipe import load_recipe
+        from llmfoundry_lite.train.checks import check_pretraining_recipe
 
-        load_recipe(
-            recipe, overrides, nproc=world, check_resources=True
-        )  # fail fast, before any process starts
+        check_pretraining_recipe(recipe, overrides)  # fail fast, before any process starts
+        load_recipe(recipe, overrides, nproc=world, check_resources=True)
         raise typer.Exit(launch.launch(recipe, overrides, nproc, nnodes, node_rank, master_addr, master_port))
     launch.run_local(recipe, overrides)
 
@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str], debug: bool) -> int:
+    quiet_dependency_warnings()  # every verb: third-party warnings a user cannot act on, unless --debug
     try:
         command = build_command(argv)
         rv = command.main(args=argv, prog_name=PROG, standalone_mode=False)

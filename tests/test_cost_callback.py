@@ -82,3 +82,25 @@ def test_cost_monitor_arguments_are_validated(tiny_bert):
         load_recipe(QUICKSTART, tiny_bert() + ["callbacks.cost_monitor.usd_per_hour=2"])
     with pytest.raises(RecipeError, match="window_size"):
         CostMonitor(window_size=0)
+
+
+def test_cpu_run_of_a_gpu_recipe_measures_the_cpu_and_bills_nothing(tiny_bert, tmp_path, capsys):
+    """A recipe priced for 8 A100s (its cost: block), trained on this CPU: MFU against the CPU's measured peak,
+    tokens/s, and no dollars (the A100's price does not bill a CPU run)."""
+    overrides = tiny_bert(run_name="cpu-cost", max_duration="3ba", save_folder="null") + [
+        "cost.gpu=a100-80gb",
+        "cost.usd_per_gpu_hour=4.0",
+        "loggers.inmemory={}",
+    ]
+    trainer = train(load_recipe(QUICKSTART, overrides))
+    mem = next(d for d in trainer.logger.destinations if isinstance(d, InMemoryLogger))
+    hp = mem.hyperparameters
+    assert (
+        hp["cost/device"] == "cpu"
+        and hp["cost/peak_source"] != "table"
+        and hp["cost/usd_per_device_hour"] == 0
+    )
+    assert series(mem, "cost/tokens_per_sec") and 0 < series(mem, "cost/mfu")[-1] < 1
+    assert not series(mem, "cost/usd") and not series(mem, "cost/usd_projected")
+    progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[batch ")]
+    assert progress and all("MFU" in ln and "$" not in ln for ln in progress), progress

@@ -148,7 +148,13 @@ def test_summary_average_is_unweighted_mean_of_task_means():
     assert s["glue_average"] == pytest.approx((81 + 78 + 60) / 3)
     assert list(s["tasks"]) == ["mnli", "cola", "mrpc"]  # GLUE table order
     md = results_markdown(s, runs)
-    assert "| **GLUE average** | | | **73.00** |" in md
+    # Three of the eight tasks: not GLUE's score, and not labelled as it.
+    assert "| **average of 3 tasks (MNLI, COLA, MRPC; not the GLUE average)** | | | **73.00** |" in md
+    eight = [
+        _run(t, 19, {f"{t}/accuracy": 50.0})
+        for t in ("mnli", "qqp", "qnli", "sst2", "cola", "mrpc", "rte", "stsb")
+    ]
+    assert summarize(eight)["average_label"] == "GLUE average"
     assert "| MRPC | mrpc/accuracy 75.00, mrpc/f1 81.00 | 2 | 78.00 ± 7.07 |" in md
 
 
@@ -262,7 +268,7 @@ def test_glue_end_to_end_tiny_recipe(tiny_overrides, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert code == 0
-    assert "GLUE average" in printed
+    assert "average of 3 tasks (MNLI, STSB, RTE; not the GLUE average)" in printed
     # One line per job as it starts, at each eval and as it finishes; no Composer warnings on the console.
     lines = printed.splitlines()
     assert sum(line.startswith("[glue mnli/seed=19] start: ") for line in lines) == 1

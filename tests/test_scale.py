@@ -110,6 +110,30 @@ def fit_in_process(recipe: str, overrides: list[str]) -> dict[int, float]:
     return rec.by_batch
 
 
+# What a stopped multi-process run used to print besides its one line (launcher traceback, our own forwarded
+# signal taken as a second one, Composer's clean-up wait, shared memory left by a rank killed mid-close).
+NOT_ON_A_CLEAN_STOP = ("Traceback", "SystemExit", "second SIG", "Waiting up to", "leaked", "exited with code")
+
+
+def assert_clean_stop(text: str) -> None:
+    for bad in NOT_ON_A_CLEAN_STOP:
+        assert bad not in text, (bad, text[-3000:])
+
+
+def nproc2_command(recipe: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "llmfoundry_lite.cli", "train", recipe, "--nproc", "2", *overrides]
+
+
+def plugin_env(plugin_dir: str) -> dict[str, str]:
+    # Prepend, not replace: packages installed with --target live on PYTHONPATH.
+    path = os.pathsep.join(filter(None, (plugin_dir, os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": path}
+
+
+def read_losses(path: Path) -> dict[int, float]:
+    return {b: v for b, v in (json.loads(ln) for ln in path.read_text().splitlines())}
+
+
 def assert_close(got: dict[int, float], want: dict[int, float], batches: list[int]) -> float:
     worst = 0.0
     for b in batches:
@@ -156,6 +180,7 @@ def test_two_processes_match_one_and_checkpoints_move_between_them(
     text = "".join(out)
     assert signalled, text[-3000:]
     assert rc == 143, text[-3000:]
+    assert_clean_stop(text)
     stop = [ln for ln in out if ln.startswith("preempted at batch ")]
     assert len(stop) == 1 and stop[0].strip().endswith("; rerun the same command to resume"), text[-3000:]
     n = int(stop[0].split()[3].rstrip(";"))
@@ -199,3 +224,62 @@ def test_fsdp_block_checked_against_composer_and_dropped_on_cpu(
     err = capsys.readouterr()
     warnings = [ln for ln in (err.out + err.err).splitlines() if "fsdp" in ln]
     assert len(warnings) == 1 and warnings[0].startswith("warning:")
+
+
+@pytest.mark.timeout(900)
+def test_ctrl_c_under_nproc_2_checkpoints_once_and_rerun_resumes_bit_identically(
+    tmp_path, llama_tokenizer_dir, causal_mds_dir
+):
+    """Ctrl-C in the terminal (SIGINT to the whole process group: command, launcher, ranks) during a 2-process run:
+    every rank finishes its batch, one checkpoint, one line, exit 130; the same command then resumes from that
+    batch and its losses equal an uninterrupted 2-process run's bit for bit."""
+    recipe = causal_recipe(tmp_path, llama_tokenizer_dir, causal_mds_dir)
+    env = plugin_env(install_plugin(tmp_path / "plugin"))
+    folder = tmp_path / "run"
+    first = tmp_path / "first.jsonl"
+    same = ("run_name=ctrlc", f"save_folder={folder}", "save_interval=1000ba")
+    cmd = nproc2_command(recipe, *same, "max_duration=1000ba", f"callbacks.record_losses.path={first}")
+    # A new session stands for the terminal's foreground process group.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    out, deadline, signalled = [], time.time() + 400, False
+    for line in proc.stdout:
+        out.append(line)
+        if not signalled and "[batch 3/" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            signalled = True
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    rc = proc.wait(timeout=120)
+    text = "".join(out)
+    assert signalled and rc == 130, text[-3000:]
+    assert_clean_stop(text)
+    stop = [ln.strip() for ln in out if ln.startswith("interrupted at batch ")]
+    assert len(stop) == 1, text[-3000:]
+    n = int(stop[0].split()[3].rstrip(";"))
+    assert stop[0] == f"interrupted at batch {n}; rerun the same command to resume"
+    assert n >= 3 and sorted(p.name for p in folder.glob("ep*.pt")) == [f"ep0-ba{n}-rank0.pt"]
+    got = read_losses(first)
+    assert sorted(got) == list(range(1, n + 1))
+
+    # The same command (run shortened so the test ends) resumes after batch n.
+    second = tmp_path / "second.jsonl"
+    cmd = nproc2_command(recipe, *same, f"max_duration={n + 2}ba", f"callbacks.record_losses.path={second}")
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert f"resuming run ctrlc from batch {n} (" in rerun.stdout
+    resumed = read_losses(second)
+    assert sorted(resumed) == [n + 1, n + 2]
+    got.update(resumed)
+
+    # An uninterrupted 2-process run over the same batches.
+    ref_path = tmp_path / "ref.jsonl"
+    cmd = nproc2_command(
+        recipe, "run_name=ref", f"save_folder={tmp_path / 'ref'}", f"max_duration={n + 2}ba",
+        f"callbacks.record_losses.path={ref_path}",
+    )  # fmt: skip
+    ref = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert ref.returncode == 0, (ref.stdout + ref.stderr)[-3000:]
+    assert got == read_losses(ref_path)  # exact equality: the same floats

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmfoundry_lite.cli import main
+from llmfoundry_lite.train.runlock import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BERT = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
@@ -22,20 +23,29 @@ LLAMA = str(ROOT / "recipes" / "quickstart" / "llama-tiny.yaml")
 
 @pytest.fixture
 def env(bert_tokenizer_dir, llama_tokenizer_dir, mlm_mds_dir, causal_mds_dir, tmp_path):
-    """Paths the rows refer to: real data and tokenizers, and a few broken recipe files."""
+    """Paths the rows refer to: real data and tokenizers, a few broken recipe files, a run folder held by another
+    run and one whose only checkpoint is cut short."""
     (tmp_path / "bad.yaml").write_text("model: {name: mosaic_bert\n  d_model: [\n")
     (tmp_path / "a.yaml").write_text("base: b.yaml\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     (tmp_path / "nomodel.yaml").write_text(
         Path(BERT).read_text().replace("model:\n  name: mosaic_bert", "modle:\n  name: mosaic_bert")
     )
-    return {
+    broken = tmp_path / "runs" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "ep0-ba2-rank0.pt").write_bytes(b"PK\x03\x04 cut short")
+    (broken / "latest-rank0.pt").symlink_to("ep0-ba2-rank0.pt")
+    # The run folder's lock held as a running `train` holds it (flock: another open file conflicts even here;
+    # tests/test_run_safety.py uses two processes).
+    holder = RunLock(tmp_path / "runs" / "locked").acquire()
+    yield {
         "bert_tok": bert_tokenizer_dir,
         "llama_tok": llama_tokenizer_dir,
         "mlm": mlm_mds_dir,
         "causal": causal_mds_dir,
         "tmp": str(tmp_path),
     }
+    holder.release()
 
 
 def bert(env, *extra: str) -> list[str]:
@@ -210,6 +220,42 @@ ROWS = [
         {},
         ["train_loader", "1024"],
     ),
+    (
+        "zero-batch-validate",
+        lambda e: ["validate", *bert(e, "global_train_batch_size=1024")],
+        {},
+        ["train_loader", "1024", "fewer than one batch"],
+    ),
+    (
+        "data-from-another-tokenizer",
+        lambda e: ["validate", *llama(e, f"variables.tokenizer_path={e['bert_tok']}")],
+        {},
+        ["tokenizer.path", "made with tokenizer", "reconvert"],
+    ),
+    (
+        "run-folder-in-use",
+        lambda e: ["train", *bert(e, "run_name=locked")],
+        {},
+        ["in use by another run", "pid"],
+    ),
+    (
+        "checkpoints-all-unreadable",
+        lambda e: ["train", *bert(e, "run_name=broken")],
+        {},
+        ["save_folder", "unreadable", "to start over"],
+    ),
+    (
+        "glue-recipe-to-train",
+        lambda e: ["train", str(ROOT / "recipes" / "glue" / "tiny.yaml")],
+        {},
+        ["this is a GLUE recipe: llmfoundry-lite glue"],
+    ),
+    (
+        "pretraining-recipe-to-glue",
+        lambda e: ["glue", BERT],
+        {},
+        ["pretraining recipe: llmfoundry-lite train"],
+    ),
     # -- other verbs
     ("export-missing", lambda e: ["export", f"{e['tmp']}/missing.pt", f"{e['tmp']}/out"], {}, ["missing.pt"]),
     ("estimate-unknown-gpu", lambda e: ["estimate", *bert(e), "--gpu", "a100-800gb"], {}, ["a100-800gb"]),
@@ -241,7 +287,7 @@ def test_user_mistake_is_one_line_and_exit_2(row, env, capsys, monkeypatch, netw
 
 
 def test_enough_mistakes_are_covered():
-    assert len(ROWS) >= 40
+    assert len(ROWS) >= 46
 
 
 def test_debug_shows_the_traceback(env, capsys):

@@ -31,10 +31,15 @@ REQUIRED = {"torch", "mosaicml", "mosaicml-streaming", "transformers", "tokenize
 
 @dataclass
 class Report:
-    """What doctor found: ``(label, value)`` lines and problems (fatal ones make the exit code 1)."""
+    """What doctor found: ``(label, value)`` lines, problems (fatal ones make the exit code 1) and notes.
+
+    A problem is something to fix; a note is worth knowing but expected on some machines (a CUDA build of torch
+    on a machine without a GPU, which is what a plain ``pip install`` gives on Linux).
+    """
 
     lines: list[tuple[str, str]] = field(default_factory=list)
     problems: list[tuple[bool, str]] = field(default_factory=list)  # (fatal, message)
+    notes: list[str] = field(default_factory=list)
 
     def add(self, label: str, value: str) -> None:
         """Add an information line."""
@@ -43,6 +48,10 @@ class Report:
     def problem(self, message: str, fatal: bool = False) -> None:
         """Record a problem."""
         self.problems.append((fatal, message))
+
+    def note(self, message: str) -> None:
+        """Record a note (not a problem)."""
+        self.notes.append(message)
 
     @property
     def fatal(self) -> bool:
@@ -115,7 +124,10 @@ def _cuda(r: Report) -> None:
     if not torch.cuda.is_available():
         r.add("gpu", "none visible (training runs on CPU)")
         if torch.version.cuda:
-            r.problem("torch is a CUDA build but no GPU is visible (driver, CUDA_VISIBLE_DEVICES?)")
+            r.note(
+                "torch is a CUDA build and no GPU is visible: training runs on CPU (expected on a machine without "
+                "a GPU; on a GPU machine check the driver and CUDA_VISIBLE_DEVICES)"
+            )
         return
     n = torch.cuda.device_count()
     for i in range(n):
@@ -176,6 +188,9 @@ def format_report(r: Report) -> str:
         out += [f"  - {'FATAL: ' if fatal else ''}{msg}" for fatal, msg in r.problems]
     else:
         out.append("problems: none found")
+    if r.notes:
+        out.append("notes:")
+        out += [f"  - {msg}" for msg in r.notes]
     return "\n".join(out)
 
 

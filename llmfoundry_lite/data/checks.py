@@ -7,13 +7,14 @@ recipe file, unlike ``base:``); every error names the resolved absolute path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -21,6 +22,7 @@ from urllib.parse import urlparse
 from llmfoundry_lite import registry
 from llmfoundry_lite.batch import check_vocab_fits
 from llmfoundry_lite.data.loaders import columns, concat_length, read_index, split_dir
+from llmfoundry_lite.data.provenance import read_tokenizer_record, tokenizer_record
 from llmfoundry_lite.errors import RecipeError
 
 # Files any Hugging Face tokenizer folder has at least one of.
@@ -238,6 +240,36 @@ def hub_offline_reason() -> Optional[str]:
     return None if _reachable(endpoint) else f"{urlparse(endpoint).netloc} cannot be reached (no network?)"
 
 
+@contextlib.contextmanager
+def hub_access() -> Iterator[Optional[str]]:
+    """Around a hub download (``datasets.load_dataset``, ``from_pretrained``): when the hub is offline or cannot be
+    reached (one probe, at most 2 s), the hub libraries run in offline mode, so that what is cached still loads and
+    what is not fails at once with one error, instead of a minute of retries and multi-line warnings.
+
+    Yields the reason the hub is offline (for the caller's message), or None.
+    """
+    reason = hub_offline_reason()
+    if reason is None:
+        yield None
+        return
+    from llmfoundry_lite.compat import hub_offline
+
+    dc = None
+    try:
+        import datasets.config as dc
+    except ImportError:
+        pass
+    saved = getattr(dc, "HF_HUB_OFFLINE", None)
+    with hub_offline():
+        if dc is not None:
+            dc.HF_HUB_OFFLINE = True  # datasets keeps its own copy, read at every load
+        try:
+            yield reason
+        finally:
+            if dc is not None:
+                dc.HF_HUB_OFFLINE = saved
+
+
 @functools.lru_cache(maxsize=8)
 def _reachable(url: str) -> bool:
     # One HEAD request (through HTTPS_PROXY like huggingface_hub) in a daemon thread: name resolution has no
@@ -377,26 +409,121 @@ def check_vocab_size(model_block: Mapping[str, Any], folder: Optional[str]) -> N
         check_vocab_fits(vocab, tok_vocab, "model.vocab_size", f"the tokenizer in {folder!r}")
 
 
-def check_recipe_data(data: Mapping[str, Any]) -> None:
-    """All data and tokenizer checks of a resolved recipe: tokenizer found, splits there, data fits the model."""
+def check_tokenizer_matches(
+    section: str, block: Mapping[str, Any], tok_path: str, folder: Optional[str]
+) -> None:
+    """RecipeError when a loader's token rows were made by another tokenizer than the recipe's.
+
+    Compares the split's ``provenance.json`` (written by ``data convert --tokenizer``) with the recipe tokenizer's
+    vocabulary; data without the record (older conversions) and tokenizers whose files are not at hand pass.
+    """
+    if folder is None:
+        return
+    sources = [(f"{section}.streams.{n}", b) for n, b in (block.get("streams") or {}).items()] or [
+        (section, block)
+    ]
+    ours = None
+    for key, src_block in sources:
+        if not isinstance(src_block, Mapping):
+            continue
+        src = src_block.get("remote") or src_block.get("local")
+        if src is None or "://" in str(src):
+            continue
+        split = src_block.get("split")
+        split_folder = os.path.join(resolve(str(src)), split) if split else resolve(str(src))
+        theirs = read_tokenizer_record(split_folder)
+        if theirs is None:
+            continue
+        ours = ours or tokenizer_record(tok_path, folder=folder)
+        if ours is None or ours["vocab_sha256"] == theirs["vocab_sha256"]:
+            continue
+        raise RecipeError(
+            f"the token rows in {split_folder!r} were made with tokenizer {theirs.get('name')!r} "
+            f"({theirs.get('vocab_size')} ids, vocabulary {theirs['vocab_sha256'][:8]}), but this recipe's tokenizer "
+            f"is {tok_path!r} ({ours['vocab_size']} ids, vocabulary {ours['vocab_sha256'][:8]}): the ids would mean "
+            f"other tokens; point tokenizer.path at {theirs.get('name')!r}, or reconvert the data with "
+            f"`llmfoundry-lite data convert --tokenizer {tok_path}`",
+            key=f"{key}.{'remote' if src_block.get('remote') else 'local'}",
+        )
+
+
+def split_samples(index: Mapping[str, Any]) -> int:
+    """Samples in an MDS split, from its index.json."""
+    return sum(int(s.get("samples") or 0) for s in index.get("shards") or [])
+
+
+def check_split_size(
+    section: str, block: Mapping[str, Any], index: Mapping[str, Any], batch: int, world: int, setting: str
+) -> None:
+    """RecipeError when one rank's share of a split is less than one batch under drop_last (no batch, ever).
+
+    The numbers are streaming's: each of ``world`` ranks sees ceil(samples / world). ``setting`` names the batch
+    size key for the message. Mixtures are left to the loader, which counts them after weighting.
+    """
+    if block.get("streams") is not None or batch <= 0:
+        return
+    total = block.get("epoch_size") or split_samples(index)
+    per_rank = -(-int(total) // max(1, world))
+    drop_last = block.get("drop_last", True)
+    if per_rank >= (batch if drop_last else 1):
+        return
+    src = str(block.get("remote") or block.get("local"))
+    where = f"split {block.get('split')!r} of {resolve(src)!r}" if block.get("split") else repr(resolve(src))
+    if per_rank == 0:
+        raise RecipeError(
+            f"{where} has no samples; check it with `llmfoundry-lite data inspect`", key=section
+        )
+    ranks = f", {per_rank} per rank on {world} ranks" if world > 1 else ""
+    if section == "train_loader":
+        what = "no batch could ever be trained"
+        fix = f"set global_train_batch_size to at most {per_rank * world}, or use more data"
+    else:
+        what = "nothing would be evaluated"
+        fix = f"set device_eval_batch_size to at most {per_rank}, or {section}.drop_last: false"
+    raise RecipeError(
+        f"{where} has {total} samples{ranks}, fewer than one batch ({setting}, drop_last: true), so {what}; {fix}",
+        key=section,
+    )
+
+
+def check_recipe_data(data: Mapping[str, Any], world: int = 1) -> None:
+    """All data and tokenizer checks of a resolved recipe for a run on ``world`` processes: tokenizer found,
+    splits there, data fits the model and was made by this tokenizer, each rank gets at least one batch."""
     model = data.get("model") if isinstance(data.get("model"), Mapping) else {}
     tok_block = data.get("tokenizer")
     folder: Optional[str] = None
+    tok_path: Optional[str] = None
     if (
         isinstance(tok_block, Mapping)
         and tok_block.get("name") == "hf"
         and isinstance(tok_block.get("path"), str)
     ):
-        folder = locate_tokenizer(tok_block["path"]).folder
+        tok_path = tok_block["path"]
+        folder = locate_tokenizer(tok_path).folder
         check_vocab_size(model, folder)
     has_mask = tokenizer_has_mask(folder) if folder else None
+    gbs = data.get("global_train_batch_size")
+    per_rank = gbs // max(1, world) if isinstance(gbs, int) else 0
     for section in ("train_loader", "eval_loader"):
         block = data.get(section)
         if isinstance(block, Mapping) and block.get("name") in ("text", "finetune"):
             index = check_loader(section, block)
-            if index is not None:
-                check_loader_fit(section, block, index, model.get("name"), has_mask)
-                check_finetune_fit(section, block, index, model.get("name"))
+            if index is None:
+                continue
+            check_loader_fit(section, block, index, model.get("name"), has_mask)
+            check_finetune_fit(section, block, index, model.get("name"))
+            if tok_path is not None and "tokens" in columns(index):
+                check_tokenizer_matches(section, block, tok_path, folder)
+            if section == "train_loader":
+                setting = f"global_train_batch_size {gbs}" + (
+                    f" = {per_rank} per rank x {world} ranks" if world > 1 else ""
+                )
+                check_split_size(section, block, index, per_rank, world, setting)
+            else:
+                eval_batch = data.get("device_eval_batch_size") or per_rank
+                check_split_size(
+                    section, block, index, eval_batch, world, f"device_eval_batch_size {eval_batch}"
+                )
 
 
 def check_finetune_fit(

@@ -35,6 +35,7 @@ from typing import Any, Optional
 
 from llmfoundry_lite.data import units as U
 from llmfoundry_lite.data.holdout import parse_splits, split_budgets
+from llmfoundry_lite.data.provenance import write_tokenizer_record
 from llmfoundry_lite.data.sources import plan_source
 from llmfoundry_lite.data.writers import SplitStats, folder_bytes, merge_split, publish
 from llmfoundry_lite.errors import RecipeError
@@ -197,6 +198,8 @@ def convert(
         try:
             _run_units(work, workers, progress, plan.bytes)
             stats = _publish_splits(job, work, out, names, len(units), source)
+            if fast is not None:  # token rows mean something only with this tokenizer: say which
+                write_tokenizer_record([out / n for n in names], tokenizer, fast.json)
         except RecipeError:
             shutil.rmtree(work, ignore_errors=True)  # a mistake in the input: nothing to resume
             raise

@@ -335,11 +335,14 @@ def _read_hf(unit: Unit) -> Iterator[tuple[str, Any]]:
     """Rows of one split of a Hugging Face dataset (a hub name, or a local folder through ``datasets``)."""
     import datasets
 
+    from llmfoundry_lite.data.checks import hub_access
+
     datasets.logging.set_verbosity_error()
     try:
-        ds = datasets.load_dataset(
-            unit.path, unit.hf_config, data_dir=unit.hf_data_dir, split=unit.hf_split, streaming=True
-        )
+        with hub_access():  # offline or unreachable: the cache only, one error at once
+            ds = datasets.load_dataset(
+                unit.path, unit.hf_config, data_dir=unit.hf_data_dir, split=unit.hf_split, streaming=True
+            )
         for i, row in enumerate(ds):
             yield f"{unit.label} split {unit.hf_split!r} row {i + 1}", row
     except RecipeError:

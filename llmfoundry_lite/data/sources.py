@@ -169,13 +169,16 @@ def _plan_hf(source: str) -> SourcePlan:
         data_dir, config = config, None
     import datasets
 
+    from llmfoundry_lite.data.checks import hub_access
+
     datasets.logging.set_verbosity_error()
     try:
-        names = list(
-            datasets.load_dataset(
-                local if os.path.isdir(local) else name, config, data_dir=data_dir, streaming=True
+        with hub_access():  # offline or unreachable: the cache only, one error at once
+            names = list(
+                datasets.load_dataset(
+                    local if os.path.isdir(local) else name, config, data_dir=data_dir, streaming=True
+                )
             )
-        )
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RecipeError(

@@ -41,7 +41,8 @@ def register_section(name: str, check: SectionCheck) -> None:
 
 
 def register_check(check: RecipeCheck, *, resources: bool = False) -> None:
-    """Run ``check(recipe)`` on every recipe; ``resources`` checks look outside it (files, logins) and run last."""
+    """Run ``check(recipe)`` on every recipe; ``resources`` checks look outside it (files, logins) and run last,
+    given the run's process count too when they take a second argument: ``check(recipe, world)``."""
     _recipe_checks[_qualname(check)] = (check, resources)
 
 
@@ -76,9 +77,21 @@ def run_section_checks(data: Mapping[str, Any]) -> None:
             check(data)
 
 
-def run_resource_checks(data: Mapping[str, Any]) -> None:
-    """The registered checks of what a run needs outside the recipe (data, tokenizer files, logins)."""
+def run_resource_checks(data: Mapping[str, Any], world: int = 1) -> None:
+    """The registered checks of what a run on ``world`` processes needs outside the recipe (data, tokenizer
+    files, logins). ``validate`` and ``train`` both run them, before anything is built."""
     load_providers()
     for check, resources in list(_recipe_checks.values()):
-        if resources:
+        if resources and _takes_world(check):
+            check(data, world)
+        elif resources:
             check(data)
+
+
+def _takes_world(check: Callable) -> bool:
+    import inspect
+
+    try:
+        return len(inspect.signature(check).parameters) >= 2
+    except (TypeError, ValueError):
+        return False

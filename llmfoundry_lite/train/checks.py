@@ -139,7 +139,7 @@ def wandb_login_problem(init_kwargs: Any = None) -> str | None:
     )
 
 
-def check_logger_logins(data: Mapping[str, Any]) -> None:
+def check_logger_logins(data: Mapping[str, Any], world: int = 1) -> None:
     """RecipeError naming a wandb logger that could not start here (no login and not offline)."""
     for keypath, default_name, block in iter_multi("loggers", data.get("loggers")):
         block = block or {}
@@ -147,6 +147,30 @@ def check_logger_logins(data: Mapping[str, Any]) -> None:
             problem = wandb_login_problem(block.get("init_kwargs"))
             if problem:
                 raise RecipeError(f"{problem}; {WANDB_FIX}", key=keypath)
+
+
+def check_pretraining_recipe(recipe: str, overrides: list[str] | None = None) -> None:
+    """RecipeError (one line) when ``recipe`` is for another verb: a GLUE recipe, which sets ``glue:`` but gets its
+    ``train_loader`` (if any) from its base; ``train`` would pretrain that base and ignore ``glue:``."""
+    import yaml
+
+    from llmfoundry_lite.recipe import compose
+
+    data, _ = compose(recipe, list(overrides or []))
+    if data.get("glue") is None:
+        return
+    try:
+        with open(recipe, encoding="utf-8") as f:
+            top = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(top, dict) or "train_loader" in top:
+        return  # a pretraining recipe that also carries its GLUE settings
+    base = top.get("base")
+    pretrain = ""
+    if isinstance(base, str):
+        pretrain = f"; to pretrain its model, train its base: llmfoundry-lite train {os.path.relpath(os.path.join(os.path.dirname(recipe), base))}"
+    raise RecipeError(f"this is a GLUE recipe: llmfoundry-lite glue {recipe}{pretrain}", file=recipe)
 
 
 def check_hf_bert_alibi(data: Mapping[str, Any]) -> None:

@@ -2,6 +2,14 @@
 
 Exit codes: 0 done, 2 recipe error, 3 non-finite loss, 143 preempted (SIGTERM/SIGUSR1; checkpoint written when
 there was progress to save; rerun to resume), 130 interrupted (SIGINT).
+
+Under ``--nproc``/``--nnodes`` three kinds of process share a stop signal: this command, Composer's launcher and
+the ranks. Only the ranks act on it (they agree on one batch, checkpoint together and print one line). Ctrl-C
+reaches all of them (the terminal signals the whole process group); SIGTERM/SIGUSR1 sent to this command are
+forwarded to the ranks, and a scheduler may signal every process at once, so a rank takes a repeat of the same
+signal within a second as the same one. The launcher (:func:`launcher_main`) ignores them: Composer's would
+take them as a crash and terminate the ranks mid-checkpoint. A stopped rank reports its code through a file
+and exits 0, so the launcher waits for all of them instead of killing the rest when the first one leaves.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import signal
 import subprocess
 import sys
 import traceback
+from typing import Any
 
 import click
 
@@ -20,7 +29,6 @@ from llmfoundry_lite.errors import RecipeError
 # Only the standard library here: the stop-signal handlers go in before torch and Composer load (seconds).
 from llmfoundry_lite.train.callbacks.stop_signals import (
     GUARD,
-    PREEMPTED_EXIT_CODE,
     PREEMPTION_SIGNALS,
     StopNow,
     signal_name,
@@ -29,6 +37,9 @@ from llmfoundry_lite.train.callbacks.stop_signals import (
 
 DEFAULT_MASTER_PORT = 29500
 _COMPOSER_SIGNAL_EXITS = (128 + signal.SIGTERM, 128 + signal.SIGINT)
+# Set by launch() for the ranks: the folder where a rank that stopped on purpose writes its exit code.
+STOP_DIR_ENV = "LLMFOUNDRY_LITE_STOP_DIR"
+LAUNCHER_FLAG = "--composer-launcher"
 
 
 def _rank() -> int:
@@ -37,15 +48,20 @@ def _rank() -> int:
 
 def _run(recipe: str, overrides: list[str]) -> None:
     from llmfoundry_lite.recipe import load_recipe
+    from llmfoundry_lite.train.checks import check_pretraining_recipe
     from llmfoundry_lite.train.run import train
 
     GUARD.reassert()  # importing Composer replaced the SIGTERM/SIGINT handlers with its own
+    check_pretraining_recipe(recipe, overrides)
     cfg = load_recipe(recipe, overrides)
     try:
         train(cfg, recipe_path=recipe)
-    except RecipeError as e:  # raised while building (a missing dataset, ...): name the recipe
+    except RecipeError as e:  # raised while building (a missing dataset, ...): name the file that set the key
         if e.file is None:
-            raise RecipeError(e.detail, file=recipe, key=e.key) from None
+            from llmfoundry_lite.recipe import compose
+
+            origin = compose(recipe, overrides)[1].file_of(e.key) if e.key else recipe
+            raise RecipeError(e.detail, file=origin, key=e.key) from None
         raise
 
 
@@ -73,6 +89,28 @@ def _stopped(e: BaseException) -> int:
     return int(getattr(e, "exit_code", 1))
 
 
+def _rank_exit(code: int) -> int:
+    """A rank's exit status: under :func:`launch`, 0 with ``code`` left in the stop folder (see the module doc)."""
+    stop_dir = os.environ.get(STOP_DIR_ENV)
+    if not stop_dir or not os.path.isdir(stop_dir):
+        return code
+    with open(os.path.join(stop_dir, f"rank{_rank()}"), "w") as f:
+        f.write(str(code))
+    return 0
+
+
+def _stop_code(stop_dir: str) -> int | None:
+    """The exit code the stopped ranks left in ``stop_dir`` (the highest), or None when none stopped."""
+    codes = []
+    for name in os.listdir(stop_dir):
+        try:
+            with open(os.path.join(stop_dir, name)) as f:
+                codes.append(int(f.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return max(codes) if codes else None
+
+
 def run_local(recipe: str, overrides: list[str]) -> None:
     """Load, validate and train a recipe in this process (one rank of a launched job, or alone).
 
@@ -97,11 +135,12 @@ def launcher_command(
     master_addr: str | None = None,
     master_port: int | None = None,
 ) -> list[str]:
-    """The ``composer`` launcher command line that runs this recipe on ``nproc`` processes per node."""
+    """The command line of Composer's launcher (through :func:`launcher_main`) running ``nproc`` ranks of the recipe."""
     cmd = [
         sys.executable,
         "-m",
-        "composer.cli.launcher",
+        "llmfoundry_lite.train.launch",
+        LAUNCHER_FLAG,
         "-n",
         str(nproc),
         "--world_size",
@@ -126,16 +165,18 @@ def launcher_command(
     return [*cmd, "-m", "llmfoundry_lite.train.launch", recipe, *overrides]
 
 
-def _forward_to_ranks(launcher: subprocess.Popen, forwarded: list[int]):
-    """A signal handler passing SIGTERM/SIGUSR1 to the training processes (Composer's launcher would die)."""
+def _ignore(signum: int, frame: object) -> None:
+    """A handler that does nothing (not SIG_IGN, which the processes started meanwhile would inherit)."""
+
+
+def _forward_to_children(pid: int):
+    """A signal handler passing the signal to the processes ``pid`` started (the launcher's: the ranks)."""
 
     def handler(signum: int, frame: object) -> None:
         import psutil
 
-        forwarded.append(signum)
-
         try:
-            ranks = psutil.Process(launcher.pid).children()
+            ranks = psutil.Process(pid).children()
         except psutil.NoSuchProcess:
             return
         for p in ranks:
@@ -156,46 +197,87 @@ def launch(
     master_addr: str | None = None,
     master_port: int | None = None,
 ) -> int:
-    """Start Composer's launcher for this node and return its exit code.
+    """Start Composer's launcher for this node and return the job's exit code (a stopped run's 130/143).
 
-    SIGTERM/SIGUSR1 sent to this process go to the training processes, which checkpoint and exit with 143.
+    SIGTERM/SIGUSR1 sent to this process go to the training processes, which checkpoint and exit with 143;
+    Ctrl-C reaches them directly.
     """
+    import tempfile
+
     cmd = launcher_command(recipe, overrides, nproc, nnodes, node_rank, master_addr, master_port)
-    # Composer's launcher has no SIGUSR1 handler: a scheduler signalling the whole job would kill it and
-    # orphan the ranks mid-checkpoint. It starts with SIGUSR1 ignored (inherited); the ranks install their
-    # own handler when training starts. SIGTERM is left alone: the launcher passes it on to the ranks.
+    stop_dir = tempfile.mkdtemp(prefix="llmfoundry-lite-stop-")
+    # The launcher and the ranks start with SIGUSR1 ignored (inherited), so that a scheduler signalling the whole
+    # job early cannot kill them; the ranks install their own handler when they start.
     previous_usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
-        proc = subprocess.Popen(cmd, env=os.environ.copy())
+        proc = subprocess.Popen(cmd, env={**os.environ, STOP_DIR_ENV: stop_dir})
     finally:
         signal.signal(signal.SIGUSR1, previous_usr1)
-    forwarded: list[int] = []
-    previous = {sig: signal.signal(sig, _forward_to_ranks(proc, forwarded)) for sig in PREEMPTION_SIGNALS}
+    previous = {sig: signal.signal(sig, _forward_to_children(proc.pid)) for sig in PREEMPTION_SIGNALS}
+    # Ctrl-C reached the ranks too (same process group): they stop the run; this process waits for them.
+    # (Composer, imported here by the recipe checks, would exit at once: its handler raises SystemExit(130).)
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, _ignore)
     try:
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # Ctrl-C reaches the launcher too (same process group); let it clean up
-                continue
-        # The ranks leave only after the checkpoint that all of them agreed on. When one leaves first, Composer's
-        # launcher takes its exit as a crash and terminates the others (still closing loggers), so the launcher's
-        # code can be the SIGTERM of a rank rather than 143.
-        killed = (
-            256 - signal.SIGTERM,
-            256 - signal.SIGKILL,
-        )  # the launcher exits with a rank's negative code
-        if forwarded and rc in killed:
-            return PREEMPTED_EXIT_CODE
-        return rc
+        rc = proc.wait()
+        code = _stop_code(stop_dir)
+        return code if rc == 0 and code is not None else rc
     finally:
         for sig, prev in previous.items():
             signal.signal(sig, prev)
+        import shutil
+
+        shutil.rmtree(stop_dir, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
-    """Under a launcher: get SIGTERM when the launcher dies (e.g. it was itself sent SIGTERM), to checkpoint."""
-    if not sys.platform.startswith("linux") or "LOCAL_RANK" not in os.environ:
+def launcher_main(argv: list[str]) -> int:
+    """Composer's launcher (``composer -n ...`` arguments) that leaves stop signals to the ranks.
+
+    SIGINT and SIGUSR1 are ignored here; SIGTERM (also sent when this command dies, see ``_die_with_parent``)
+    is passed on to the ranks, which checkpoint and stop. Composer's own handler would exit, print a traceback and
+    SIGTERM the ranks again while they write their checkpoint.
+    """
+    _die_with_parent(force=True)
+    from composer.cli import launcher  # imports Composer's engine, which installs its SIGTERM/SIGINT handlers
+
+    signal.signal(signal.SIGINT, _ignore)
+    signal.signal(signal.SIGTERM, _forward_to_children(os.getpid()))
+    sys.stdout = _WithoutLines(sys.stdout, _LAUNCHER_NOISE)
+    sys.argv = ["composer", *argv]
+    return launcher.main()
+
+
+# What Composer's launcher prints at every exit, finished or stopped, though it waits for nothing then.
+_LAUNCHER_NOISE = ("Waiting up to 30 seconds for all training processes to terminate.",)
+
+
+class _WithoutLines:
+    """A text stream that drops whole lines starting with one of ``prefixes`` (the launcher's own prints only:
+    the ranks write to the file descriptor directly)."""
+
+    def __init__(self, stream: Any, prefixes: tuple[str, ...]) -> None:
+        self._stream, self._prefixes, self._line = stream, prefixes, ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *lines, self._line = self._line.split("\n")
+        for line in lines:
+            if not line.startswith(self._prefixes):
+                self._stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self._line and not self._line.startswith(self._prefixes):
+            self._stream.write(self._line)
+            self._line = ""
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _die_with_parent(force: bool = False) -> None:
+    """Under a launcher (or ``force``): get SIGTERM when the parent process dies, to checkpoint and stop."""
+    if not sys.platform.startswith("linux") or ("LOCAL_RANK" not in os.environ and not force):
         return
     try:
         import ctypes
@@ -229,9 +311,11 @@ def entrypoint(argv: list[str]) -> int:
         except BaseException as e:
             if not _is_stop(e):
                 raise
-            return _stopped(e)
+            return _rank_exit(_stopped(e))
     return 0
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == [LAUNCHER_FLAG]:
+        sys.exit(launcher_main(sys.argv[2:]))
     sys.exit(entrypoint(sys.argv[1:]))

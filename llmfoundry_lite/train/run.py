@@ -14,11 +14,15 @@ from typing import Optional
 
 import torch
 from composer import Trainer
-from composer.core import State, TimeUnit
+from composer.core import Callback, State, TimeUnit
+from composer.loggers import Logger
 from composer.utils import dist, get_device, reproducibility
 from omegaconf import DictConfig, OmegaConf
 
+from llmfoundry_lite.checkpoints import is_complete
+from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.recipe import to_yaml
+from llmfoundry_lite.recipe.sections import run_resource_checks
 from llmfoundry_lite.train import build
 from llmfoundry_lite.train.callbacks.cost import apply_recipe_cost
 from llmfoundry_lite.train.callbacks.preemption import (
@@ -44,9 +48,32 @@ from llmfoundry_lite.train.checkpoints import (
     repair_latest_checkpoint,
 )
 from llmfoundry_lite.train.checks import parallelism_config
+from llmfoundry_lite.train.runlock import RunLock
 from llmfoundry_lite.train.trainer import make_trainer, resolve_device
 
 RECIPE_FILENAME = "recipe.yaml"
+
+
+def check_readable_checkpoints(folder: Path) -> None:
+    """RecipeError when ``folder`` holds checkpoints and none can be read (all cut short): resuming is impossible.
+
+    Composer would start fresh and then refuse to overwrite them (FileExistsError at the first save).
+    """
+    found = sorted(folder.glob("ep*-ba*-rank0.pt"))
+    if not found or any(is_complete(p) for p in found):
+        return
+    names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+    raise RecipeError(
+        f"every checkpoint in {str(folder)!r} is unreadable ({names}: cut short, e.g. by a crash while saving), "
+        f"so the run cannot resume; to start over, delete them (rm {folder}/ep*-rank*.pt) or add "
+        "autoresume=false save_overwrite=true, or give this run another run_name",
+        key="save_folder",
+    )
+
+
+def _microbatch(value: int | str | None, device_batch: int) -> int | str | None:
+    """The recipe's microbatch capped at the per-process batch, so one recipe runs on any number of processes."""
+    return min(value, device_batch) if isinstance(value, int) else value
 
 
 def default_run_name(recipe_path: str | None, cfg: DictConfig | None = None) -> str:
@@ -93,19 +120,49 @@ def _folder_text(cfg: DictConfig) -> str:
     return str(folder)
 
 
+class HoldRunLock(Callback):
+    """Holds the run folder's :class:`RunLock` (taken while building) until the Trainer closes."""
+
+    def __init__(self) -> None:
+        self.lock: Optional[RunLock] = None
+
+    def release(self) -> None:
+        """Give the lock up (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def close(self, state: State, logger: Logger) -> None:  # noqa: D102
+        self.release()
+
+
 def build_trainer(
     cfg: DictConfig, recipe_path: str | None = None, console: Optional[RunConsole] = None
 ) -> Trainer:
     """Build every component of a validated recipe and the Composer Trainer that runs it.
 
     Prints the run's first line (name, folder, fresh or resumed) and opens its ``train.log``/``metrics.jsonl``.
+    Takes the run folder's lock (one writer per folder) until the Trainer closes.
     """
+    hold = HoldRunLock()
+    try:
+        return _build_trainer(cfg, recipe_path, console, hold)
+    except BaseException:
+        hold.release()
+        raise
+
+
+def _build_trainer(
+    cfg: DictConfig, recipe_path: str | None, console: Optional[RunConsole], hold: HoldRunLock
+) -> Trainer:
     cfg = with_run_name(cfg, recipe_path)
     console = console or RunConsole(quiet=not cfg.log_to_console)
     device_name = resolve_device(cfg.get("device"))
     if not dist.is_initialized() and dist.get_world_size() > 1:
         dist.initialize_dist(get_device(device_name), timeout=cfg.dist_timeout)
     reproducibility.seed_all(cfg.seed)
+    # What `validate` checks outside the recipe (tokenizer, data and its size per rank, logins), by the same code.
+    run_resource_checks(OmegaConf.to_container(cfg, resolve=True), dist.get_world_size())
 
     # The run's files: next to a configured jsonl_metrics logger's file (sweep trials), else in the run folder.
     loggers = build.build_multi(cfg, "loggers")
@@ -139,7 +196,7 @@ def build_trainer(
     # Preemption first: from its fit_start on, a signal checkpoints instead of stopping as during start-up.
     resume_rng = ResumeRNG()
     callbacks = [Preemption(), *callbacks, NonFiniteLossGuard(), EmptyEpochGuard(), resume_rng]
-    callbacks.append(CloseConsole(console))
+    callbacks += [CloseConsole(console), hold]
 
     save_folder = cfg.get("save_folder")
     autoresume = cfg.get("autoresume")
@@ -154,8 +211,11 @@ def build_trainer(
             bool(parallelism) and "SHARDED" in str(parallelism["fsdp"].get("state_dict_type", "")).upper()
         )
         check_save_folder(local_folder, estimate_checkpoint_bytes(model, world, sharded))
-        if autoresume and dist.get_global_rank() == 0:  # Composer resumes from what rank 0 finds
-            resume_from = repair_latest_checkpoint(local_folder)
+        if dist.get_global_rank() == 0:  # one writer per folder; Composer resumes from what rank 0 finds
+            hold.lock = RunLock(local_folder).acquire()
+            if autoresume:
+                check_readable_checkpoints(local_folder)
+                resume_from = repair_latest_checkpoint(local_folder)
 
     trainer = make_trainer(
         model,
@@ -165,7 +225,7 @@ def build_trainer(
         precision=cfg.get("precision"),
         callbacks=callbacks,
         loggers=loggers,
-        device_train_microbatch_size=cfg.get("device_train_microbatch_size"),
+        device_train_microbatch_size=_microbatch(cfg.get("device_train_microbatch_size"), device_batch),
         run_name=cfg.run_name,
         eval_interval=cfg.eval_interval if eval_loader is not None else 1,
         # Composer warns about a subset size with nothing to evaluate (a recipe with eval_loader=null).
@@ -194,6 +254,8 @@ def build_trainer(
     resume_rng.trainer = trainer
     if folder is not None and dist.get_global_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
+        if hold.lock is None:  # no local save folder: the lock guards train.log and metrics.jsonl
+            hold.lock = RunLock(folder, key="run_name").acquire()
         (folder / RECIPE_FILENAME).write_text(to_yaml(cfg))
     # Written once everything is built (the Trainer too: it checks precision and the model's runtime), so a
     # recipe that fails to build leaves no run folder behind.

@@ -236,8 +236,14 @@ def load_glue_recipe(
     try:
         _validate_recipe(data)
         if data.get("glue") is None:
+            what = (
+                "a pretraining recipe: llmfoundry-lite train " + str(path) + "; "
+                if data.get("train_loader")
+                else ""
+            )
             raise RecipeError(
-                "this recipe has no 'glue:' section; add one (see recipes/glue/mosaicbert-base.yaml)",
+                f"this is {what or 'not a GLUE recipe: '}it has no 'glue:' section; to finetune on GLUE, use a recipe "
+                "with one that bases this one (see recipes/glue/tiny.yaml)",
                 key="glue",
             )
         glue = parse_glue_section(data["glue"])

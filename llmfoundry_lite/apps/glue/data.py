@@ -67,8 +67,11 @@ def load_task_splits(task: str, data_dir: str | None = None, cache_dir: str | No
     spec = TASKS[task]
     splits = ["train", *spec.eval_splits.values()]
     if data_dir is None:
+        from llmfoundry_lite.data.checks import hub_access
+
         try:
-            dsd = datasets.load_dataset("glue", task, cache_dir=cache_dir)
+            with hub_access():  # offline or unreachable: the cache only, one error at once
+                dsd = datasets.load_dataset("glue", task, cache_dir=cache_dir)
         except Exception as e:  # offline, hub errors: the fix is a local data_dir
             raise RecipeError(
                 f"cannot load GLUE task {task!r} from the Hugging Face hub ({type(e).__name__}: "

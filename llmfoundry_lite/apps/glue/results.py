@@ -37,6 +37,7 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     avg = statistics.fmean([t["score"] for t in tasks.values()]) if tasks else None
     return {
         "glue_average": avg,
+        "average_label": average_label(list(tasks)),
         "tasks": tasks,
         "convention": (
             "run score = mean of the task's metrics in percent (MNLI: acc matched+mismatched; QQP, "
@@ -44,6 +45,14 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "training; task score = mean over seeds; GLUE average = unweighted mean of task scores"
         ),
     }
+
+
+def average_label(tasks: Sequence[str]) -> str:
+    """'GLUE average' when all eight tasks ran; else 'average of N tasks (A, B)': a subset is not GLUE's score."""
+    if set(tasks) >= set(TASK_ORDER):
+        return "GLUE average"
+    names = ", ".join(t.upper() for t in tasks)
+    return f"average of {len(tasks)} task{'s' if len(tasks) != 1 else ''} ({names}; not the GLUE average)"
 
 
 def _std(xs: Sequence[float]) -> float:
@@ -59,7 +68,8 @@ def results_markdown(summary: Mapping[str, Any], runs: Sequence[Mapping[str, Any
             f"| {task.upper()} | {metrics} | {len(t['seeds'])} | {t['score']:.2f} ± {t['score_std']:.2f} |"
         )
     if summary["glue_average"] is not None:
-        lines.append(f"| **GLUE average** | | | **{summary['glue_average']:.2f}** |")
+        label = summary.get("average_label") or average_label(list(summary["tasks"]))
+        lines.append(f"| **{label}** | | | **{summary['glue_average']:.2f}** |")
     lines += [
         "",
         summary["convention"] + ".",

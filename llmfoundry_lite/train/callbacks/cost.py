@@ -12,8 +12,10 @@ Metrics (every batch):
 ``cost/hours_projected``    projected wall-clock hours for the whole run
 ==========================  ====================================================================
 
-Peak per device: on GPU the dense bf16 table entry of the detected device (llmfoundry_lite.hardware); on CPU
-a 2048x2048 fp32 matmul measured at fit start (~0.5 s); ``peak_flops`` overrides both. Model FLOPs come
+Peak per device: on GPU the dense bf16 table entry of the detected (or named) device (llmfoundry_lite.hardware);
+on CPU a 2048x2048 fp32 matmul measured at fit start (~0.5 s), even when the recipe names a GPU (the cluster it
+is meant for); ``peak_flops`` overrides both. Dollars only with a price: the table's for a GPU, else the one
+given (on CPU only when no GPU is named, so a GPU's price never bills a CPU run). Model FLOPs come
 from the model's ``flops_per_batch`` (MFU is not logged for models without it).
 """
 
@@ -98,26 +100,24 @@ class CostMonitor(Callback):
 
         self.devices = dist.get_world_size()
         on_gpu = state.device.name == "gpu"
-        if self.gpu and self.peak_flops is None:
-            entry = hardware.lookup(self.gpu, self.hardware, key="callbacks.cost_monitor.gpu")
-            self.peak, self.device_kind, self.peak_source = (
-                entry.peak_flops,
-                hardware.normalize(self.gpu),
-                "table",
-            )
+        # A GPU named in the recipe (its cost: block) describes the cluster it is meant for, not this CPU.
+        gpu = self.gpu if on_gpu else None
+        if gpu and self.peak_flops is None:
+            entry = hardware.lookup(gpu, self.hardware, key="callbacks.cost_monitor.gpu")
+            self.peak, self.device_kind, self.peak_source = entry.peak_flops, hardware.normalize(gpu), "table"
         else:
             self.peak, self.device_kind, self.peak_source = bench.device_peak(
                 "gpu" if on_gpu else "cpu", self.peak_flops, self.hardware
             )
-            if self.gpu:
-                self.device_kind = hardware.normalize(self.gpu)
-        if self.usd_per_gpu_hour is not None:
+            if gpu:
+                self.device_kind = hardware.normalize(gpu)
+        if self.usd_per_gpu_hour is not None and (on_gpu or not self.gpu):
             self.price = float(self.usd_per_gpu_hour)
-        elif self.device_kind == hardware.CPU:
-            self.price = hardware.CPU_USD_PER_HOUR
-        else:
+        elif on_gpu:
             entry = hardware.table(self.hardware).get(self.device_kind)
             self.price = entry.usd_per_gpu_hour if entry else 0.0
+        else:  # a CPU has no list price: dollars only when the user gave one for it
+            self.price = 0.0
         logger.log_hyperparameters(
             {
                 "cost/device": self.device_kind,
@@ -178,11 +178,13 @@ class CostMonitor(Callback):
         elapsed = self._wct0 + (now - self._t0)
         gpu_hours = elapsed / 3600.0 * self.devices
         metrics["cost/gpu_hours"] = gpu_hours
-        metrics["cost/usd"] = gpu_hours * self.price
+        if self.price > 0:  # no price (a CPU, an unknown device): no dollars rather than $0.00
+            metrics["cost/usd"] = gpu_hours * self.price
         total = self._projected_seconds(state, elapsed)
         if total is not None:
             metrics["cost/hours_projected"] = total / 3600.0
-            metrics["cost/usd_projected"] = total / 3600.0 * self.devices * self.price
+            if self.price > 0:
+                metrics["cost/usd_projected"] = total / 3600.0 * self.devices * self.price
         logger.log_metrics(metrics)
 
     def _projected_seconds(self, state: State, elapsed: float) -> Optional[float]:

@@ -10,7 +10,8 @@ Composer load (seconds on a busy machine). The first signal:
   looks between evaluation batches and at epoch ends) and exits. If no boundary comes within
   ``max(30 s or $LLMFOUNDRY_LITE_STOP_WAIT, 3 x the slowest batch)``, a watchdog thread exits without one.
 
-A second signal exits at once. Exit codes: 143 for SIGTERM and SIGUSR1 (128 + SIGTERM, "terminated" to
+A second signal exits at once, except a repeat of the first within ``REPEAT_S``: a scheduler or the terminal
+signalling every process of a job while the command also forwards it to the ranks (``launch.py``). Exit codes: 143 for SIGTERM and SIGUSR1 (128 + SIGTERM, "terminated" to
 schedulers), 130 for SIGINT (Ctrl-C).
 """
 
@@ -21,6 +22,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -32,6 +34,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 # SIGKILL); $LLMFOUNDRY_LITE_STOP_WAIT (seconds) changes it, e.g. for a scheduler that signals minutes ahead.
 BOUNDARY_WAIT_S = 30.0
 STOP_WAIT_ENV = "LLMFOUNDRY_LITE_STOP_WAIT"
+# A repeat of the first signal within this many seconds is the same stop delivered twice, not a second one.
+REPEAT_S = 1.0
 # After stopping without waiting, how long closing (loggers, dataloader workers) may take before a hard exit.
 CLEANUP_S = 15.0
 
@@ -79,6 +83,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
+        self._received_at = 0.0
         self.training: Optional[Callable[[int], Optional[str]]] = None
         self.echo: Optional[Callable[[str], None]] = None
         self.slowest_batch_s = 0.0
@@ -143,8 +148,10 @@ class StopSignals:
             return
         name, code = signal_name(signum), exit_code_for(signum)
         if self.received is not None:
+            if signum == self.received and time.monotonic() - self._received_at < REPEAT_S:
+                return  # the same stop, delivered both to the process group and forwarded
             self.hard_exit(f"second {name}: exiting now, without a checkpoint", code)
-        self.received = signum
+        self.received, self._received_at = signum, time.monotonic()
         why_not = "during start-up" if self.training is None else self.training(signum)
         if why_not is None:  # training with unsaved progress: Preemption checkpoints at the next boundary
             wait = max(boundary_wait_s(), 3 * self.slowest_batch_s)
