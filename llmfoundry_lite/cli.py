@@ -120,11 +120,10 @@ def _load(recipe: str, overrides: list[str], check_resources: bool = False) -> A
 @app.command()
 def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the fully resolved recipe as YAML, with its parameter count."""
-    from llmfoundry_lite.models.meta import count_parameters
     from llmfoundry_lite.recipe import to_yaml
 
     cfg = _load(recipe, list(overrides or []))
-    counts = count_parameters(cfg)
+    counts = _parameter_counts(cfg)
     if counts is not None:
         total, non_emb = counts
         typer.echo(f"# parameters: {total:,} ({total / 1e6:.1f}M; non-embedding {non_emb:,})")
@@ -134,6 +133,26 @@ def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg)
             "set model.vocab_size to count without it)"
         )
     typer.echo(to_yaml(cfg), nl=False)
+
+
+def _parameter_counts(cfg: Any) -> tuple[int, int] | None:
+    """(total, non-embedding) parameters of the recipe's model, remembered across commands (train/memo.py)."""
+    from llmfoundry_lite.recipe import section
+    from llmfoundry_lite.train.memo import folder_fingerprint, remembered
+
+    def count() -> list[int] | None:
+        from llmfoundry_lite.models.meta import count_parameters  # torch, Composer and the model code
+
+        counts = count_parameters(cfg)
+        return None if counts is None else list(counts)
+
+    tokenizer = section(cfg, "tokenizer") or {}
+    local = folder_fingerprint(tokenizer.get("path")) if isinstance(tokenizer, dict) else None
+    if local is None:  # a hub tokenizer (or none): its files are not ours to fingerprint
+        answer = count()
+    else:
+        answer = remembered("parameters", [section(cfg, "model"), tokenizer, local], count)
+    return None if answer is None else (answer[0], answer[1])
 
 
 @app.command()

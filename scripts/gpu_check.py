@@ -604,12 +604,14 @@ def quickstart_recipes() -> list[Path]:
     return sorted((ROOT / "recipes" / "quickstart").glob("*.yaml"))
 
 
-def recipe_overrides(recipe: Path, data: Path, workdir: Path, mode: Mode, fsdp: bool) -> list[str]:
-    """Overrides that point a quickstart recipe at this check's data and folders, amp_bf16, and FSDP."""
+def recipe_overrides(
+    recipe: Path, data: Path, workdir: Path, mode: Mode, fsdp: bool, compiled: bool = False
+) -> list[str]:
+    """Overrides that point a quickstart recipe at this check's data and folders, amp_bf16, FSDP, compile."""
     from llmfoundry_lite.recipe import compose
 
     raw, _ = compose(recipe)
-    run_name = f"gpu-check-{recipe.stem}{'-fsdp' if fsdp else ''}"
+    run_name = f"gpu-check-{recipe.stem}{'-fsdp' if fsdp else ''}{'-compiled' if compiled else ''}"
     out = []
     for key, value in (raw.get("variables") or {}).items():
         if isinstance(value, str) and value.startswith(RECIPE_DATA_PREFIX + "/"):
@@ -633,6 +635,8 @@ def recipe_overrides(recipe: Path, data: Path, workdir: Path, mode: Mode, fsdp: 
             "fsdp.activation_checkpointing=true",
             "fsdp.state_dict_type=full",
         ]
+    if compiled:  # torch.compile per block, inside the FSDP units and activation checkpointing
+        out.append("compile=true")
     return out
 
 
@@ -649,7 +653,9 @@ def _fsdp_units(model: Any) -> tuple[int, int]:
     return units, ckpt
 
 
-def step_train(check: Check, recipe: Path, fsdp: bool, workdir: Path) -> tuple[str, dict]:
+def step_train(
+    check: Check, recipe: Path, fsdp: bool, workdir: Path, compiled: bool = False
+) -> tuple[str, dict]:
     """Train half, checkpoint, resume to the full length through load_recipe + train, as `train` runs it."""
 
     from llmfoundry_lite import load_recipe
@@ -659,7 +665,7 @@ def step_train(check: Check, recipe: Path, fsdp: bool, workdir: Path) -> tuple[s
     data = check.context.get("data")
     if data is None:
         raise Failed("needs the quickstart data, whose step did not run")
-    overrides = recipe_overrides(recipe, data, workdir, mode, fsdp)
+    overrides = recipe_overrides(recipe, data, workdir, mode, fsdp, compiled)
     half, full = mode.batches_half, 2 * mode.batches_half
     cfg = load_recipe(str(recipe), [*overrides, f"max_duration={half}ba"])  # the fsdp block is validated too
     if fsdp and mode.device != "cuda":
@@ -698,6 +704,9 @@ def step_train(check: Check, recipe: Path, fsdp: bool, workdir: Path) -> tuple[s
         problems.append(f"the second run did not resume from {saved[-1]} (no 'resuming' line)")
     if batch != full:
         problems.append(f"stopped at batch {batch}, expected {full}")
+    if compiled:  # compile seconds, graphs, recompiles and graph breaks of the resumed run
+        monitor = next((c for c in trainer.state.callbacks if type(c).__name__ == "CompileMonitor"), None)
+        details["compile"] = monitor.stats() if monitor is not None else None
     if fsdp:
         n_layers = int(cfg2.model.n_layers)
         details["fsdp_enabled"] = bool(trainer.state.fsdp_enabled)
@@ -819,9 +828,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "train" in groups:
             check.run("data", lambda: step_data(check, workdir))
             for recipe in quickstart_recipes():
-                for fsdp in (False, True):
-                    name = f"train {recipe.stem}{' fsdp' if fsdp else ''}"
-                    check.run(name, lambda r=recipe, f=fsdp: step_train(check, r, f, workdir))
+                for fsdp, compiled in ((False, False), (True, False), (True, True)):
+                    name = f"train {recipe.stem}{' fsdp' if fsdp else ''}{' compiled' if compiled else ''}"
+                    check.run(name, lambda r=recipe, f=fsdp, c=compiled: step_train(check, r, f, workdir, c))
         check.write_json()
         print("\n" + check.table(), flush=True)
     check.log.close()
