@@ -168,13 +168,14 @@ def list_(
     name: Optional[str] = typer.Argument(None, help="An entry: prints its recipe keys, types and defaults."),
 ) -> None:
     """List the names a recipe may use, with a one-line description each; REGISTRY NAME shows one entry."""
-    from llmfoundry_lite import registry as reg_mod
+    from llmfoundry_lite.registry import REGISTRY_NAMES
+    from llmfoundry_lite.registry_listing import listing
 
     if name is not None:
         _print_entry(registry, name)
         return
-    for reg in [registry] if registry else list(reg_mod.REGISTRY_NAMES):
-        entries = reg_mod.listing(reg)
+    for reg in [registry] if registry else list(REGISTRY_NAMES):
+        entries = listing(reg)
         typer.echo(f"{reg}:")
         width = max((len(n) for n in entries), default=0)
         for entry in sorted(entries):
@@ -184,8 +185,11 @@ def list_(
 def _print_entry(registry: str, name: str) -> None:
     """``list REGISTRY NAME``: an entry's description and recipe keys (type, default) from its signature."""
     from llmfoundry_lite import registry as reg_mod
+    from llmfoundry_lite import registry_listing
 
-    names = reg_mod.listing(registry)  # unknown registry or name: fail before importing torch and Composer
+    names = registry_listing.listing(
+        registry
+    )  # unknown registry or name: fail before importing torch and Composer
     if name not in names:
         raise RecipeError(
             f"unknown {registry[:-1]} {name!r}{suggest(name, names)}; "
@@ -194,7 +198,7 @@ def _print_entry(registry: str, name: str) -> None:
     obj = reg_mod.lookup(registry, name)
     args, supplied, var_kw = reg_mod.entry_args(registry, obj)
     where = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', name)}"
-    typer.echo(f"{name} ({registry}): {reg_mod.describe(obj)}".rstrip())
+    typer.echo(f"{name} ({registry}): {registry_listing.describe(obj)}".rstrip())
     typer.echo(f"  defined in {where}")
     if args:
         rows = [("key", "type", "default")] + [(a.name, a.type, a.default or "(required)") for a in args]

@@ -28,6 +28,7 @@ from llmfoundry_lite.typecheck import (  # noqa: F401
     annotation_source,
     check_dataclass,
     describe_annotation,
+    format_value,
     parse_duration,
     time_error,
     type_error,
@@ -343,23 +344,32 @@ def build(
         raise
 
 
-def __getattr__(name: str) -> Any:
-    # ``list`` and the index generator moved to registry_listing.py; these names still resolve here.
-    if name in _LISTING:
-        from llmfoundry_lite import registry_listing
+@dataclasses.dataclass(frozen=True)
+class ArgInfo:
+    """One recipe key of a registry entry: its name, type and default (None when the key is required)."""
 
-        return getattr(registry_listing, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    name: str
+    type: str
+    default: str | None
 
 
-_LISTING = {
-    "ArgInfo",
-    "builtin_entries",
-    "builtin_index",
-    "describe",
-    "entry_args",
-    "format_value",
-    "listing",
-    "plugin_entry_points",
-    "render_index",
-}
+def entry_args(registry: str, obj: Any) -> tuple[list[ArgInfo], list[str], bool]:
+    """An entry's recipe keys with types and defaults, the arguments the framework supplies, and ``**kwargs``."""
+    params, var_kw = signature_params(obj)
+    hints = type_hints(obj)
+    nested = getattr(obj, "__nested_components__", {})
+    injected = INJECTED.get(registry, frozenset())
+    args: list[ArgInfo] = []
+    supplied: list[str] = []
+    for name, p in params.items():
+        if name in injected:
+            supplied.append(name)
+            continue
+        if name in nested:
+            tp = f"{nested[name]} block ({{name: ..., ...}})"
+        else:
+            tp = describe_annotation(hints.get(name, p.annotation))
+        # torch's `required` sentinel (e.g. SGD's lr) is a default that means "required".
+        required = p.default is p.empty or type(p.default).__name__ == "_RequiredParameter"
+        args.append(ArgInfo(name, tp, None if required else format_value(p.default)))
+    return args, supplied, var_kw

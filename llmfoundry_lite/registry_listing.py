@@ -7,7 +7,6 @@ tests/test_fast_validate.py fail until it matches them.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -15,15 +14,11 @@ from typing import Any
 import catalogue
 
 from llmfoundry_lite.registry import (
-    INJECTED,
     REGISTRY_NAMES,
     EntrySpec,
     check_registry_name,
     load_builtins,
-    signature_params,
-    type_hints,
 )
-from llmfoundry_lite.typecheck import describe_annotation
 
 
 def describe(obj: Any) -> str:
@@ -119,58 +114,3 @@ def render_index(
 def _quote(text: str) -> str:
     # ruff's formatter prefers double quotes unless the text holds one.
     return '"' + text.replace("\\", "\\\\") + '"' if '"' not in text else repr(text)
-
-
-@dataclasses.dataclass(frozen=True)
-class ArgInfo:
-    """One recipe key of a registry entry: its name, type and default (None when the key is required)."""
-
-    name: str
-    type: str
-    default: str | None
-
-
-def format_value(value: Any) -> str:
-    """A default value spelled as in a YAML recipe (null, true, [0.9, 0.95], '{run_name}/x.txt')."""
-    import enum
-
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, enum.Enum):
-        return format_value(value.value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        import yaml
-
-        text = yaml.safe_dump(value, width=10**9).strip()  # quotes only what YAML would misread
-        return text[: -len("\n...")] if text.endswith("\n...") else text
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
-    return getattr(value, "__qualname__", None) or repr(value)
-
-
-def entry_args(registry: str, obj: Any) -> tuple[list[ArgInfo], list[str], bool]:
-    """An entry's recipe keys with types and defaults, the arguments the framework supplies, and ``**kwargs``."""
-    params, var_kw = signature_params(obj)
-    hints = type_hints(obj)
-    nested = getattr(obj, "__nested_components__", {})
-    injected = INJECTED.get(registry, frozenset())
-    args: list[ArgInfo] = []
-    supplied: list[str] = []
-    for name, p in params.items():
-        if name in injected:
-            supplied.append(name)
-            continue
-        if name in nested:
-            tp = f"{nested[name]} block ({{name: ..., ...}})"
-        else:
-            tp = describe_annotation(hints.get(name, p.annotation))
-        # torch's `required` sentinel (e.g. SGD's lr) is a default that means "required".
-        required = p.default is p.empty or type(p.default).__name__ == "_RequiredParameter"
-        args.append(ArgInfo(name, tp, None if required else format_value(p.default)))
-    return args, supplied, var_kw

@@ -113,6 +113,30 @@ def describe_annotation(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def format_value(value: Any) -> str:
+    """A default value spelled as in a YAML recipe (null, true, [0.9, 0.95], '{run_name}/x.txt')."""
+    import enum
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, enum.Enum):
+        return format_value(value.value)
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        import yaml
+
+        text = yaml.safe_dump(value, width=10**9).strip()  # quotes only what YAML would misread
+        return text[: -len("\n...")] if text.endswith("\n...") else text
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return getattr(value, "__qualname__", None) or repr(value)
+
+
 def type_error(value: Any, tp: Any) -> str | None:
     """None when ``value`` (plain YAML data) fits annotation ``tp``; otherwise why not."""
     if tp is Any or tp is inspect.Parameter.empty or tp is None:
