@@ -53,7 +53,11 @@ def commands(overrides: list[str]) -> dict[str, list[str]]:
 def run_once(argv: list[str], env: dict[str, str]) -> float:
     """Seconds from start to exit of one command (it must succeed)."""
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "llmfoundry_lite.cli", *argv], env=env, capture_output=True)
+    # From another folder: `python -m` puts the current one first on sys.path, which would shadow PYTHONPATH.
+    cwd = tempfile.gettempdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "llmfoundry_lite.cli", *argv], env=env, capture_output=True, cwd=cwd
+    )
     dt = time.perf_counter() - t
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({out.returncode}): {out.stderr.decode()[-500:]}")
