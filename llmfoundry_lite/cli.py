@@ -126,10 +126,9 @@ def _load(recipe: str, overrides: list[str], check_resources: bool = False) -> A
 def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Print the fully resolved recipe as YAML, with its parameter count."""
     from llmfoundry_lite.recipe import to_yaml
-    from llmfoundry_lite.train.meta import count_parameters
 
     cfg = _load(recipe, list(overrides or []))
-    counts = count_parameters(cfg)
+    counts = _parameter_counts(cfg)
     if counts is not None:
         total, non_emb = counts
         typer.echo(f"# parameters: {total:,} ({total / 1e6:.1f}M; non-embedding {non_emb:,})")
@@ -139,6 +138,26 @@ def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg)
             "set model.vocab_size to count without it)"
         )
     typer.echo(to_yaml(cfg), nl=False)
+
+
+def _parameter_counts(cfg: Any) -> tuple[int, int] | None:
+    """(total, non-embedding) parameters of the recipe's model, remembered across commands (train/memo.py)."""
+    from llmfoundry_lite.recipe import section
+    from llmfoundry_lite.train.memo import folder_fingerprint, remembered
+
+    def count() -> list[int] | None:
+        from llmfoundry_lite.train.meta import count_parameters  # torch, Composer and the model code
+
+        counts = count_parameters(cfg)
+        return None if counts is None else list(counts)
+
+    tokenizer = section(cfg, "tokenizer") or {}
+    local = folder_fingerprint(tokenizer.get("path")) if isinstance(tokenizer, dict) else None
+    if local is None:  # a hub tokenizer (or none): its files are not ours to fingerprint
+        answer = count()
+    else:
+        answer = remembered("parameters", [section(cfg, "model"), tokenizer, local], count)
+    return None if answer is None else (answer[0], answer[1])
 
 
 @app.command()
@@ -154,13 +173,14 @@ def list_(
     name: Optional[str] = typer.Argument(None, help="An entry: prints its recipe keys, types and defaults."),
 ) -> None:
     """List the names a recipe may use, with a one-line description each; REGISTRY NAME shows one entry."""
-    from llmfoundry_lite import registry as reg_mod
+    from llmfoundry_lite.registry import REGISTRY_NAMES
+    from llmfoundry_lite.registry_listing import listing
 
     if name is not None:
         _print_entry(registry, name)
         return
-    for reg in [registry] if registry else list(reg_mod.REGISTRY_NAMES):
-        entries = reg_mod.listing(reg)
+    for reg in [registry] if registry else list(REGISTRY_NAMES):
+        entries = listing(reg)
         typer.echo(f"{reg}:")
         width = max((len(n) for n in entries), default=0)
         for entry in sorted(entries):
@@ -170,8 +190,11 @@ def list_(
 def _print_entry(registry: str, name: str) -> None:
     """``list REGISTRY NAME``: an entry's description and recipe keys (type, default) from its signature."""
     from llmfoundry_lite import registry as reg_mod
+    from llmfoundry_lite import registry_listing
 
-    names = reg_mod.listing(registry)  # unknown registry or name: fail before importing torch and Composer
+    names = registry_listing.listing(
+        registry
+    )  # unknown registry or name: fail before importing torch and Composer
     if name not in names:
         raise RecipeError(
             f"unknown {registry[:-1]} {name!r}{suggest(name, names)}; "
@@ -180,7 +203,7 @@ def _print_entry(registry: str, name: str) -> None:
     obj = reg_mod.lookup(registry, name)
     args, supplied, var_kw = reg_mod.entry_args(registry, obj)
     where = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', name)}"
-    typer.echo(f"{name} ({registry}): {reg_mod.describe(obj)}".rstrip())
+    typer.echo(f"{name} ({registry}): {registry_listing.describe(obj)}".rstrip())
     typer.echo(f"  defined in {where}")
     if args:
         rows = [("key", "type", "default")] + [(a.name, a.type, a.default or "(required)") for a in args]

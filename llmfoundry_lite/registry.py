@@ -1,9 +1,12 @@
 """Named registries of components, signature-checked construction, and third-party plugins.
 
 A recipe block ``{name: X, **kwargs}`` selects entry ``X`` of a registry; ``kwargs`` are checked against the
-entry's constructor signature *before* anything is built, so mistakes surface as one clear message.
+entry's constructor signature (an :class:`EntrySpec`) *before* anything is built, so mistakes surface as one clear
+message. Until the built-in modules are imported (torch, Composer: seconds), the built-ins' specs come from the
+signature table generated into ``registry_index.py``, so checking a recipe imports none of them.
 Third-party packages add entries through the entry-point group ``llmfoundry_lite_<registry>``
 (for example ``[project.entry-points.llmfoundry_lite_callbacks] my_cb = "pkg.mod:MyCallback"``).
+Type checks: ``typecheck.py``; ``llmfoundry-lite list`` and the generated index: ``registry_listing.py``.
 """
 
 from __future__ import annotations
@@ -11,14 +14,25 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import catalogue
 
 from llmfoundry_lite.errors import RecipeError, suggest
+
+# The type checks live in typecheck.py; these names stay importable from here for the modules that use them.
+from llmfoundry_lite.typecheck import (  # noqa: F401
+    annotation_from_source,
+    annotation_source,
+    check_dataclass,
+    describe_annotation,
+    format_value,
+    parse_duration,
+    time_error,
+    type_error,
+)
 
 REGISTRY_NAMES = (
     "models",
@@ -110,12 +124,6 @@ def names(registry: str) -> list[str]:
     return sorted(get_registry(registry).get_all())
 
 
-def describe(obj: Any) -> str:
-    """First line of an entry's docstring, for ``llmfoundry-lite list``."""
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
-
-
 def model_family(name: Any) -> Any:
     """The FamilySpec (``models/spec.py``) the ``models`` entry ``name`` declares; None if unknown or undeclared."""
     try:
@@ -141,12 +149,8 @@ def lookup(registry: str, name: Any, key: str = "name") -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Signature checks
+# Entry specs: an entry's recipe keys, from its live signature or from the generated table
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _callable_for_signature(obj: Any) -> Callable:
-    return obj.__init__ if inspect.isclass(obj) else obj
 
 
 def signature_params(obj: Any) -> tuple[dict[str, inspect.Parameter], bool]:
@@ -165,128 +169,127 @@ def signature_params(obj: Any) -> tuple[dict[str, inspect.Parameter], bool]:
     return params, var_kw
 
 
-def _type_hints(obj: Any) -> dict[str, Any]:
+def type_hints(obj: Any) -> dict[str, Any]:
+    """Resolved annotations of an entry's constructor; {} when they cannot be resolved."""
     try:
-        return typing.get_type_hints(_callable_for_signature(obj))
+        return typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
     except Exception:  # unresolved forward refs in third-party code: skip type checks
         return {}
 
 
-def _describe_type(tp: Any) -> str:
-    if typing.get_origin(tp) is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+NO_DEFAULT: Any = (
+    Ellipsis  # a default the table cannot spell (an object): the key is optional, its value unknown
+)
 
 
-def type_error(value: Any, tp: Any) -> str | None:
-    """None when ``value`` (plain YAML data) fits annotation ``tp``; otherwise why not."""
-    if tp is Any or tp is inspect.Parameter.empty or tp is None:
-        return None
-    if tp is type(None):
-        return None if value is None else "expected null"
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        errors = [type_error(value, a) for a in args]
-        if any(e is None for e in errors):
-            return None
-        return (
-            f"expected {' or '.join(_describe_type(a) for a in args if a is not type(None))}, got {value!r}"
-        )
-    if origin is typing.Literal:
-        return None if value in args else f"expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
-    if origin is typing.Annotated:
-        return type_error(value, args[0])
-    if tp is bool:
-        return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
-    if tp is int:
-        return (
-            None
-            if isinstance(value, int) and not isinstance(value, bool)
-            else f"expected an integer, got {value!r}"
-        )
-    if tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return None if ok else f"expected a number, got {value!r}"
-    if tp is str:
-        return None if isinstance(value, str) else f"expected a string, got {value!r}"
-    if origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return f"expected a list, got {value!r}"
-        elem_types = [a for a in args if a is not Ellipsis]
-        for i, v in enumerate(value):
-            et = (
-                elem_types[i]
-                if origin is tuple and len(elem_types) > 1 and i < len(elem_types)
-                else (elem_types[0] if elem_types else Any)
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One constructor argument: its annotation, whether a recipe must set it, and its default."""
+
+    name: str
+    type: Any
+    required: bool
+    default: Any = NO_DEFAULT
+
+
+@dataclasses.dataclass(frozen=True)
+class EntrySpec:
+    """What checking a block needs of an entry: its arguments, ``**kwargs``, and nested component blocks."""
+
+    params: dict[str, Param]
+    var_kw: bool
+    nested: dict[str, str]  # argument -> registry of the block it holds
+
+    @classmethod
+    def of(cls, obj: Any) -> EntrySpec:
+        """The spec of a live entry (a class or function)."""
+        params, var_kw = signature_params(obj)
+        hints = type_hints(obj)
+        out = {}
+        for name, p in params.items():
+            required = p.default is inspect.Parameter.empty
+            default = NO_DEFAULT if required or not _spellable(p.default) else p.default
+            out[name] = Param(name, hints.get(name, p.annotation), required, default)
+        return cls(out, var_kw, dict(getattr(obj, "__nested_components__", {})))
+
+    def row(self) -> dict[str, Any]:
+        """The spec as data for the generated table (annotations as text)."""
+        params = []
+        for p in self.params.values():
+            item: tuple = (p.name, annotation_source(p.type))
+            params.append(item if p.required else (*item, p.default))
+        return {"params": params, "var_kw": self.var_kw, "nested": self.nested}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> EntrySpec:
+        """The spec a table row describes."""
+        params = {}
+        for name, tp, *default in row["params"]:
+            params[name] = Param(
+                name, annotation_from_source(tp), not default, default[0] if default else NO_DEFAULT
             )
-            err = type_error(v, et)
-            if err:
-                return f"item {i}: {err}"
-        return None
-    if origin in (dict, Mapping, typing.Mapping) or tp in (dict,):
-        return None if isinstance(value, dict) else f"expected a mapping, got {value!r}"
-    if dataclasses.is_dataclass(tp):
-        return (
-            None
-            if isinstance(value, dict)
-            else f"expected a mapping with keys of {tp.__name__}, got {value!r}"
-        )
-    if _is_time_type(tp):
-        return time_error(value)
-    return None  # other classes (devices, modules, ...): not checkable from YAML
+        return cls(params, row["var_kw"], dict(row["nested"]))
 
 
-def _is_time_type(tp: Any) -> bool:
-    return getattr(tp, "__name__", "") == "Time" and "composer" in getattr(tp, "__module__", "")
+def _spellable(value: Any) -> bool:
+    """Whether a default is plain data the generated table can write as a Python literal."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return not isinstance(value, float) or value == value and abs(value) != float("inf")
+    if isinstance(value, (list, tuple)):
+        return all(_spellable(v) for v in value)
+    return False
 
 
-def time_error(value: Any) -> str | None:
-    """None if ``value`` is a Composer duration string (``10ba``, ``0.06dur``...) or an integer."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return None
-    if not isinstance(value, str):
-        return f"expected a duration like '10ba', '1000sp', '1ep', '0.5dur' or '1000tok', got {value!r}"
-    from composer.core import Time
+def entry_spec(registry: str, name: Any, key: str = "name") -> EntrySpec:
+    """The spec of entry ``name``: the live object's once its module is imported, else the generated table's.
 
-    try:
-        Time.from_timestring(value)
-    except Exception:
-        return (
-            f"malformed duration {value!r}; use a number followed by a unit: "
-            "ba (batches), sp (samples), tok (tokens), ep (epochs) or dur (fraction of the run)"
-        )
-    return None
+    Unknown names raise a RecipeError listing close names (importing the built-ins and plugins to be sure).
+    """
+    check_registry_name(registry)
+    if isinstance(name, str):
+        live = catalogue.REGISTRY.get(("llmfoundry_lite", registry, name))
+        if live is not None:  # imported already, or registered in this process
+            return EntrySpec.of(live)
+        if not _builtins_loaded:
+            from llmfoundry_lite.registry_index import SIGNATURES
+
+            row = SIGNATURES.get(registry, {}).get(name)
+            if row is not None:
+                return EntrySpec.from_row(row)
+    return EntrySpec.of(lookup(registry, name, key=key))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checking and building blocks
+# ---------------------------------------------------------------------------------------------------------
 
 
 def check_args(
     registry: str,
-    obj: Any,
+    spec: EntrySpec,
     kwargs: Mapping[str, Any],
     keypath: str,
     extra_injected: frozenset[str] = frozenset(),
 ) -> None:
     """Raise RecipeError for unknown, missing or ill-typed constructor arguments of a registry entry."""
-    params, var_kw = signature_params(obj)
+    params = spec.params
     injected = INJECTED.get(registry, frozenset()) | extra_injected
-    hints = _type_hints(obj)
-    nested = getattr(obj, "__nested_components__", {})  # param name -> registry of a nested block
     for k, v in kwargs.items():
         path = f"{keypath}.{k}" if keypath else k
         if k in injected and k in params:
             raise RecipeError(f"{k!r} is supplied by the framework and cannot be set in a recipe", key=path)
         if k not in params:
-            if var_kw:
+            if spec.var_kw:
                 continue
             allowed = [p for p in params if p not in injected]
             raise RecipeError(
                 f"unknown key {k!r}{suggest(k, allowed)}; allowed keys: {', '.join(allowed) or '(none)'}",
                 key=path,
             )
-        if k in nested and v is not None:
-            check_component(nested[k], v, path)
+        if k in spec.nested and v is not None:
+            check_component(spec.nested[k], v, path)
             continue
-        tp = hints.get(k, params[k].annotation)
+        tp = params[k].type
         if dataclasses.is_dataclass(tp) and isinstance(v, dict):
             check_dataclass(tp, v, path)
             continue
@@ -295,36 +298,10 @@ def check_args(
             raise RecipeError(err, key=path)
     for name, p in params.items():
         if (
-            p.default is inspect.Parameter.empty
+            p.required
             and name not in injected
             and name not in kwargs
             and name not in ("self", "args", "kwargs")
-        ):
-            raise RecipeError(f"missing required key {name!r}", key=f"{keypath}.{name}" if keypath else name)
-
-
-def check_dataclass(cls: type, value: Mapping[str, Any], keypath: str) -> None:
-    """Check a mapping against a dataclass's fields (unknown, missing, types), recursively."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in value.items():
-        path = f"{keypath}.{k}" if keypath else str(k)
-        if k not in fields:
-            raise RecipeError(
-                f"unknown key {k!r}{suggest(k, fields)}; allowed keys: {', '.join(fields)}", key=path
-            )
-        tp = hints.get(k, Any)
-        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
-            check_dataclass(tp, v, path)
-            continue
-        err = type_error(v, tp)
-        if err:
-            raise RecipeError(err, key=path)
-    for name, f in fields.items():
-        if (
-            f.default is dataclasses.MISSING
-            and f.default_factory is dataclasses.MISSING
-            and name not in value
         ):
             raise RecipeError(f"missing required key {name!r}", key=f"{keypath}.{name}" if keypath else name)
 
@@ -349,10 +326,10 @@ def check_component(
     default_name: str | None = None,
     extra_injected: frozenset[str] = frozenset(),
 ) -> None:
-    """Validate one component block against its registry entry without building it."""
+    """Validate one component block against its registry entry without building (or importing) it."""
     name, kwargs = split_block(block, keypath, default_name)
-    obj = lookup(registry, name, key=f"{keypath}.name" if default_name is None else keypath)
-    check_args(registry, obj, kwargs, keypath, extra_injected)
+    spec = entry_spec(registry, name, key=f"{keypath}.name" if default_name is None else keypath)
+    check_args(registry, spec, kwargs, keypath, extra_injected)
 
 
 def build(
@@ -361,9 +338,9 @@ def build(
     """Validate and construct a component block; ``injected`` args are passed when the entry accepts them."""
     name, kwargs = split_block(block, keypath, default_name)
     obj = lookup(registry, name, key=f"{keypath}.name" if default_name is None else keypath)
-    check_args(registry, obj, kwargs, keypath, frozenset(injected))
-    params, var_kw = signature_params(obj)
-    supplied = {k: v for k, v in injected.items() if k in params}
+    spec = EntrySpec.of(obj)
+    check_args(registry, spec, kwargs, keypath, frozenset(injected))
+    supplied = {k: v for k, v in injected.items() if k in spec.params}
     try:
         return obj(**supplied, **kwargs)
     except RecipeError as e:  # an entry names its own argument ('local'); the user needs 'train_loader.local'
@@ -371,75 +348,6 @@ def build(
         if keypath and e.key and not e.absolute and not e.key.startswith(section):
             raise RecipeError(e.detail, file=e.file, key=f"{keypath}.{e.key}") from None
         raise
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Describing entries (``llmfoundry-lite list [REGISTRY [NAME]]``)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def builtin_entries(registry: str) -> dict[str, Any]:
-    """The built-in entries of a registry (entry-point plugins left out), importing the modules that add them."""
-    check_registry_name(registry)
-    load_builtins()
-    namespace = ("llmfoundry_lite", registry)
-    return {keys[-1]: obj for keys, obj in catalogue.REGISTRY.copy().items() if tuple(keys[:-1]) == namespace}
-
-
-def plugin_entry_points(registry: str) -> list[Any]:
-    """The (unloaded) entry points third-party packages declare for a registry."""
-    from importlib.metadata import entry_points
-
-    return list(entry_points(group=f"llmfoundry_lite_{registry}"))
-
-
-def listing(registry: str) -> dict[str, str]:
-    """Entry name -> one-line description, without importing the built-in modules.
-
-    The built-ins' descriptions come from the generated ``registry_index`` (their modules import torch and
-    Composer, seconds of start-up that a listing does not need); plugins are imported for their docstrings.
-    Built-ins win over a plugin of the same name, as in ``catalogue.Registry.get_all``.
-    """
-    check_registry_name(registry)
-    from llmfoundry_lite.registry_index import BUILTINS
-
-    result: dict[str, str] = {}
-    for ep in plugin_entry_points(registry):
-        try:
-            result[ep.name] = describe(ep.load())
-        except Exception as e:  # a broken plugin must not hide the other names
-            first = (str(e).strip().splitlines() or [""])[0]
-            result[ep.name] = f"(cannot be imported from {ep.value}: {type(e).__name__}: {first})"
-    result.update(BUILTINS.get(registry, {}))
-    return result
-
-
-def builtin_index() -> dict[str, dict[str, str]]:
-    """Registry -> entry name -> description of the built-ins, read from the live registries (imports torch)."""
-    return {
-        reg: {name: describe(obj) for name, obj in sorted(builtin_entries(reg).items())}
-        for reg in REGISTRY_NAMES
-    }
-
-
-def render_index(index: dict[str, dict[str, str]]) -> str:
-    """The source of ``registry_index.py`` with ``index`` as BUILTINS, laid out as ruff formats it."""
-    from llmfoundry_lite import registry_index
-
-    with open(registry_index.__file__, encoding="utf-8") as f:
-        head = f.read().split("BUILTINS: dict[str, dict[str, str]] = ", 1)[0]
-    lines = ["{"]
-    for reg, entries in index.items():
-        lines.append(f"    {_quote(reg)}: {{")
-        lines.extend(f"        {_quote(name)}: {_quote(desc)}," for name, desc in entries.items())
-        lines.append("    },")
-    lines.append("}")
-    return head + "BUILTINS: dict[str, dict[str, str]] = " + "\n".join(lines) + "\n"
-
-
-def _quote(text: str) -> str:
-    # ruff's formatter prefers double quotes unless the text holds one.
-    return '"' + text.replace("\\", "\\\\") + '"' if '"' not in text else repr(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,72 +359,10 @@ class ArgInfo:
     default: str | None
 
 
-def format_value(value: Any) -> str:
-    """A default value spelled as in a YAML recipe (null, true, [0.9, 0.95], '{run_name}/x.txt')."""
-    import enum
-
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, enum.Enum):
-        return format_value(value.value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        import yaml
-
-        text = yaml.safe_dump(value, width=10**9).strip()  # quotes only what YAML would misread
-        return text[: -len("\n...")] if text.endswith("\n...") else text
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
-    return getattr(value, "__qualname__", None) or repr(value)
-
-
-def describe_annotation(tp: Any) -> str:
-    """A type annotation as a recipe author reads it: 'float', 'int | null', 'duration', "one of 'a', 'b'"."""
-    if tp is inspect.Parameter.empty or tp is Any:
-        return "any"
-    if tp is None or tp is type(None):
-        return "null"
-    if isinstance(tp, str):  # an unresolved forward reference
-        return tp
-    if _is_time_type(tp):
-        return "duration"
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:
-        return describe_annotation(args[0])
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is typing.Union or origin is types.UnionType:
-        if any(_is_time_type(a) for a in args):  # Union[str, Time]: a recipe writes a duration string
-            args = tuple(a for a in args if a not in (str, int))
-        parts = list(dict.fromkeys(describe_annotation(a) for a in args))
-        return " | ".join(sorted(parts, key=lambda p: p == "null"))  # null last
-    if origin is not None:
-        name = getattr(origin, "__name__", None) or str(origin).replace("typing.", "")
-        if not args:
-            return name
-        inner = []
-        for a in args:
-            if a is Ellipsis:
-                inner.append("...")
-            elif isinstance(a, list):  # Callable[[A, B], C]
-                inner.append("[" + ", ".join(describe_annotation(x) for x in a) + "]")
-            else:
-                inner.append(describe_annotation(a))
-        return f"{name}[{', '.join(inner)}]"
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
 def entry_args(registry: str, obj: Any) -> tuple[list[ArgInfo], list[str], bool]:
     """An entry's recipe keys with types and defaults, the arguments the framework supplies, and ``**kwargs``."""
     params, var_kw = signature_params(obj)
-    hints = _type_hints(obj)
+    hints = type_hints(obj)
     nested = getattr(obj, "__nested_components__", {})
     injected = INJECTED.get(registry, frozenset())
     args: list[ArgInfo] = []

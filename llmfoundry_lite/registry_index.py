@@ -1,12 +1,16 @@
-"""Names and one-line descriptions of the built-in registry entries, so `llmfoundry-lite list` starts in a blink.
+"""The built-in registry entries without their modules: names and one-line descriptions (``llmfoundry-lite list``)
+and each entry's constructor arguments with types and defaults (checking a recipe: ``registry.entry_spec``).
 
 The live registries are filled by importing the modules that define the entries, and those import torch and
-Composer (4-10 s); listing names needs none of it. GENERATED: after adding, renaming or re-documenting a
-built-in entry, run `python scripts/registry_index.py` (tests/test_cli.py fails until you do). Data only: the
-generator lives in ``registry.py`` (``builtin_index``, ``render_index``), which imports this module.
+Composer (seconds); listing names and checking a recipe's keys need none of it. GENERATED: after adding, renaming,
+re-documenting or changing the arguments of a built-in entry, run `python scripts/registry_index.py`
+(tests/test_cli.py and tests/test_fast_validate.py fail until you do). Data only: the generator lives in
+``registry_listing.py`` (``builtin_index``, ``builtin_signatures``, ``render_index``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 BUILTINS: dict[str, dict[str, str]] = {
     "models": {
@@ -95,3 +99,607 @@ BUILTINS: dict[str, dict[str, str]] = {
         "masked_accuracy": "Computes accuracy with support for masked indices.",
     },
 }
+
+# fmt: off
+SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
+    "models": {
+        "bert": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tokenizer', 'Any', None),
+                ('d_model', 'int', 768),
+                ('n_layers', 'int', 12),
+                ('n_heads', 'int', 12),
+                ('intermediate_size', 'int', 3072),
+                ('max_position_embeddings', 'int', 512),
+                ('type_vocab_size', 'int', 2),
+                ('position', "Literal['alibi', 'learned']", 'learned'),
+                ('ffn', "Literal['geglu', 'mlp']", 'mlp'),
+                ('norm', "Literal['layernorm', 'low_precision_layernorm', 'fused_layernorm']", 'layernorm'),
+                ('unpad', 'bool', True),
+                ('attention_dropout', 'float', 0.1),
+                ('hidden_dropout', 'float', 0.1),
+                ('layer_norm_eps', 'float', 1e-12),
+                ('init_std', 'float', 0.02),
+                ('attn_impl', "Literal['auto', 'flash', 'sdpa']", 'auto'),
+                ('use_train_metrics', 'bool', False),
+                ('vocab_size', 'Union[int, None]', None),
+                ('vocab_multiple', 'int', 64),
+                ('init_from_hf', 'Union[str, None]', None),
+            ],
+        },
+        "hf_bert": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tokenizer', 'Any', None),
+                ('d_model', 'int', 768),
+                ('n_layers', 'int', 12),
+                ('n_heads', 'int', 12),
+                ('intermediate_size', 'int', 3072),
+                ('max_position_embeddings', 'int', 512),
+                ('attention_dropout', 'float', 0.1),
+                ('hidden_dropout', 'float', 0.1),
+                ('layer_norm_eps', 'float', 1e-12),
+                ('init_std', 'float', 0.02),
+                ('vocab_size', 'Union[int, None]', None),
+                ('attn_implementation', "Literal['sdpa', 'eager']", 'sdpa'),
+                ('config_overrides', 'Union[dict, None]', None),
+                ('init_from_hf', 'Union[str, None]', None),
+            ],
+        },
+        "hf_causal_lm": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tokenizer', 'Any', None),
+                ('model_type', 'str', 'llama'),
+                ('config', 'Union[dict, None]', None),
+                ('vocab_size', 'Union[int, None]', None),
+                ('attn_implementation', "Literal['sdpa', 'eager']", 'sdpa'),
+                ('init_from_hf', 'Union[str, None]', None),
+            ],
+        },
+        "llama": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tokenizer', 'Any', None),
+                ('d_model', 'int', 768),
+                ('n_layers', 'int', 12),
+                ('n_heads', 'int', 12),
+                ('n_kv_heads', 'Union[int, None]', None),
+                ('ffn_hidden_size', 'Union[int, None]', None),
+                ('multiple_of', 'int', 256),
+                ('ffn_dim_multiplier', 'Union[float, None]', None),
+                ('norm_eps', 'float', 1e-05),
+                ('rope_theta', 'float', 10000.0),
+                ('max_seq_len', 'int', 2048),
+                ('tie_embeddings', 'bool', False),
+                ('init_std', 'float', 0.02),
+                ('attn_impl', "Literal['auto', 'flash', 'sdpa']", 'auto'),
+                ('use_train_metrics', 'bool', False),
+                ('vocab_size', 'Union[int, None]', None),
+                ('init_from_hf', 'Union[str, None]', None),
+                ('init_device', "Literal['cpu', 'meta']", 'cpu'),
+            ],
+        },
+        "mosaic_bert": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tokenizer', 'Any', None),
+                ('d_model', 'int', 768),
+                ('n_layers', 'int', 12),
+                ('n_heads', 'int', 12),
+                ('intermediate_size', 'int', 3072),
+                ('max_position_embeddings', 'int', 512),
+                ('type_vocab_size', 'int', 2),
+                ('position', "Literal['alibi', 'learned']", 'alibi'),
+                ('ffn', "Literal['geglu', 'mlp']", 'geglu'),
+                ('norm', "Literal['layernorm', 'low_precision_layernorm', 'fused_layernorm']", 'low_precision_layernorm'),
+                ('unpad', 'bool', True),
+                ('attention_dropout', 'float', 0.0),
+                ('hidden_dropout', 'float', 0.1),
+                ('layer_norm_eps', 'float', 1e-12),
+                ('init_std', 'float', 0.02),
+                ('attn_impl', "Literal['auto', 'flash', 'sdpa']", 'auto'),
+                ('use_train_metrics', 'bool', False),
+                ('vocab_size', 'Union[int, None]', None),
+                ('vocab_multiple', 'int', 64),
+                ('init_from_hf', 'Union[str, None]', None),
+            ],
+        },
+    },
+    "tokenizers": {
+        "hf": {
+            "var_kw": False, "nested": {}, "params": [
+                ('path', 'str'),
+                ('model_max_length', 'Union[int, None]', None),
+                ('kwargs', 'Union[dict, None]', None),
+            ],
+        },
+    },
+    "dataloaders": {
+        "text": {
+            "var_kw": False, "nested": {'collator': 'collators'}, "params": [
+                ('tokenizer', 'Any'),
+                ('device_batch_size', 'int'),
+                ('max_seq_len', 'int'),
+                ('local', 'Union[str, None]', None),
+                ('remote', 'Union[str, None]', None),
+                ('split', 'Union[str, None]', None),
+                ('streams', 'Union[dict, None]', None),
+                ('collator', 'Union[dict, None]', None),
+                ('shuffle', 'bool', False),
+                ('shuffle_seed', 'int', 9176),
+                ('shuffle_algo', 'str', 'py1e'),
+                ('shuffle_block_size', 'Union[int, None]', None),
+                ('num_canonical_nodes', 'Union[int, None]', None),
+                ('predownload', 'Union[int, None]', None),
+                ('cache_limit', 'Union[str, None]', None),
+                ('download_retry', 'int', 2),
+                ('download_timeout', 'float', 60.0),
+                ('epoch_size', 'Union[int, None]', None),
+                ('num_workers', 'int', 0),
+                ('drop_last', 'bool', True),
+                ('pin_memory', 'bool', False),
+                ('prefetch_factor', 'Union[int, None]', None),
+                ('persistent_workers', 'bool', False),
+                ('timeout', 'float', 0.0),
+            ],
+        },
+    },
+    "collators": {
+        "causal_lm": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tokenizer', 'Any', None),
+                ('max_seq_len', 'Union[int, None]', None),
+                ('sequence_id', 'bool', False),
+                ('padding', "Literal['max_length', 'longest']", 'max_length'),
+                ('append_eos', 'bool', True),
+            ],
+        },
+        "mlm": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tokenizer', 'Any', None),
+                ('max_seq_len', 'Union[int, None]', None),
+                ('mlm_probability', 'float', 0.15),
+                ('padding', "Literal['max_length', 'longest']", 'max_length'),
+            ],
+        },
+    },
+    "optimizers": {
+        "adam": {
+            "var_kw": False, "nested": {}, "params": [
+                ('params', 'Union[Any, Any, Any]'),
+                ('lr', 'Union[float, Any]', 0.001),
+                ('betas', 'tuple[Union[float, Any], Union[float, Any]]', (0.9, 0.999)),
+                ('eps', 'float', 1e-08),
+                ('weight_decay', 'float', 0),
+                ('amsgrad', 'bool', False),
+                ('foreach', 'Union[bool, None]', None),
+                ('maximize', 'bool', False),
+                ('capturable', 'bool', False),
+                ('differentiable', 'bool', False),
+                ('fused', 'Union[bool, None]', None),
+                ('decoupled_weight_decay', 'bool', False),
+            ],
+        },
+        "adamw": {
+            "var_kw": False, "nested": {}, "params": [
+                ('params', 'Union[Any, Any, Any]'),
+                ('lr', 'Union[float, Any]', 0.001),
+                ('betas', 'tuple[Union[float, Any], Union[float, Any]]', (0.9, 0.999)),
+                ('eps', 'float', 1e-08),
+                ('weight_decay', 'float', 0.01),
+                ('amsgrad', 'bool', False),
+                ('maximize', 'bool', False),
+                ('foreach', 'Union[bool, None]', None),
+                ('capturable', 'bool', False),
+                ('differentiable', 'bool', False),
+                ('fused', 'Union[bool, None]', None),
+            ],
+        },
+        "decoupled_adamw": {
+            "var_kw": False, "nested": {}, "params": [
+                ('params', 'Union[Any, Any]'),
+                ('lr', 'float', 0.001),
+                ('betas', 'tuple[float, float]', (0.9, 0.95)),
+                ('eps', 'float', 1e-08),
+                ('weight_decay', 'float', 1e-05),
+                ('amsgrad', 'bool', False),
+            ],
+        },
+        "decoupled_sgdw": {
+            "var_kw": False, "nested": {}, "params": [
+                ('params', 'Union[Any, Any]'),
+                ('lr', 'float', Ellipsis),
+                ('momentum', 'float', 0),
+                ('dampening', 'float', 0),
+                ('weight_decay', 'float', 0),
+                ('nesterov', 'bool', False),
+            ],
+        },
+        "sgd": {
+            "var_kw": False, "nested": {}, "params": [
+                ('params', 'Union[Any, Any, Any]'),
+                ('lr', 'Union[float, Any]', 0.001),
+                ('momentum', 'float', 0),
+                ('dampening', 'float', 0),
+                ('weight_decay', 'Union[float, Any]', 0),
+                ('nesterov', 'bool', False),
+                ('maximize', 'bool', False),
+                ('foreach', 'Union[bool, None]', None),
+                ('differentiable', 'bool', False),
+                ('fused', 'Union[bool, None]', None),
+            ],
+        },
+    },
+    "schedulers": {
+        "constant": {
+            "var_kw": False, "nested": {}, "params": [
+                ('alpha', 'float', 1.0),
+                ('t_max', 'Union[str, Duration]', '1dur'),
+            ],
+        },
+        "constant_with_warmup": {
+            "var_kw": False, "nested": {}, "params": [
+                ('t_warmup', 'Union[str, Duration]'),
+                ('alpha', 'float', 1.0),
+                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('scale_warmup', 'bool', False),
+            ],
+        },
+        "cosine_decay": {
+            "var_kw": False, "nested": {}, "params": [
+                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('alpha_f', 'float', 0.0),
+            ],
+        },
+        "cosine_warm_restarts": {
+            "var_kw": False, "nested": {}, "params": [
+                ('t_0', 'Union[str, Duration]'),
+                ('t_mult', 'float', 1.0),
+                ('alpha_f', 'float', 0.0),
+            ],
+        },
+        "cosine_with_warmup": {
+            "var_kw": False, "nested": {}, "params": [
+                ('t_warmup', 'Union[str, Duration]'),
+                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('alpha_f', 'float', 0.0),
+                ('scale_warmup', 'bool', False),
+            ],
+        },
+        "exponential": {
+            "var_kw": False, "nested": {}, "params": [
+                ('gamma', 'float'),
+                ('decay_period', 'Union[str, Duration]', '1ep'),
+            ],
+        },
+        "linear_decay": {
+            "var_kw": False, "nested": {}, "params": [
+                ('alpha_i', 'float', 1.0),
+                ('alpha_f', 'float', 0.0),
+                ('t_max', 'Union[str, Duration]', '1dur'),
+            ],
+        },
+        "linear_decay_with_warmup": {
+            "var_kw": False, "nested": {}, "params": [
+                ('t_warmup', 'Union[str, Duration]'),
+                ('alpha_i', 'float', 1.0),
+                ('alpha_f', 'float', 0.0),
+                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('scale_warmup', 'bool', False),
+            ],
+        },
+        "multistep": {
+            "var_kw": False, "nested": {}, "params": [
+                ('milestones', 'list[Union[str, Duration]]'),
+                ('gamma', 'float', 0.1),
+            ],
+        },
+        "multistep_with_warmup": {
+            "var_kw": False, "nested": {}, "params": [
+                ('t_warmup', 'Union[str, Duration]'),
+                ('milestones', 'list[Union[str, Duration]]'),
+                ('gamma', 'float', 0.1),
+                ('scale_warmup', 'bool', False),
+            ],
+        },
+        "polynomial": {
+            "var_kw": False, "nested": {}, "params": [
+                ('power', 'float'),
+                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('alpha_f', 'float', 0.0),
+            ],
+        },
+        "polynomial_with_warmup": {
+            "var_kw": False, "nested": {}, "params": [
+                ('t_warmup', 'Union[str, Duration]'),
+                ('power', 'float', 2.0),
+                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('alpha_f', 'float', 0.0),
+                ('scale_warmup', 'bool', False),
+            ],
+        },
+        "step": {
+            "var_kw": False, "nested": {}, "params": [
+                ('step_size', 'Union[str, Duration]'),
+                ('gamma', 'float', 0.1),
+            ],
+        },
+    },
+    "algorithms": {
+        "alibi": {
+            "var_kw": False, "nested": {}, "params": [
+                ('max_sequence_length', 'int'),
+                ('train_sequence_length_scaling', 'float', 0.25),
+            ],
+        },
+        "ema": {
+            "var_kw": False, "nested": {}, "params": [
+                ('half_life', 'Union[str, None]', '1000ba'),
+                ('smoothing', 'Union[float, None]', None),
+                ('ema_start', 'str', '0.0dur'),
+                ('update_interval', 'Union[str, None]', None),
+            ],
+        },
+        "gated_linear_units": {
+            "var_kw": False, "nested": {}, "params": [
+                ('act_fn', 'Union[Any, None]', None),
+                ('gated_layer_bias', 'bool', False),
+                ('non_gated_layer_bias', 'bool', False),
+            ],
+        },
+        "gradient_clipping": {
+            "var_kw": False, "nested": {}, "params": [
+                ('clipping_type', 'str'),
+                ('clipping_threshold', 'float'),
+            ],
+        },
+        "label_smoothing": {
+            "var_kw": False, "nested": {}, "params": [
+                ('smoothing', 'float', 0.1),
+                ('target_key', 'Union[str, int, tuple[Any, Any], Any]', 1),
+            ],
+        },
+        "layer_freezing": {
+            "var_kw": False, "nested": {}, "params": [
+                ('freeze_start', 'float', 0.5),
+                ('freeze_level', 'float', 1.0),
+            ],
+        },
+        "low_precision_layernorm": {
+            "var_kw": False, "nested": {}, "params": [
+                ('apply_at', 'Any', Ellipsis),
+            ],
+        },
+        "sam": {
+            "var_kw": False, "nested": {}, "params": [
+                ('rho', 'float', 0.05),
+                ('epsilon', 'float', 1e-12),
+                ('interval', 'int', 1),
+            ],
+        },
+        "seq_length_warmup": {
+            "var_kw": False, "nested": {}, "params": [
+                ('duration', 'float', 0.3),
+                ('min_seq_length', 'int', 8),
+                ('max_seq_length', 'int', 1024),
+                ('step_size', 'int', 8),
+                ('truncate', 'bool', True),
+                ('preserve_end_of_sequence', 'bool', False),
+            ],
+        },
+        "stochastic_depth": {
+            "var_kw": False, "nested": {}, "params": [
+                ('target_layer_name', 'str'),
+                ('stochastic_method', 'str', 'block'),
+                ('drop_rate', 'float', 0.2),
+                ('drop_distribution', 'str', 'linear'),
+                ('drop_warmup', 'Union[float, Duration, str]', 0.0),
+            ],
+        },
+        "swa": {
+            "var_kw": False, "nested": {}, "params": [
+                ('swa_start', 'str', '0.7dur'),
+                ('swa_end', 'str', '0.97dur'),
+                ('update_interval', 'str', '1ep'),
+                ('schedule_swa_lr', 'bool', False),
+                ('anneal_strategy', 'str', 'linear'),
+                ('anneal_steps', 'int', 10),
+                ('swa_lr', 'Union[float, None]', None),
+            ],
+        },
+    },
+    "callbacks": {
+        "activation_monitor": {
+            "var_kw": False, "nested": {}, "params": [
+                ('interval', 'Union[int, str, Duration]', '25ba'),
+                ('ignore_module_types', 'Union[list[str], None]', None),
+                ('only_log_wandb', 'bool', True),
+            ],
+        },
+        "cost_monitor": {
+            "var_kw": False, "nested": {}, "params": [
+                ('gpu', 'Union[str, None]', None),
+                ('usd_per_gpu_hour', 'Union[float, None]', None),
+                ('peak_flops', 'Union[float, None]', None),
+                ('window_size', 'int', 10),
+                ('hardware', 'Union[dict, None]', None),
+            ],
+        },
+        "early_stopper": {
+            "var_kw": False, "nested": {}, "params": [
+                ('monitor', 'str'),
+                ('dataloader_label', 'str'),
+                ('comp', 'Union[str, Any, None]', None),
+                ('min_delta', 'float', 0.0),
+                ('patience', 'Union[int, str, Duration]', 1),
+            ],
+        },
+        "generate": {
+            "var_kw": False, "nested": {}, "params": [
+                ('prompts', 'list[str]'),
+                ('interval', 'str', '1000ba'),
+                ('max_new_tokens', 'int', 32),
+                ('temperature', 'float', 1.0),
+                ('top_k', 'Union[int, None]', 50),
+                ('seed', 'int', 17),
+                ('at_end', 'bool', True),
+            ],
+        },
+        "lm_eval": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tasks', 'list[str]'),
+                ('interval', 'str', '1000ba'),
+                ('limit', 'Union[int, None]', None),
+                ('num_fewshot', 'Union[int, None]', None),
+                ('include_path', 'Union[str, None]', None),
+                ('batch_size', 'int', 8),
+                ('at_end', 'bool', True),
+            ],
+        },
+        "lr_monitor": {
+            "var_kw": False, "nested": {}, "params": [
+            ],
+        },
+        "memory_monitor": {
+            "var_kw": False, "nested": {}, "params": [
+                ('memory_keys', 'Union[dict, None]', None),
+                ('dist_aggregate_batch_interval', 'Union[int, None]', None),
+            ],
+        },
+        "nan_monitor": {
+            "var_kw": True, "nested": {}, "params": [
+            ],
+        },
+        "optimizer_monitor": {
+            "var_kw": False, "nested": {}, "params": [
+                ('log_optimizer_metrics', 'bool', True),
+                ('batch_log_interval', 'int', 10),
+            ],
+        },
+        "runtime_estimator": {
+            "var_kw": False, "nested": {}, "params": [
+                ('skip_batches', 'int', 1),
+                ('time_unit', 'str', 'hours'),
+            ],
+        },
+        "speed_monitor": {
+            "var_kw": False, "nested": {}, "params": [
+                ('window_size', 'int', 100),
+                ('gpu_flops_available', 'Union[float, int, None]', None),
+                ('time_unit', 'str', 'hours'),
+            ],
+        },
+        "stream_counts": {
+            "var_kw": False, "nested": {}, "params": [
+            ],
+        },
+        "system_metrics_monitor": {
+            "var_kw": False, "nested": {}, "params": [
+                ('log_all_data', 'bool', False),
+            ],
+        },
+        "threshold_stopper": {
+            "var_kw": False, "nested": {}, "params": [
+                ('monitor', 'str'),
+                ('dataloader_label', 'str'),
+                ('threshold', 'float'),
+                ('comp', 'Union[str, Any, None]', None),
+                ('stop_on_batch', 'bool', False),
+            ],
+        },
+    },
+    "loggers": {
+        "file": {
+            "var_kw": False, "nested": {}, "params": [
+                ('filename', 'str', '{run_name}/logs-rank{rank}.txt'),
+                ('remote_file_name', 'Union[str, None]', None),
+                ('capture_stdout', 'bool', True),
+                ('capture_stderr', 'bool', True),
+                ('buffer_size', 'int', 1),
+                ('log_traces', 'bool', True),
+                ('flush_interval', 'int', 100),
+                ('overwrite', 'bool', False),
+            ],
+        },
+        "inmemory": {
+            "var_kw": False, "nested": {}, "params": [
+            ],
+        },
+        "jsonl_metrics": {
+            "var_kw": False, "nested": {}, "params": [
+                ('filename', 'str'),
+                ('stop_on_nan', 'bool', False),
+            ],
+        },
+        "mlflow": {
+            "var_kw": False, "nested": {}, "params": [
+                ('experiment_name', 'Union[str, None]', None),
+                ('run_name', 'Union[str, None]', None),
+                ('tags', 'Union[dict, None]', None),
+                ('tracking_uri', 'Union[str, Any, None]', None),
+                ('rank_zero_only', 'bool', True),
+                ('flush_interval', 'int', 10),
+                ('model_registry_prefix', 'str', ''),
+                ('model_registry_uri', 'Union[str, None]', None),
+                ('synchronous', 'bool', False),
+                ('log_system_metrics', 'bool', True),
+                ('rename_metrics', 'Union[dict, None]', None),
+                ('ignore_metrics', 'Union[list[str], None]', None),
+                ('ignore_hyperparameters', 'Union[list[str], None]', None),
+                ('run_group', 'Union[str, None]', None),
+                ('resume', 'bool', False),
+                ('logging_buffer_seconds', 'Union[int, None]', 10),
+                ('log_duplicated_metric_every_n_steps', 'int', 100),
+            ],
+        },
+        "tensorboard": {
+            "var_kw": False, "nested": {}, "params": [
+                ('log_dir', 'Union[str, None]', None),
+                ('flush_interval', 'int', 100),
+                ('rank_zero_only', 'bool', True),
+            ],
+        },
+        "wandb": {
+            "var_kw": False, "nested": {}, "params": [
+                ('project', 'Union[str, None]', None),
+                ('group', 'Union[str, None]', None),
+                ('name', 'Union[str, None]', None),
+                ('entity', 'Union[str, None]', None),
+                ('tags', 'Union[list[str], None]', None),
+                ('log_artifacts', 'bool', False),
+                ('rank_zero_only', 'bool', True),
+                ('init_kwargs', 'Union[dict, None]', None),
+            ],
+        },
+    },
+    "metrics": {
+        "cross_entropy": {
+            "var_kw": False, "nested": {}, "params": [
+                ('ignore_index', 'int', -100),
+                ('dist_sync_on_step', 'bool', False),
+            ],
+        },
+        "language_cross_entropy": {
+            "var_kw": False, "nested": {}, "params": [
+                ('dist_sync_on_step', 'bool', False),
+                ('ignore_index', 'int', -100),
+            ],
+        },
+        "language_perplexity": {
+            "var_kw": False, "nested": {}, "params": [
+                ('dist_sync_on_step', 'bool', False),
+                ('ignore_index', 'int', -100),
+            ],
+        },
+        "loss": {
+            "var_kw": False, "nested": {}, "params": [
+                ('loss_function', 'Any'),
+                ('dist_sync_on_step', 'bool', False),
+            ],
+        },
+        "masked_accuracy": {
+            "var_kw": False, "nested": {}, "params": [
+                ('ignore_index', 'int', -100),
+                ('dist_sync_on_step', 'bool', False),
+            ],
+        },
+    },
+}
+# fmt: on

@@ -134,6 +134,7 @@ def bert_pair(
         f"padding {pad:.0%}, mask 30%"
     )
     info = {"shape": text, "seq": seq, "L": L, "d": d, "padding": pad, "flops_per_token": flops, **names}
+    info.update(model=ours, loss_fn=bb.mosaic_loss)
     return pair, p, info
 
 
@@ -190,7 +191,8 @@ def llama_pair(
     p = {names["ours"]: count_params(ours.model.blocks), names["hf"]: count_params(hf.model.layers)}
     flops = ours.flops_per_batch({"input_ids": batches[0]["input_ids"][:1]}) / seq
     text = f"d={d}, L={L}, {heads} heads ({kv} KV), FFN {ffn}, seq {seq}, batch {bs}, vocab {vocab}"
-    return pair, p, {"shape": text, "seq": seq, "L": L, "d": d, "flops_per_token": flops, **names}
+    info = {"shape": text, "seq": seq, "L": L, "d": d, "flops_per_token": flops, **names}
+    return pair, p, {**info, "model": ours, "loss_fn": ours_loss}
 
 
 # Op groups of the per-op table (--profile): aten names -> what they are.
@@ -272,6 +274,66 @@ def print_profile(per_op: dict[str, dict[str, float]], wall: dict[str, float], t
         print(f"| {op} | " + " | ".join(f"{per_op[n].get(op, 0.0):.3f}" for n in names) + " |")
 
 
+def compile_rows(args: argparse.Namespace) -> None:
+    """``--compile``: our model compiled per block (the recipe's ``compile:``) vs the same model eager, per family.
+
+    Same weights, same batches, interleaved rounds. Compile time is what the compiler reports (forward and backward
+    graphs), spent in the warm-up step and excluded from tokens/s. MosaicBERT then runs through 50 distinct
+    batches (a different unpadded token count each) and the recompiles are counted.
+    """
+    import copy
+
+    from llmfoundry_lite.recipe import CompileConfig
+    from llmfoundry_lite.train.compile import CompileMonitor, apply_compile
+
+    n_check = 50
+    rows = []
+    for which in ("bert", "llama"):
+        if args.only and args.only != which:
+            continue
+        if which == "bert":
+            batches, pad_id = bert_batches(BERT_SHAPE, n_check)
+            pair, _, info = bert_pair(BERT_SHAPE, batches, pad_id)
+        else:
+            pair, _, info = llama_pair(LLAMA_SHAPE)
+        eager_step = pair.steps[info["ours"]]
+        compiled_model = copy.deepcopy(info["model"])
+        monitor = CompileMonitor()
+        monitor.start()
+        apply_compile(compiled_model, CompileConfig(dynamic=args.dynamic))
+        compiled_step = bench.train_step_fn(compiled_model, info["loss_fn"])
+        steps = {"eager": eager_step, f"compiled ({args.dynamic})": compiled_step}
+        timed = Pair(steps, pair.batches, pair.device)
+        timed.run(args.rounds, args.steps)
+        seen = 1 + args.rounds * args.steps
+        for i in range(seen, n_check if which == "bert" else seen):
+            steps[f"compiled ({args.dynamic})"](pair.batches[i % len(pair.batches)])
+        stats = monitor.stats()
+        rows.append((which, info, timed, stats, max(seen, n_check if which == "bert" else seen)))
+    m = bench.machine_description()
+    print(
+        f"\n### Compiled (per block, inductor) vs eager, training tokens/s ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+    )
+    print(
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average "
+        f"{m['load_average']:.1f}; torch {m['torch']}. fp32. {args.rounds} interleaved rounds x {args.steps} "
+        "step(s) per model after one warm-up step each (the compile); medians.\n"
+    )
+    print(
+        "| model | shape | eager tok/s | compiled tok/s | ratio | per-round ratios | compile s | graphs | recompiles (batches) | graph breaks |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for _which, info, timed, stats, seen in rows:
+        names = list(timed.steps)
+        ratios = timed.per_round_ratio(names[1], names[0])
+        print(
+            f"| {info['ours']} | {info['shape']} | {timed.tokens_per_s(names[0]):,.0f} | "
+            f"{timed.tokens_per_s(names[1]):,.0f} | **{statistics.median(ratios):.3f}x** | "
+            f"{', '.join(f'{r:.3f}' for r in ratios)} | {stats['seconds']:.0f} | {stats['graphs']:.0f} | "
+            f"{stats['recompiles']:.0f} ({seen}) | {stats['graph_breaks']:.0f} |"
+        )
+
+
 def _label(hf_attn: str) -> str:
     return {"sdpa": "SDPA", "flash_attention_2": "flash-attn 2"}.get(hf_attn, hf_attn)
 
@@ -292,12 +354,22 @@ def main() -> None:
         action="store_true",
         help="per-op table (torch.profiler, one step each) instead of timing",
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="our models compiled per block vs eager (instead of the HF pairs)",
+    )
+    ap.add_argument("--dynamic", default="auto", help="compile.dynamic for --compile: auto, true or false")
     args = ap.parse_args()
+    args.dynamic = {"true": True, "false": False}.get(args.dynamic, args.dynamic)
     if args.quick:
         args.rounds, args.steps = 2, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    if args.compile:
+        compile_rows(args)
+        return
     peaks: list[float] = []
     results = []
 

@@ -804,12 +804,14 @@ def quickstart_recipes() -> list[Path]:
     return sorted((ROOT / "recipes" / "quickstart").glob("*.yaml"))
 
 
-def recipe_overrides(recipe: Path, data: Path, workdir: Path, mode: Mode, fsdp: bool) -> list[str]:
-    """Overrides that point a quickstart recipe at this check's data and folders, amp_bf16, and FSDP."""
+def recipe_overrides(
+    recipe: Path, data: Path, workdir: Path, mode: Mode, fsdp: bool, compiled: bool = False
+) -> list[str]:
+    """Overrides that point a quickstart recipe at this check's data and folders, amp_bf16, FSDP, compile."""
     from llmfoundry_lite.recipe import compose
 
     raw, _ = compose(recipe)
-    run_name = f"gpu-check-{recipe.stem}{'-fsdp' if fsdp else ''}"
+    run_name = f"gpu-check-{recipe.stem}{'-fsdp' if fsdp else ''}{'-compiled' if compiled else ''}"
     out = []
     for key, value in (raw.get("variables") or {}).items():
         if isinstance(value, str) and value.startswith(RECIPE_DATA_PREFIX + "/"):
@@ -833,6 +835,8 @@ def recipe_overrides(recipe: Path, data: Path, workdir: Path, mode: Mode, fsdp: 
             "fsdp.activation_checkpointing=true",
             "fsdp.state_dict_type=full",
         ]
+    if compiled:  # torch.compile per block, inside the FSDP units and activation checkpointing
+        out.append("compile=true")
     return out
 
 
@@ -849,7 +853,9 @@ def _fsdp_units(model: Any) -> tuple[int, int]:
     return units, ckpt
 
 
-def step_train(check: Check, recipe_path: str, fsdp: bool, workdir_path: str) -> tuple[str, dict]:
+def step_train(
+    check: Check, recipe_path: str, fsdp: bool, workdir_path: str, compiled: bool = False
+) -> tuple[str, dict]:
     """Train half, checkpoint, resume to the full length through load_recipe + train, as `train` runs it."""
 
     from llmfoundry_lite import load_recipe
@@ -860,7 +866,7 @@ def step_train(check: Check, recipe_path: str, fsdp: bool, workdir_path: str) ->
     if check.context.get("data") is None:
         raise Failed("needs the quickstart data, whose step did not run")
     data = Path(check.context["data"])
-    overrides = recipe_overrides(recipe, data, workdir, mode, fsdp)
+    overrides = recipe_overrides(recipe, data, workdir, mode, fsdp, compiled)
     half, full = mode.batches_half, 2 * mode.batches_half
     cfg = load_recipe(str(recipe), [*overrides, f"max_duration={half}ba"])  # the fsdp block is validated too
     if fsdp and mode.device != "cuda":
@@ -899,6 +905,9 @@ def step_train(check: Check, recipe_path: str, fsdp: bool, workdir_path: str) ->
         problems.append(f"the second run did not resume from {saved[-1]} (no 'resuming' line)")
     if batch != full:
         problems.append(f"stopped at batch {batch}, expected {full}")
+    if compiled:  # compile seconds, graphs, recompiles and graph breaks of the resumed run
+        monitor = next((c for c in trainer.state.callbacks if type(c).__name__ == "CompileMonitor"), None)
+        details["compile"] = monitor.stats() if monitor is not None else None
     if fsdp:
         n_layers = int(cfg2.model.n_layers)
         details["fsdp_enabled"] = bool(trainer.state.fsdp_enabled)
@@ -1037,9 +1046,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "train" in groups:
             check.run_isolated("data", me + "step_data", str(workdir))
             for recipe in quickstart_recipes():
-                for fsdp in (False, True):
-                    name = f"train {recipe.stem}{' fsdp' if fsdp else ''}"
-                    check.run_isolated(name, me + "step_train", str(recipe), fsdp, str(workdir))
+                for fsdp, compiled in ((False, False), (True, False), (True, True)):
+                    name = f"train {recipe.stem}{' fsdp' if fsdp else ''}{' compiled' if compiled else ''}"
+                    check.run_isolated(name, me + "step_train", str(recipe), fsdp, str(workdir), compiled)
         check.write_json()
         print("\n" + check.table(), flush=True)
     return 0 if check.ok() else 1

@@ -84,6 +84,7 @@ def test_every_step_is_reported_ok_or_skipped_with_a_reason(dry_run):
         "doctor", "peak", "data",
         "throughput bert flash", "throughput bert sdpa", "throughput llama flash", "throughput llama sdpa",
         "train llama-tiny", "train llama-tiny fsdp", "train mosaicbert-tiny", "train mosaicbert-tiny fsdp",
+        "train llama-tiny fsdp compiled", "train mosaicbert-tiny fsdp compiled",
     }  # fmt: skip
     assert set(steps) == expected
     for name, s in steps.items():

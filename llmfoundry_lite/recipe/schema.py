@@ -32,6 +32,22 @@ Duration = Union[str, int]
 
 
 @dataclasses.dataclass
+class CompileConfig:
+    """``compile:`` settings: ``torch.compile`` applied to each transformer block (the FSDP/checkpointing unit).
+
+    ``compile: true`` takes these defaults. ``dynamic: auto`` marks a dimension dynamic once it changes (one
+    recompile), ``true`` traces every size symbolically from the start, ``false`` specialises on each size.
+    ``warn_recompiles``: more recompiles or graph breaks than this print one warning line naming the cause.
+    """
+
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    dynamic: Union[bool, Literal["auto"]] = "auto"
+    fullgraph: bool = False
+    backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    warn_recompiles: int = 3
+
+
+@dataclasses.dataclass
 class RecipeSchema:
     """Top-level keys of a recipe. Component sections are validated against the registries."""
 
@@ -75,6 +91,7 @@ class RecipeSchema:
     fsdp: Optional[dict] = None
     glue: Optional[dict] = None
     cost: Optional[CostConfig] = None
+    compile: Optional[Union[bool, CompileConfig]] = None
 
 
 SCHEMA_FIELDS = {f.name: f for f in dataclasses.fields(RecipeSchema)}
@@ -89,6 +106,24 @@ DURATION_UNITS = {
     "console_log_interval": ("ba", "sp", "tok", "ep", "iter", "dur", "sec"),
 }
 DURATION_KEYS = tuple(DURATION_UNITS)
+
+
+def compile_settings(value: Any, key: str = "compile") -> Optional[CompileConfig]:
+    """The recipe's ``compile:`` value as settings (None when off); RecipeError naming the key otherwise."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return CompileConfig()
+    if not isinstance(value, Mapping):
+        raise RecipeError(
+            f"expected true, false or a mapping such as {{mode: default, dynamic: auto}}, got {value!r}",
+            key=key,
+        )
+    registry.check_dataclass(CompileConfig, dict(value), key)
+    settings = CompileConfig(**value)
+    if settings.warn_recompiles < 0:
+        raise RecipeError(f"must be >= 0, got {settings.warn_recompiles}", key=f"{key}.warn_recompiles")
+    return settings
 
 
 def iter_multi(section: str, value: Any) -> list[tuple[str, str | None, Any]]:
@@ -130,11 +165,10 @@ def _loader_takes_seq_len(block: Any) -> bool:
     if not isinstance(block, Mapping) or not isinstance(block.get("name"), str):
         return False
     try:
-        entry = registry.lookup("dataloaders", block["name"])
+        spec = registry.entry_spec("dataloaders", block["name"])
     except RecipeError:
         return False
-    params, _ = registry.signature_params(entry)
-    return "max_seq_len" in params
+    return "max_seq_len" in spec.params
 
 
 def with_sequence_length(data: dict) -> dict:

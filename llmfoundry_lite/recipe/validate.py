@@ -25,6 +25,7 @@ from llmfoundry_lite.recipe.schema import (
     LOADER_SECTIONS,
     MULTI_SECTIONS,
     SCHEMA_FIELDS,
+    compile_settings,
     iter_multi,
     with_defaults,
     with_sequence_length,
@@ -65,12 +66,9 @@ def check_duration(key: str, value: Any) -> None:
     err = registry.time_error(value)
     if err:
         raise RecipeError(err, key=key)
-    from composer.core import Time
-
-    t = Time.from_timestring(value)
-    if t.value <= 0:
+    amount, unit = registry.parse_duration(value)
+    if amount <= 0:
         raise RecipeError(f"must be positive, got {value!r}", key=key)
-    unit = t.unit.value
     if unit not in allowed:
         why = {
             "dur": "a fraction of the run cannot set the run's own length" if key == "max_duration" else "",
@@ -80,7 +78,7 @@ def check_duration(key: str, value: Any) -> None:
             f"unit {unit!r} is not allowed here ({why}); use one of {', '.join(allowed)} (e.g. '100ba')",
             key=key,
         )
-    if unit == "dur" and t.value > 1:
+    if unit == "dur" and amount > 1:
         raise RecipeError(f"a fraction of the run must be in (0, 1], got {value!r}", key=key)
 
 
@@ -114,8 +112,7 @@ def model_context(block: Mapping[str, Any]) -> tuple[int, str] | None:
     Read from the entry's keys: ``max_seq_len`` (LLaMA), or ``max_position_embeddings`` with learned positions
     (classic BERT; ALiBi extrapolates beyond it). The block's value, else the entry's default.
     """
-    entry = registry.lookup("models", block.get("name"), key="model.name")
-    params, _ = registry.signature_params(entry)
+    params = registry.entry_spec("models", block.get("name"), key="model.name").params
 
     def value(key: str) -> Any:
         return block.get(key, params[key].default) if key in params else None
@@ -172,6 +169,9 @@ def validate(data: dict, nproc: int | None = None, check_resources: bool = False
         if name in data and data[name] is not None:
             if name in DURATION_UNITS:
                 check_duration(name, data[name])
+                continue
+            if name == "compile":
+                compile_settings(data[name])
                 continue
             err = registry.type_error(data[name], _SCHEMA_HINTS[name])
             if err:

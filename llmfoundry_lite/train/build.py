@@ -139,6 +139,18 @@ def build_model(cfg: Any, tokenizer: Any = None) -> Any:
     return registry.build("models", block, "model", tokenizer=tokenizer)
 
 
+def compile_model(cfg: Any, model: torch.nn.Module) -> list[Any]:
+    """Apply the recipe's ``compile:`` to each block of ``model`` in place; the callbacks that report on it."""
+    from llmfoundry_lite.recipe import compile_settings
+    from llmfoundry_lite.train.compile import CompileMonitor, apply_compile
+
+    settings = compile_settings(recipe_section(cfg, "compile"))
+    if settings is None:
+        return []
+    apply_compile(model, settings, (recipe_section(cfg, "model") or {}).get("name", "model"))
+    return [CompileMonitor(settings.warn_recompiles)]
+
+
 def build_dataloader(cfg: Any, section: str, tokenizer: Any, device_batch_size: int) -> Any:
     """A train or eval dataloader (DataSpec or DataLoader) from a recipe section."""
     block = recipe_section(cfg, section)

@@ -15,7 +15,6 @@ from llmfoundry_lite.data.checks import check_recipe_data
 from llmfoundry_lite.errors import RecipeError, suggest
 from llmfoundry_lite.recipe import iter_multi
 from llmfoundry_lite.recipe.sections import register_check, register_section
-from llmfoundry_lite.train.meta import check_model_shape
 
 WANDB_FIX = (
     "run `wandb login` (or set WANDB_API_KEY), or log locally with WANDB_MODE=offline "
@@ -175,12 +174,31 @@ def check_pretraining_recipe(recipe: str, overrides: list[str] | None = None) ->
 
 def check_hf_bert_alibi(data: Mapping[str, Any]) -> None:
     """RecipeError when Composer's ``alibi`` surgery meets ``hf_bert`` under a transformers it breaks on."""
+    model = data.get("model")
+    if not isinstance(model, Mapping) or model.get("name") != "hf_bert":
+        return  # the only model it concerns: other recipes need not import Composer for it
     from llmfoundry_lite.models.hf import check_alibi_on_hf_bert  # lazily: models.hf imports Composer
 
     check_alibi_on_hf_bert(data)
 
 
-register_section("model", check_model_shape)
+def check_model(block: Any) -> None:
+    """The model block built on the meta device (shape errors now, not at train time); a success is remembered."""
+    from llmfoundry_lite.train.memo import remembered
+
+    def build() -> bool:
+        from llmfoundry_lite.train.meta import check_model_shape  # torch, Composer and the model code
+
+        check_model_shape(block)
+        return True
+
+    if isinstance(block, Mapping):
+        remembered("model-shape", dict(block), build)
+    else:
+        build()
+
+
+register_section("model", check_model)
 register_section("fsdp", validate_fsdp)
 register_check(check_auto_microbatching)
 register_check(check_hf_bert_alibi)

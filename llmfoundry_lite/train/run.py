@@ -179,6 +179,7 @@ def _build_trainer(
 
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer)
+    compile_callbacks = build.compile_model(cfg, model)  # per block, before Composer wraps FSDP/checkpointing
     train_loader = build.build_loader(cfg, "train_loader", tokenizer, device_batch, world)
     eval_loader = None
     if cfg.get("eval_loader") is not None:
@@ -195,7 +196,14 @@ def _build_trainer(
     # that yields nothing, and closes its train.log.
     # Preemption first: from its fit_start on, a signal checkpoints instead of stopping as during start-up.
     resume_rng = ResumeRNG()
-    callbacks = [Preemption(), *callbacks, NonFiniteLossGuard(), EmptyEpochGuard(), resume_rng]
+    callbacks = [
+        Preemption(),
+        *callbacks,
+        *compile_callbacks,
+        NonFiniteLossGuard(),
+        EmptyEpochGuard(),
+        resume_rng,
+    ]
     callbacks += [CloseConsole(console), hold]
 
     save_folder = cfg.get("save_folder")

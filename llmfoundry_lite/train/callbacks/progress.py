@@ -200,6 +200,7 @@ class ProgressLine(LoggerDestination):
         self._batch_t0: Optional[float] = None
         self._batch_busy: Optional[float] = None
         self._last: tuple[int, float] = (0, 0.0)
+        self._compiled = 0.0  # compile/seconds seen so far: compile time is not step time
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
         """Remember the latest value of each metric."""
@@ -242,6 +243,10 @@ class ProgressLine(LoggerDestination):
         tokens = int(state.timestamp.token)
         if self._batch_t0 is not None:
             busy = self._batch_busy if self._batch_busy is not None else time.perf_counter() - self._batch_t0
+            compiled = self._metrics.get(
+                "compile/seconds", 0.0
+            )  # logged by train/compile.py's CompileMonitor
+            busy, self._compiled = max(busy - (compiled - self._compiled), 1e-9), compiled
             self._recent.append((tokens - self._last[0], (frac or 0.0) - self._last[1], busy))
             self._batch_t0 = self._batch_busy = None
         self._last = (tokens, frac or 0.0)
@@ -285,6 +290,8 @@ class ProgressLine(LoggerDestination):
             projected = self._metrics.get("cost/usd_projected")
             parts.append(f"${usd:,.2f}" + (f" of ~${projected:,.2f}" if projected else ""))
         parts.append(f"elapsed {_fmt_seconds(elapsed)}")
+        if self._compiled:
+            parts.append(f"compile {_fmt_seconds(self._compiled)}")
         frac = fraction_done(state)
         recent_frac = sum(f for _, f, _ in self._recent)
         if frac is not None and 0 < frac < 1 and busy > 0 and recent_frac > 0:

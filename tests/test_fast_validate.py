@@ -1,0 +1,133 @@
+"""`show` and `validate` without the heavy stack: the generated signature table matches the live registries, its
+annotations check values as the live ones do, durations parse as Composer parses them, and a recipe whose model
+was checked before is validated (and shown) without importing torch, Composer, transformers or streaming."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmfoundry_lite import registry, registry_index, registry_listing
+from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.registry import EntrySpec
+from llmfoundry_lite.typecheck import annotation_from_source, annotation_source, parse_duration, type_error
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
+HEAVY = ("torch", "composer", "transformers", "streaming")
+
+
+def test_signature_table_matches_the_live_registries():
+    assert registry_listing.builtin_signatures() == registry_index.SIGNATURES, (
+        "built-in registry entries changed: run `python scripts/registry_index.py`"
+    )
+
+
+SAMPLES = [None, True, 0, 3, -1, 2.5, "x", "10ba", "0.5dur", "auto", [1, 2], [0.9, 0.95], ["a"], {"a": 1}]
+
+
+def test_table_annotations_check_values_as_the_live_ones_do():
+    """Every built-in argument: the table's annotation accepts exactly the YAML values the live one accepts."""
+    checked = 0
+    for reg in registry.REGISTRY_NAMES:
+        for name, obj in registry_listing.builtin_entries(reg).items():
+            live = EntrySpec.of(obj)
+            table = EntrySpec.from_row(registry_index.SIGNATURES[reg][name])
+            assert table.params.keys() == live.params.keys() and table.var_kw == live.var_kw, name
+            for key, p in live.params.items():
+                q = table.params[key]
+                assert (q.required, q.default) == (p.required, p.default), (name, key)
+                for v in SAMPLES:
+                    assert (type_error(v, p.type) is None) == (type_error(v, q.type) is None), (name, key, v)
+                checked += 1
+    assert checked > 200
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["10ba", "1ep", "1000sp", "3e4tok", "0.5dur", "2iter", "30sec", "1h", "1h30m", "45m", "2h3m4s", "60s",
+     "10BA", "1.5ba", "ba", "10", "10 ba", "-1ba", "1e-3dur", "99m", "0ba", "abc"],
+)  # fmt: skip
+def test_durations_parse_as_composer_parses_them(text):
+    from composer.core import Time
+
+    try:
+        t = Time.from_timestring(text)
+        expected = (t.value, t.unit.value)
+    except (ValueError, TypeError) as e:
+        expected = type(e)
+    try:
+        got = parse_duration(text)
+    except (ValueError, TypeError) as e:
+        got = type(e)
+    assert got == expected
+
+
+def test_annotation_source_round_trips_the_checked_part():
+    from typing import Literal, Optional, Union
+
+    for tp in (int, Optional[float], Union[int, Literal["auto"]], list[str], tuple[float, float], dict, bool):
+        assert annotation_from_source(annotation_source(tp)) == tp or annotation_source(
+            tp
+        ) == annotation_source(annotation_from_source(annotation_source(tp)))
+    assert annotation_source(object) == "Any"
+
+
+def _cli(args: list[str], env: dict[str, str], probe: bool = True) -> subprocess.CompletedProcess:
+    """Run the CLI in a fresh interpreter; with ``probe`` it also prints which heavy packages got imported."""
+    code = (
+        "import sys\nfrom llmfoundry_lite.cli import main\nrc = main(sys.argv[1:])\n"
+        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\nsys.exit(rc)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _heavy(proc: subprocess.CompletedProcess) -> list[str]:
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("HEAVY"))
+    return ast.literal_eval(line.split(" ", 1)[1])
+
+
+@pytest.mark.timeout(900)  # four commands import torch and Composer: minutes on a busy 2-core box
+def test_validate_and_show_import_no_heavy_stack_once_the_model_was_checked(
+    tmp_path, bert_tokenizer_dir, mlm_mds_dir
+):
+    env = {**os.environ, "LLMFOUNDRY_LITE_CACHE": str(tmp_path / "memo")}
+    recipe = [
+        QUICKSTART,
+        f"variables.tokenizer_path={bert_tokenizer_dir}",
+        f"variables.data_local={mlm_mds_dir}",
+    ]
+    first = _cli(["show", *recipe], env)  # builds the model on the meta device once and remembers the answers
+    assert first.returncode == 0, first.stderr
+    assert "torch" in _heavy(first)
+    assert _cli(["validate", *recipe], env).returncode == 0
+    for verb in ("validate", "show"):
+        again = _cli([verb, *recipe], env)
+        assert again.returncode == 0, again.stderr
+        assert _heavy(again) == [], verb
+    assert again.stdout == first.stdout  # the remembered parameter count is the one computed
+    # Mistakes are never remembered: a new bad shape is built and refused (one line, exit 2) every time.
+    for _ in range(2):
+        bad = _cli(["validate", *recipe, "model.n_heads=3"], env)
+        assert bad.returncode == 2 and "n_heads=3" in bad.stderr
+    # A mistake in the keys is caught from the table, before any model is built.
+    typo = _cli(["validate", *recipe, "optimizer.lrr=0.1"], env)
+    assert typo.returncode == 2 and "did you mean 'lr'" in typo.stderr and _heavy(typo) == []
+    # Remembering off: the model is built every time (what the first command of a new model block costs).
+    off = _cli(["validate", *recipe], {**env, "LLMFOUNDRY_LITE_CACHE": "off"})
+    assert off.returncode == 0 and "torch" in _heavy(off)
+
+
+def test_entry_spec_prefers_live_entries_and_refuses_unknown_names():
+    with pytest.raises(RecipeError) as e:
+        registry.entry_spec("optimizers", "decoupled_adam", key="optimizer.name")
+    assert "did you mean 'decoupled_adamw'" in str(e.value) and e.value.key == "optimizer.name"
+    spec = registry.entry_spec("optimizers", "decoupled_adamw")
+    assert spec.params["lr"].type is float and not spec.params["lr"].required
