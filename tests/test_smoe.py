@@ -310,3 +310,87 @@ def test_sigkill_mid_run_resumes_bit_identical_k_router_and_experts(
     assert resumed["callbacks"]["SMoESchedule"] == ref["callbacks"]["SMoESchedule"] == {"k": last_k}
     ks = [r["smoe/k"] for r in metric_rows(tmp_path / "runs" / "crashy") if "smoe/k" in r]
     assert ks[-4:] == [2, 3, 3, 3]  # resumed from batch 2's checkpoint: batches 3-6 at the schedule's k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes, estimate, inference at a chosen k, export
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from llmfoundry_lite.cli import main
+
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("recipe", ["llama/125m-smoe", "mosaicbert/base-smoe"])
+def test_smoe_recipes_show_and_validate(recipe, capsys, request):
+    path = REPO / "recipes" / f"{recipe}.yaml"
+    # the published tokenizers and corpora are hub names and big folders; local ones stand in offline
+    llama = recipe.startswith("llama")
+    tok = request.getfixturevalue("llama_tokenizer_dir" if llama else "bert_tokenizer_dir")
+    data = request.getfixturevalue("causal_mds_dir" if llama else "mlm_mds_dir")
+    local = [f"variables.tokenizer_name={tok}", f"variables.data_local={data}", "max_seq_len=128"]
+    code, out, err = run_cli(capsys, "validate", path, *local)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "show", path, *local)
+    assert code == 0 and "name: smoe_dropout" in out and "k_min: 8" in out and "router: random_frozen" in out
+    code, out, err = run_cli(capsys, "validate", path, *local, "model.ffn.n_experts=7")
+    assert code == 2 and "model.ffn.n_experts" in err and "does not divide" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_estimate_charges_the_experts_active_over_the_schedule():
+    from llmfoundry_lite.apps.estimate import estimate
+    from llmfoundry_lite.models.ffn import ffn_config
+    from llmfoundry_lite.recipe import load_recipe
+
+    dense_path, smoe_path = REPO / "recipes/llama/125m.yaml", REPO / "recipes/llama/125m-smoe.yaml"
+    dense = estimate(load_recipe(dense_path), str(dense_path), gpu="a100-80gb", gpus=8, mfu=0.4)
+    cfg = load_recipe(smoe_path)
+    smoe = estimate(cfg, str(smoe_path), gpu="a100-80gb", gpus=8, mfu=0.4)
+    L, d, H, N = 12, 768, 2048, 16
+    k = mean_k(ffn_config(cfg.model.ffn))
+    assert k == pytest.approx(12.0, abs=0.01)
+    # 6 x (router d x N  -  the unselected experts' 3 d H/N each) per token and layer
+    expected = dense.flops_per_token + 6 * L * (d * N - (N - k) * 3 * d * (H // N))
+    assert smoe.flops_per_token == pytest.approx(expected, rel=1e-9)
+    assert "mean k 12.0 of 16" in smoe.flops_source
+    assert smoe.params == dense.params + L * d * N  # the same weights plus the routers
+
+
+def test_a_chosen_k_runs_generation_and_evaluation(llama_tok):
+    model = registry.build(
+        "models", {"name": "llama", **LLAMA, "vocab_size": None, "ffn": SMOE}, "model", tokenizer=llama_tok
+    )
+    model.eval()
+    prompt = torch.tensor([llama_tok("The object of")["input_ids"]])
+    outs = {}
+    for k in (1, 4):
+        assert set_active_experts(model, k) == 2
+        outs[k] = model.generate(prompt, max_new_tokens=4, temperature=0)
+        assert outs[k].shape == (1, prompt.shape[1] + 4)
+    with torch.no_grad():
+        losses = {}
+        for k in (1, 2, 4):
+            set_active_experts(model, k)
+            losses[k] = float(
+                model(batch("llama") | {"input_ids": batch("llama")["input_ids"] % len(llama_tok)}).loss
+            )
+    assert len(set(losses.values())) == 3  # each k is a different sub-network
+    # the recipe's inference k (model.ffn.k) is what a freshly built model runs at
+    fixed = registry.build("models", {"name": "llama", **LLAMA, "ffn": {**SMOE, "k": 3}}, "model")
+    assert active_experts(fixed) == 3
+    with pytest.raises(ValueError, match="between 1 and n_experts=4"):
+        set_active_experts(model, 5)
+
+
+def test_export_to_hugging_face_refuses_smoe_in_one_line(tmp_path, capsys, llama_tokenizer_dir):
+    model = build("llama", ffn=SMOE)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"state": {"model": model.state_dict()}}, path)
+    code, out, err = run_cli(capsys, "export", path, tmp_path / "hf", "--tokenizer", llama_tokenizer_dir)
+    assert code == 2 and "model.ffn" in err and "SMoE-Dropout" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()

@@ -21,6 +21,7 @@ import torch
 
 from llmfoundry_lite.checkpoints import find_checkpoint, load_model_state
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.ffn import refuse_hf_export
 
 RECIPE_FILENAME = "recipe.yaml"
 
@@ -121,6 +122,7 @@ def export_checkpoint(
     # The tokenizer loads before anything is written: a failed export leaves no half-written folder.
     ckpt = read_llama_checkpoint(checkpoint_path, tokenizer)
     cfg, decoder_sd, tok = ckpt.config, ckpt.weights, ckpt.tokenizer
+    refuse_hf_export(cfg.ffn)  # SMoE-Dropout's routed experts have no LlamaForCausalLM form
     prepare_tokenizer_for_decoder(tok, cfg.max_seq_len)
 
     try:

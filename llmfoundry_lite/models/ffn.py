@@ -355,6 +355,34 @@ def skipped_params_fn(model: nn.Module) -> Optional[Callable[[], int]]:
     return lambda: sum(m.skipped_params() for m in layers)
 
 
+def schedule_average(
+    model: nn.Module, fn: Callable[[], Optional[float]], points: int = 1000
+) -> Optional[float]:
+    """``fn()`` averaged over a training run's k schedule (each k weighted by its share of the run).
+
+    For whole-run estimates (``estimate``'s FLOPs): ``fn()`` as is for dense models; the model's k is restored.
+    """
+    cfg = smoe_config(model)
+    if cfg is None:
+        return fn()
+    before = active_experts(model)
+    shares: dict[int, int] = {}
+    for i in range(points):
+        k = k_at(cfg, (i + 0.5) / points)
+        shares[k] = shares.get(k, 0) + 1
+    total = 0.0
+    try:
+        for k, count in shares.items():
+            set_active_experts(model, k)
+            value = fn()
+            if value is None:
+                return None
+            total += value * count / points
+    finally:
+        set_active_experts(model, before)
+    return total
+
+
 def balance_loss(model: nn.Module) -> Optional[torch.Tensor]:
     """Mean load-balancing loss of the learned routers in the last training forward (None if none)."""
     losses = [m.aux_loss for m in smoe_layers(model) if m.aux_loss is not None]
