@@ -103,20 +103,39 @@ def test_grouped_experts_compute_the_routed_mixture(family, k):
 
 
 def test_only_selected_experts_run(monkeypatch):
-    """Grouped compute: the expert matmuls see k x tokens rows in all, not N x tokens."""
+    """Grouped compute: the experts see k x tokens rows in all (plus bounded padding), not N x tokens."""
     f = smoe_layers(build("llama", ffn=SMOE))[0]
-    rows = []
-    real_linear = F.linear
+    f.k, T = 2, 60
+    rows: list[int] = []
+    real_linear, real_bmm = F.linear, torch.bmm
 
-    def counting(x, w, b=None):
-        if w.shape[0] == f.expert_width:  # an expert's gate or up block
+    def linear(x, w, b=None):
+        if w.shape[0] == f.expert_width:  # an expert's gate or up block (expert-by-expert path)
             rows.append(x.shape[0])
         return real_linear(x, w, b)
 
-    monkeypatch.setattr(F, "linear", counting)
-    f.k = 2
-    f(torch.randn(50, 32))
-    assert sum(rows) == 2 * 2 * 50  # gate + up, 2 experts per token
+    def bmm(a, b):
+        if tuple(b.shape[1:]) == (
+            32,
+            2 * f.expert_width,
+        ):  # all experts' gate|up at once: (N, C, d) @ (N, d, 2h)
+            rows.append(a.shape[0] * a.shape[1])
+        return real_bmm(a, b)
+
+    monkeypatch.setattr(F, "linear", linear)
+    monkeypatch.setattr(torch, "bmm", bmm)
+    x = torch.randn(T, 32)
+    y = f(x)  # a balanced router: one batched matmul over the groups, padded to the largest
+    assert len(rows) == 1 and 2 * T <= rows[0] <= 1.5 * 2 * T
+    torch.testing.assert_close(y, per_token_reference(f, x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # a skewed router (every token's first choice is expert 0): expert by expert
+        f.router.weight[0] = 0
+        f.router.weight[1:] = -1
+    x = x.abs()
+    rows.clear()
+    y = f(x)
+    assert sum(rows) == 2 * 2 * T  # gate + up rows: exactly the selected (token, expert) pairs
+    torch.testing.assert_close(y, per_token_reference(f, x), atol=1e-5, rtol=1e-5)
 
 
 def test_frozen_router_gets_no_gradient_nor_optimizer_state():
@@ -394,3 +413,39 @@ def test_export_to_hugging_face_refuses_smoe_in_one_line(tmp_path, capsys, llama
     code, out, err = run_cli(capsys, "export", path, tmp_path / "hf", "--tokenizer", llama_tokenizer_dir)
     assert code == 2 and "model.ffn" in err and "SMoE-Dropout" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "hf").exists()
+
+
+def test_docs_commands_run(capsys, llama_tokenizer_dir, causal_mds_dir, bert_tokenizer_dir, mlm_mds_dir):
+    """docs/smoe.md's commands: show/validate as written; train validated (the training test above runs it)."""
+    import re
+    import shlex
+
+    doc = (REPO / "docs" / "smoe.md").read_text()
+    block = re.findall(r"```bash\n(.*?)```", doc, re.S)[0]
+    commands = [shlex.split(line) for line in block.strip().splitlines()]
+    assert [c[:2] for c in commands] == [
+        ["llmfoundry-lite", "show"],
+        ["llmfoundry-lite", "validate"],
+        ["llmfoundry-lite", "train"],
+        ["python", "scripts/benchmark_smoe.py"],
+    ]
+    for argv in commands[:3]:
+        verb, recipe, *overrides = argv[1:]
+        if "mosaicbert" in recipe:
+            local = [f"variables.tokenizer_name={bert_tokenizer_dir}", f"variables.data_local={mlm_mds_dir}"]
+        elif "quickstart" in recipe:
+            local = [
+                f"variables.tokenizer_path={llama_tokenizer_dir}",
+                f"variables.data_local={causal_mds_dir}",
+            ]
+        else:
+            local = [
+                f"variables.tokenizer_name={llama_tokenizer_dir}",
+                f"variables.data_local={causal_mds_dir}",
+            ]
+        local.append("max_seq_len=128")
+        verb = "validate" if verb == "train" else verb
+        code, out, err = run_cli(capsys, verb, REPO / recipe, *overrides, *local)
+        assert code == 0, (argv, err)
+    assert "--ffn-only" in commands[3]
+    assert re.search(r"^def main\(", (REPO / "scripts" / "benchmark_smoe.py").read_text(), re.M)
