@@ -103,39 +103,20 @@ def test_grouped_experts_compute_the_routed_mixture(family, k):
 
 
 def test_only_selected_experts_run(monkeypatch):
-    """Grouped compute: the experts see k x tokens rows in all (plus bounded padding), not N x tokens."""
+    """Grouped compute: the experts see exactly the k x tokens selected (token, expert) rows, not N x tokens."""
     f = smoe_layers(build("llama", ffn=SMOE))[0]
-    f.k, T = 2, 60
-    rows: list[int] = []
-    real_linear, real_bmm = F.linear, torch.bmm
+    rows = []
+    real_linear = F.linear
 
-    def linear(x, w, b=None):
-        if w.shape[0] == f.expert_width:  # an expert's gate or up block (expert-by-expert path)
+    def counting(x, w, b=None):
+        if tuple(w.shape) == (2 * f.expert_width, 32):  # an expert's fused gate|up block
             rows.append(x.shape[0])
         return real_linear(x, w, b)
 
-    def bmm(a, b):
-        if tuple(b.shape[1:]) == (
-            32,
-            2 * f.expert_width,
-        ):  # all experts' gate|up at once: (N, C, d) @ (N, d, 2h)
-            rows.append(a.shape[0] * a.shape[1])
-        return real_bmm(a, b)
-
-    monkeypatch.setattr(F, "linear", linear)
-    monkeypatch.setattr(torch, "bmm", bmm)
-    x = torch.randn(T, 32)
-    y = f(x)  # a balanced router: one batched matmul over the groups, padded to the largest
-    assert len(rows) == 1 and 2 * T <= rows[0] <= 1.5 * 2 * T
-    torch.testing.assert_close(y, per_token_reference(f, x), atol=1e-5, rtol=1e-5)
-    with torch.no_grad():  # a skewed router (every token's first choice is expert 0): expert by expert
-        f.router.weight[0] = 0
-        f.router.weight[1:] = -1
-    x = x.abs()
-    rows.clear()
-    y = f(x)
-    assert sum(rows) == 2 * 2 * T  # gate + up rows: exactly the selected (token, expert) pairs
-    torch.testing.assert_close(y, per_token_reference(f, x), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(F, "linear", counting)
+    f.k = 2
+    f(torch.randn(50, 32))
+    assert sum(rows) == 2 * 50 and len(rows) <= 4
 
 
 def test_frozen_router_gets_no_gradient_nor_optimizer_state():

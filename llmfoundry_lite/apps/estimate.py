@@ -97,7 +97,6 @@ def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[f
     import torch
 
     from llmfoundry_lite.models.accounting import TransformerFlops, layer_shape, model_flops, parameter_counts
-
     from llmfoundry_lite.models.ffn import mean_k, schedule_average, smoe_config
 
     ids = torch.zeros((1, seq_len), dtype=torch.long)
