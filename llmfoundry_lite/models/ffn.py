@@ -11,9 +11,9 @@ Transformer baseline, trained with its load-balancing loss (added to the loss by
 callback). ``k`` rises from ``k_min`` to ``k_max`` over training (``k_at``); at inference any ``k`` works
 ("self-slimmable", :func:`set_active_experts`).
 
-Compute follows the routing: tokens are grouped by expert (one sort) and each expert's three matmuls run on
-its own tokens only; at ``k = n_experts`` every expert sees every token, so the dense matmuls run once and the
-softmax weights scale the hidden activations per expert block.
+Compute follows the routing: tokens are grouped by expert (one sort) and each expert runs on its own tokens
+only (one fused gate|up matmul, one down matmul); at ``k = n_experts`` every expert sees every token, so the
+dense matmuls run once and the softmax weights scale the hidden activations per expert block.
 """
 
 from __future__ import annotations
