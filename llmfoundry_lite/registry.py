@@ -69,6 +69,7 @@ BUILTIN_MODULES = (
     "llmfoundry_lite.train.callbacks.preemption",
     "llmfoundry_lite.apps.evaluate.callback",
     "llmfoundry_lite.train.callbacks.stream_counts",
+    "llmfoundry_lite.train.callbacks.smoe_schedule",
     "llmfoundry_lite.data.tokenizers",
     "llmfoundry_lite.data.collators",
     "llmfoundry_lite.data.loaders",

@@ -78,6 +78,7 @@ BUILTINS: dict[str, dict[str, str]] = {
         "nan_monitor": "Catches NaNs in the loss and raises an error if one is found.",
         "optimizer_monitor": "Computes and logs the L2 norm of gradients as well as any optimizer-specific metrics implemented in the optimizer's `report_per_parameter_metrics` method.",
         "runtime_estimator": "Estimates total training time.",
+        "smoe_schedule": "Sets SMoE-Dropout's k each batch from ``model.ffn``'s schedule; logs it; evaluates at ``eval_k``.",
         "speed_monitor": "Logs the training throughput and utilization.",
         "stream_counts": "Logs samples and tokens seen per stream of a mixture (``data/<stream>/samples``, ``.../tokens``).",
         "system_metrics_monitor": "Logs GPU/CPU metrics.",

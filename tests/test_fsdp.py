@@ -22,6 +22,7 @@ import torch
 
 WORLD = 2
 N_LAYERS = 2
+SMOE = {"name": "smoe_dropout", "n_experts": 4, "k": 2}
 
 # name -> (family, FSDP settings, model keyword arguments)
 CASES: dict[str, tuple[str, dict, dict]] = {
@@ -29,6 +30,9 @@ CASES: dict[str, tuple[str, dict, dict]] = {
     "bert_ac": ("bert", {"activation_checkpointing": True}, {}),
     "llama": ("llama", {}, {}),
     "llama_tied_ac": ("llama", {"activation_checkpointing": True}, {"tie_embeddings": True}),
+    # SMoE-Dropout FFNs (models/ffn.py) at k=2 of 4: routed experts stay inside their block's unit
+    "llama_smoe_ac": ("llama", {"activation_checkpointing": True}, {"ffn": {**SMOE, "router": "learned"}}),
+    "bert_smoe": ("bert", {}, {"ffn": SMOE}),
     # the Hugging Face baselines: BertForMaskedLM (tied decoder) and LlamaForCausalLM
     "hf_bert_ac": ("hf_bert", {"activation_checkpointing": True}, {}),
     "hf_causal_lm": ("hf_causal_lm", {}, {}),
@@ -106,7 +110,7 @@ def _run_case(family: str, fsdp: dict, kw: dict) -> dict:
     batch = _batch(family)
     ref_loss = ref.loss(ref(batch), batch)
     ref_loss.backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}  # not a frozen router
     ref.eval()
     with torch.no_grad():
         ref_logits = ref(batch).logits
@@ -117,6 +121,8 @@ def _run_case(family: str, fsdp: dict, kw: dict) -> dict:
     loss.backward()
     with FSDP.summon_full_params(model, with_grads=True):
         grads = {_strip(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        grads = {n: g for n, g in grads.items() if n not in map(_strip, frozen) or bool(g.any())}
     model.eval()
     with torch.no_grad():
         logits = model(batch).logits  # the lazily computed full logits run the head again, outside forward

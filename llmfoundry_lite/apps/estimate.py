@@ -98,18 +98,31 @@ def flops_per_token(model: Any, seq_len: int, mlm_p: Optional[float]) -> tuple[f
 
     from llmfoundry_lite.batch import IGNORE_INDEX
     from llmfoundry_lite.models.accounting import TransformerFlops, layer_shape, model_flops, parameter_counts
+    from llmfoundry_lite.models.ffn import mean_k, schedule_average, smoe_config
 
     ids = torch.zeros((1, seq_len), dtype=torch.long)
     mask = torch.ones_like(ids)
-    every = model_flops(model, {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
+    # SMoE-Dropout: FLOPs follow the experts active at each step's k, averaged over the run's schedule.
+    every = schedule_average(
+        model, lambda: model_flops(model, {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
+    )
     if every is not None:
         if mlm_p is not None:
             # flops_per_batch is affine in the number of labelled (masked) tokens: interpolate exactly.
-            none = model_flops(
+            none = schedule_average(
                 model,
-                {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, IGNORE_INDEX)},
+                lambda: model_flops(
+                    model,
+                    {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, IGNORE_INDEX)},
+                ),
             )
             every = none + mlm_p * (every - none)
+        smoe = smoe_config(model)
+        if smoe is not None:
+            source = (
+                f"model.flops_per_batch at the run's mean k {mean_k(smoe):.1f} of {smoe.n_experts} experts"
+            )
+            return every / seq_len, source
         return every / seq_len, "model.flops_per_batch"
     _, non_emb = parameter_counts(model)
     shape = TransformerFlops(non_emb, *layer_shape(model))

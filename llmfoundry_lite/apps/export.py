@@ -25,6 +25,7 @@ import torch
 
 from llmfoundry_lite.checkpoints import find_checkpoint, load_model_state
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.ffn import refuse_hf_export
 
 RECIPE_FILENAME = "recipe.yaml"
 
@@ -172,6 +173,7 @@ def export_checkpoint(
 
     ckpt = _llama_checkpoint(path, model_sd, run_recipe, tokenizer)
     cfg, decoder_sd, tok = ckpt.config, ckpt.weights, ckpt.tokenizer
+    refuse_hf_export(cfg.ffn)  # SMoE-Dropout's routed experts have no LlamaForCausalLM form
     prepare_tokenizer_for_decoder(tok, cfg.max_seq_len)
     try:
         hf_sd = state_dict_to_hf(decoder_sd, cfg)

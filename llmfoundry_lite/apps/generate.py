@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.errors import RecipeError
 
 DEFAULT_TOP_K = {"causal": 50, "mlm": 5}
@@ -150,7 +151,7 @@ def fill_masks(gen: Generator, prompt: str, top_k: int = 5) -> list[list[tuple[s
     ids = enc["input_ids"]
     where = ids[0] == tok.mask_token_id
     with torch.no_grad():
-        logits = gen.model({**enc, "labels": torch.where(where[None], ids, -100)}).masked_logits
+        logits = gen.model({**enc, "labels": torch.where(where[None], ids, IGNORE_INDEX)}).masked_logits
     probs = torch.softmax(logits.float(), dim=-1)
     top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     return [

@@ -21,10 +21,10 @@ import functools
 from collections.abc import Iterator
 from typing import Any, Optional
 
+from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.data.tokenizers import FastTokenizer
 from llmfoundry_lite.errors import RecipeError
 
-IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 # Named templates for tokenizers that ship none (the templates transformers documents for these formats).

@@ -15,7 +15,7 @@ Per token at a full sequence length ``S`` this is ``6 N + 12 n_layers d_model S`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -76,11 +76,15 @@ class TransformerFlops:
     n_layers: int
     d_model: int
     head_params: int = 0  # H: weight entries multiplied only at labelled positions
+    # Entries of N a token skips right now (SMoE-Dropout's unselected experts, models/ffn.py): N counts active
+    # parameters at the current k.
+    skipped: Optional[Callable[[], int]] = None
 
     def flops(self, tokens: float, attention_pairs: float, labelled: float = 0) -> float:
         """Training FLOPs of ``tokens`` real tokens with ``attention_pairs`` pairs and ``labelled`` labels."""
+        active = self.matmul_params - (self.skipped() if self.skipped is not None else 0)
         forward = (
-            2 * self.matmul_params * tokens
+            2 * active * tokens
             + 2 * 2 * self.n_layers * self.d_model * attention_pairs
             + 2 * self.head_params * labelled
         )

@@ -189,7 +189,9 @@ def build_multi(cfg: Any, section: str) -> list[Any]:
     for keypath, default_name, block in iter_multi(section, recipe_section(cfg, section)):
         out.append(registry.build(MULTI_SECTIONS[section], block or {}, keypath, default_name))
     if section == "callbacks":
-        out += loader_callbacks(cfg, out)
+        from llmfoundry_lite.train.callbacks.smoe_schedule import recipe_callbacks
+
+        out += loader_callbacks(cfg, out) + recipe_callbacks(recipe_section(cfg, "model"), out)
     return out
 
 

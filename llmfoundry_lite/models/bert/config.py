@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.attention import AttnImpl
 from llmfoundry_lite.models.bert.layers import Norm
+from llmfoundry_lite.models.ffn import FFNConfig, check_ffn
 
 Position = Literal["alibi", "learned"]
 FFN = Literal["geglu", "mlp"]
@@ -34,7 +35,7 @@ class BertConfig:
     max_position_embeddings: int = 512  # learned positions only; ALiBi extrapolates beyond it
     type_vocab_size: int = 2
     position: Position = "alibi"
-    ffn: FFN = "geglu"
+    ffn: Union[FFN, FFNConfig] = "geglu"  # or SMoE-Dropout experts over the GeGLU's weights (models/ffn.py)
     norm: Norm = "low_precision_layernorm"
     unpad: bool = True
     attention_dropout: float = 0.0
@@ -85,6 +86,7 @@ class BertConfig:
             raise err("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
         if self.init_std <= 0:
             raise err("init_std", f"must be positive, got {self.init_std!r}")
+        check_ffn(self.ffn, self.intermediate_size, keypath)
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:

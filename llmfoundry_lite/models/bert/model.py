@@ -35,6 +35,7 @@ from llmfoundry_lite.models.attention import (
 )
 from llmfoundry_lite.models.bert.config import BertConfig
 from llmfoundry_lite.models.bert.layers import GeGLU, GeluMLP, SelfAttention, make_norm
+from llmfoundry_lite.models.ffn import make_ffn, skipped_params_fn
 from llmfoundry_lite.models.head import LMHead, TiedEmbedding
 from llmfoundry_lite.models.lm_loss import LabelStats, StatsAccuracy, StatsCrossEntropy
 
@@ -78,9 +79,9 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.attention_dropout, attn_impl=cfg.attn_impl)
         self.norm1 = make_norm(cfg.norm, cfg.d_model, cfg.layer_norm_eps)
-        if cfg.ffn == "geglu":
+        if cfg.ffn != "mlp":
             # MosaicBERT's GLU drops out the gated activation inside, before its down-projection; nothing after.
-            self.ffn = GeGLU(cfg.d_model, cfg.intermediate_size, dropout=cfg.hidden_dropout)
+            self.ffn = make_ffn(cfg.ffn, cfg.d_model, cfg.intermediate_size, lambda: GeGLU(cfg.d_model, cfg.intermediate_size, dropout=cfg.hidden_dropout), "bert", cfg.hidden_dropout)  # fmt: skip
             self.ffn_dropout: nn.Module = nn.Identity()
         else:  # classic BERT: dropout on the MLP's output, as in transformers' BertOutput
             self.ffn = GeluMLP(cfg.d_model, cfg.intermediate_size)
@@ -320,6 +321,7 @@ class BertMLM(ComposerModel):
             d_model=cfg.d_model,
             head_params=count_params(self.head.transform, matrices_only=True)
             + count_params(self.encoder.embeddings.word),
+            skipped=skipped_params_fn(self.encoder),  # SMoE: experts not selected at the current k
         )
         self.train_metrics = self._metrics() if cfg.use_train_metrics else {}
         self.val_metrics = self._metrics()

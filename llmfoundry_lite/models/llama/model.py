@@ -38,6 +38,7 @@ from llmfoundry_lite.models.attention import (
     check_attn_impl,
     decoder_mask,
 )
+from llmfoundry_lite.models.ffn import FFNConfig, check_ffn, make_ffn, skipped_params_fn
 from llmfoundry_lite.models.head import LMHead, TiedEmbedding
 from llmfoundry_lite.models.lm_loss import (
     LabelStats,
@@ -72,6 +73,8 @@ class LlamaConfig:
     # Train-time cross-entropy/perplexity/accuracy logged every batch (llm-foundry's switch of that name). Off:
     # the loss is already logged, and accuracy needs an argmax over the vocabulary each batch.
     use_train_metrics: bool = False
+    # Dense SwiGLU, or SMoE-Dropout experts over the same weights (models/ffn.py).
+    ffn: FFNConfig = FFNConfig()
 
     @property
     def kv_heads(self) -> int:
@@ -128,6 +131,7 @@ class LlamaConfig:
             raise err("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.rope_theta <= 0:
             raise err("rope_theta", f"must be positive, got {self.rope_theta}")
+        check_ffn(self.ffn, self.ffn_dim, prefix)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,7 +242,7 @@ class LlamaBlock(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.ffn_dim)
+        self.ffn = make_ffn(cfg.ffn, cfg.d_model, cfg.ffn_dim, lambda: SwiGLU(cfg.d_model, cfg.ffn_dim), "llama")  # fmt: skip
 
     def forward(
         self,
@@ -416,6 +420,7 @@ class ComposerLlama(ComposerModel):
             matmul_params=parameter_counts(self)[1] + cfg.vocab_size * cfg.d_model,
             n_layers=cfg.n_layers,
             d_model=cfg.d_model,
+            skipped=skipped_params_fn(self.model),  # SMoE: experts not selected at the current k
         )
         self.tokenizer = tokenizer
         self.train_metrics = self._metrics() if cfg.use_train_metrics else {}
