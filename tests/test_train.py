@@ -487,3 +487,16 @@ def test_progress_throughput_is_over_recent_batches_not_since_start(tiny_bert, c
     }
     before = max(rates[b] for b in range(2, 7))
     assert min(rates[b] for b in range(7, 13)) > 0.4 * before, rates
+
+
+def test_default_run_name_ignores_unset_sections():
+    """An optional top-level section left unset (as every new one is for old recipes) does not rename a run."""
+    from omegaconf import OmegaConf
+
+    from llmfoundry_lite.train.run import default_run_name
+
+    cfg = OmegaConf.create({"model": {"name": "llama"}, "max_duration": "10ba"})
+    name = default_run_name("recipes/x.yaml", cfg)
+    assert name.startswith("x-")
+    assert default_run_name("recipes/x.yaml", OmegaConf.merge(cfg, {"compile": None})) == name
+    assert default_run_name("recipes/x.yaml", OmegaConf.merge(cfg, {"max_duration": "20ba"})) != name

@@ -87,7 +87,9 @@ def default_run_name(recipe_path: str | None, cfg: DictConfig | None = None) -> 
     stem = Path(recipe_path).stem if recipe_path else "run"
     if cfg is None:
         return f"{stem}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
-    digest = hashlib.sha1(to_yaml(cfg).encode()).hexdigest()[:8]
+    # Unset top-level keys are left out, so a new optional section does not rename every existing run.
+    settings = OmegaConf.create({k: v for k, v in cfg.items() if v is not None})
+    digest = hashlib.sha1(to_yaml(settings).encode()).hexdigest()[:8]
     return f"{stem}-{digest}"
 
 
