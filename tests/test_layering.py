@@ -13,8 +13,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llmfoundry_lite"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
     ("compat", "startup", "quiet", "procs", "checkpoints"),  # stdlib-level helpers and dependency shims
+    ("typecheck",),  # YAML values against annotations; durations without Composer
     ("registry_index",),  # generated: the built-in entries without importing them
     ("registry",),
+    ("registry_listing",),  # `list` output and the index generator
     ("hardware",),  # device and price tables, checked through the registry's dataclass checker
     ("recipe",),
     ("batch",),  # the batch contract (names, ignore index, counts) between data/ and models/
