@@ -13,6 +13,7 @@ from typing import Any
 
 import catalogue
 
+from llmfoundry_lite.errors import first_line
 from llmfoundry_lite.registry import (
     REGISTRY_NAMES,
     EntrySpec,
@@ -24,7 +25,7 @@ from llmfoundry_lite.registry import (
 def describe(obj: Any) -> str:
     """First line of an entry's docstring, for ``llmfoundry-lite list``."""
     doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+    return first_line(doc)
 
 
 def builtin_entries(registry: str) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def listing(registry: str) -> dict[str, str]:
         try:
             result[ep.name] = describe(ep.load())
         except Exception as e:  # a broken plugin must not hide the other names
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = first_line(str(e))
             result[ep.name] = f"(cannot be imported from {ep.value}: {type(e).__name__}: {first})"
     result.update(BUILTINS.get(registry, {}))
     return result

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import typer
 
+from llmfoundry_lite.errors import first_line
+
 # distribution name -> import name
 PACKAGES = {
     "torch": "torch",
@@ -65,12 +67,12 @@ def explain_import_error(package: str, err: BaseException, torch_version: str | 
     if "undefined symbol" in text or "symbol not found" in text.lower():
         return (
             f"{package} is installed but was built for another torch/CUDA than this torch {torch_version} "
-            f"({text.splitlines()[0][:160]}); reinstall it against this torch: "
+            f"({first_line(text)[:160]}); reinstall it against this torch: "
             f"pip uninstall -y {package} && pip install --no-build-isolation {package}"
         )
     if "libcudart" in text or "libcuda" in text or "cannot open shared object file" in text:
-        return f"{package} cannot load a CUDA library ({text.splitlines()[0][:160]}); check the CUDA runtime"
-    return f"{package} fails to import: {type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
+        return f"{package} cannot load a CUDA library ({first_line(text)[:160]}); check the CUDA runtime"
+    return f"{package} fails to import: {type(err).__name__}: {first_line(text)[:200]}"
 
 
 def diagnose() -> Report:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 
 from llmfoundry_lite.checkpoints import find_checkpoint, load_model_state
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.models.ffn import refuse_hf_export
 
 RECIPE_FILENAME = "recipe.yaml"
@@ -73,7 +73,7 @@ def _tokenizer(name: Optional[str]) -> Any:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise RecipeError(
-            f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}; pass --tokenizer PATH",
+            f"cannot load tokenizer {name!r}: {first_line(e)}; pass --tokenizer PATH",
             key="--tokenizer",
         ) from None
 

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 from streaming import Stream, StreamingDataset
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 
 STREAM_KEY = "stream_id"
 WEIGHT_KEYS = ("proportion", "repeat", "choose")
@@ -98,7 +98,7 @@ def _weight_key(stream: Stream) -> str:
 
 def _translate(e: ValueError, names: list[str], streams: list[Stream], default_key: str) -> RecipeError:
     """streaming's ValueError -> one RecipeError naming the stream and key it is about."""
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    msg = first_line(e)
     m = re.search(r"error in stream (\d+)", msg)
     if m and int(m.group(1)) < len(names):
         i = int(m.group(1))
@@ -125,7 +125,7 @@ def make_streams(blocks: Mapping[str, Mapping[str, Any]], **defaults: Any) -> li
         try:
             streams.append(Stream(**kwargs, **defaults))
         except ValueError as e:
-            msg = str(e).strip().splitlines()[0]
+            msg = first_line(e)
             m = re.search(r"`(\w+)`", msg)
             key = m.group(1) if m and m.group(1) in STREAM_KEYS else "proportion"
             raise RecipeError(msg, key=f"streams.{name}.{key}") from None

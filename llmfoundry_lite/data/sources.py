@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from typing import Optional
 
 from llmfoundry_lite.data.readers import Unit, compression_of, kind_of, read_rows, text_of
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 
 # Words in a shard's path that name its split (the words `datasets` recognises), and our split for each.
 SPLIT_WORDS = {
@@ -180,7 +180,7 @@ def _plan_hf(source: str) -> SourcePlan:
                 )
             )
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise RecipeError(
             f"cannot open Hugging Face dataset {source!r} ({msg}); hub datasets need internet - offline, use a "
             "local copy: a folder or glob of its shards (--source c4/en), or 'embedded'",

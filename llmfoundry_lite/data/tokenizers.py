@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 from llmfoundry_lite import registry
 from llmfoundry_lite.compat import hub_offline
 from llmfoundry_lite.data.checks import TRAIN_HINT, hub_offline_reason, locate_tokenizer, resolve
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -124,7 +124,7 @@ def hf_tokenizer(
         with hub_offline() if cached_only else contextlib.nullcontext():
             return AutoTokenizer.from_pretrained(os.path.expanduser(path), **extra)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if len(first) > 200:  # transformers lists every model type it knows in one line
             first = first[:200] + "..."
         where = resolve(path) if files.local else path

@@ -12,7 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 
 OVERRIDE_ORIGIN = "command-line override"
 
@@ -57,10 +57,10 @@ def _read_yaml(path: Path, referenced_from: tuple[str, str] | None) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = getattr(e, "problem", None) or first_line(e)
         raise RecipeError(f"invalid YAML: {where}{problem}", file=str(path)) from None
     except OmegaConfBaseException as e:
-        raise RecipeError(f"invalid recipe: {str(e).splitlines()[0]}", file=str(path)) from None
+        raise RecipeError(f"invalid recipe: {first_line(e)}", file=str(path)) from None
     if cfg is None or (isinstance(cfg, DictConfig) and len(cfg) == 0 and path.stat().st_size == 0):
         raise RecipeError("the recipe file is empty", file=str(path))
     if not isinstance(cfg, DictConfig):
@@ -116,7 +116,7 @@ def _parse_overrides(overrides: list[str], origins: Origins) -> dict:
     try:
         cfg = OmegaConf.from_dotlist([ov.lstrip("+") for ov in overrides])
     except OmegaConfBaseException as e:
-        raise RecipeError(f"malformed override: {str(e).splitlines()[0]}", file=OVERRIDE_ORIGIN) from None
+        raise RecipeError(f"malformed override: {first_line(e)}", file=OVERRIDE_ORIGIN) from None
     data = OmegaConf.to_container(cfg, resolve=False)
     origins.record(data, OVERRIDE_ORIGIN)
     return data
@@ -133,7 +133,7 @@ def compose(path: str | os.PathLike, overrides: list[str] | None = None) -> tupl
         data = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or None
-        msg = str(e).splitlines()[0]
+        msg = first_line(e)
         raise RecipeError(
             f"cannot resolve interpolation: {msg}", file=origins.file_of(key), key=key
         ) from None

@@ -17,7 +17,7 @@ from llmfoundry_lite import registry
 from llmfoundry_lite.batch import check_vocab_fits
 from llmfoundry_lite.data.checks import check_finetune_fit, check_loader, check_loader_fit
 from llmfoundry_lite.data.loaders import SplitTooSmall
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.recipe import COMPONENT_SECTIONS, MULTI_SECTIONS, iter_multi
 from llmfoundry_lite.recipe import section as recipe_section
 from llmfoundry_lite.train.checks import WANDB_FIX
@@ -100,7 +100,7 @@ class WandBLogger(cl.WandBLogger):
         try:
             super().init(state, logger)
         except wandb.errors.Error as e:  # e.g. UsageError: api_key not configured (no-tty)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise RecipeError(f"wandb cannot start ({first}); {WANDB_FIX}", key="loggers.wandb") from None
 
 

@@ -18,7 +18,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.recipe import CompileConfig, compile_settings
 
 # torch's artifact logger for "why did this function recompile" (enabled by torch._logging.set_logs).
@@ -191,7 +191,7 @@ class CompileMonitor(Callback):
             from torch._dynamo.utils import counters
 
             reason, _ = counters["graph_break"].most_common(1)[0]
-            first = reason.strip().splitlines()[0]
+            first = first_line(reason)
             return (
                 f"broke the graph {int(stats['graph_breaks'])} times (more than compile.warn_recompiles="
                 f"{self.warn_recompiles}); most frequent cause: {first}"

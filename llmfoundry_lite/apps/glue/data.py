@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llmfoundry_lite.apps.glue.config import TASK_ORDER, TASKS, GlueConfig, canonical_task
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 
 _DATA_EXTS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv"}
 
@@ -75,7 +75,7 @@ def load_task_splits(task: str, data_dir: str | None = None, cache_dir: str | No
         except Exception as e:  # offline, hub errors: the fix is a local data_dir
             raise RecipeError(
                 f"cannot load GLUE task {task!r} from the Hugging Face hub ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); set glue.data_dir to local files",
+                f"{first_line(e)[:200]}); set glue.data_dir to local files",
                 key="glue.data_dir",
             ) from None
         return {s: dsd[s] for s in splits}
@@ -90,9 +90,7 @@ def load_task_splits(task: str, data_dir: str | None = None, cache_dir: str | No
                 kind, data_files={split: str(f)}, split=split, cache_dir=cache_dir, **kwargs
             )
         except Exception as e:
-            raise RecipeError(
-                f"cannot read {str(f)!r}: {str(e).splitlines()[0][:200]}", key="glue.data_dir"
-            ) from None
+            raise RecipeError(f"cannot read {str(f)!r}: {first_line(e)[:200]}", key="glue.data_dir") from None
         missing = [c for c in (*spec.text_columns, "label") if c not in out[split].column_names]
         if missing:
             raise RecipeError(

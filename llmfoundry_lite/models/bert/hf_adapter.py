@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.models.bert.config import BertConfig, pad_vocab
 
 # Published MosaicBERT name -> ours ({i}: layer index; "head." names go to the MLM head, the rest to the encoder).
@@ -256,7 +256,7 @@ def load_hf_bert(
         finally:
             hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise RecipeError(
             f"cannot load a Hugging Face BERT checkpoint from {path_or_name!r} ({first}); use a local folder "
             "saved by transformers (hub names need internet)",

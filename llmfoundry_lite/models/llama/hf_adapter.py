@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.models.llama.model import LlamaConfig
 
 
@@ -191,7 +191,7 @@ def load_hf_llama(
         hf_config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise RecipeError(
-            f"cannot load a Hugging Face config from {name_or_path!r}: {str(e).splitlines()[0]}", key=key
+            f"cannot load a Hugging Face config from {name_or_path!r}: {first_line(e)}", key=key
         ) from None
     cfg = config_from_hf(hf_config)
     hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
