@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.batch import check_vocab_fits
-from llmfoundry_lite.data.loaders import columns, concat_length, read_index, split_dir
+from llmfoundry_lite.data.loaders import check_row_length, columns, concat_length, read_index, split_dir
 from llmfoundry_lite.data.provenance import read_tokenizer_record, tokenizer_record
 from llmfoundry_lite.errors import RecipeError
 
@@ -99,14 +99,7 @@ def check_loader(section: str, block: Mapping[str, Any]) -> Optional[dict[str, A
         if os.path.isdir(root) and _is_tokenizer_folder(root) and not _is_mds_folder(root):
             detail = f"{root!r} is a tokenizer folder, not an MDS dataset; point it at a folder made by {CONVERT_HINT}"
         raise RecipeError(detail + relative_note(src), key=f"{section}.{e.key or key}") from None
-    n = concat_length(index)
-    max_seq_len = block.get("max_seq_len")
-    if n is not None and isinstance(max_seq_len, int) and max_seq_len > n:
-        raise RecipeError(
-            f"max_seq_len {max_seq_len} is larger than the {n}-token rows of {resolve(src)!r}; lower max_seq_len "
-            f"or reconvert with `--concat-tokens {max_seq_len}`",
-            key=f"{section}.max_seq_len",
-        )
+    check_row_length(index, block.get("max_seq_len"), resolve(src), key=f"{section}.max_seq_len")
     return index
 
 

@@ -171,6 +171,18 @@ def concat_length(index: dict[str, Any]) -> Optional[int]:
     return int(parts[2]) if len(parts) == 3 and parts[2].isdigit() else None
 
 
+def check_row_length(index: dict[str, Any], max_seq_len: Any, src: str, key: str) -> Optional[int]:
+    """The split's row length (None for raw text); RecipeError at ``key`` when ``max_seq_len`` exceeds it."""
+    n = concat_length(index)
+    if n is not None and isinstance(max_seq_len, int) and max_seq_len > n:
+        raise RecipeError(
+            f"max_seq_len {max_seq_len} is larger than the {n}-token rows of {src!r}; lower max_seq_len or "
+            f"reconvert with `--concat-tokens {max_seq_len}`",
+            key=key,
+        )
+    return n
+
+
 def _get_num_tokens_in_batch(batch: Any) -> int:
     # Real tokens only: padding does not count toward Composer's throughput or `tok` durations.
     from llmfoundry_lite.batch import batch_tokens
@@ -240,13 +252,7 @@ def build_text_dataloader(
             s_index = read_index(split_dir(src, s_split, key="remote" if s_remote is not None else "local"))
         except RecipeError as e:
             raise RecipeError(e.detail, key=f"{prefix}{e.key}" if e.key else None) from None
-        n = concat_length(s_index)
-        if n is not None and max_seq_len > n:
-            raise RecipeError(
-                f"max_seq_len {max_seq_len} is larger than the {n}-token rows of {src!r}; lower max_seq_len or "
-                f"reconvert with `--concat-tokens {max_seq_len}`",
-                key="max_seq_len",
-            )
+        n = check_row_length(s_index, max_seq_len, src, key="max_seq_len")
         layouts[name] = ("tokens", n) if "tokens" in columns(s_index) else ("text", None)
         index = index if index is not None else s_index
     if len(set(layouts.values())) > 1:
