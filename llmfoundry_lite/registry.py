@@ -125,8 +125,29 @@ def names(registry: str) -> list[str]:
     return sorted(get_registry(registry).get_all())
 
 
+@dataclasses.dataclass(frozen=True)
+class FamilyFacts:
+    """What recipe checks ask of a built-in family, read from the generated index (no model code imported)."""
+
+    name: str
+    objective: str
+    takes_sequence_id: bool = False
+
+    @property
+    def encoder(self) -> bool:
+        """True for bidirectional encoders (see FamilySpec.encoder)."""
+        return self.objective == "mlm"
+
+
 def model_family(name: Any) -> Any:
-    """The FamilySpec (``models/spec.py``) the ``models`` entry ``name`` declares; None if unknown or undeclared."""
+    """The family the ``models`` entry ``name`` declares (its FamilySpec, ``models/spec.py``); None if unknown or
+    undeclared. Before the built-in modules are imported, a built-in's facts come from the generated index, so a
+    recipe check does not import torch for them."""
+    if not _builtins_loaded and isinstance(name, str):
+        from llmfoundry_lite.registry_index import FAMILIES
+
+        if name in FAMILIES:
+            return FamilyFacts(**FAMILIES[name])
     try:
         return getattr(lookup("models", name), "family", None)
     except RecipeError:

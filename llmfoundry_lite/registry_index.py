@@ -114,7 +114,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('max_position_embeddings', 'int', 512),
                 ('type_vocab_size', 'int', 2),
                 ('position', "Literal['alibi', 'learned']", 'learned'),
-                ('ffn', "Literal['geglu', 'mlp']", 'mlp'),
+                ('ffn', "Union[Literal['geglu', 'mlp'], llmfoundry_lite.models.ffn_config:FFNConfig]", 'mlp'),
                 ('norm', "Literal['layernorm', 'low_precision_layernorm', 'fused_layernorm']", 'layernorm'),
                 ('unpad', 'bool', True),
                 ('attention_dropout', 'float', 0.1),
@@ -173,6 +173,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('init_std', 'float', 0.02),
                 ('attn_impl', "Literal['auto', 'flash', 'sdpa']", 'auto'),
                 ('use_train_metrics', 'bool', False),
+                ('ffn', 'llmfoundry_lite.models.ffn_config:FFNConfig', Ellipsis),
                 ('vocab_size', 'Union[int, None]', None),
                 ('init_from_hf', 'Union[str, None]', None),
                 ('init_device', "Literal['cpu', 'meta']", 'cpu'),
@@ -188,7 +189,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('max_position_embeddings', 'int', 512),
                 ('type_vocab_size', 'int', 2),
                 ('position', "Literal['alibi', 'learned']", 'alibi'),
-                ('ffn', "Literal['geglu', 'mlp']", 'geglu'),
+                ('ffn', "Union[Literal['geglu', 'mlp'], llmfoundry_lite.models.ffn_config:FFNConfig]", 'geglu'),
                 ('norm', "Literal['layernorm', 'low_precision_layernorm', 'fused_layernorm']", 'low_precision_layernorm'),
                 ('unpad', 'bool', True),
                 ('attention_dropout', 'float', 0.0),
@@ -213,6 +214,27 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "dataloaders": {
+        "finetune": {
+            "var_kw": False, "nested": {'collator': 'collators'}, "params": [
+                ('tokenizer', 'Any'),
+                ('device_batch_size', 'int'),
+                ('max_seq_len', 'int'),
+                ('local', 'Union[str, None]', None),
+                ('remote', 'Union[str, None]', None),
+                ('split', 'Union[str, None]', None),
+                ('collator', 'Union[dict, None]', None),
+                ('shuffle', 'bool', False),
+                ('shuffle_seed', 'int', 9176),
+                ('epoch_size', 'Union[int, None]', None),
+                ('num_workers', 'int', 0),
+                ('drop_last', 'bool', True),
+                ('pin_memory', 'bool', False),
+                ('prefetch_factor', 'Union[int, None]', None),
+                ('persistent_workers', 'bool', False),
+                ('download_retry', 'int', 2),
+                ('download_timeout', 'float', 60.0),
+            ],
+        },
         "text": {
             "var_kw": False, "nested": {'collator': 'collators'}, "params": [
                 ('tokenizer', 'Any'),
@@ -250,6 +272,13 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('sequence_id', 'bool', False),
                 ('padding', "Literal['max_length', 'longest']", 'max_length'),
                 ('append_eos', 'bool', True),
+            ],
+        },
+        "finetune": {
+            "var_kw": False, "nested": {}, "params": [
+                ('tokenizer', 'Any', None),
+                ('max_seq_len', 'Union[int, None]', None),
+                ('padding', "Literal['max_length', 'longest']", 'max_length'),
             ],
         },
         "mlm": {
@@ -580,6 +609,10 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('time_unit', 'str', 'hours'),
             ],
         },
+        "smoe_schedule": {
+            "var_kw": False, "nested": {}, "params": [
+            ],
+        },
         "speed_monitor": {
             "var_kw": False, "nested": {}, "params": [
                 ('window_size', 'int', 100),
@@ -702,5 +735,12 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
             ],
         },
     },
+}
+FAMILIES: dict[str, dict[str, Any]] = {
+    "bert": {'name': 'bert', 'objective': 'mlm', 'takes_sequence_id': False},
+    "hf_bert": {'name': 'hf_bert', 'objective': 'mlm', 'takes_sequence_id': False},
+    "hf_causal_lm": {'name': 'hf_causal_lm', 'objective': 'causal_lm', 'takes_sequence_id': False},
+    "llama": {'name': 'llama', 'objective': 'causal_lm', 'takes_sequence_id': True},
+    "mosaic_bert": {'name': 'bert', 'objective': 'mlm', 'takes_sequence_id': False},
 }
 # fmt: on

@@ -19,6 +19,7 @@ from llmfoundry_lite.registry import (
     EntrySpec,
     check_registry_name,
     load_builtins,
+    model_family,
 )
 
 
@@ -80,16 +81,35 @@ def builtin_signatures() -> dict[str, dict[str, dict[str, Any]]]:
     }
 
 
+def builtin_families() -> dict[str, dict[str, Any]]:
+    """Built-in ``models`` entry -> what data checks and evaluation ask of its family (imports torch)."""
+    out = {}
+    for name in sorted(builtin_entries("models")):
+        load_builtins()
+        spec = model_family(name)
+        if spec is not None:
+            out[name] = {
+                "name": spec.name,
+                "objective": spec.objective,
+                "takes_sequence_id": spec.takes_sequence_id,
+            }
+    return out
+
+
 def render_index(
-    index: dict[str, dict[str, str]], signatures: Mapping[str, Mapping[str, Any]] | None = None
+    index: dict[str, dict[str, str]],
+    signatures: Mapping[str, Mapping[str, Any]] | None = None,
+    families: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """The source of ``registry_index.py`` with ``index`` as BUILTINS and ``signatures`` (default: the current
-    ones) as SIGNATURES. BUILTINS is laid out as ruff formats it; SIGNATURES (one argument a line) sits between
-    ``fmt: off`` and ``fmt: on``."""
+    """The source of ``registry_index.py`` with ``index`` as BUILTINS, ``signatures`` as SIGNATURES and ``families``
+    as FAMILIES (default: the current ones). BUILTINS is laid out as ruff formats it; the rest (one item a line)
+    sits between ``fmt: off`` and ``fmt: on``."""
     from llmfoundry_lite import registry_index
 
     if signatures is None:
         signatures = registry_index.SIGNATURES
+    if families is None:
+        families = registry_index.FAMILIES
     with open(registry_index.__file__, encoding="utf-8") as f:
         head = f.read().split("BUILTINS: dict[str, dict[str, str]] = ", 1)[0]
     lines = ["{"]
@@ -108,6 +128,8 @@ def render_index(
             sig.append("            ],")
             sig.append("        },")
         sig.append("    },")
+    sig += ["}", "FAMILIES: dict[str, dict[str, Any]] = {"]
+    sig.extend(f"    {_quote(name)}: {dict(facts)!r}," for name, facts in families.items())
     sig += ["}", "# fmt: on"]
     return head + "BUILTINS: dict[str, dict[str, str]] = " + "\n".join(lines) + "\n\n" + "\n".join(sig) + "\n"
 

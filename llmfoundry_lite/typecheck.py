@@ -271,12 +271,17 @@ def annotation_source(tp: Any) -> str:
 
 def annotation_from_source(text: str) -> Any:
     """The annotation :func:`annotation_source` wrote; a dataclass path is imported (only the module named)."""
-    if ":" in text and "[" not in text:
-        import importlib
+    import importlib
 
-        module, _, qualname = text.partition(":")
-        obj: Any = importlib.import_module(module)
-        for part in qualname.split("."):
+    names = dict(_NAMES)
+
+    def dataclass_ref(match: re.Match) -> str:
+        obj: Any = importlib.import_module(match.group(1))
+        for part in match.group(2).split("."):
             obj = getattr(obj, part)
-        return obj
-    return eval(text, {"__builtins__": {}}, _NAMES)  # noqa: S307 (generated text of a fixed vocabulary)
+        alias = f"_dc{len(names)}"
+        names[alias] = obj
+        return alias
+
+    text = re.sub(r"([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)", dataclass_ref, text)
+    return eval(text, {"__builtins__": {}}, names)  # noqa: S307 (generated text of a fixed vocabulary)

@@ -7,7 +7,9 @@ from llmfoundry_lite import registry_index, registry_listing
 
 if __name__ == "__main__":
     source = registry_listing.render_index(
-        registry_listing.builtin_index(), registry_listing.builtin_signatures()
+        registry_listing.builtin_index(),
+        registry_listing.builtin_signatures(),
+        registry_listing.builtin_families(),
     )
     with open(registry_index.__file__, "w", encoding="utf-8") as f:
         f.write(source)

@@ -233,6 +233,9 @@ def test_static_verb_table_matches_the_modules():
 def test_registry_index_matches_the_registries():
     from llmfoundry_lite import registry_index, registry_listing
 
+    assert registry_listing.builtin_families() == registry_index.FAMILIES, (
+        "built-in model families changed: run `python scripts/registry_index.py`"
+    )
     assert registry_listing.builtin_index() == registry_index.BUILTINS, (
         "built-in registry entries changed: run `python scripts/registry_index.py`"
     )

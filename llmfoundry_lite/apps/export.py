@@ -49,7 +49,10 @@ def _llama_config(extra: Any, recipe: Optional[Mapping[str, Any]], decoder_sd: M
         fields = {f.name for f in dataclasses.fields(LlamaConfig)}
         return LlamaConfig(**{k: v for k, v in extra["config"].items() if k in fields})
     model_block = (recipe or {}).get("model") or {}
-    if registry.model_family(model_block.get("name")) is LLAMA and "embed.weight" in decoder_sd:
+    if (
+        getattr(registry.model_family(model_block.get("name")), "name", None) == LLAMA.name
+        and "embed.weight" in decoder_sd
+    ):
         fields = {f.name for f in dataclasses.fields(LlamaConfig)}
         kwargs = {k: v for k, v in model_block.items() if k in fields and v is not None}
         kwargs["vocab_size"] = decoder_sd["embed.weight"].shape[0]

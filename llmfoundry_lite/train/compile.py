@@ -76,6 +76,12 @@ def apply_compile(model: nn.Module, value: Any, model_name: str = "model") -> in
             key="compile",
         )
     kwargs = compile_kwargs(settings)
+    # Dynamo's caches are keyed by code object, process-wide: graphs that an earlier run in this process (a
+    # notebook, a test session) compiled for the same block class, with another backend or shapes, would count as
+    # this run's recompiles. A run starts from a clean cache, as a fresh `train` process does.
+    import torch._dynamo
+
+    torch._dynamo.reset()
     for unit in units:
         if settings.dynamic == "auto":
             _compile_at_first_call(unit, kwargs)
