@@ -333,6 +333,8 @@ def test_smoe_recipes_show_and_validate(recipe, capsys, request):
     tok = request.getfixturevalue("llama_tokenizer_dir" if llama else "bert_tokenizer_dir")
     data = request.getfixturevalue("causal_mds_dir" if llama else "mlm_mds_dir")
     local = [f"variables.tokenizer_name={tok}", f"variables.data_local={data}", "max_seq_len=128"]
+    # validate refuses a split smaller than one batch: the small local splits take smaller batches
+    local += [] if llama else ["global_train_batch_size=64", "device_eval_batch_size=8"]
     code, out, err = run_cli(capsys, "validate", path, *local)
     assert code == 0, err
     code, out, err = run_cli(capsys, "show", path, *local)
@@ -414,6 +416,7 @@ def test_docs_commands_run(capsys, llama_tokenizer_dir, causal_mds_dir, bert_tok
         verb, recipe, *overrides = argv[1:]
         if "mosaicbert" in recipe:
             local = [f"variables.tokenizer_name={bert_tokenizer_dir}", f"variables.data_local={mlm_mds_dir}"]
+            local += ["global_train_batch_size=64", "device_eval_batch_size=8"]  # the small split's size
         elif "quickstart" in recipe:
             local = [
                 f"variables.tokenizer_path={llama_tokenizer_dir}",
