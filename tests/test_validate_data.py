@@ -209,7 +209,7 @@ def no_wandb_login(monkeypatch, tmp_path):
 def test_wandb_without_login_says_how_to_fix(bert, no_wandb_login, tmp_path, monkeypatch):
     err = error_of(QUICKSTART, [*bert, "loggers.wandb.project=demo"])
     assert err.key == "loggers.wandb" and "wandb login" in str(err) and "WANDB_MODE=offline" in str(err)
-    (tmp_path / "home").mkdir()
+    (tmp_path / "home").mkdir(exist_ok=True)  # validation may have made it (the checks cache in ~/.cache)
     (tmp_path / "home" / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
     assert load_recipe(QUICKSTART, [*bert, "loggers.wandb.project=demo"], check_resources=True)
     (tmp_path / "home" / ".netrc").unlink()
