@@ -358,12 +358,9 @@ def mosaic_bert_to_hf(enc: dict[str, torch.Tensor], head: Optional[dict[str, tor
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def mosaic_bert_hf_config(cfg: BertConfig, valid_vocab_size: Optional[int] = None) -> dict[str, Any]:
-    """config.json keys of the published MosaicBERT (``alibi_starting_size``, padded ``vocab_size``...)."""
+def _bert_shape_keys(cfg: BertConfig) -> dict[str, Any]:
+    """The config.json keys both BERT layouts (MosaicBERT's and transformers') spell the same way."""
     return {
-        "model_type": "mosaic_bert",
-        "vocab_size": cfg.vocab_size,
-        "valid_vocab_size": valid_vocab_size,
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
@@ -372,11 +369,21 @@ def mosaic_bert_hf_config(cfg: BertConfig, valid_vocab_size: Optional[int] = Non
         "hidden_dropout_prob": cfg.hidden_dropout,
         "attention_probs_dropout_prob": cfg.attention_dropout,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "alibi_starting_size": cfg.max_position_embeddings,
         "type_vocab_size": cfg.type_vocab_size,
         "initializer_range": cfg.init_std,
         "layer_norm_eps": cfg.layer_norm_eps,
         "pad_token_id": cfg.pad_token_id,
+    }
+
+
+def mosaic_bert_hf_config(cfg: BertConfig, valid_vocab_size: Optional[int] = None) -> dict[str, Any]:
+    """config.json keys of the published MosaicBERT (``alibi_starting_size``, padded ``vocab_size``...)."""
+    return {
+        "model_type": "mosaic_bert",
+        "vocab_size": cfg.vocab_size,
+        "valid_vocab_size": valid_vocab_size,
+        **_bert_shape_keys(cfg),
+        "alibi_starting_size": cfg.max_position_embeddings,
         "position_embedding_type": "alibi",
         "classifier_dropout": None,
     }
@@ -424,17 +431,6 @@ def classic_bert_hf_config(cfg: BertConfig, vocab: int) -> dict[str, Any]:
         "architectures": ["BertForMaskedLM"],
         "model_type": "bert",
         "vocab_size": vocab,
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": cfg.hidden_dropout,
-        "attention_probs_dropout_prob": cfg.attention_dropout,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "type_vocab_size": cfg.type_vocab_size,
-        "initializer_range": cfg.init_std,
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": cfg.pad_token_id,
+        **_bert_shape_keys(cfg),
         "position_embedding_type": "absolute",
     }
