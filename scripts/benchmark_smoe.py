@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from llmfoundry_lite.models.layers import GeGLU
 
+from llmfoundry_lite.models.bert.layers import GeGLU
 from llmfoundry_lite.models.ffn import FFNConfig, SMoEDropoutFFN, set_active_experts
 from llmfoundry_lite.models.llama import SwiGLU
 

@@ -102,6 +102,30 @@ def test_grouped_experts_compute_the_routed_mixture(family, k):
     assert idx.shape == (40, k) and torch.allclose(w.sum(-1), torch.ones(40))
 
 
+@pytest.mark.parametrize("act", [F.silu, F.gelu])
+@pytest.mark.parametrize("p_drop", [0.0, 0.3])
+def test_hand_written_expert_backward_matches_finite_differences(act, p_drop):
+    """ExpertLoop's backward (inputs, both weights, routing weights; dropout with its mask) against gradcheck."""
+    from llmfoundry_lite.models.experts import ExpertLoop
+
+    g = torch.Generator().manual_seed(0)
+    T, d, N, h, k = 11, 6, 4, 3, 2
+    x, w_up, w_down = (
+        torch.randn(*s, dtype=torch.float64, generator=g) for s in ((T, d), (2 * N * h, d), (d, N * h))
+    )
+    idx = torch.stack([torch.randperm(N, generator=g)[:k] for _ in range(T)])
+    order = torch.argsort(idx.flatten(), stable=True)
+    counts = torch.bincount(idx.flatten(), minlength=N).tolist()
+    ws = torch.rand(T * k, dtype=torch.float64, generator=g)
+    args = [t.requires_grad_() for t in (x, w_up, w_down, ws)]
+
+    def f(*a):
+        torch.manual_seed(5)  # the same dropout mask at every evaluation
+        return ExpertLoop.apply(*a, order // k, counts, act, p_drop)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
 def test_only_selected_experts_run(monkeypatch):
     """Grouped compute: the experts see exactly the k x tokens selected (token, expert) rows, not N x tokens."""
     f = smoe_layers(build("llama", ffn=SMOE))[0]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.experts import expert_loop
 from llmfoundry_lite.models.ffn_config import (  # noqa: F401 (re-exported: the families import them from here)
     FFNConfig,
     FFNName,
@@ -186,28 +187,18 @@ class SMoEDropoutFFN(nn.Module):
         w_down: torch.Tensor,
     ) -> torch.Tensor:
         """Sort the (token, expert) assignments by expert; run each expert on its tokens only; add back."""
-        N, k, h, d = self.n_experts, idx.shape[1], self.expert_width, x.shape[1]
+        k = idx.shape[1]
         flat = idx.flatten()
         order = torch.argsort(flat, stable=True)
         tokens = order // k  # the token of each sorted assignment
-        counts = torch.bincount(flat, minlength=N).tolist()
-        xs = x.index_select(0, tokens)
-        ws = weights.flatten().index_select(0, order).to(x.dtype)
-        # Expert e's [gate_e; up_e] rows as one matrix: one matmul per expert instead of two (one weight copy);
-        # unbind/split, not slicing: backward is one stack/cat instead of a zero-filled buffer per slice.
-        w13 = w_up.view(2, N, h, d).transpose(0, 1).reshape(N, 2 * h, d).unbind(0)
-        downs = w_down.split(h, dim=1)
-        ys = []
-        for e, (x_e, w_e) in enumerate(zip(xs.split(counts), ws.split(counts))):
-            if counts[e] == 0:
-                continue
-            a = self._activate(*F.linear(x_e, w13[e]).chunk(2, dim=-1))
-            if not self.unit_weights:
-                a = a * w_e[:, None]
-            ys.append(self._down(a, downs[e]))
-        y = torch.cat(ys) if ys else xs.new_zeros(0, d)
-        out = x.new_zeros(x.shape[0], d, dtype=y.dtype)
-        return out.index_add_(0, tokens, y)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        ws = weights.flatten().index_select(0, order)
+        if self.unit_weights:
+            ws = torch.ones_like(ws)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        p_drop = self.dropout.p if self.dropout is not None and self.training else 0.0
+        return expert_loop(x, w_up, w_down, ws, tokens, counts, self.gate_act, p_drop, dtype)
 
 
 def make_ffn(
