@@ -106,7 +106,7 @@ def test_grouped_experts_compute_the_routed_mixture(family, k):
 @pytest.mark.parametrize("p_drop", [0.0, 0.3])
 def test_hand_written_expert_backward_matches_finite_differences(act, p_drop):
     """ExpertLoop's backward (inputs, both weights, routing weights; dropout with its mask) against gradcheck."""
-    from llmfoundry_lite.models.experts import ExpertLoop
+    from llmfoundry_lite.models.experts import DenseExperts, ExpertLoop
 
     g = torch.Generator().manual_seed(0)
     T, d, N, h, k = 11, 6, 4, 3, 2
@@ -124,6 +124,14 @@ def test_hand_written_expert_backward_matches_finite_differences(act, p_drop):
         return ExpertLoop.apply(*a, order // k, counts, act, p_drop)
 
     assert torch.autograd.gradcheck(f, args)
+
+    w = torch.rand(T, N, dtype=torch.float64, generator=g, requires_grad=True)  # k = N: every expert
+
+    def dense(x, w_up, w_down, w):
+        torch.manual_seed(5)
+        return DenseExperts.apply(x, w_up, w_down, w, act, p_drop)
+
+    assert torch.autograd.gradcheck(dense, (x, w_up, w_down, w))
 
 
 def test_only_selected_experts_run(monkeypatch):

@@ -82,10 +82,8 @@ class ExpertLoop(torch.autograd.Function):
                 continue
             tok, w, hh, mask = tokens[sl], ws[sl, None], pre[e], masks[e]
             gate, up = hh.split(h, dim=1)
-            with torch.enable_grad():
-                gate_ = gate.detach().requires_grad_()
-                g_act = act(gate_)
-            a0 = g_act.detach() * up  # before routing weight and dropout
+            g_act = act(gate)
+            a0 = g_act * up  # before routing weight and dropout
             gy = grad_out.index_select(0, tok)  # (n, d)
             cols = slice(e * h, (e + 1) * h)
             if need_down:
@@ -97,8 +95,7 @@ class ExpertLoop(torch.autograd.Function):
             if need_ws:
                 gws[sl] = (ga * a0).sum(dim=1)
             ga = ga * w
-            (g_gate,) = torch.autograd.grad(g_act, gate_, ga * up)
-            ghh = torch.cat((g_gate, ga * g_act.detach()), dim=1)  # (n, 2h)
+            ghh = torch.cat((act_backward(act, ga * up, gate), ga * g_act), dim=1)  # (n, 2h)
             if need_up:
                 gw13 = ghh.t() @ x.index_select(0, tok)
                 gup[cols] = gw13[:h]
@@ -106,6 +103,84 @@ class ExpertLoop(torch.autograd.Function):
             if need_x:
                 gx.index_add_(0, tok, ghh @ _w13(w_up, e, h))
         return gx, gup, gdown, gws, None, None, None, None
+
+
+class DenseExperts(torch.autograd.Function):
+    """k = N: every token through every expert, so the dense matmuls; ``w`` (T, N) scales each expert's block.
+
+    By hand for the same reason as :class:`ExpertLoop`: autograd would keep the activation before and after the
+    weighting and allocate both gradients (four more ``T x H`` tensors); here the weighting is in place and the
+    gradient of ``[gate | up]`` is written into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_up, w_down, w, act, p_drop):
+        T, H = x.shape[0], w_down.shape[1]
+        N = w.shape[1]
+        hh = F.linear(x, w_up)
+        gate, up = hh.split(H, dim=1)
+        a = act(gate).mul_(up)
+        a.view(T, N, H // N).mul_(w[:, :, None])
+        mask = None
+        if p_drop > 0:
+            mask = torch.empty_like(a).bernoulli_(1 - p_drop).div_(1 - p_drop)
+            a.mul_(mask)
+        ctx.save_for_backward(x, w_up, w_down, w, hh, a)
+        ctx.act, ctx.mask = act, mask
+        return F.linear(a, w_down)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_up, w_down, w, hh, a = ctx.saved_tensors
+        act, mask = ctx.act, ctx.mask
+        need_x, need_up, need_down, need_w = ctx.needs_input_grad[:4]
+        T, H = x.shape[0], w_down.shape[1]
+        N = w.shape[1]
+        gate, up = hh.split(H, dim=1)
+        g_down = grad_out.t().mm(a) if need_down else None
+        ga = grad_out.mm(w_down)  # gradient of the weighted (and dropped) activation
+        if mask is not None:
+            ga.mul_(mask)
+        s = act(gate)
+        g_w = None
+        if need_w:
+            g_w = (ga.view(T, N, -1) * (s * up).view(T, N, -1)).sum(-1)
+        ga.view(T, N, H // N).mul_(w[:, :, None])
+        ghh = torch.empty_like(hh)
+        torch.mul(ga, s, out=ghh[:, H:])
+        ghh[:, :H] = act_backward(act, ga.mul_(up), gate)
+        g_x = ghh.mm(w_up) if need_x else None
+        g_up = ghh.t().mm(x) if need_up else None
+        return g_x, g_up, g_down, g_w, None, None
+
+
+def act_backward(
+    act: Callable[[torch.Tensor], torch.Tensor], grad: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """d act(x) / dx times ``grad``: torch's own backward kernels for SiLU and exact GELU, autograd otherwise."""
+    if act is F.silu:
+        return torch.ops.aten.silu_backward(grad, x)
+    if act is F.gelu:
+        return torch.ops.aten.gelu_backward(grad, x, approximate="none")
+    with torch.enable_grad():
+        x_ = x.detach().requires_grad_()
+        return torch.autograd.grad(act(x_), x_, grad)[0]
+
+
+def dense_experts(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    w: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    p_drop: float = 0.0,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Run :class:`DenseExperts` (autocast as :func:`expert_loop`)."""
+    if dtype is not None:
+        x, w_up, w_down, w = (t.to(dtype) for t in (x, w_up, w_down, w))
+    with torch.autocast(x.device.type, enabled=False):
+        return DenseExperts.apply(x, w_up, w_down, w, act, p_drop)
 
 
 def _w13(w_up: torch.Tensor, e: int, h: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.models.experts import expert_loop
+from llmfoundry_lite.models.experts import dense_experts, expert_loop
 from llmfoundry_lite.models.ffn_config import (  # noqa: F401 (re-exported: the families import them from here)
     FFNConfig,
     FFNName,
@@ -148,14 +148,6 @@ class SMoEDropoutFFN(nn.Module):
         prob = torch.softmax(logits, dim=-1).mean(dim=0)
         return self.n_experts * (share * prob).sum()
 
-    def _activate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return self.gate_act(gate) * up
-
-    def _down(self, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.dropout is not None:
-            a = self.dropout(a)
-        return F.linear(a, weight)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., d)."""
         shape = x.shape
@@ -165,15 +157,17 @@ class SMoEDropoutFFN(nn.Module):
             self._balance_loss(logits, idx) if self.cfg.router == "learned" and self.training else None
         )
         w_up, w_down = self.up_proj.weight, self.down_proj.weight
-        N, h, T = self.n_experts, self.expert_width, x.shape[0]
-        if self.k >= N:  # every expert sees every token: the dense matmuls, weights per expert block
-            gate, up = F.linear(x, w_up).chunk(2, dim=-1)
-            a = self._activate(gate, up)
-            if not self.unit_weights:
-                a = (a.view(T, N, h) * weights.to(a.dtype)[:, :, None]).view(T, N * h)
-            out = self._down(a, w_down)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        p_drop = self.dropout.p if self.dropout is not None and self.training else 0.0
+        if self.unit_weights:
+            weights = torch.ones_like(weights)
+        if (
+            self.k >= self.n_experts
+        ):  # every expert sees every token: the dense matmuls, weights per expert block
+            out = dense_experts(x, w_up, w_down, weights, self.gate_act, p_drop, dtype)
         else:
-            out = self._grouped(x, idx, weights, w_up, w_down)
+            out = self._grouped(x, idx, weights, w_up, w_down, p_drop, dtype)
         if self.down_proj.bias is not None:
             out = out + self.down_proj.bias
         return out.reshape(shape)
@@ -185,6 +179,8 @@ class SMoEDropoutFFN(nn.Module):
         weights: torch.Tensor,
         w_up: torch.Tensor,
         w_down: torch.Tensor,
+        p_drop: float,
+        dtype: torch.dtype,
     ) -> torch.Tensor:
         """Sort the (token, expert) assignments by expert; run each expert on its tokens only; add back."""
         k = idx.shape[1]
@@ -193,11 +189,6 @@ class SMoEDropoutFFN(nn.Module):
         tokens = order // k  # the token of each sorted assignment
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         ws = weights.flatten().index_select(0, order)
-        if self.unit_weights:
-            ws = torch.ones_like(ws)
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        p_drop = self.dropout.p if self.dropout is not None and self.training else 0.0
         return expert_loop(x, w_up, w_down, ws, tokens, counts, self.gate_act, p_drop, dtype)
 
 
