@@ -514,6 +514,42 @@ def test_eval_scores_each_chosen_k(smoe_checkpoints, tmp_path, monkeypatch, caps
     assert "Hugging Face folder" in one_line_error(capsys, "eval", hf, *common, "--k", "2")
 
 
+def test_mosaicbert_checkpoint_fills_masks_at_a_chosen_k_and_is_not_exported(
+    tmp_path, bert_tokenizer_dir, capsys
+):
+    """generate rebuilds an SMoE MosaicBERT from its checkpoint (routers included) at ``--k``; export refuses it."""
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from llmfoundry_lite.apps.generate import Generator, fill_masks, load_generator
+
+    tok = AutoTokenizer.from_pretrained(bert_tokenizer_dir)
+    block = {"name": "mosaic_bert", **BERT, "vocab_size": None, "ffn": SMOE}
+    torch.manual_seed(0)
+    model = registry.build("models", block, "model", tokenizer=tok).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"state": {"model": model.state_dict()}}, run / "ck.pt")
+    OmegaConf.save({"model": block, "tokenizer": {"path": bert_tokenizer_dir}}, run / "recipe.yaml")
+    text = "The cat sat on the [MASK]."
+    fills = {}
+    for k in (1, 4):
+        gen = load_generator(str(run / "ck.pt"), k=k)
+        assert active_experts(gen.model) == k and len(smoe_layers(gen.model)) == 2
+        set_active_experts(model, k)
+        fills[k] = fill_masks(gen, text)
+        assert fills[k] == fill_masks(Generator("mlm", model, tok), text)
+    assert fills[1] != fills[4]
+    code, out, err = run_cli(capsys, "generate", run / "ck.pt", "--prompt", text, "--k", 2)
+    assert code == 0 and out.startswith(text) and "mask 1:" in out, err
+    err = one_line_error(capsys, "export", run / "ck.pt", tmp_path / "hf")
+    assert "model.ffn: " in err and "SMoE-Dropout" in err and "MosaicBERT" in err
+    assert not (tmp_path / "hf").exists()
+
+
 def test_glue_takes_k_from_the_recipe(tmp_path, bert_tokenizer_dir, capsys):
     """``glue`` builds its encoder from the recipe: ``model.ffn.k`` is its k; on a dense FFN it is refused."""
     from llmfoundry_lite.apps.glue.config import load_glue_recipe

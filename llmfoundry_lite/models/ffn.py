@@ -312,11 +312,11 @@ def balance_loss(model: nn.Module) -> Optional[torch.Tensor]:
     return torch.stack(losses).mean() if losses else None
 
 
-def refuse_hf_export(value: Any) -> None:
-    """RecipeError (``model.ffn``) for SMoE models: a Hugging Face Llama folder has no routed experts."""
+def refuse_hf_export(value: Any, layout: str = "LlamaForCausalLM") -> None:
+    """RecipeError (``model.ffn``) for SMoE models: a Hugging Face ``layout`` folder has no routed experts."""
     if ffn_config(value).is_smoe:
         raise RecipeError(
-            "an SMoE-Dropout model cannot be written as a Hugging Face LlamaForCausalLM (its FFNs are routed "
+            f"an SMoE-Dropout model cannot be written as a Hugging Face {layout} (its FFNs are routed "
             "experts); evaluate it from the Composer checkpoint, or train with model.ffn.name=dense to export",
             key="model.ffn",
         )
