@@ -612,3 +612,45 @@ def test_docs_commands_run(capsys, llama_tokenizer_dir, causal_mds_dir, bert_tok
         assert code == 0, (argv, err)
     assert "--ffn-only" in commands[3]
     assert re.search(r"^def main\(", (REPO / "scripts" / "benchmark_smoe.py").read_text(), re.M)
+
+
+def test_docs_inference_commands_run(tmp_path, monkeypatch, capsys, llama_tok, bert_tokenizer_dir):
+    """docs/smoe.md's "Inference at a chosen k" commands: generate and eval run for real on a 16-expert LLaMA saved
+    where the page's train command saves, lm-eval's tasks replaced by the tiny local ones; glue's recipe builds
+    its encoder at the k given (its finetuning runs in tests/test_glue.py)."""
+    import re
+    import shlex
+
+    section = (REPO / "docs" / "smoe.md").read_text().split("## Inference at a chosen k")[1].split("\n## ")[0]
+    [block] = re.findall(r"```bash\n(.*?)```", section, re.S)
+    commands = [shlex.split(line)[1:] for line in block.strip().splitlines()]
+    assert [c[0] for c in commands] == ["generate", "eval", "glue"]
+    tasks = tmp_path / "tasks"
+    shutil.copytree(REPO / "tests" / "fixtures" / "lm_eval", tasks)
+    monkeypatch.chdir(tasks)  # the run folder and the tasks' data are relative to the working directory
+    ffn = {"name": "smoe_dropout", "n_experts": 16}
+    model = registry.build(
+        "models", {"name": "llama", **LLAMA, "vocab_size": None, "ffn": ffn}, "model", tokenizer=llama_tok
+    )
+    (tasks / commands[0][1]).mkdir(parents=True)
+    torch.save({"state": {"model": model.state_dict()}}, tasks / commands[0][1] / "latest-rank0.pt")
+
+    code, out, err = run_cli(capsys, *commands[0])
+    assert code == 0 and out.startswith("Once upon a time"), err
+    argv = commands[1]
+    at = argv.index("--tasks") + 1
+    argv[at : at + 1] = ["tiny_mc,tiny_lambada", "--include-path", str(tasks)]
+    code, out, err = run_cli(capsys, *argv, "--device", "cpu", "--out", tmp_path / "scores")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "scores" / "eval.json").read_text())["rows"]
+    # tiny_mc's acc and acc_norm, tiny_lambada's acc, at each k
+    assert [r["k"] for r in rows] == [1] * 3 + [4] * 3 + [16] * 3
+
+    from llmfoundry_lite.apps.glue.config import load_glue_recipe
+    from llmfoundry_lite.apps.glue.model import build_encoder
+
+    _, recipe, *overrides = commands[2]
+    cfg, glue = load_glue_recipe(
+        str(REPO / recipe), [*overrides, f"variables.tokenizer_path={bert_tokenizer_dir}"]
+    )
+    assert active_experts(build_encoder(cfg, glue)[0]) == 8
