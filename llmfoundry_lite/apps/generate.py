@@ -6,6 +6,7 @@ A decoder's tokens are printed as they come; an MLM checkpoint prints the top-k 
 
     llmfoundry-lite generate runs/llama-tiny/checkpoints --prompt "Once upon a time" --max-new-tokens 32
     llmfoundry-lite generate hf-out/ --prompt "Paris is the [MASK] of France." --top-k 5
+    llmfoundry-lite generate runs/llama-smoe/checkpoints --prompt "Once upon a time" --k 4   # SMoE: 4 experts
 """
 
 from __future__ import annotations
