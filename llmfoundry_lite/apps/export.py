@@ -164,6 +164,7 @@ def export_checkpoint(
     # The tokenizer loads and the weights map before anything is written: a failed export leaves no folder.
     if export_bert.is_bert_state(model_sd):
         cfg = export_bert.bert_config(export_bert.split_state(model_sd)[0], run_recipe, str(path))
+        refuse_hf_export(cfg.ffn, "MosaicBERT")  # its remote code has no routed experts either
         tok = _tokenizer(tokenizer or _recipe_tokenizer(run_recipe))
         with tempfile_folder(out) as tmp:
             kind, config = export_bert.export_bert(path, model_sd, cfg, run_recipe, tok, tmp, target)

@@ -45,6 +45,7 @@ def split_state(model_sd: Mapping[str, Any]) -> tuple[dict, Optional[dict], Opti
 def bert_config(enc: Mapping[str, torch.Tensor], recipe: Optional[Mapping[str, Any]], source: str) -> Any:
     """The encoder's BertConfig: shape from the weights, the rest from the recipe's model block (or its HF start)."""
     from llmfoundry_lite.models.bert import CLASSIC, BertConfig, load_hf_bert
+    from llmfoundry_lite.models.ffn import ffn_config
 
     if recipe is None:
         raise RecipeError(
@@ -72,13 +73,18 @@ def bert_config(enc: Mapping[str, torch.Tensor], recipe: Optional[Mapping[str, A
         position="learned" if "embeddings.position.weight" in enc else "alibi",
         ffn="geglu" if geglu else "mlp",
     )
+    layout = (kw["position"], kw["ffn"])
+    router = enc.get("layers.0.ffn.router.weight")
+    if router is not None:  # SMoE-Dropout over the GeGLU's weights: the run's model.ffn, N from the router
+        ffn = dict(block["ffn"]) if isinstance(block.get("ffn"), Mapping) else {}
+        kw["ffn"] = ffn_config({**ffn, "name": "smoe_dropout", "n_experts": router.shape[0]})
     if kw["position"] == "learned":
         kw["max_position_embeddings"] = enc["embeddings.position.weight"].shape[0]
     cfg = BertConfig(**{k: v for k, v in kw.items() if k in fields})
     cfg.validate()
-    if (cfg.position, cfg.ffn) not in LAYOUTS:
+    if layout not in LAYOUTS:
         raise RecipeError(
-            f"position: {cfg.position} with ffn: {cfg.ffn} has no Hugging Face layout (MosaicBERT is alibi + "
+            f"position: {layout[0]} with ffn: {layout[1]} has no Hugging Face layout (MosaicBERT is alibi + "
             "geglu, BERT learned + mlp), so this checkpoint cannot be exported",
             key="model.ffn",
         )

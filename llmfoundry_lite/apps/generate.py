@@ -6,6 +6,7 @@ A decoder's tokens are printed as they come; an MLM checkpoint prints the top-k 
 
     llmfoundry-lite generate runs/llama-tiny/checkpoints --prompt "Once upon a time" --max-new-tokens 32
     llmfoundry-lite generate hf-out/ --prompt "Paris is the [MASK] of France." --top-k 5
+    llmfoundry-lite generate runs/llama-smoe/checkpoints --prompt "Once upon a time" --k 4   # SMoE: 4 experts
 """
 
 from __future__ import annotations
@@ -70,8 +71,22 @@ def _mlm(cfg: Any, enc: dict, head: Optional[dict], tok: Any, source: str) -> Ge
     return Generator("mlm", model.eval(), tok)
 
 
-def load_generator(source: str, tokenizer: Optional[str] = None, recipe: Optional[str] = None) -> Generator:
-    """Our model from a Composer checkpoint (file or save folder) or a Hugging Face folder, with its tokenizer."""
+def load_generator(
+    source: str, tokenizer: Optional[str] = None, recipe: Optional[str] = None, k: Optional[int] = None
+) -> Generator:
+    """Our model from a Composer checkpoint (file or save folder) or a Hugging Face folder, with its tokenizer.
+
+    ``k``: an SMoE-Dropout model's experts per token (default: the checkpoint's ``model.ffn.k``).
+    """
+    gen = _load_generator(source, tokenizer, recipe)
+    if k is not None:
+        from llmfoundry_lite.models.ffn import choose_active_experts
+
+        choose_active_experts(gen.model, k, source)
+    return gen
+
+
+def _load_generator(source: str, tokenizer: Optional[str], recipe: Optional[str]) -> Generator:
     from llmfoundry_lite.apps import export, export_bert
     from llmfoundry_lite.checkpoints import find_checkpoint, load_model_state
 
@@ -186,6 +201,7 @@ def run_generate(
     tokenizer: Optional[str] = None,
     recipe: Optional[str] = None,
     stream: Any = None,
+    k: Optional[int] = None,
 ) -> None:
     """The verb: load once, then print each prompt's continuation as it comes (or its masks' top-k fillers)."""
     stream = stream or sys.stdout
@@ -193,8 +209,8 @@ def run_generate(
         raise RecipeError(f"must be at least 1, got {max_new_tokens}", key="--max-new-tokens")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise RecipeError(f"must be in (0, 1], got {top_p}", key="--top-p")
-    gen = load_generator(source, tokenizer, recipe)
-    k = top_k if top_k is not None else DEFAULT_TOP_K[gen.kind]
+    gen = load_generator(source, tokenizer, recipe, k)
+    top_k = top_k if top_k is not None else DEFAULT_TOP_K[gen.kind]
 
     def write(text: str) -> None:
         stream.write(text)
@@ -202,13 +218,13 @@ def run_generate(
 
     for prompt in prompts:
         if gen.kind == "mlm":
-            masks = fill_masks(gen, prompt, k)
+            masks = fill_masks(gen, prompt, top_k)
             write(f"{prompt}\n")
             for n, fillers in enumerate(masks, 1):
                 write(f"  mask {n}: " + "  ".join(f"{t} {p:.3f}" for t, p in fillers) + "\n")
         else:
             write(prompt)
-            complete(gen, prompt, max_new_tokens, temperature, k or None, top_p, seed, write)
+            complete(gen, prompt, max_new_tokens, temperature, top_k or None, top_p, seed, write)
             write("\n")
 
 
@@ -239,6 +255,9 @@ def register_cli(app: Any) -> None:
         recipe: Optional[str] = typer.Option(
             None, help="the run's recipe, when no recipe.yaml lies beside it"
         ),
+        k: Optional[int] = typer.Option(
+            None, "--k", help="SMoE-Dropout models: experts per token (default: the checkpoint's model.ffn.k)"
+        ),
     ) -> None:
         """Generate text from a checkpoint or HF folder (tokens streamed), or fill [MASK] with an MLM."""
         run_generate(
@@ -251,4 +270,5 @@ def register_cli(app: Any) -> None:
             seed,
             tokenizer,
             recipe,
+            k=k,
         )

@@ -235,6 +235,32 @@ def set_active_experts(model: nn.Module, k: int) -> int:
     return len(layers)
 
 
+def choose_active_experts(model: nn.Module, k: int, source: str, key: str = "--k") -> None:
+    """:func:`set_active_experts` for a user's choice (``eval``/``generate --k``): a dense ``source`` or a ``k``
+    outside 1..n_experts is a one-line RecipeError naming ``key``."""
+    cfg = smoe_config(model)
+    if cfg is None:
+        raise RecipeError(
+            f"{source} has dense FFNs, not SMoE-Dropout experts; {key} chooses the experts per token of a "
+            "model trained with model.ffn.name=smoe_dropout (drop it for this one)",
+            key=key,
+        )
+    if not 1 <= k <= cfg.n_experts:
+        raise RecipeError(f"must be between 1 and n_experts={cfg.n_experts} of {source}, got {k}", key=key)
+    set_active_experts(model, k)
+
+
+def parse_k_list(text: str, key: str = "--k") -> list[int]:
+    """``"1,4,16"`` as [1, 4, 16] (order kept, repeats dropped); RecipeError naming ``key`` for anything else."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part.lstrip("-").isdigit():
+            raise RecipeError(f"expected experts per token as integers, e.g. 1,4,16; got {text!r}", key=key)
+        if int(part) not in out:
+            out.append(int(part))
+    return out
+
+
 def active_experts(model: nn.Module) -> Optional[int]:
     """The k the model's SMoE layers route with now (None without SMoE layers)."""
     layers = smoe_layers(model)
@@ -286,11 +312,11 @@ def balance_loss(model: nn.Module) -> Optional[torch.Tensor]:
     return torch.stack(losses).mean() if losses else None
 
 
-def refuse_hf_export(value: Any) -> None:
-    """RecipeError (``model.ffn``) for SMoE models: a Hugging Face Llama folder has no routed experts."""
+def refuse_hf_export(value: Any, layout: str = "LlamaForCausalLM") -> None:
+    """RecipeError (``model.ffn``) for SMoE models: a Hugging Face ``layout`` folder has no routed experts."""
     if ffn_config(value).is_smoe:
         raise RecipeError(
-            "an SMoE-Dropout model cannot be written as a Hugging Face LlamaForCausalLM (its FFNs are routed "
+            f"an SMoE-Dropout model cannot be written as a Hugging Face {layout} (its FFNs are routed "
             "experts); evaluate it from the Composer checkpoint, or train with model.ffn.name=dense to export",
             key="model.ffn",
         )
@@ -307,10 +333,12 @@ __all__ = [
     "active_experts",
     "balance_loss",
     "check_ffn",
+    "choose_active_experts",
     "ffn_config",
     "k_at",
     "make_ffn",
     "mean_k",
+    "parse_k_list",
     "refuse_hf_export",
     "set_active_experts",
     "skipped_params_fn",

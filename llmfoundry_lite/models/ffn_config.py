@@ -73,6 +73,12 @@ def check_ffn(value: Any, hidden: int, keypath: str = "model") -> None:
         return  # a family's own dense choice (BERT's "geglu" / "mlp")
     cfg = ffn_config(value)
     if not cfg.is_smoe:
+        if cfg.k is not None:  # an inference k that nothing would apply: say so rather than run dense
+            raise RecipeError(
+                f"k={cfg.k} chooses the experts per token of SMoE-Dropout FFNs, and this FFN is {cfg.name}; "
+                f"drop it, or set {prefix}.name=smoe_dropout",
+                key=f"{prefix}.k",
+            )
         return
 
     def err(key: str, msg: str) -> RecipeError:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 
 def register_cli(app: Any) -> None:
-    """Add ``llmfoundry-lite eval CHECKPOINT|HF_DIR --tasks a,b [--num-fewshot K] [--limit N] ...``."""
+    """Add ``llmfoundry-lite eval CHECKPOINT|HF_DIR --tasks a,b [--num-fewshot K] [--limit N] [--k 1,4] ...``."""
     import typer
 
     @app.command("eval")
@@ -37,6 +37,12 @@ def register_cli(app: Any) -> None:
             "--out",
             help="Folder for eval.json and eval.md (default: the checkpoint's folder, or ./eval).",
         ),
+        k: Optional[str] = typer.Option(
+            None,
+            "--k",
+            help="SMoE-Dropout checkpoints: experts per token, one or comma-separated (1,4,16: scored at each); "
+            "default: the checkpoint's model.ffn.k.",
+        ),
     ) -> None:
         """Score a checkpoint or HF folder on lm-evaluation-harness tasks (zero/few-shot accuracy)."""
         from llmfoundry_lite.apps.evaluate.harness import RESULTS_JSON, RESULTS_MD, evaluate, results_markdown
@@ -51,6 +57,7 @@ def register_cli(app: Any) -> None:
             tokenizer=tokenizer,
             include_path=include_path,
             out=out,
+            k=k,
         )
         table = results_markdown(summary).split("\n", 2)[2]  # the table and its settings line, no title
         typer.echo(table.rstrip())

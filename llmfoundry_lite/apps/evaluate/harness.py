@@ -272,8 +272,10 @@ def metric_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def log_name(row: Mapping[str, Any]) -> str:
-    """``eval/<task>/<metric>``: the metric name the training callback logs."""
-    return f"eval/{row['task']}/{row['metric'].replace(' ', '')}"
+    """``eval/<task>/<metric>``: the metric name the training callback logs; ``eval/k4/<task>/<metric>`` for a
+    row scored at a chosen SMoE-Dropout k (as training's ``eval_k`` names its evaluators)."""
+    k = f"k{row['k']}/" if row.get("k") is not None else ""
+    return f"eval/{k}{row['task']}/{row['metric'].replace(' ', '')}"
 
 
 def _fmt(x: Optional[float]) -> str:
@@ -282,19 +284,22 @@ def _fmt(x: Optional[float]) -> str:
 
 def results_markdown(summary: Mapping[str, Any]) -> str:
     """The results as a markdown table (task, metric, value, stderr, n), with what was scored and how."""
-    shots, limit = summary.get("num_fewshot"), summary.get("limit")
+    shots, limit, ks = summary.get("num_fewshot"), summary.get("limit"), summary.get("k")
+    per_k = f" · SMoE-Dropout k: {', '.join(map(str, ks))}" if ks else ""
     lines = [
         f"# lm-eval results: {summary['model']}",
         "",
         f"num_fewshot: {'task default' if shots is None else shots} · "
-        f"limit: {'none' if limit is None else f'{limit} per task'} · lm-eval {summary.get('lm_eval_version')}",
+        f"limit: {'none' if limit is None else f'{limit} per task'}{per_k} · "
+        f"lm-eval {summary.get('lm_eval_version')}",
         "",
-        "| task | metric | value | ± stderr | n |",
-        "|---|---|---:|---:|---:|",
+        ("| k " if ks else "") + "| task | metric | value | ± stderr | n |",
+        ("|---:" if ks else "") + "|---|---|---:|---:|---:|",
     ]
     for r in summary["rows"]:
         lines.append(
-            f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['stderr'])} | {r['n'] or ''} |"
+            (f"| {r['k']} " if ks else "")
+            + f"| {r['task']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['stderr'])} | {r['n'] or ''} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -307,6 +312,22 @@ def default_out_dir(path: str | os.PathLike) -> Path:
     return p if p.is_dir() else p.parent
 
 
+def _chosen_k(path: str | os.PathLike, k: Optional[str | Sequence[int]]) -> Optional[list[int]]:
+    """``--k`` as a list (None when not given); a Hugging Face folder cannot take it (it has no experts)."""
+    if k is None:
+        return None
+    from llmfoundry_lite.models.ffn import parse_k_list
+
+    ks = parse_k_list(k) if isinstance(k, str) else list(dict.fromkeys(int(x) for x in k))
+    if is_hf_folder(path):
+        raise RecipeError(
+            f"{str(path)!r} is a Hugging Face folder, whose FFNs are dense (export refuses SMoE-Dropout models); "
+            "give the run's Composer checkpoint to choose its experts per token",
+            key="--k",
+        )
+    return ks
+
+
 def evaluate(
     path: str | os.PathLike,
     tasks: str | Sequence[str],
@@ -317,8 +338,13 @@ def evaluate(
     tokenizer: Optional[str] = None,
     include_path: Optional[str] = None,
     out: Optional[str | os.PathLike] = None,
+    k: Optional[str | Sequence[int]] = None,
 ) -> dict[str, Any]:
-    """Score a checkpoint or HF folder on lm-eval tasks; write eval.json and eval.md; return the summary."""
+    """Score a checkpoint or HF folder on lm-eval tasks; write eval.json and eval.md; return the summary.
+
+    ``k`` (``"1,4,16"`` or a list): score an SMoE-Dropout checkpoint once per k; each row then carries its ``k``,
+    and ``results`` / ``n-samples`` are lm-eval's per ``k<k>`` label. None: the checkpoint's ``model.ffn.k``.
+    """
     require_lm_eval("CHECKPOINT")
     if not Path(path).exists():
         raise RecipeError(
@@ -332,10 +358,27 @@ def evaluate(
         raise RecipeError(f"must be >= 1 (examples per task), got {limit}", key="--limit")
     if num_fewshot is not None and num_fewshot < 0:
         raise RecipeError(f"must be >= 0, got {num_fewshot}", key="--num-fewshot")
+    ks = _chosen_k(path, k)
     names = split_tasks(tasks)
     manager = task_manager(names, include_path)  # before loading any model: a typo fails in seconds
     lm = build_lm(path, tokenizer, resolve_device(device), batch_size)
-    results = run_tasks(lm, names, manager, num_fewshot, limit)
+    if ks:
+        from llmfoundry_lite.models.ffn import choose_active_experts
+
+        for one in ks:  # every k checked before the first is scored
+            choose_active_experts(lm.model, one, str(path))
+        runs = {}
+        for one in ks:
+            choose_active_experts(lm.model, one, str(path))
+            runs[one] = run_tasks(lm, names, manager, num_fewshot, limit)
+        rows = [{"k": one, **row} for one, r in runs.items() for row in metric_rows(r)]
+        results = {
+            key: {f"k{one}": r.get(key, {}) for one, r in runs.items()} for key in ("results", "n-samples")
+        }
+        results |= {key: runs[ks[-1]].get(key, {}) for key in ("versions", "n-shot")}  # the same for every k
+    else:
+        results = run_tasks(lm, names, manager, num_fewshot, limit)
+        rows = metric_rows(results)
     import lm_eval
 
     summary = {
@@ -344,8 +387,9 @@ def evaluate(
         "tasks": names,
         "num_fewshot": num_fewshot,
         "limit": limit,
+        "k": ks,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
-        "rows": metric_rows(results),
+        "rows": rows,
         "results": results.get("results", {}),
         "n-samples": results.get("n-samples", {}),
         "versions": results.get("versions", {}),
