@@ -141,9 +141,15 @@ def show(recipe: str = RecipeArg, overrides: Optional[list[str]] = OverridesArg)
 
 
 def _parameter_counts(cfg: Any) -> tuple[int, int] | None:
-    """(total, non-embedding) parameters of the recipe's model, remembered across commands (train/memo.py)."""
+    """(total, non-embedding) parameters of the recipe's model: a built-in family's from its config, any other's
+    from a meta-device build, remembered across commands (train/memo.py)."""
     from llmfoundry_lite.recipe import section
     from llmfoundry_lite.train.memo import folder_fingerprint, remembered
+    from llmfoundry_lite.train.meta import static_parameters
+
+    counts = static_parameters(cfg)
+    if counts is not None:
+        return counts
 
     def count() -> list[int] | None:
         from llmfoundry_lite.train.meta import count_parameters  # torch, Composer and the model code

@@ -1,14 +1,14 @@
-"""Wall time of the everyday commands (``--help``, ``list``, ``show``, ``validate`` of the quickstart recipe), each
+"""Wall time of the everyday commands (``--help``, ``list``, ``show``, ``validate`` of both quickstart recipes), each
 a fresh process as a user types it: median of ``--repeats`` runs, commands interleaved so machine noise hits all.
 
     python scripts/benchmark_startup.py                     # this checkout
     python scripts/benchmark_startup.py --compare /tmp/old  # and another checkout, side by side, interleaved
 
-``--compare DIR`` puts DIR first on ``PYTHONPATH`` for its column (e.g. ``git worktree add /tmp/old HEAD~5``).
-This checkout is timed twice: with the model-check answers of train/memo.py remembered (a first, untimed run
+``--compare DIR`` puts DIR first on ``PYTHONPATH`` for its two columns (e.g. ``git worktree add /tmp/old HEAD~5``).
+Each checkout is timed twice: with the model-check answers of train/memo.py remembered (a first, untimed run
 fills them, as any earlier command with the same model block does) and with remembering off
-(``LLMFOUNDRY_LITE_CACHE=off``: the model is built on the meta device every time). The quickstart's tokenizer and
-MDS shards are built under ``--workdir`` first (not timed).
+(``LLMFOUNDRY_LITE_CACHE=off``: nothing is remembered; the built-in families need no model build either way). The
+quickstarts' tokenizers and MDS shards are built under ``--workdir`` first (not timed).
 """
 
 from __future__ import annotations
@@ -23,31 +23,38 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml"
+QUICKSTART = ROOT / "recipes" / "quickstart"
 
 
-def prepare(workdir: Path) -> list[str]:
-    """The quickstart's tokenizer and shards under ``workdir``; the overrides that point the recipe at them."""
+def prepare(workdir: Path) -> dict[str, list[str]]:
+    """Both quickstarts' tokenizers and shards under ``workdir``; recipe -> the overrides that point it at them."""
     from llmfoundry_lite.data.convert import convert
     from llmfoundry_lite.data.corpus import embedded_documents
     from llmfoundry_lite.data.tokenizers import train_tokenizer
 
     tok, data = workdir / "tokenizer", workdir / "mds"
+    bpe, rows = workdir / "bpe-tokenizer", workdir / "llama-mds"
     if not (tok / "tokenizer.json").exists():
         train_tokenizer("wordpiece", embedded_documents(), vocab_size=4096, out_dir=tok)
     if not (data / "train" / "index.json").exists():
         convert("embedded", data, splits=("train", "val"))
-    return [f"variables.tokenizer_path={tok}", f"variables.data_local={data}"]
-
-
-def commands(overrides: list[str]) -> dict[str, list[str]]:
-    """Label -> argv after ``python -m llmfoundry_lite.cli``."""
+    if not (bpe / "tokenizer.json").exists():
+        train_tokenizer("bpe", embedded_documents(), vocab_size=4096, out_dir=bpe)
+    if not (rows / "train" / "index.json").exists():
+        convert("embedded", rows, splits=("train", "val"), tokenizer=str(bpe), concat_tokens=128)
     return {
-        "--help": ["--help"],
-        "list": ["list"],
-        "show quickstart": ["show", str(RECIPE), *overrides],
-        "validate quickstart": ["validate", str(RECIPE), *overrides],
+        "mosaicbert-tiny": [f"variables.tokenizer_path={tok}", f"variables.data_local={data}"],
+        "llama-tiny": [f"variables.tokenizer_path={bpe}", f"variables.data_local={rows}"],
     }
+
+
+def commands(overrides: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Label -> argv after ``python -m llmfoundry_lite.cli``."""
+    cmds = {"--help": ["--help"], "list": ["list"]}
+    for recipe, extra in overrides.items():
+        for verb in ("show", "validate"):
+            cmds[f"{verb} {recipe}"] = [verb, str(QUICKSTART / f"{recipe}.yaml"), *extra]
+    return cmds
 
 
 def run_once(argv: list[str], env: dict[str, str]) -> float:
@@ -80,10 +87,15 @@ def main() -> None:
     cache = str(workdir / "memo")
     configs = {}
     if args.compare:
-        configs[f"before ({args.compare})"] = {
+        configs["before, model checks remembered"] = {
             **base,
             "PYTHONPATH": args.compare,
             "LLMFOUNDRY_LITE_CACHE": cache,
+        }
+        configs["before, remembering off"] = {
+            **base,
+            "PYTHONPATH": args.compare,
+            "LLMFOUNDRY_LITE_CACHE": "off",
         }
     configs["after, model checks remembered"] = {
         **base,

@@ -1,6 +1,7 @@
 """`show` and `validate` without the heavy stack: the generated signature table matches the live registries, its
 annotations check values as the live ones do, durations parse as Composer parses them, and a recipe whose model
-was checked before is validated (and shown) without importing torch, Composer, transformers or streaming."""
+was checked before is validated (and shown) without importing torch, Composer, transformers or streaming (a
+built-in family's needs no build at all: tests/test_model_configs.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from llmfoundry_lite.registry import EntrySpec
 from llmfoundry_lite.typecheck import annotation_from_source, annotation_source, parse_duration, type_error
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "recipes" / "quickstart" / "mosaicbert-tiny.yaml")
+LLAMA_QUICKSTART = str(ROOT / "recipes" / "quickstart" / "llama-tiny.yaml")
 HEAVY = ("torch", "composer", "transformers", "streaming")
 
 
@@ -94,16 +95,32 @@ def _heavy(proc: subprocess.CompletedProcess) -> list[str]:
     return ast.literal_eval(line.split(" ", 1)[1])
 
 
+def _hf_causal_recipe(tmp_path: Path, tokenizer: str, data: str) -> list[str]:
+    """The LLaMA quickstart with a Hugging Face model block: an entry only a meta-device build can check."""
+    import yaml
+
+    data_ = yaml.safe_load(Path(LLAMA_QUICKSTART).read_text())
+    data_["model"] = {
+        "name": "hf_causal_lm",
+        "config": {
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    }
+    path = tmp_path / "hf-causal.yaml"
+    path.write_text(yaml.safe_dump(data_))
+    return [str(path), f"variables.tokenizer_path={tokenizer}", f"variables.data_local={data}"]
+
+
 @pytest.mark.timeout(900)  # four commands import torch and Composer: minutes on a busy 2-core box
 def test_validate_and_show_import_no_heavy_stack_once_the_model_was_checked(
-    tmp_path, bert_tokenizer_dir, mlm_mds_dir
+    tmp_path, llama_tokenizer_dir, causal_mds_dir
 ):
+    """Built-in families need no build (tests/test_model_configs.py); any other model is built once, remembered."""
     env = {**os.environ, "LLMFOUNDRY_LITE_CACHE": str(tmp_path / "memo")}
-    recipe = [
-        QUICKSTART,
-        f"variables.tokenizer_path={bert_tokenizer_dir}",
-        f"variables.data_local={mlm_mds_dir}",
-    ]
+    recipe = _hf_causal_recipe(tmp_path, llama_tokenizer_dir, causal_mds_dir)
     first = _cli(["show", *recipe], env)  # builds the model on the meta device once and remembers the answers
     assert first.returncode == 0, first.stderr
     assert "torch" in _heavy(first)
@@ -113,10 +130,10 @@ def test_validate_and_show_import_no_heavy_stack_once_the_model_was_checked(
         assert again.returncode == 0, again.stderr
         assert _heavy(again) == [], verb
     assert again.stdout == first.stdout  # the remembered parameter count is the one computed
-    # Mistakes are never remembered: a new bad shape is built and refused (one line, exit 2) every time.
+    # Mistakes are never remembered: a bad model block is built and refused (one line, exit 2) every time.
     for _ in range(2):
-        bad = _cli(["validate", *recipe, "model.n_heads=3"], env)
-        assert bad.returncode == 2 and "n_heads=3" in bad.stderr
+        bad = _cli(["validate", *recipe, "model.model_type=no_such_type"], env)
+        assert bad.returncode == 2 and "no_such_type" in bad.stderr
     # A mistake in the keys is caught from the table, before any model is built.
     typo = _cli(["validate", *recipe, "optimizer.lrr=0.1"], env)
     assert typo.returncode == 2 and "did you mean 'lr'" in typo.stderr and _heavy(typo) == []

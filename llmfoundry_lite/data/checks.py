@@ -380,6 +380,27 @@ def tokenizer_vocab_size(folder: str) -> Optional[int]:
     return max(ids) + 1 if ids else None
 
 
+def tokenizer_length(folder: str) -> Optional[int]:
+    """``len(tokenizer)`` of a folder's ``tokenizer.json`` (its tokens, added ones included) when its ids run
+    0..n-1 without a gap or a shared id; None otherwise, or when there is no such file."""
+    data = _read_json(os.path.join(folder, "tokenizer.json"))
+    if not isinstance(data, dict):
+        return None
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        tokens = {str(k): v for k, v in vocab.items()}
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
+        tokens = {str(p[0]): i for i, p in enumerate(vocab) if isinstance(p, (list, tuple)) and p}
+    else:
+        return None
+    for t in data.get("added_tokens") or []:
+        if isinstance(t, dict) and "content" in t:
+            tokens.setdefault(str(t["content"]), t.get("id"))
+    ids = set(tokens.values())
+    n = len(tokens)
+    return n if n and ids == set(range(n)) else None
+
+
 def tokenizer_has_mask(folder: str) -> Optional[bool]:
     """Whether the tokenizer defines a mask token (MLM needs one); None when its config files say nothing."""
     found = None

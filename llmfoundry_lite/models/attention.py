@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.models.configs import AttnImpl
 
 # ---------------------------------------------------------------------------------------------------------
 # flash-attn (optional, lazily imported: it only builds on CUDA machines) and the choice of kernel
 # ---------------------------------------------------------------------------------------------------------
 
-AttnImpl = Literal["auto", "flash", "sdpa"]
 ATTN_IMPLS: tuple[str, ...] = typing.get_args(AttnImpl)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 # Composer precisions under which q/k/v reach the kernel in fp32 (flash-attn takes bf16/fp16 only).

@@ -183,8 +183,13 @@ def check_hf_bert_alibi(data: Mapping[str, Any]) -> None:
 
 
 def check_model(block: Any) -> None:
-    """The model block built on the meta device (shape errors now, not at train time); a success is remembered."""
+    """The model block checked now, not at train time: a built-in family's by its config (no torch), any other
+    built on the meta device, a success remembered (train/memo.py)."""
     from llmfoundry_lite.train.memo import remembered
+    from llmfoundry_lite.train.meta import check_without_build
+
+    if isinstance(block, Mapping) and check_without_build(block):
+        return
 
     def build() -> bool:
         from llmfoundry_lite.train.meta import check_model_shape  # torch, Composer and the model code

@@ -1,11 +1,10 @@
 """BERT-family encoders: MosaicBERT and classic BERT are two configurations of one class.
 
-``config.py`` (BertConfig: the recipe schema), ``model.py`` (encoder, MLM head, Composer model), ``hf_adapter.py`` (Hugging Face checkpoints),
+``models/configs.py`` (BertConfig: the recipe schema; torch-free), ``model.py`` (encoder, MLM head, Composer model), ``hf_adapter.py`` (Hugging Face checkpoints),
 ``builder.py`` (the ``mosaic_bert`` and ``bert`` recipe entries). Importing this package registers the family.
 """
 
 from llmfoundry_lite.models.bert.builder import build_bert, build_bert_mlm, build_mosaic_bert
-from llmfoundry_lite.models.bert.config import CLASSIC, BertConfig, pad_vocab
 from llmfoundry_lite.models.bert.hf_adapter import load_hf_bert
 from llmfoundry_lite.models.bert.model import (
     BertEmbeddings,
@@ -15,6 +14,7 @@ from llmfoundry_lite.models.bert.model import (
     MLMHead,
     MLMOutput,
 )
+from llmfoundry_lite.models.configs import CLASSIC, BertConfig, pad_vocab
 from llmfoundry_lite.models.spec import FamilySpec, register_family
 
 BERT = register_family(

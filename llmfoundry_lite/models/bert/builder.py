@@ -11,9 +11,9 @@ import logging
 from typing import Any, Optional
 
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.models.bert.config import CLASSIC, BertConfig, pad_vocab
 from llmfoundry_lite.models.bert.hf_adapter import load_hf_bert
 from llmfoundry_lite.models.bert.model import BertMLM, check_weights_fit
+from llmfoundry_lite.models.configs import CLASSIC, BertConfig, padded_vocab
 from llmfoundry_lite.models.schema import config_builder, vocab_size_from
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,11 @@ def build_bert_mlm(
     init_from_hf: Optional[str] = None,
 ) -> BertMLM:
     """BertMLM from a config; the vocabulary is the tokenizer's (or ``vocab_size``) padded to ``vocab_multiple``."""
-    if vocab_multiple <= 0:
-        raise RecipeError(f"must be a positive integer, got {vocab_multiple!r}", key="model.vocab_multiple")
     real_vocab = vocab_size_from(tokenizer, vocab_size)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     cfg = dataclasses.replace(
         config,
-        vocab_size=pad_vocab(real_vocab, vocab_multiple),
+        vocab_size=padded_vocab(real_vocab, vocab_multiple),
         pad_token_id=config.pad_token_id if pad_id is None else pad_id,
     )
     if init_from_hf is None:

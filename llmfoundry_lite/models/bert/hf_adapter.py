@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from llmfoundry_lite.errors import RecipeError, first_line
-from llmfoundry_lite.models.bert.config import BertConfig, pad_vocab
+from llmfoundry_lite.models.configs import BertConfig, pad_vocab
 
 # Published MosaicBERT name -> ours ({i}: layer index; "head." names go to the MLM head, the rest to the encoder).
 MOSAIC_BERT_NAMES: dict[str, str] = {

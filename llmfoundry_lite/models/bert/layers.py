@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmfoundry_lite.models.attention import Unpadded, varlen_attention
+from llmfoundry_lite.models.configs import Norm
 
 
 class SelfAttention(nn.Module):
@@ -88,9 +87,7 @@ class LowPrecisionLayerNorm(nn.LayerNorm):
             return F.layer_norm(x.to(dtype), self.normalized_shape, w, b, self.eps)
 
 
-# "fused_layernorm" is the name the MosaicBERT reference YAMLs use (Composer's apex-based FusedLayerNorm, gone
-# from Composer): an alias of the low-precision LayerNorm, which serves the same purpose, so they keep working.
-Norm = Literal["layernorm", "low_precision_layernorm", "fused_layernorm"]
+# Norm's "fused_layernorm" (the MosaicBERT reference YAMLs' name) is an alias of the low-precision LayerNorm.
 NORMS: dict[str, type[nn.LayerNorm]] = {
     "layernorm": nn.LayerNorm,
     "low_precision_layernorm": LowPrecisionLayerNorm,

@@ -33,8 +33,8 @@ from llmfoundry_lite.models.attention import (
     unpad,
     unpad_info,
 )
-from llmfoundry_lite.models.bert.config import BertConfig
 from llmfoundry_lite.models.bert.layers import GeGLU, GeluMLP, SelfAttention, make_norm
+from llmfoundry_lite.models.configs import BertConfig
 from llmfoundry_lite.models.ffn import make_ffn, skipped_params_fn
 from llmfoundry_lite.models.head import LMHead, TiedEmbedding
 from llmfoundry_lite.models.lm_loss import LabelStats, StatsAccuracy, StatsCrossEntropy

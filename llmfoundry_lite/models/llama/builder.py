@@ -6,8 +6,9 @@ import dataclasses
 from typing import Any, Literal, Optional
 
 from llmfoundry_lite.batch import check_vocab_fits
+from llmfoundry_lite.models.configs import LlamaConfig
 from llmfoundry_lite.models.llama.hf_adapter import load_hf_llama
-from llmfoundry_lite.models.llama.model import ComposerLlama, LlamaConfig
+from llmfoundry_lite.models.llama.model import ComposerLlama
 from llmfoundry_lite.models.schema import config_builder, vocab_size_from
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llmfoundry_lite.errors import RecipeError, first_line
-from llmfoundry_lite.models.llama.model import LlamaConfig
+from llmfoundry_lite.models.configs import LlamaConfig
 
 
 def rope_permutation(head_dim: int) -> torch.Tensor:

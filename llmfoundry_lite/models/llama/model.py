@@ -1,7 +1,8 @@
 """LLaMA-style decoder: RMSNorm, SwiGLU, rotary embeddings, grouped-query attention, no biases.
 
-Read top to bottom: config -> norm -> rotary -> attention -> feed-forward -> block -> decoder -> Composer wrapper
-(Hugging Face conversion: ``hf_adapter.py``; the ``llama`` recipe entry: ``builder.py``). Parallelism (FSDP), precision and activation checkpointing are
+Read top to bottom: norm -> rotary -> attention -> feed-forward -> block -> decoder -> Composer wrapper (the config,
+LlamaConfig, is in ``models/configs.py``, torch-free; Hugging Face conversion: ``hf_adapter.py``; the ``llama``
+recipe entry: ``builder.py``). Parallelism (FSDP), precision and activation checkpointing are
 applied from outside: the decoder only *declares* which modules are blocks (``fsdp_wrap_fn``,
 ``activation_checkpointing_fn``, ``param_init_fn``, the hooks Composer's FSDP wrapper looks for).
 
@@ -26,19 +27,17 @@ import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import nn
 
-from llmfoundry_lite import registry
 from llmfoundry_lite.batch import IGNORE_INDEX
-from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import TransformerFlops, parameter_counts
 from llmfoundry_lite.models.attention import (
-    AttnImpl,
     KVCache,
     LayerKV,
     causal_attention,
     check_attn_impl,
     decoder_mask,
 )
-from llmfoundry_lite.models.ffn import FFNConfig, check_ffn, make_ffn, skipped_params_fn
+from llmfoundry_lite.models.configs import LlamaConfig
+from llmfoundry_lite.models.ffn import make_ffn, skipped_params_fn
 from llmfoundry_lite.models.head import LMHead, TiedEmbedding
 from llmfoundry_lite.models.lm_loss import (
     LabelStats,
@@ -46,93 +45,6 @@ from llmfoundry_lite.models.lm_loss import (
     StatsCrossEntropy,
     StatsPerplexity,
 )
-
-# ---------------------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LlamaConfig:
-    """Shape and numerics of a LLaMA-style decoder; also the schema of the ``llama`` recipe entry (builder.py)."""
-
-    vocab_size: int = 32000
-    d_model: int = 768
-    n_layers: int = 12
-    n_heads: int = 12
-    n_kv_heads: Optional[int] = None  # None = n_heads (multi-head attention); fewer = grouped-query attention
-    ffn_hidden_size: Optional[int] = None  # None = LLaMA rule from d_model, multiple_of, ffn_dim_multiplier
-    multiple_of: int = 256
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    attn_impl: AttnImpl = "auto"  # an execution choice: the same function either way
-    # Train-time cross-entropy/perplexity/accuracy logged every batch (llm-foundry's switch of that name). Off:
-    # the loss is already logged, and accuracy needs an argmax over the vocabulary each batch.
-    use_train_metrics: bool = False
-    # Dense SwiGLU, or SMoE-Dropout experts over the same weights (models/ffn.py).
-    ffn: FFNConfig = FFNConfig()
-
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads."""
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def head_dim(self) -> int:
-        """Per-head dimension."""
-        return self.d_model // self.n_heads
-
-    @property
-    def ffn_dim(self) -> int:
-        """SwiGLU hidden size: explicit, or 2/3 * 4d (times the multiplier) rounded up to ``multiple_of``."""
-        if self.ffn_hidden_size is not None:
-            return self.ffn_hidden_size
-        hidden = int(2 * 4 * self.d_model / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    def validate(self, prefix: str = "model") -> None:
-        """Raise RecipeError naming the offending key for ill-typed fields and shapes the architecture cannot run."""
-
-        def err(key: str, msg: str) -> RecipeError:
-            return RecipeError(msg, key=f"{prefix}.{key}" if prefix else key)
-
-        # Types and choices (attn_impl) come from the annotations, as for a recipe block.
-        registry.check_dataclass(type(self), dataclasses.asdict(self), prefix)
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
-            if getattr(self, key) <= 0:
-                raise err(key, f"must be a positive integer, got {getattr(self, key)}")
-        if self.d_model % self.n_heads:
-            raise err(
-                "n_heads",
-                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                "choose n_heads dividing d_model",
-            )
-        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
-            raise err(
-                "n_kv_heads",
-                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
-                "choose a divisor of n_heads",
-            )
-        if self.head_dim % 2:
-            raise err(
-                "n_heads",
-                f"head dimension d_model/n_heads = {self.head_dim} is odd; rotary embeddings "
-                "need an even head dimension",
-            )
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
-            raise err("ffn_hidden_size", f"must be positive, got {self.ffn_hidden_size}")
-        if self.norm_eps <= 0:
-            raise err("norm_eps", f"must be positive, got {self.norm_eps}")
-        if self.rope_theta <= 0:
-            raise err("rope_theta", f"must be positive, got {self.rope_theta}")
-        check_ffn(self.ffn, self.ffn_dim, prefix)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Layers
