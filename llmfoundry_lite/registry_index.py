@@ -293,9 +293,9 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
     "optimizers": {
         "adam": {
             "var_kw": False, "nested": {}, "params": [
-                ('params', 'Union[Any, Any, Any]'),
-                ('lr', 'Union[float, Any]', 0.001),
-                ('betas', 'tuple[Union[float, Any], Union[float, Any]]', (0.9, 0.999)),
+                ('params', 'Any'),
+                ('lr', 'Any', 0.001),
+                ('betas', 'tuple[Any, Any]', (0.9, 0.999)),
                 ('eps', 'float', 1e-08),
                 ('weight_decay', 'float', 0),
                 ('amsgrad', 'bool', False),
@@ -309,9 +309,9 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "adamw": {
             "var_kw": False, "nested": {}, "params": [
-                ('params', 'Union[Any, Any, Any]'),
-                ('lr', 'Union[float, Any]', 0.001),
-                ('betas', 'tuple[Union[float, Any], Union[float, Any]]', (0.9, 0.999)),
+                ('params', 'Any'),
+                ('lr', 'Any', 0.001),
+                ('betas', 'tuple[Any, Any]', (0.9, 0.999)),
                 ('eps', 'float', 1e-08),
                 ('weight_decay', 'float', 0.01),
                 ('amsgrad', 'bool', False),
@@ -324,7 +324,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "decoupled_adamw": {
             "var_kw": False, "nested": {}, "params": [
-                ('params', 'Union[Any, Any]'),
+                ('params', 'Any'),
                 ('lr', 'float', 0.001),
                 ('betas', 'tuple[float, float]', (0.9, 0.95)),
                 ('eps', 'float', 1e-08),
@@ -334,7 +334,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "decoupled_sgdw": {
             "var_kw": False, "nested": {}, "params": [
-                ('params', 'Union[Any, Any]'),
+                ('params', 'Any'),
                 ('lr', 'float', Ellipsis),
                 ('momentum', 'float', 0),
                 ('dampening', 'float', 0),
@@ -344,11 +344,11 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "sgd": {
             "var_kw": False, "nested": {}, "params": [
-                ('params', 'Union[Any, Any, Any]'),
-                ('lr', 'Union[float, Any]', 0.001),
+                ('params', 'Any'),
+                ('lr', 'Any', 0.001),
                 ('momentum', 'float', 0),
                 ('dampening', 'float', 0),
-                ('weight_decay', 'Union[float, Any]', 0),
+                ('weight_decay', 'Any', 0),
                 ('nesterov', 'bool', False),
                 ('maximize', 'bool', False),
                 ('foreach', 'Union[bool, None]', None),
@@ -469,7 +469,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "gated_linear_units": {
             "var_kw": False, "nested": {}, "params": [
-                ('act_fn', 'Union[Any, None]', None),
+                ('act_fn', 'Any', None),
                 ('gated_layer_bias', 'bool', False),
                 ('non_gated_layer_bias', 'bool', False),
             ],
@@ -483,7 +483,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         "label_smoothing": {
             "var_kw": False, "nested": {}, "params": [
                 ('smoothing', 'float', 0.1),
-                ('target_key', 'Union[str, int, tuple[Any, Any], Any]', 1),
+                ('target_key', 'Any', 1),
             ],
         },
         "layer_freezing": {
@@ -556,7 +556,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
             "var_kw": False, "nested": {}, "params": [
                 ('monitor', 'str'),
                 ('dataloader_label', 'str'),
-                ('comp', 'Union[str, Any, None]', None),
+                ('comp', 'Any', None),
                 ('min_delta', 'float', 0.0),
                 ('patience', 'Union[int, str, Duration]', 1),
             ],
@@ -634,7 +634,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('monitor', 'str'),
                 ('dataloader_label', 'str'),
                 ('threshold', 'float'),
-                ('comp', 'Union[str, Any, None]', None),
+                ('comp', 'Any', None),
                 ('stop_on_batch', 'bool', False),
             ],
         },
@@ -667,7 +667,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('experiment_name', 'Union[str, None]', None),
                 ('run_name', 'Union[str, None]', None),
                 ('tags', 'Union[dict, None]', None),
-                ('tracking_uri', 'Union[str, Any, None]', None),
+                ('tracking_uri', 'Any', None),
                 ('rank_zero_only', 'bool', True),
                 ('flush_interval', 'int', 10),
                 ('model_registry_prefix', 'str', ''),

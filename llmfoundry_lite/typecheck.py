@@ -253,7 +253,10 @@ def annotation_source(tp: Any) -> str:
     if origin is typing.Literal:
         return f"Literal[{', '.join(repr(a) for a in args)}]"
     if origin is typing.Union or origin is types.UnionType:
-        return f"Union[{', '.join(annotation_source(a) for a in args)}]"
+        parts = [annotation_source(a) for a in args]
+        # A union with Any accepts anything; Python 3.10's get_type_hints writes `x: Any = None` as
+        # Optional[Any], 3.11 and later leave it Any: both are Any here, so the generated table is the same.
+        return "Any" if "Any" in parts else f"Union[{', '.join(parts)}]"
     if origin in (list, tuple, Sequence, typing.Sequence):
         name = "tuple" if origin is tuple else ("list" if origin is list else "Sequence")
         if not args:
