@@ -283,8 +283,12 @@ class Unpadded:
 
     @property
     def is_identity(self) -> bool:
-        """True when every position is kept (no padding removed)."""
-        return self.indices.numel() == self.batch * self.seq_len
+        """True when every position is kept (no padding removed): eager mode then skips the gathers.
+
+        Always False while compiling: one graph serves batches with and without padding (gathering every position
+        is the identity) instead of a recompile the first time the other kind of batch arrives.
+        """
+        return not torch.compiler.is_compiling() and (self.padded_stream or not self.has_padding)
 
 
 def unpad_info(attention_mask: torch.Tensor, keep_all: bool = False) -> Unpadded:
@@ -326,16 +330,16 @@ def attention_bias(info: Unpadded, slopes: torch.Tensor | None, dtype: torch.dty
     (not -inf) keeps rows made only of padding finite. Under ``torch.compile`` each layer builds it inside its
     graph instead (fused there): a cache written by the first layer's graph would fail a guard of the next one.
     """
-    cache = not torch.compiler.is_compiling()
-    if cache and dtype in info._bias:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and dtype in info._bias:
         return info._bias[dtype]
-    if slopes is None and not info.has_padding:
+    if not compiling and slopes is None and not info.has_padding:  # compiled: one graph, padded or not
         bias = None
     else:
         keymask = torch.zeros(info.key_mask.shape, dtype=dtype, device=info.key_mask.device)
         keymask = keymask.masked_fill(~info.key_mask, torch.finfo(dtype).min)[:, None, None, :]
         bias = keymask if slopes is None else alibi_bias(slopes, info.seq_len).to(dtype)[None] + keymask
-    if cache:
+    if not compiling:
         info._bias[dtype] = bias
     return bias
 
