@@ -46,6 +46,14 @@ def flash_attn_function(name: str):
     return getattr(flash_attn, name, None)
 
 
+def flash_on(device_type: str, name: str):
+    """``flash_attn.<name>`` for a call on a CUDA device, else None without trying the import.
+
+    Elsewhere flash-attn cannot run anyway, and the import attempt is a graph break under ``torch.compile``.
+    """
+    return flash_attn_function(name) if device_type == "cuda" else None
+
+
 def flash_unavailable(
     device_type: str,
     dtype: Optional[torch.dtype],
@@ -227,7 +235,7 @@ def causal_attention(
     """
     B, Sq, H, hd = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
-    flash = flash_attn_function("flash_attn_func")
+    flash = flash_on(q.device.type, "flash_attn_func")
     kernel = select_attention_kernel(
         impl,
         q.device.type,
@@ -269,12 +277,18 @@ class Unpadded:
     seq_len: int
     key_mask: torch.Tensor  # (B, S) bool, True for real tokens (for the padded SDPA path)
     padded_stream: bool = False  # padding tokens kept in the stream (classic padded execution)
+    # some sequence is shorter than seq_len; a Python bool read here, not a tensor inside the (compiled) layers
+    has_padding: bool = False
     _bias: dict = field(default_factory=dict, repr=False)  # SDPA masks, built once per forward
 
     @property
     def is_identity(self) -> bool:
-        """True when every position is kept (no padding removed)."""
-        return self.indices.numel() == self.batch * self.seq_len
+        """True when every position is kept (no padding removed): eager mode then skips the gathers.
+
+        Always False while compiling: one graph serves batches with and without padding (gathering every position
+        is the identity) instead of a recompile the first time the other kind of batch arrives.
+        """
+        return not torch.compiler.is_compiling() and (self.padded_stream or not self.has_padding)
 
 
 def unpad_info(attention_mask: torch.Tensor, keep_all: bool = False) -> Unpadded:
@@ -286,11 +300,12 @@ def unpad_info(attention_mask: torch.Tensor, keep_all: bool = False) -> Unpadded
         indices = torch.arange(batch * seq_len, device=mask.device)
         full = torch.full_like(lengths, seq_len)
         cu = F.pad(torch.cumsum(full, 0, dtype=torch.int32), (1, 0))
-        return Unpadded(indices, cu, seq_len, batch, seq_len, mask, padded_stream=not bool(mask.all()))
+        padded = not bool(mask.all())
+        return Unpadded(indices, cu, seq_len, batch, seq_len, mask, padded_stream=padded, has_padding=padded)
     indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
     cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
     max_len = int(lengths.max().item()) if batch else 0
-    return Unpadded(indices, cu, max_len, batch, seq_len, mask)
+    return Unpadded(indices, cu, max_len, batch, seq_len, mask, has_padding=indices.numel() < batch * seq_len)
 
 
 def unpad(x: torch.Tensor, info: Unpadded) -> torch.Tensor:
@@ -312,18 +327,20 @@ def attention_bias(info: Unpadded, slopes: torch.Tensor | None, dtype: torch.dty
     """Additive SDPA mask: key padding (B,1,1,S) plus ALiBi (1,H,S,S) when ``slopes`` is given; None if neither.
 
     Cached on ``info``, so it is built once per forward and shared by all layers. A large finite negative
-    (not -inf) keeps rows made only of padding finite.
+    (not -inf) keeps rows made only of padding finite. Under ``torch.compile`` each layer builds it inside its
+    graph instead (fused there): a cache written by the first layer's graph would fail a guard of the next one.
     """
-    if dtype in info._bias:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and dtype in info._bias:
         return info._bias[dtype]
-    has_padding = not bool(info.key_mask.all())
-    if slopes is None and not has_padding:
+    if not compiling and slopes is None and not info.has_padding:  # compiled: one graph, padded or not
         bias = None
     else:
         keymask = torch.zeros(info.key_mask.shape, dtype=dtype, device=info.key_mask.device)
         keymask = keymask.masked_fill(~info.key_mask, torch.finfo(dtype).min)[:, None, None, :]
         bias = keymask if slopes is None else alibi_bias(slopes, info.seq_len).to(dtype)[None] + keymask
-    info._bias[dtype] = bias
+    if not compiling:
+        info._bias[dtype] = bias
     return bias
 
 
@@ -341,7 +358,7 @@ def varlen_attention(
     keys, while the caller's projections and FFNs stay unpadded.
     """
     T, _, H, hd = qkv.shape
-    fn = flash_attn_function("flash_attn_varlen_qkvpacked_func")
+    fn = flash_on(qkv.device.type, "flash_attn_varlen_qkvpacked_func")
     kernel = select_attention_kernel(
         impl,
         qkv.device.type,

@@ -71,11 +71,11 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotary position embeddings as unit complex numbers e^{i t theta_j}, one per (position, dimension pair).
+    """Rotary position embeddings: the angle t * theta_j of each (position t, dimension pair j), as cos and sin.
 
-    Pairs are adjacent dimensions (2j, 2j+1) of a head (Meta's layout), so the rotation is one complex multiply,
-    faster than HF's rotate-half form (docs/model-families.md). Converting HF weights permutes the
-    q/k projection rows accordingly (``hf_adapter.rope_permutation``); attention scores are unchanged.
+    Pairs are adjacent dimensions (2j, 2j+1) of a head (Meta's layout), so eager mode rotates them with one
+    complex multiply, faster than HF's rotate-half form (docs/model-families.md). Converting HF weights permutes
+    the q/k projection rows accordingly (``hf_adapter.rope_permutation``); attention scores are unchanged.
     """
 
     def __init__(self, head_dim: int, theta: float):
@@ -85,7 +85,11 @@ class RotaryEmbedding(nn.Module):
         self._cache: dict[torch.device, torch.Tensor] = {}  # not a buffer: nothing to checkpoint or shard
 
     def forward(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        """Complex64 tensor (seq_len, 1, head_dim/2), broadcasting over (B, S, heads, head_dim/2)."""
+        """fp32 (seq_len, 1, head_dim/2, 2): [cos, sin], broadcasting over (B, S, heads, head_dim/2, 2).
+
+        Real rather than complex (it reads as e^{i angle} through ``view_as_complex``, a free view): a complex
+        tensor entering a compiled block is something inductor generates no code for.
+        """
         cached = self._cache.get(device)
         if cached is None or cached.shape[0] < seq_len:  # grow once; shorter sequences slice the table
             exponent = (
@@ -93,14 +97,22 @@ class RotaryEmbedding(nn.Module):
             )
             inv_freq = 1.0 / (self.theta**exponent)
             angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-            cached = self._cache[device] = torch.polar(torch.ones_like(angles), angles)[:, None, :]
+            cis = torch.polar(torch.ones_like(angles), angles)[:, None, :]
+            cached = self._cache[device] = torch.view_as_real(cis)
         return cached[:seq_len]
 
 
-def apply_rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2j], x[2j+1]) of x (B, S, heads, head_dim) by position-dependent angles (fp32 math)."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs_cis).flatten(-2).type_as(x)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2j], x[2j+1]) of x (B, S, heads, head_dim) by ``RotaryEmbedding``'s angles (fp32 math)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        # The same rotation in real arithmetic: inductor fuses it into one loop (it has no complex codegen).
+        x0, x1 = pairs.unbind(-1)
+        cos, sin = rotation.unbind(-1)
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotation))
+    return out.flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -117,7 +129,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        freqs_cis: torch.Tensor,
+        rotation: torch.Tensor,
         mask: Optional[torch.Tensor],
         kv: Optional[LayerKV] = None,
     ) -> torch.Tensor:
@@ -125,7 +137,7 @@ class Attention(nn.Module):
         H, Hkv, hd = self.n_heads, self.kv_heads, self.head_dim
         # split (not slicing): its backward is one cat instead of zero-filled full-size buffers per slice
         qk, v = self.wqkv(x).view(B, S, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=2)
-        q, k = apply_rotary(qk, freqs_cis).split([H, Hkv], dim=2)  # one rotary pass for q and k together
+        q, k = apply_rotary(qk, rotation).split([H, Hkv], dim=2)  # one rotary pass for q and k together
         if kv is not None:  # decoding: attend to every position stored so far
             k, v = kv.update(k, v)
         return self.wo(causal_attention(q, k, v, self.attn_impl, mask).reshape(B, S, H * hd))
@@ -159,11 +171,11 @@ class LlamaBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        freqs_cis: torch.Tensor,
+        rotation: torch.Tensor,
         mask: Optional[torch.Tensor] = None,
         kv: Optional[LayerKV] = None,
     ) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), freqs_cis, mask, kv)
+        h = x + self.attn(self.attn_norm(x), rotation, mask, kv)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -276,10 +288,10 @@ class LlamaDecoder(nn.Module):
         if cache is not None and (attention_mask is not None or sequence_id is not None):
             raise ValueError("decoding with a KV cache takes unpadded single-document rows (no masks)")
         x = self.embed(input_ids)
-        freqs_cis = self.rotary(start + S, x.device)[start:]
+        rotation = self.rotary(start + S, x.device)[start:]
         mask = decoder_mask(S, attention_mask, sequence_id, x.device)
         for i, block in enumerate(self.blocks):
-            x = block(x, freqs_cis, mask, None if cache is None else LayerKV(cache, i))
+            x = block(x, rotation, mask, None if cache is None else LayerKV(cache, i))
         if cache is not None:
             cache.advance(S)
         return self.norm(x)
