@@ -274,7 +274,16 @@ def test_dry_run_slurm_tasks_are_workers_of_one_study_and_never_run_a_trial_twic
     assert "#SBATCH --array=0-1" in text and stdout.strip() in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    bin_dir = Path(sys.executable).parent
+    if not (
+        bin_dir / "llmfoundry-lite"
+    ).exists():  # the package is on PYTHONPATH, not installed (GPU-image rehearsal)
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        shim = bin_dir / "llmfoundry-lite"
+        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m llmfoundry_lite.cli "$@"\n')
+        shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     tasks = [
         subprocess.Popen(
             ["bash", str(script)],
