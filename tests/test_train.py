@@ -450,25 +450,31 @@ def test_make_trainer_is_the_one_place_device_and_precision_are_decided():
 
 
 @pytest.mark.parametrize("hook", ["eval_start", "batch_end"])
-def test_progress_throughput_is_over_recent_batches_not_since_start(tiny_bert, capsys, hook):
-    """A slow evaluation, or slow work at a batch's end (lm_eval scoring, generation), does not drag the tok/s."""
+def test_progress_throughput_is_over_recent_batches_not_since_start(tiny_bert, capsys, monkeypatch, hook):
+    """A slow evaluation, or slow work at a batch's end (lm_eval scoring, generation), does not drag the tok/s.
+
+    The slow part is a jump of the progress logger's clock by 1,000 s (no sleep): counted, it would cut the
+    windowed rate after it a thousandfold; a loaded machine moves batch times by a few times at most. So the
+    test holds however fast or busy the machine is.
+    """
     import re
+    import statistics
     import time as _time
+    import types
 
     from composer.core import Callback
 
+    from llmfoundry_lite.train.callbacks import progress
+
+    clock = types.SimpleNamespace(offset=0.0)
+    fake_time = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if not k.startswith("_")})
+    fake_time.perf_counter = lambda: _time.perf_counter() + clock.offset
+    monkeypatch.setattr(progress, "time", fake_time)
+
     class SlowEval(Callback):
-        """Pauses 30 batch-times (>= 1 s): counted, it would cut the windowed rate after it at least 4-fold,
-        however fast or loaded the machine; one batch twice as slow as the others moves it far less."""
-
-        ends: list[float] = []
-
         def run_event(self, event, state, logger):
-            if event.value == "batch_end":
-                self.ends.append(_time.perf_counter())
             if event.value == hook and (hook == "eval_start" or int(state.timestamp.batch) == 6):
-                gaps = sorted(b - a for a, b in zip(self.ends[1:], self.ends[2:]))
-                _time.sleep(max(1.0, 30 * gaps[len(gaps) // 2]))
+                clock.offset += 1000.0
 
     cfg = load_recipe(
         QUICKSTART,
@@ -481,12 +487,13 @@ def test_progress_throughput_is_over_recent_batches_not_since_start(tiny_bert, c
     trainer.state.callbacks.insert(0, SlowEval())  # ahead of the progress logger: order must not matter
     trainer.fit()
     trainer.close()
+    assert clock.offset > 0  # the slow part happened
     rates = {
         int(m.group(1)): float(m.group(2).replace(",", ""))
         for m in re.finditer(r"\[batch (\d+)/12\][^\n]*? ([\d,]+) tok/s", capsys.readouterr().out)
     }
-    before = max(rates[b] for b in range(2, 7))
-    assert min(rates[b] for b in range(7, 13)) > 0.4 * before, rates
+    before = statistics.median(rates[b] for b in range(2, 7))
+    assert min(rates[b] for b in range(7, 13)) > 0.05 * before, rates
 
 
 def test_default_run_name_ignores_unset_sections():
