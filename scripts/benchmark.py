@@ -298,9 +298,11 @@ def compile_rows(args: argparse.Namespace) -> None:
             pair, _, info = llama_pair(LLAMA_SHAPE)
         eager_step = pair.steps[info["ours"]]
         compiled_model = copy.deepcopy(info["model"])
+        apply_compile(
+            compiled_model, CompileConfig(dynamic=args.dynamic)
+        )  # resets dynamo's process-wide counters
         monitor = CompileMonitor()
-        monitor.start()
-        apply_compile(compiled_model, CompileConfig(dynamic=args.dynamic))
+        monitor.start()  # after the reset, as train's monitor starts at fit_start
         compiled_step = bench.train_step_fn(compiled_model, info["loss_fn"])
         steps = {"eager": eager_step, f"compiled ({args.dynamic})": compiled_step}
         timed = Pair(steps, pair.batches, pair.device)
