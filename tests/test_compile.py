@@ -217,7 +217,9 @@ def test_compiled_run_reports_compile_and_resumes_bit_exact_after_kill(tiny_bert
     assert "compile 0:" in out  # the progress line states compile time apart from tokens/s
 
     # Static shapes (dynamic: false) recompile for every new unpadded token count: one line names the cause.
-    short = {**common, "max_duration": "8ba", "save_interval": "8ba"}  # the first batches have no padding
+    # 20 batches, not fewer: the first batches may have no padding (one token count), and how many depends on the
+    # embedded corpus, which differs between Python releases (3.12's first 8 are all full).
+    short = {**common, "max_duration": "20ba", "save_interval": "20ba"}
     train(load_recipe(QUICKSTART, [*tiny_bert(run_name="static", **short), *compiled, "compile.dynamic=false"]), QUICKSTART)  # fmt: skip
     warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning: torch.compile")]
     assert len(warnings) == 1 and "recompiled" in warnings[0] and "cause" in warnings[0], warnings
