@@ -5,13 +5,11 @@ built-in family's needs no build at all: tests/test_model_configs.py)."""
 
 from __future__ import annotations
 
-import ast
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _cli_probe import heavy_imported, run_cli
 
 from llmfoundry_lite import registry, registry_index, registry_listing
 from llmfoundry_lite.errors import RecipeError
@@ -20,7 +18,6 @@ from llmfoundry_lite.typecheck import annotation_from_source, annotation_source,
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_QUICKSTART = str(ROOT / "recipes" / "quickstart" / "llama-tiny.yaml")
-HEAVY = ("torch", "composer", "transformers", "streaming")
 
 
 def test_signature_table_matches_the_live_registries():
@@ -79,22 +76,6 @@ def test_annotation_source_round_trips_the_checked_part():
     assert annotation_source(object) == "Any"
 
 
-def _cli(args: list[str], env: dict[str, str], probe: bool = True) -> subprocess.CompletedProcess:
-    """Run the CLI in a fresh interpreter; with ``probe`` it also prints which heavy packages got imported."""
-    code = (
-        "import sys\nfrom llmfoundry_lite.cli import main\nrc = main(sys.argv[1:])\n"
-        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\nsys.exit(rc)\n"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def _heavy(proc: subprocess.CompletedProcess) -> list[str]:
-    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("HEAVY"))
-    return ast.literal_eval(line.split(" ", 1)[1])
-
-
 def _hf_causal_recipe(tmp_path: Path, tokenizer: str, data: str) -> list[str]:
     """The LLaMA quickstart with a Hugging Face model block: an entry only a meta-device build can check."""
     import yaml
@@ -121,25 +102,27 @@ def test_validate_and_show_import_no_heavy_stack_once_the_model_was_checked(
     """Built-in families need no build (tests/test_model_configs.py); any other model is built once, remembered."""
     env = {**os.environ, "LLMFOUNDRY_LITE_CACHE": str(tmp_path / "memo")}
     recipe = _hf_causal_recipe(tmp_path, llama_tokenizer_dir, causal_mds_dir)
-    first = _cli(["show", *recipe], env)  # builds the model on the meta device once and remembers the answers
+    first = run_cli(
+        ["show", *recipe], env
+    )  # builds the model on the meta device once and remembers the answers
     assert first.returncode == 0, first.stderr
-    assert "torch" in _heavy(first)
-    assert _cli(["validate", *recipe], env).returncode == 0
+    assert "torch" in heavy_imported(first)
+    assert run_cli(["validate", *recipe], env).returncode == 0
     for verb in ("validate", "show"):
-        again = _cli([verb, *recipe], env)
+        again = run_cli([verb, *recipe], env)
         assert again.returncode == 0, again.stderr
-        assert _heavy(again) == [], verb
+        assert heavy_imported(again) == [], verb
     assert again.stdout == first.stdout  # the remembered parameter count is the one computed
     # Mistakes are never remembered: a bad model block is built and refused (one line, exit 2) every time.
     for _ in range(2):
-        bad = _cli(["validate", *recipe, "model.model_type=no_such_type"], env)
+        bad = run_cli(["validate", *recipe, "model.model_type=no_such_type"], env)
         assert bad.returncode == 2 and "no_such_type" in bad.stderr
     # A mistake in the keys is caught from the table, before any model is built.
-    typo = _cli(["validate", *recipe, "optimizer.lrr=0.1"], env)
-    assert typo.returncode == 2 and "did you mean 'lr'" in typo.stderr and _heavy(typo) == []
+    typo = run_cli(["validate", *recipe, "optimizer.lrr=0.1"], env)
+    assert typo.returncode == 2 and "did you mean 'lr'" in typo.stderr and heavy_imported(typo) == []
     # Remembering off: the model is built every time (what the first command of a new model block costs).
-    off = _cli(["validate", *recipe], {**env, "LLMFOUNDRY_LITE_CACHE": "off"})
-    assert off.returncode == 0 and "torch" in _heavy(off)
+    off = run_cli(["validate", *recipe], {**env, "LLMFOUNDRY_LITE_CACHE": "off"})
+    assert off.returncode == 0 and "torch" in heavy_imported(off)
 
 
 def test_entry_spec_prefers_live_entries_and_refuses_unknown_names():

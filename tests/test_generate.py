@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from _bert_run import save_mosaicbert_run
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.apps.export import export_checkpoint
@@ -109,20 +110,11 @@ def test_generate_verb(llama, tmp_path):
 
 
 def test_mlm_checkpoint_fills_masks_like_the_fill_mask_pipeline(tmp_path, bert_tokenizer_dir):
-    from omegaconf import OmegaConf
-    from transformers import AutoTokenizer, pipeline
+    from transformers import pipeline
 
-    tok = AutoTokenizer.from_pretrained(bert_tokenizer_dir)
     block = {"name": "mosaic_bert", "d_model": 32, "n_layers": 1, "n_heads": 4, "intermediate_size": 48}
-    torch.manual_seed(0)
-    model = registry.build("models", block, "model", tokenizer=tok)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
     run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"state": {"model": model.state_dict()}}, run / "ck.pt")
-    OmegaConf.save({"model": block, "tokenizer": {"path": bert_tokenizer_dir}}, run / "recipe.yaml")
+    save_mosaicbert_run(block, bert_tokenizer_dir, run)
     out = export_checkpoint(run / "ck.pt", tmp_path / "hf")
     text = "The cat sat on the [MASK] and [MASK] slept."
     for source in (str(run / "ck.pt"), str(out)):

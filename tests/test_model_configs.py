@@ -5,13 +5,11 @@ import neither torch nor Composer, even with remembering off."""
 
 from __future__ import annotations
 
-import ast
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _cli_probe import heavy_imported, run_cli
 
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.configs import ENTRIES, entry_parameters
@@ -19,7 +17,6 @@ from llmfoundry_lite.recipe import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml"))
-HEAVY = ("torch", "composer", "transformers", "streaming")
 ODD_VOCAB = 1001  # not a multiple of 64: BERT's padding is counted too
 
 
@@ -115,22 +112,6 @@ def test_tokenizer_length_is_len_of_the_loaded_tokenizer(fixture, request, tmp_p
     assert tokenizer_length(str(tmp_path)) is None  # no tokenizer.json: the caller builds the model instead
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """The CLI in a fresh interpreter; stderr's last line lists the heavy packages it imported."""
-    code = (
-        "import sys\nfrom llmfoundry_lite.cli import main\nrc = main(sys.argv[1:])\n"
-        f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\nsys.exit(rc)\n"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def _heavy(proc: subprocess.CompletedProcess) -> list[str]:
-    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("HEAVY"))
-    return ast.literal_eval(line.split(" ", 1)[1])
-
-
 def test_cold_show_and_validate_import_no_heavy_stack(
     bert_tokenizer_dir, llama_tokenizer_dir, mlm_mds_dir, causal_mds_dir
 ):
@@ -145,12 +126,12 @@ def test_cold_show_and_validate_import_no_heavy_stack(
             f"variables.tokenizer_path={tok}",
             f"variables.data_local={data}",
         ]
-        shown = _cli(["show", *recipe], env)
-        assert shown.returncode == 0 and _heavy(shown) == [], shown.stderr
-        valid = _cli(["validate", *recipe], env)
-        assert valid.returncode == 0 and _heavy(valid) == [], valid.stderr
-        bad = _cli(["validate", *recipe, "model.n_heads=3"], env)
-        assert bad.returncode == 2 and "n_heads=3" in bad.stderr and _heavy(bad) == [], bad.stderr
+        shown = run_cli(["show", *recipe], env)
+        assert shown.returncode == 0 and heavy_imported(shown) == [], shown.stderr
+        valid = run_cli(["validate", *recipe], env)
+        assert valid.returncode == 0 and heavy_imported(valid) == [], valid.stderr
+        bad = run_cli(["validate", *recipe, "model.n_heads=3"], env)
+        assert bad.returncode == 2 and "n_heads=3" in bad.stderr and heavy_imported(bad) == [], bad.stderr
     # The count is the built model's (the parameter line of `show`).
     from llmfoundry_lite.recipe import load_recipe
     from llmfoundry_lite.train.meta import count_parameters

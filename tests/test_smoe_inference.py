@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from _bert_run import save_mosaicbert_run
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.models.ffn import active_experts, set_active_experts, smoe_layers
@@ -123,22 +124,14 @@ def test_mosaicbert_checkpoint_fills_masks_at_a_chosen_k_and_is_not_exported(
     tmp_path, bert_tokenizer_dir, capsys
 ):
     """generate rebuilds an SMoE MosaicBERT from its checkpoint (routers included) at ``--k``; export refuses it."""
-    from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
     from llmfoundry_lite.apps.generate import Generator, fill_masks, load_generator
 
     tok = AutoTokenizer.from_pretrained(bert_tokenizer_dir)
     block = {"name": "mosaic_bert", **BERT, "ffn": SMOE}
-    torch.manual_seed(0)
-    model = registry.build("models", block, "model", tokenizer=tok).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
     run = tmp_path / "run"
-    run.mkdir()
-    torch.save({"state": {"model": model.state_dict()}}, run / "ck.pt")
-    OmegaConf.save({"model": block, "tokenizer": {"path": bert_tokenizer_dir}}, run / "recipe.yaml")
+    model = save_mosaicbert_run(block, bert_tokenizer_dir, run)
     text = "The cat sat on the [MASK]."
     fills = {}
     for k in (1, 4):

@@ -177,10 +177,7 @@ def dense_experts(
     dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Run :class:`DenseExperts` (autocast as :func:`expert_loop`)."""
-    if dtype is not None:
-        x, w_up, w_down, w = (t.to(dtype) for t in (x, w_up, w_down, w))
-    with torch.autocast(x.device.type, enabled=False):
-        return DenseExperts.apply(x, w_up, w_down, w, act, p_drop)
+    return _apply(DenseExperts, (x, w_up, w_down, w), (act, p_drop), dtype)
 
 
 def _w13(w_up: torch.Tensor, e: int, h: int) -> torch.Tensor:
@@ -201,7 +198,12 @@ def expert_loop(
     dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Run :class:`ExpertLoop`; under autocast, in autocast's dtype (a custom Function is not autocast itself)."""
+    return _apply(ExpertLoop, (x, w_up, w_down, ws), (tokens, counts, act, p_drop), dtype)
+
+
+def _apply(fn: type, tensors: tuple, rest: tuple, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """``fn.apply(*tensors, *rest)`` with the tensors in ``dtype`` (autocast's, if any) and autocast off inside."""
     if dtype is not None:
-        x, w_up, w_down, ws = (t.to(dtype) for t in (x, w_up, w_down, ws))
-    with torch.autocast(x.device.type, enabled=False):
-        return ExpertLoop.apply(x, w_up, w_down, ws, tokens, counts, act, p_drop)
+        tensors = tuple(t.to(dtype) for t in tensors)
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        return fn.apply(*tensors, *rest)
