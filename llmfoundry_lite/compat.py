@@ -262,6 +262,7 @@ def no_split_module_names(model: Any) -> set[str]:
 # ---------------------------------------------------------------------------------------------------------
 
 _MDS_PACKAGES = ("streaming", "streaming.base", "streaming.base.format", "streaming.base.format.mds")
+_MDS_WRITER_MODULE = "streaming.base.format.mds.writer"
 
 
 def stop_streaming_threads(dataset: Any) -> None:
@@ -347,6 +348,9 @@ def import_mds_writer() -> type:
     import. Relies on the writer living at ``streaming.base.format.mds.writer``.
     """
     check_version("mosaicml-streaming")
+    leaf = sys.modules.get(_MDS_WRITER_MODULE)
+    if leaf is not None:  # a second call: asking the (deferred) package would run its __init__ after all
+        return leaf.MDSWriter
     if "streaming" in sys.modules:
         from streaming import MDSWriter
 
@@ -361,7 +365,7 @@ def import_mds_writer() -> type:
             if added:  # bind to the parent as the import system would
                 setattr(sys.modules[added[-1]], name.rsplit(".", 1)[1], sys.modules[name])
             added.append(name)
-        return importlib.import_module("streaming.base.format.mds.writer").MDSWriter
+        return importlib.import_module(_MDS_WRITER_MODULE).MDSWriter
     except Exception:
         for name in added:
             sys.modules.pop(name, None)

@@ -115,6 +115,7 @@ def test_import_mds_writer_defers_the_streaming_package():
         "import sys\n"
         "from llmfoundry_lite.compat import import_mds_writer\n"
         "writer = import_mds_writer()\n"
+        "assert import_mds_writer() is writer  # a second unit's writer: still no package __init__\n"
         "assert 'transformers' not in sys.modules, 'the deferred import pulled in transformers'\n"
         "import streaming, streaming.base.format.mds.writer as w\n"
         "from streaming import MDSWriter, StreamingDataset\n"

@@ -417,11 +417,19 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
 def test_lazy_streaming_import_keeps_streaming_usable(tmp_path):
     # `data convert` imports MDSWriter without streaming's package __init__; the rest of streaming must still
     # work afterwards in the same process (fresh interpreter: in pytest streaming may already be imported).
+    # Two shards, converted in this process: every unit's writer, not only the first, skips the package __init__.
+    from llmfoundry_lite.data.corpus import embedded_documents
+
+    docs, src = embedded_documents(), tmp_path / "src"
+    src.mkdir()
+    for k in range(2):
+        (src / f"part-{k}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[k::2]))
     code = (
         "import sys\n"
         "from llmfoundry_lite.compat import import_mds_writer\nfrom llmfoundry_lite.data.convert import convert\n"
-        f"convert('embedded', {str(tmp_path)!r}, splits='train')\n"
-        "assert 'transformers' not in sys.modules\n"
+        f"s = convert({str(src)!r}, {str(tmp_path)!r}, splits='train', num_workers=0)\n"
+        "assert s.units == 2, s.units\n"
+        "assert 'transformers' not in sys.modules, 'a unit after the first imported all of streaming'\n"
         "import streaming\n"
         "from streaming import MDSWriter, StreamingDataset\n"
         "assert import_mds_writer() is MDSWriter is streaming.base.format.mds.writer.MDSWriter\n"
