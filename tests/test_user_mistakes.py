@@ -37,6 +37,8 @@ def env(bert_tokenizer_dir, llama_tokenizer_dir, mlm_mds_dir, causal_mds_dir, tm
     (broken / "latest-rank0.pt").symlink_to("ep0-ba2-rank0.pt")
     # The run folder's lock held as a running `train` holds it (flock: another open file conflicts even here;
     # tests/test_run_safety.py uses two processes).
+    (tmp_path / "hf-short").mkdir()  # a Hugging Face Llama folder's config, 16 positions
+    (tmp_path / "hf-short" / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 16}')
     holder = RunLock(tmp_path / "runs" / "locked").acquire()
     yield {
         "bert_tok": bert_tokenizer_dir,
@@ -116,6 +118,12 @@ ROWS = [
         ["max_duration", "100ba"],
     ),
     ("bad-precision", lambda e: ["validate", *bert(e, "precision=fp64")], {}, ["precision", "fp64"]),
+    (
+        "init-from-hf-shorter-than-the-data",
+        lambda e: ["validate", *llama(e, f"model.init_from_hf={e['tmp']}/hf-short")],
+        {},
+        ["train_loader.max_seq_len", "max_position_embeddings 16", "max_seq_len to 16"],
+    ),
     ("unknown-callback", lambda e: ["validate", *bert(e, "callbacks.speed_monitr={}")], {}, ["speed_monitr"]),
     (
         "fsdp-typo",

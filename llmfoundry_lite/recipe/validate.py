@@ -110,18 +110,34 @@ def model_context(block: Mapping[str, Any]) -> tuple[int, str] | None:
     """The longest sequence a model block accepts and the key that sets it; None when unbounded or unknown.
 
     Read from the entry's keys: ``max_seq_len`` (LLaMA), or ``max_position_embeddings`` with learned positions
-    (classic BERT; ALiBi extrapolates beyond it). The block's value, else the entry's default.
+    (classic BERT; ALiBi extrapolates beyond it). The block's value, else the entry's default. A LLaMA started
+    from a local Hugging Face folder (``init_from_hf``) takes its checkpoint's ``max_position_embeddings``.
     """
     params = registry.entry_spec("models", block.get("name"), key="model.name").params
 
     def value(key: str) -> Any:
         return block.get(key, params[key].default) if key in params else None
 
+    if "max_seq_len" in params and isinstance(block.get("init_from_hf"), str):
+        positions = _positive_int(_hf_config(block["init_from_hf"]).get("max_position_embeddings"))
+        return (positions, "model.init_from_hf") if positions else None  # a hub name: known only once loaded
     if "max_seq_len" in params and _positive_int(value("max_seq_len")):
         return value("max_seq_len"), "model.max_seq_len"
     if value("position") == "learned" and _positive_int(value("max_position_embeddings")):
         return value("max_position_embeddings"), "model.max_position_embeddings"
     return None
+
+
+def _hf_config(path: str) -> dict[str, Any]:
+    """A local Hugging Face folder's config.json ({} for a hub name or an unreadable file: the build says why)."""
+    import json
+
+    try:
+        with open(os.path.join(os.path.expanduser(path), "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def check_sequence_lengths(data: Mapping[str, Any]) -> None:
@@ -141,6 +157,12 @@ def check_sequence_lengths(data: Mapping[str, Any]) -> None:
             )
         if context is not None and length > context[0]:
             limit, key = context
+            if key == "model.init_from_hf":  # the checkpoint fixes the context: only the data can give way
+                raise RecipeError(
+                    f"sequences of {length} tokens are longer than the checkpoint {data['model']['init_from_hf']!r} "
+                    f"takes (max_position_embeddings {limit} in its config.json); set max_seq_len to {limit} or less",
+                    key=f"{name}.max_seq_len",
+                )
             raise RecipeError(
                 f"sequences of {length} tokens are longer than the model takes ({key} {limit}); lower max_seq_len "
                 f"or raise {key}",
