@@ -408,4 +408,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from llmfoundry_lite.startup import exit_fast
+
+    exit_fast(main(sys.argv[1:]))  # the parent merges once every worker has exited: skip torch's teardown
