@@ -35,10 +35,12 @@ def env(bert_tokenizer_dir, llama_tokenizer_dir, mlm_mds_dir, causal_mds_dir, tm
     broken.mkdir(parents=True)
     (broken / "ep0-ba2-rank0.pt").write_bytes(b"PK\x03\x04 cut short")
     (broken / "latest-rank0.pt").symlink_to("ep0-ba2-rank0.pt")
+    (tmp_path / "hf-short").mkdir()  # a Hugging Face Llama folder's config: 16 positions
+    (tmp_path / "hf-short" / "config.json").write_text(
+        '{"model_type": "llama", "max_position_embeddings": 16}'
+    )
     # The run folder's lock held as a running `train` holds it (flock: another open file conflicts even here;
     # tests/test_run_safety.py uses two processes).
-    (tmp_path / "hf-short").mkdir()  # a Hugging Face Llama folder's config, 16 positions
-    (tmp_path / "hf-short" / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 16}')
     holder = RunLock(tmp_path / "runs" / "locked").acquire()
     yield {
         "bert_tok": bert_tokenizer_dir,
