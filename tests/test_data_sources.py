@@ -220,7 +220,8 @@ KILL_CMD = [
 
 
 @pytest.mark.timeout(600)  # three conversions of 12 shards in fresh processes
-def test_killed_conversion_resumes_to_identical_bytes(tmp_path, llama_tokenizer_dir):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_killed_conversion_resumes_to_identical_bytes(tmp_path, llama_tokenizer_dir, sig):
     docs = embedded_documents()
     src = tmp_path / "src"
     src.mkdir()
@@ -244,8 +245,13 @@ def test_killed_conversion_resumes_to_identical_bytes(tmp_path, llama_tokenizer_
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the conversion ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:  # stopped, said so, and not reported a success
+        assert proc.returncode == 130, err[-2000:]
+        assert err.decode().replace("\r", "\n").strip().splitlines()[-1] == (
+            "interrupted: run the same command again to continue from the units it finished"
+        )
     time.sleep(1.0)  # the workers get SIGTERM when their parent dies
     finished = {p.name for p in out.glob(".convert-*/units/0*")}
     assert 0 < len(finished) < n_shards and not (out / "train").exists()

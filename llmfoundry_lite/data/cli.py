@@ -96,31 +96,35 @@ def convert_cmd(
     """
     from llmfoundry_lite.data.convert import convert
 
-    summary = convert(
-        source,
-        out,
-        splits=splits,
-        val_fraction=val_fraction,
-        seed=seed,
-        compression=compression,
-        tokenizer=tokenizer,
-        concat_tokens=concat_tokens,
-        bos=bos,
-        eos=eos,
-        text_field=text_field,
-        num_workers=num_workers,
-        max_chars=max_chars,
-        size_limit=size_limit,
-        progress=progress,
-        max_docs=max_docs,
-        max_tokens=max_tokens,
-        bos_text=bos_text,
-        eos_text=eos_text,
-        finetune=finetune,
-        max_seq_len=max_seq_len,
-        pack=pack,
-        chat_template=chat_template,
-    )
+    try:
+        summary = convert(
+            source,
+            out,
+            splits=splits,
+            val_fraction=val_fraction,
+            seed=seed,
+            compression=compression,
+            tokenizer=tokenizer,
+            concat_tokens=concat_tokens,
+            bos=bos,
+            eos=eos,
+            text_field=text_field,
+            num_workers=num_workers,
+            max_chars=max_chars,
+            size_limit=size_limit,
+            progress=progress,
+            max_docs=max_docs,
+            max_tokens=max_tokens,
+            bos_text=bos_text,
+            eos_text=eos_text,
+            finetune=finetune,
+            max_seq_len=max_seq_len,
+            pack=pack,
+            chat_template=chat_template,
+        )
+    except KeyboardInterrupt:  # typer would exit 130 silently: say what is kept and how to go on
+        typer.echo("interrupted: run the same command again to continue from the units it finished", err=True)
+        raise typer.Exit(130) from None
     typer.echo(summary.format())
 
 
@@ -179,7 +183,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     try:
-        data_app(standalone_mode=False)
+        rv = data_app(standalone_mode=False)  # typer returns an Exit's code (130 after Ctrl-C) here
     except RecipeError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -193,6 +197,7 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

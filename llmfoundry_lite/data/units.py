@@ -390,7 +390,9 @@ def main(argv: list[str]) -> int:
     """Worker process: ``WORK CLAIMS PROGRESS_FILE ERROR_FILE``; exit 2 with the error in ERROR_FILE."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers; no tracebacks from Ctrl-C
+    # Workers run in their own session: a SIGINT comes only from the parent passing on a Ctrl-C. End at once, as
+    # SIGTERM does, without a KeyboardInterrupt traceback; the unit in progress is redone by the next run.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes fill the cores
     work, claims, progress_file, error_file = (pathlib.Path(a) for a in argv)
 
