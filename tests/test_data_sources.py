@@ -203,6 +203,32 @@ def test_hf_local_folder_with_config(c4, tmp_path):
         convert(f"hf:{root}:de", tmp_path / "out2")
 
 
+def test_progress_redraws_on_a_terminal_and_logs_lines_in_a_file(monkeypatch):
+    import io
+
+    from llmfoundry_lite.data import convert as C
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    clock = [100.0]
+    monkeypatch.setattr(C.time, "perf_counter", lambda: clock[0])
+    for stream in (Tty(), io.StringIO()):
+        bar = C._Bar(True, 1000, stream)
+        for k in range(1, 121):  # a minute of updates, every half second
+            clock[0] += 0.5
+            bar.show(k, 0, k)
+        bar.show(120, 0, 1000, final=True)
+        bar.close()
+        text = stream.getvalue()
+        if isinstance(stream, Tty):  # 120 redraws of one line, then the final one and a newline
+            assert text.count("\r") == 121 and text.count("\n") == 1
+        else:  # a line after 30 s and 60 s, and the final one; no carriage returns
+            assert "\r" not in text and len(text.splitlines()) == 3
+        assert text.rstrip().splitlines()[-1].lstrip("\r").startswith("120 docs") and "100% of" in text
+
+
 def test_progress_line_has_rates_and_eta():
     line = progress_line(docs=5000, tokens=0, done=50_000_000, total=200_000_000, elapsed=10.0)
     assert line == "5,000 docs, 500 docs/s, 5.0 MB/s, 25% of 200.0 MB, ETA 0:30"
@@ -272,7 +298,8 @@ def test_cli_progress_shows_rates_and_eta(c4, tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
-    last = r.stderr.strip().split("\r")[-1]
+    assert "\r" not in r.stderr  # stderr is a pipe here: plain lines, not a redrawn bar
+    last = r.stderr.strip().splitlines()[-1]
     assert "docs/s" in last and "MB/s" in last and "100% of" in last and "ETA 0:00" in last
     assert "5 unit(s), 2 worker process(es)" in r.stdout
 

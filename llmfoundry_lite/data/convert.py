@@ -104,21 +104,32 @@ def progress_line(docs: int, tokens: int, done: int, total: int, elapsed: float)
 
 
 class _Bar:
-    """Progress on stderr, redrawn in place at most twice a second."""
+    """Progress on stderr: on a terminal one line redrawn in place twice a second; in a log file (a batch job's
+    stderr) a plain line every ``LOG_EVERY_S``, so an hours-long conversion leaves a readable log, not a megabyte
+    of carriage returns."""
 
-    def __init__(self, enabled: bool, total: int):
+    LOG_EVERY_S = 30.0
+
+    def __init__(self, enabled: bool, total: int, stream: Any = None):
+        self.stream = stream if stream is not None else sys.stderr
         self.enabled, self.total, self.t0, self.last = enabled, total, time.perf_counter(), 0.0
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.every = 0.5 if self.tty else self.LOG_EVERY_S
+        if not self.tty:
+            self.last = self.t0  # the first log line after LOG_EVERY_S, not at the start
 
     def show(self, docs: int, tokens: int, done: int, final: bool = False) -> None:
         now = time.perf_counter()
-        if self.enabled and (final or now - self.last >= 0.5):
+        if self.enabled and (final or now - self.last >= self.every):
             self.last = now
-            sys.stderr.write("\r" + progress_line(docs, tokens, done, self.total, now - self.t0) + "\033[K")
-            sys.stderr.flush()
+            line = progress_line(docs, tokens, done, self.total, now - self.t0)
+            self.stream.write("\r" + line + "\033[K" if self.tty else line + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        if self.enabled and self.tty:
+            self.stream.write("\n")
 
 
 def default_workers() -> int:
