@@ -55,6 +55,22 @@ def test_second_run_in_the_same_folder_is_refused_and_a_killed_run_leaves_no_loc
     assert main(["train", QUICKSTART, *tiny_bert(run_name="lock", max_duration="2ba")]) == 0
 
 
+def test_locked_folder_under_nproc_is_one_line_from_the_launched_job(tiny_bert, tmp_path):
+    """`train --nproc 2` into a held run folder: rank 0's one line, exit 2, none of the launcher's "crash" lines."""
+    from llmfoundry_lite.train.runlock import RunLock
+
+    overrides = tiny_bert(run_name="held", max_duration="2ba")
+    holder = RunLock(tmp_path / "runs" / "held").acquire()  # another open file conflicts even in this process
+    try:
+        cmd = [sys.executable, "-m", "llmfoundry_lite.cli", "train", QUICKSTART, "--nproc", "2", *overrides]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    finally:
+        holder.release()
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr
+    assert lines[0].startswith("error: ") and "in use by another run" in lines[0]
+
+
 def test_folder_of_unreadable_checkpoints_says_how_to_start_over(tiny_bert, tmp_path, capsys):
     assert main(["train", QUICKSTART, *tiny_bert(run_name="cut", max_duration="2ba")]) == 0
     ckpt = tmp_path / "runs" / "cut" / "ep0-ba2-rank0.pt"

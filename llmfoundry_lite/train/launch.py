@@ -14,11 +14,14 @@ and exits 0, so the launcher waits for all of them instead of killing the rest w
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -241,32 +244,40 @@ def launcher_main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGINT, _ignore)
     signal.signal(signal.SIGTERM, _forward_to_children(os.getpid()))
-    sys.stdout = _WithoutLines(sys.stdout, _LAUNCHER_NOISE)
+    sys.stdout = _WithoutLines(sys.stdout, _launcher_noise)
+    logging.getLogger(launcher.__name__).addFilter(lambda r: not _RECIPE_ERROR_EXIT.match(r.getMessage()))
     sys.argv = ["composer", *argv]
     return launcher.main()
 
 
 # What Composer's launcher prints at every exit, finished or stopped, though it waits for nothing then.
 _LAUNCHER_NOISE = ("Waiting up to 30 seconds for all training processes to terminate.",)
+# Rank 0's exit code 2 is a recipe error it has told in one line (``entrypoint``); the launcher would add a line
+# on stdout and two ERROR log lines calling it a crash. Other ranks print nothing of their own: theirs stay.
+_RECIPE_ERROR_EXIT = re.compile(r"(Global rank 0 \(PID \d+\) exited|Rank 0 crashed) with (exit )?code 2\.?$")
+
+
+def _launcher_noise(line: str) -> bool:
+    return line.startswith(_LAUNCHER_NOISE) or bool(_RECIPE_ERROR_EXIT.match(line))
 
 
 class _WithoutLines:
-    """A text stream that drops whole lines starting with one of ``prefixes`` (the launcher's own prints only:
-    the ranks write to the file descriptor directly)."""
+    """A text stream that drops the whole lines ``drop`` says (the launcher's own prints only: the ranks write to
+    the file descriptor directly)."""
 
-    def __init__(self, stream: Any, prefixes: tuple[str, ...]) -> None:
-        self._stream, self._prefixes, self._line = stream, prefixes, ""
+    def __init__(self, stream: Any, drop: Callable[[str], bool]) -> None:
+        self._stream, self._drop, self._line = stream, drop, ""
 
     def write(self, text: str) -> int:
         self._line += text
         *lines, self._line = self._line.split("\n")
         for line in lines:
-            if not line.startswith(self._prefixes):
+            if not self._drop(line):
                 self._stream.write(line + "\n")
         return len(text)
 
     def flush(self) -> None:
-        if self._line and not self._line.startswith(self._prefixes):
+        if self._line and not self._drop(self._line):
             self._stream.write(self._line)
             self._line = ""
         self._stream.flush()
