@@ -290,18 +290,19 @@ def test_killed_conversion_resumes_to_identical_bytes(tmp_path, llama_tokenizer_
         assert _digest(out / split) == _digest(tmp_path / "ref" / split)
 
 
-def test_cli_progress_shows_rates_and_eta(c4, tmp_path):
+@pytest.mark.parametrize("workers", [2, 0])
+def test_cli_progress_shows_rates_and_eta(c4, tmp_path, workers):
     root, _, _ = c4
     r = subprocess.run(
         [sys.executable, "-m", "llmfoundry_lite.data.cli", "convert", "--source", str(root / "en"), "--out",
-         str(tmp_path / "o"), "--num-workers", "2", "--progress"],
+         str(tmp_path / "o"), "--num-workers", str(workers), "--progress"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert "\r" not in r.stderr  # stderr is a pipe here: plain lines, not a redrawn bar
     last = r.stderr.strip().splitlines()[-1]
     assert "docs/s" in last and "MB/s" in last and "100% of" in last and "ETA 0:00" in last
-    assert "5 unit(s), 2 worker process(es)" in r.stdout
+    assert f"5 unit(s), {workers or 'no'} worker process(es)" in r.stdout
 
 
 def test_compressed_reader_names_line_of_bad_json(tmp_path):

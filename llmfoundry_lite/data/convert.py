@@ -363,7 +363,9 @@ def _run_units(work: pathlib.Path, workers: int, show: bool, total_bytes: int) -
     bar = _Bar(show, total_bytes)
     try:
         if workers == 0:
-            U.work_loop(work, None, U.Progress(lambda p: bar.show(p.docs, p.tokens, p.bytes)))
+            done = U.Progress(lambda p: bar.show(p.docs, p.tokens, p.bytes))
+            U.work_loop(work, None, done)
+            bar.show(done.docs, done.tokens, done.bytes, final=True)
         else:
             _run_workers(work, workers, bar)
     finally:
