@@ -7,6 +7,7 @@ file that set it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -130,8 +131,6 @@ def model_context(block: Mapping[str, Any]) -> tuple[int, str] | None:
 
 def _hf_config(path: str) -> dict[str, Any]:
     """A local Hugging Face folder's config.json ({} for a hub name or an unreadable file: the build says why)."""
-    import json
-
     try:
         with open(os.path.join(os.path.expanduser(path), "config.json")) as f:
             cfg = json.load(f)
