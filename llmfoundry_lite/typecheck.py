@@ -146,6 +146,14 @@ def type_error(value: Any, tp: Any) -> str | None:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is typing.Union or origin is types.UnionType:
+        if any(is_time_type(a) for a in args) and not isinstance(value, bool):
+            # Union[str, Time]: Composer parses the string as a duration and has no meaning for a bare number
+            # (its schedulers fail on it with an AttributeError once the run has started).
+            if isinstance(value, str):
+                return time_error(value)
+            if isinstance(value, (int, float)) and int not in args and float not in args:
+                v = int(value) if float(value).is_integer() else value
+                return f"a bare number has no unit; write a duration such as '{v}ba' (batches), '{v}ep' (epochs) or '{v}dur' (fraction of the run)"
         if any(type_error(value, a) is None for a in args):
             return None
         options = [describe_annotation(a) for a in args if a is not type(None)]

@@ -189,7 +189,7 @@ algorithms:
     clipping_type: norm
     clipping_threshold: 1.0
 
-max_duration: 50ba
+max_duration: 500ba
 eval_interval: 1
 global_train_batch_size: 8
 

@@ -112,6 +112,31 @@ ROWS = [
         ["global_train_batch_size"],
     ),
     ("seed-not-int", lambda e: ["validate", *bert(e, "seed=abc")], {}, ["seed"]),
+    ("seed-negative", lambda e: ["train", *llama(e, "seed=-5")], {}, ["seed", "2^32 - 1", "-5"]),
+    (
+        "warmup-malformed",
+        lambda e: ["validate", *llama(e, "scheduler.t_warmup=5x")],
+        {},
+        ["scheduler.t_warmup", "'5x'"],
+    ),
+    (
+        "warmup-bare-number",
+        lambda e: ["validate", *llama(e, "scheduler.t_warmup=100")],
+        {},
+        ["scheduler.t_warmup", "'100ba'"],
+    ),
+    (
+        "warmup-outlasts-the-run",
+        lambda e: ["train", *llama(e, "scheduler.t_warmup=500ba")],
+        {},
+        ["scheduler.t_warmup", "'500ba'", "max_duration '200ba'", "never reaches"],
+    ),
+    (
+        "alpha-f-negative",
+        lambda e: ["validate", *llama(e, "scheduler.alpha_f=-0.1")],
+        {},
+        ["scheduler.alpha_f", ">= 0"],
+    ),
     ("bad-duration-unit", lambda e: ["validate", *bert(e, "max_duration=10xx")], {}, ["max_duration"]),
     (
         "bare-number-duration",

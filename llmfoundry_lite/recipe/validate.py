@@ -103,6 +103,30 @@ def check_optimizer_values(block: Any, keypath: str = "optimizer") -> None:
             )
 
 
+def check_scheduler_values(block: Any, max_duration: Any, keypath: str = "scheduler") -> None:
+    """RecipeError for a schedule that cannot do what it says: a warmup that does not end before the run does (the
+    learning rate would never reach ``optimizer.lr``) or a negative final multiplier ``alpha_f``."""
+    if not isinstance(block, Mapping):
+        return
+    alpha_f = block.get("alpha_f")
+    if isinstance(alpha_f, (int, float)) and not isinstance(alpha_f, bool) and alpha_f < 0:
+        raise RecipeError(
+            f"must be >= 0 (the final learning rate is alpha_f x lr), got {alpha_f!r}",
+            key=f"{keypath}.alpha_f",
+        )
+    warmup = block.get("t_warmup")
+    if not isinstance(warmup, str) or registry.time_error(warmup) or registry.time_error(max_duration):
+        return
+    amount, unit = registry.parse_duration(warmup)
+    run_amount, run_unit = registry.parse_duration(str(max_duration))
+    if (unit == "dur" and amount >= 1) or (unit == run_unit and amount >= run_amount):
+        raise RecipeError(
+            f"warmup {warmup!r} does not end before the run does (max_duration {max_duration!r}), so the learning "
+            f"rate never reaches optimizer.lr; shorten it (e.g. '0.1dur')",
+            key=f"{keypath}.t_warmup",
+        )
+
+
 def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
@@ -204,6 +228,10 @@ def validate(data: dict, nproc: int | None = None, check_resources: bool = False
         for keypath, default_name, block in iter_multi(section, data.get(section)):
             registry.check_component(reg, block if block is not None else {}, keypath, default_name)
     check_optimizer_values(data["optimizer"])
+    check_scheduler_values(data.get("scheduler"), data["max_duration"])
+    seed = data.get("seed")
+    if isinstance(seed, int) and not 0 <= seed < 2**32:  # numpy's and Composer's range
+        raise RecipeError(f"must be in [0, 2^32 - 1], got {seed}", key="seed")
     check_sequence_lengths(data)
     if data.get("cost") is not None:
         parse_cost(data["cost"])
