@@ -66,6 +66,22 @@ def test_durations_parse_as_composer_parses_them(text):
     assert got == expected
 
 
+def test_a_string_or_time_argument_takes_only_a_duration():
+    """Composer's schedulers parse ``Union[str, Time]`` strings as durations and fail on a bare number mid-run;
+    where the union also takes a number (``drop_warmup: 0.1``), a number stays allowed."""
+    from typing import Optional, Union
+
+    from composer.core import Time
+
+    for tp in (Union[str, Time], Optional[Union[str, Time]]):
+        assert type_error("10ba", tp) is None and type_error("0.06dur", tp) is None
+        assert "malformed duration" in type_error("5x", tp)
+        assert "'100ba'" in type_error(100, tp)
+    assert type_error(None, Optional[Union[str, Time]]) is None
+    assert type_error(0.1, Union[float, Time, str]) is None and type_error(1, Union[int, str, Time]) is None
+    assert "malformed duration" in type_error("soon", Union[int, str, Time])
+
+
 def test_annotation_source_round_trips_the_checked_part():
     from typing import Literal, Optional, Union
 

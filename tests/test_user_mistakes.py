@@ -132,6 +132,30 @@ ROWS = [
         ["scheduler.t_warmup", "'500ba'", "max_duration '200ba'", "never reaches"],
     ),
     (
+        "eval-subset-zero",  # Composer evaluates no batch and logs NaN metrics
+        lambda e: ["validate", *llama(e, "eval_subset_num_batches=0")],
+        {},
+        ["eval_subset_num_batches", "-1"],
+    ),
+    (
+        "loader-workers-negative",
+        lambda e: ["train", *llama(e, "train_loader.num_workers=-1")],
+        {},
+        ["train_loader.num_workers", ">= 0"],
+    ),
+    (
+        "clipping-negative",  # torch would scale every gradient by a negative factor
+        lambda e: ["validate", *llama(e, "algorithms.gradient_clipping.clipping_threshold=-1")],
+        {},
+        ["algorithms.gradient_clipping.clipping_threshold", "> 0"],
+    ),
+    (
+        "speed-window-zero",
+        lambda e: ["validate", *llama(e, "callbacks.speed_monitor.window_size=0")],
+        {},
+        ["callbacks.speed_monitor.window_size"],
+    ),
+    (
         "alpha-f-negative",
         lambda e: ["validate", *llama(e, "scheduler.alpha_f=-0.1")],
         {},

@@ -41,6 +41,39 @@ OPTIMIZER_RANGES = {
     "momentum": (">= 0", lambda v: v >= 0),
 }
 
+_POSITIVE = ("> 0", lambda v: v > 0)
+_NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+# Other values that torch or Composer refuse only with a traceback once the run has started, or accept and then run
+# wrongly (eval_subset_num_batches 0 gives NaN metrics; a negative clipping threshold turns the gradients around).
+# Keyed by top-level key, loader key, or (for algorithms/callbacks) "<entry name>.<key>".
+VALUE_RANGES = {
+    "device_eval_batch_size": _POSITIVE,
+    "eval_subset_num_batches": ("-1 (every batch) or > 0", lambda v: v == -1 or v > 0),
+    "dist_timeout": _POSITIVE,
+    "num_workers": _NON_NEGATIVE,
+    "prefetch_factor": _POSITIVE,
+    "speed_monitor.window_size": _POSITIVE,
+    "gradient_clipping.clipping_threshold": _POSITIVE,
+}
+
+
+def check_value_ranges(data: Mapping[str, Any]) -> None:
+    """RecipeError for a number outside its :data:`VALUE_RANGES` range, naming its key path."""
+    places: list[tuple[str, str, Any]] = [(k, k, data.get(k)) for k in VALUE_RANGES if "." not in k]
+    for section in LOADER_SECTIONS:
+        block = data.get(section)
+        if isinstance(block, Mapping):
+            places += [(k, f"{section}.{k}", v) for k, v in block.items()]
+    for section in ("algorithms", "callbacks"):
+        for keypath, default_name, block in iter_multi(section, data.get(section)):
+            if isinstance(block, Mapping):
+                name = block.get("name", default_name)
+                places += [(f"{name}.{k}", f"{keypath}.{k}", v) for k, v in block.items()]
+    for rule_key, keypath, v in places:
+        rule = VALUE_RANGES.get(rule_key)
+        if rule and isinstance(v, (int, float)) and not isinstance(v, bool) and not rule[1](v):
+            raise RecipeError(f"must be {rule[0]}, got {v!r}", key=keypath)
+
 
 def _is_number(text: str) -> bool:
     try:
@@ -229,6 +262,7 @@ def validate(data: dict, nproc: int | None = None, check_resources: bool = False
             registry.check_component(reg, block if block is not None else {}, keypath, default_name)
     check_optimizer_values(data["optimizer"])
     check_scheduler_values(data.get("scheduler"), data["max_duration"])
+    check_value_ranges(data)
     seed = data.get("seed")
     if isinstance(seed, int) and not 0 <= seed < 2**32:  # numpy's and Composer's range
         raise RecipeError(f"must be in [0, 2^32 - 1], got {seed}", key="seed")
