@@ -156,6 +156,18 @@ ROWS = [
         ["callbacks.speed_monitor.window_size"],
     ),
     (
+        "generate-negative-temperature",
+        lambda e: ["generate", f"{e['tmp']}/runs/x", "--prompt", "Hi", "--temperature", "-1"],
+        {},
+        ["--temperature", "greedy"],
+    ),
+    (
+        "generate-negative-top-k",
+        lambda e: ["generate", f"{e['tmp']}/runs/x", "--prompt", "Hi", "--top-k", "-2"],
+        {},
+        ["--top-k"],
+    ),
+    (
         "alpha-f-negative",
         lambda e: ["validate", *llama(e, "scheduler.alpha_f=-0.1")],
         {},

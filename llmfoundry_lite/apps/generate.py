@@ -209,6 +209,10 @@ def run_generate(
         raise RecipeError(f"must be at least 1, got {max_new_tokens}", key="--max-new-tokens")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise RecipeError(f"must be in (0, 1], got {top_p}", key="--top-p")
+    if temperature < 0:  # a negative temperature would silently decode greedily
+        raise RecipeError(f"must be >= 0 (0 = greedy), got {temperature}", key="--temperature")
+    if top_k is not None and top_k < 0:
+        raise RecipeError(f"must be >= 0, got {top_k}", key="--top-k")
     gen = load_generator(source, tokenizer, recipe, k)
     top_k = top_k if top_k is not None else DEFAULT_TOP_K[gen.kind]
 
