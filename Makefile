@@ -10,7 +10,7 @@ WHEELS ?=
 GPU_SITE ?= build/gpu-site
 GPU_CHECK_OUT ?= gpu_check.json
 GPU_CHECK_ARGS ?=
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: install install-dev quickstart quickstart-data quickstart-llama test suite lint gpu-check
 
