@@ -1,0 +1,289 @@
+"""Finetuning data as users have it: chat templates in the styles real models ship, the row shapes of public
+datasets, truncation, packing that a LLaMA really keeps apart, and the loss over padded, packed, multi-turn rows.
+
+Tokenizers are the BPE test tokenizer with the special tokens and chat template of each style added (nothing is
+downloaded); labels are read back from the MDS through the real loader and collator, token by token.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llmfoundry_lite import registry
+from llmfoundry_lite.data.convert import convert
+from llmfoundry_lite.errors import RecipeError
+
+# Templates as the models ship them (abridged to the parts that render text-only conversations).
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == 'user') or (message.role == "
+    "'system' and not loop.first) or (message.role == 'assistant') %}{{- '<|im_start|>' + message.role + '\n' + "
+    "message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == "
+    "'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles "
+    "are supported!') }}{% endif %}{% endfor %}"
+)
+# A generation prompt ending in a space: the reply's first word would merge with it if tokenized together.
+RESPONSE_COLON = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ '### Instruction:\n' + m['content'] + '\n\n' }}"
+    "{% elif m['role'] == 'assistant' %}{{ '### Response: ' + m['content'] + eos_token + '\n\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '### Response: ' }}{% endif %}"
+)
+
+# style: (template, added special tokens, bos, eos, pad, end of turn, template trims content, takes system)
+STYLES = {
+    "llama3": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|eot_id|>", None, "<|eot_id|>", True, True),
+    "qwen": (QWEN, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"], None, "<|im_end|>", "<|endoftext|>",
+             "<|im_end|>", False, True),
+    "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", "<pad>",
+              "<end_of_turn>", True, False),
+    "mistral": (MISTRAL, ["[INST]", "[/INST]"], "<s>", "</s>", None, "</s>", False, False),
+    "response-colon": (RESPONSE_COLON, [], "<s>", "</s>", "</s>", "</s>", False, True),  # eos == pad
+    "gpt2": (QWEN, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|endoftext|>", "<|endoftext|>", None,
+             "<|im_end|>", False, True),  # bos == eos, no pad, offsets trimmed by its ByteLevel post-processor
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def style_tok(tmp_path_factory, llama_tokenizer_dir):
+    """A function: style name -> a saved tokenizer folder in that style."""
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    made: dict[str, str] = {}
+
+    def make(style: str) -> str:
+        if style not in made:
+            template, specials, bos, eos, pad = STYLES[style][:5]
+            if style == "gpt2":
+                with open(os.path.join(llama_tokenizer_dir, "tokenizer.json")) as f:
+                    raw = Tokenizer.from_str(f.read())
+                raw.post_processor = processors.ByteLevel(trim_offsets=True)
+                tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+            else:
+                tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+            tok.add_special_tokens({"additional_special_tokens": specials})
+            tok.bos_token, tok.eos_token, tok.pad_token = bos, eos, pad
+            tok.chat_template = template
+            out = tmp_path_factory.mktemp(f"tok-{style}")
+            tok.save_pretrained(str(out))
+            made[style] = str(out)
+        return made[style]
+
+    return make
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _examples(tok, local, max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of every example, read back through the finetune loader and collator (packed rows split)."""
+    block = {
+        "name": "finetune",
+        "local": str(local),
+        "split": "train",
+        "max_seq_len": max_seq_len,
+        "drop_last": False,
+    }
+    loader = registry.build(
+        "dataloaders", block, "train_loader", tokenizer=tok, device_batch_size=4
+    ).dataloader
+    out = []
+    for batch in loader:
+        for b in range(len(batch["input_ids"])):
+            n = int(batch["attention_mask"][b].sum())
+            assert (batch["labels"][b, n:] == -100).all()  # padding
+            ids, labels = batch["input_ids"][b][:n].tolist(), batch["labels"][b][:n].tolist()
+            bounds = [0, n]
+            if "sequence_id" in batch:
+                seq = batch["sequence_id"][b][:n].tolist()
+                bounds = [0] + [t for t in range(1, n) if seq[t] != seq[t - 1]] + [n]
+            out += [(ids[a:z], labels[a:z]) for a, z in zip(bounds, bounds[1:])]
+    return out
+
+
+def _runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    """The labelled runs of an example; every label is the token at its position or -100."""
+    runs, cur = [], []
+    for i, lab in zip(ids, labels):
+        assert lab in (-100, i)
+        if lab != -100:
+            cur.append(i)
+        elif cur:
+            runs, cur = [*runs, cur], []
+    return runs + ([cur] if cur else [])
+
+
+def _conversation(system: bool) -> list[dict]:
+    turns = [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "  Paris is the capital.\n"},  # leading spaces, as scraped data has
+        {"role": "user", "content": "And of Spain?"},
+        {"role": "assistant", "content": "Madrid."},
+        {"role": "user", "content": "Italy?"},
+        {"role": "assistant", "content": "Rome, of course."},
+    ]
+    return ([{"role": "system", "content": "Be brief."}] if system else []) + turns
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("style", list(STYLES))
+def test_chat_templates_label_exactly_each_reply_and_its_end_of_turn(tmp_path, style_tok, style, packed):
+    from transformers import AutoTokenizer
+
+    *_, eot, trims, system = STYLES[style]
+    folder = style_tok(style)
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = [{"messages": _conversation(system), "id": i, "source": "web"} for i in range(3)]  # extra keys
+    convert(_jsonl(tmp_path / "chat.jsonl", rows), tmp_path / "ft", splits="train", tokenizer=folder,
+            finetune=True, max_seq_len=256, pack=packed, num_workers=0)  # fmt: skip
+    examples = _examples(tok, tmp_path / "ft", 256)
+    assert len(examples) == len(rows)
+    messages = rows[0]["messages"]
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    for ids, labels in examples:
+        assert labels[0] == -100
+        assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
+        # Labels: exactly the reply's tokens and the end-of-turn token, not the newline a template writes after it.
+        expected = [
+            tok((r.strip() if trims else r) + eot, add_special_tokens=False)["input_ids"] for r in replies
+        ]
+        assert _runs(ids, labels) == expected
+        # Before the first reply: the tokens of the generation prompt, as `generate` would be given them.
+        first = next(t for t, lab in enumerate(labels) if lab != -100)
+        k = next(k for k, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = tok.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        assert ids[:first] == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_a_template_that_refuses_a_row_is_one_line_naming_file_row_and_field(tmp_path, style_tok):
+    rows = [{"messages": _conversation(False)}, {"messages": _conversation(True)}]  # Mistral: no system role
+    src = _jsonl(tmp_path / "sys.jsonl", rows)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmfoundry_lite.data.cli", "convert", "--finetune", "--source", src, "--out",
+         str(tmp_path / "o"), "--tokenizer", style_tok("mistral"), "--max-seq-len", "64", "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert (
+        "sys.jsonl' line 2 field 'messages': the tokenizer's chat template refused it (Conversation roles"
+        in r.stderr
+    )
+    assert "--chat-template chatml|llama2|zephyr" in r.stderr
+
+
+def _one(tmp_path, folder, row, max_seq_len=256, name="x", **kw) -> tuple[list[int], list[int]]:
+    from transformers import AutoTokenizer
+
+    out = tmp_path / f"ft-{name}"
+    convert(_jsonl(tmp_path / f"{name}.jsonl", [row]), out, splits="train", tokenizer=folder, finetune=True,
+            max_seq_len=max_seq_len, num_workers=0, **kw)  # fmt: skip
+    [example] = _examples(AutoTokenizer.from_pretrained(folder), out, max_seq_len)
+    return example
+
+
+def test_sharegpt_alpaca_and_content_parts_read_as_their_openai_and_prompt_equivalents(tmp_path, style_tok):
+    folder = style_tok("qwen")
+    messages = _conversation(True)
+    share = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                "value": m["content"]} for m in messages]}  # fmt: skip
+    parts = {"messages": [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]}
+    plain = _one(tmp_path, folder, {"messages": messages}, name="plain")
+    assert _one(tmp_path, folder, share, name="share") == plain
+    assert _one(tmp_path, folder, parts, name="parts") == plain
+    alpaca = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
+    pair = {"prompt": "Add the numbers.\n\n2 and 3", "response": "5"}
+    assert _one(tmp_path, folder, alpaca, name="alpaca") == _one(tmp_path, folder, pair, name="pair")
+    no_input = {"instruction": "Say hi.", "input": "", "output": "Hi"}
+    assert _one(tmp_path, folder, no_input, name="a2") == _one(tmp_path, folder, {"prompt": "Say hi.", "response": "Hi"}, name="p2")  # fmt: skip
+
+
+def test_an_opening_assistant_greeting_is_context_not_a_label(tmp_path, style_tok):
+    from transformers import AutoTokenizer
+
+    folder = style_tok("qwen")
+    tok = AutoTokenizer.from_pretrained(folder)
+    msgs = [{"role": "assistant", "content": "Hi! How can I help?"}, {"role": "user", "content": "Say yes."},
+            {"role": "assistant", "content": "Yes."}]  # fmt: skip
+    ids, labels = _one(tmp_path, folder, {"messages": msgs})
+    assert [tok.decode(r) for r in _runs(ids, labels)] == ["Yes.<|im_end|>"]
+
+
+REFUSED = [
+    ({"question": "q", "answer": "a"}, r"line 1: no finetuning fields \(has: question, answer\); give \{prompt"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                   {"role": "assistant", "content": "A cat."}]},
+     r"line 1 field 'messages\[0\].content\[0\]' is a 'image_url' part; only text parts"),
+    ({"messages": [{"role": "user", "content": "w?"},
+                   {"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]}]},
+     r"line 1 field 'messages\[1\]' is a tool call without content; tool calls are not supported"),
+    ({"messages": [{"role": "user", "content": "w?"}, {"role": "function", "content": "sunny"}]},
+     r"line 1 field 'messages\[1\].role' is 'function'; use one of system, user, assistant, tool"),
+    ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "bot", "value": "Yo"}]},
+     r"line 1 field 'conversations\[1\].from' is 'bot'; use one of system, human, user, gpt, assistant, tool"),
+    ({"conversations": [{"from": "human", "value": "Hi"}]},
+     r"line 1 field 'conversations' has no assistant turn after a user turn"),
+    ({"instruction": "Do it", "input": "", "output": " "}, r"line 1 field 'output' is empty"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("row, match", REFUSED)
+def test_shapes_we_cannot_train_on_are_refused_naming_file_row_and_field(tmp_path, style_tok, row, match):
+    src = _jsonl(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(RecipeError, match=f"'{src}' {match}") as e:
+        convert(
+            src, tmp_path / "o", splits="train", tokenizer=style_tok("qwen"), finetune=True, max_seq_len=64
+        )
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "o" / "train")
+
+
+def test_compressed_parquet_and_hf_folder_sources_give_the_same_examples(tmp_path, style_tok):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    folder = style_tok("llama3")
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = [{"messages": _conversation(True), "id": i} for i in range(4)]
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    _jsonl(tmp_path / "hf" / "data" / "train.jsonl", rows)
+    got = []
+    for i, src in enumerate(
+        [str(tmp_path / "c.jsonl.gz"), str(tmp_path / "c.parquet"), f"hf:{tmp_path / 'hf'}"]
+    ):
+        convert(src, tmp_path / f"o{i}", splits="train", tokenizer=folder, finetune=True, max_seq_len=256,
+                num_workers=0)  # fmt: skip
+        got.append(_examples(tok, tmp_path / f"o{i}", 256))
+    assert len(got[0]) == 4 and got[0] == got[1] == got[2]
