@@ -287,3 +287,44 @@ def test_compressed_parquet_and_hf_folder_sources_give_the_same_examples(tmp_pat
                 num_workers=0)  # fmt: skip
         got.append(_examples(tok, tmp_path / f"o{i}", 256))
     assert len(got[0]) == 4 and got[0] == got[1] == got[2]
+
+
+def test_truncation_keeps_bos_and_the_last_reply_whole_and_counts_what_cannot_fit(tmp_path, style_tok):
+    from transformers import AutoTokenizer
+
+    folder = style_tok("llama3")
+    tok = AutoTokenizer.from_pretrained(folder)
+    messages = _conversation(True)
+    full_ids, full_labels = _one(tmp_path, folder, {"messages": messages}, max_seq_len=512, name="full")
+    runs = _runs(full_ids, full_labels)
+    starts = [t for t in range(1, len(full_ids)) if full_labels[t] != -100 and full_labels[t - 1] == -100]
+    # Cut inside the middle reply (what is left of it keeps its labels), and cut down to BOS + the last reply.
+    for n, kept in ((len(full_ids) - starts[1], [runs[1][1:], runs[2]]), (len(runs[2]) + 1, [runs[2]])):
+        ids, labels = _one(tmp_path, folder, {"messages": messages}, max_seq_len=n, name=f"cut{n}")
+        assert len(ids) == n and ids[0] == tok.bos_token_id  # BOS kept, the conversation cut after it
+        assert ids[1:] == full_ids[-(n - 1) :] and labels[1:] == full_labels[-(n - 1) :]
+        assert _runs(ids, labels) == kept
+    long = {
+        "messages": [
+            {"role": "user", "content": "Tell me all."},
+            {"role": "assistant", "content": "la " * 40},
+        ]
+    }
+    src = _jsonl(tmp_path / "long.jsonl", [long, {"messages": messages}])
+    s = convert(
+        src, tmp_path / "o", splits="train", tokenizer=folder, finetune=True, max_seq_len=40, num_workers=0
+    )
+    assert (s.splits["train"].documents, s.splits["train"].dropped) == (1, 1)
+    with pytest.raises(
+        RecipeError, match=r"gave split 'train' no examples: all 2 were longer than --max-seq-len 4"
+    ) as e:
+        convert(
+            src,
+            tmp_path / "o4",
+            splits="train",
+            tokenizer=folder,
+            finetune=True,
+            max_seq_len=4,
+            num_workers=0,
+        )
+    assert e.value.key == "--max-seq-len"

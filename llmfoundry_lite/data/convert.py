@@ -443,6 +443,12 @@ def _publish_splits(
     if job.mode == "concat" and not (work / U.TAIL).is_dir():
         raise RuntimeError("the leftover tokens were not packed after every unit finished")
     empty = [n for n in names if stats[n].samples == 0]
+    if empty and job.mode == "finetune" and stats[empty[0]].dropped:
+        raise RecipeError(
+            f"source {source!r} gave split {empty[0]!r} no examples: all {stats[empty[0]].dropped:,} were longer "
+            f"than --max-seq-len {job.max_seq_len} even with the prompt cut; raise --max-seq-len",
+            key="--max-seq-len",
+        )
     if empty:
         detail = f"fewer than {job.concat_tokens} tokens" if job.concat_tokens else "no documents"
         raise RecipeError(
