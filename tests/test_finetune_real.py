@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.data.convert import convert
@@ -328,3 +329,103 @@ def test_truncation_keeps_bos_and_the_last_reply_whole_and_counts_what_cannot_fi
             num_workers=0,
         )
     assert e.value.key == "--max-seq-len"
+
+
+def _chats(n: int) -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
+                      {"role": "assistant", "content": f"It is {2 * i}."},
+                      {"role": "user", "content": "Twice that?"},
+                      {"role": "assistant", "content": f"{4 * i}, of course."}]}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def _tiny_llama(tok, max_seq_len: int):
+    torch.manual_seed(0)
+    return registry.build(
+        "models",
+        {"name": "llama", "d_model": 32, "n_layers": 2, "n_heads": 2, "max_seq_len": max_seq_len},
+        "model",
+        tokenizer=tok,
+    )
+
+
+def test_packed_rows_are_exactly_full_and_a_trained_llama_keeps_their_examples_apart(tmp_path, style_tok):
+    from transformers import AutoTokenizer
+
+    folder = style_tok("llama3")
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = _chats(6)
+    src = _jsonl(tmp_path / "c.jsonl", rows)
+    convert(
+        src, tmp_path / "one", splits="train", tokenizer=folder, finetune=True, max_seq_len=256, num_workers=0
+    )
+    alone = _examples(tok, tmp_path / "one", 256)
+    width = len(alone[0][0]) + len(alone[1][0])  # the first two examples fill a row exactly
+    convert(src, tmp_path / "packed", splits="train", tokenizer=folder, finetune=True, max_seq_len=width,
+            pack=True, num_workers=0)  # fmt: skip
+    block = {"name": "finetune", "local": str(tmp_path / "packed"), "split": "train", "max_seq_len": width}
+    loader = registry.build("dataloaders", {**block, "drop_last": False}, "train_loader", tokenizer=tok,
+                            device_batch_size=2).dataloader  # fmt: skip
+    batches = list(loader)
+    first = batches[0]
+    assert bool(first["attention_mask"][0].all())  # exactly full: no padding
+    assert first["sequence_id"][0].tolist() == [0] * len(alone[0][0]) + [1] * len(alone[1][0])
+    assert first["input_ids"][0].tolist() == alone[0][0] + alone[1][0]
+    assert first["labels"][0].tolist() == alone[0][1] + alone[1][1]
+    assert first["labels"][0, len(alone[0][0])] == -100  # an example's first token is never a label
+    assert _examples(tok, tmp_path / "packed", width) == alone  # every example, in order, packed or not
+
+    model = _tiny_llama(tok, width)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for batch in batches * 2:  # a few steps, so the weights are not those of initialisation
+        model.loss(model(batch), batch).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            packed = model.model(batch["input_ids"], batch["attention_mask"], batch["sequence_id"])
+            for b in range(len(batch["input_ids"])):
+                seq = batch["sequence_id"][b]
+                for j in range(int(seq.max()) + 1):
+                    at = (seq == j).nonzero().flatten()
+                    by_itself = model.model(batch["input_ids"][b : b + 1, at])[0]
+                    assert (packed[b, at] - by_itself).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_step_loss_is_a_hand_cross_entropy_over_reply_tokens_of_multi_turn_rows(tmp_path, style_tok, packed):
+    from transformers import AutoTokenizer
+
+    folder = style_tok("qwen")  # no BOS, pad != eos
+    tok = AutoTokenizer.from_pretrained(folder)
+    convert(_jsonl(tmp_path / "c.jsonl", _chats(8)), tmp_path / "ft", splits="train", tokenizer=folder,
+            finetune=True, max_seq_len=160, pack=packed, num_workers=0)  # fmt: skip
+    block = {"name": "finetune", "local": str(tmp_path / "ft"), "split": "train", "max_seq_len": 160}
+    batch = next(
+        iter(
+            registry.build(
+                "dataloaders", block, "train_loader", tokenizer=tok, device_batch_size=3
+            ).dataloader
+        )
+    )
+    assert not bool(batch["attention_mask"].all())  # padded rows in the batch
+    model = _tiny_llama(tok, 160)
+    loss = model.loss(model(batch), batch)  # what a Composer training step computes
+    logits = model.model(batch["input_ids"], batch["attention_mask"], batch.get("sequence_id")).double()
+    logp = torch.log_softmax(logits, dim=-1)
+    terms = [
+        -float(logp[b, t, int(batch["labels"][b, t + 1])])
+        for b in range(logits.shape[0])
+        for t in range(logits.shape[1] - 1)
+        if batch["labels"][b, t + 1] != -100  # a reply token, predicted from the position before it
+    ]
+    examples = (
+        len(batch["input_ids"]) if not packed else int((batch["sequence_id"].max(dim=1).values + 1).sum())
+    )
+    runs = sum(len(_runs(i.tolist(), lab.tolist())) for i, lab in zip(batch["input_ids"], batch["labels"]))
+    assert runs == 2 * examples  # both replies of every example carry labels
+    assert len(terms) == int((batch["labels"] != -100).sum())
+    assert abs(float(loss) - sum(terms) / len(terms)) < 1e-6
