@@ -21,11 +21,14 @@ from llmfoundry_lite.data.convert import convert
 from llmfoundry_lite.errors import RecipeError
 
 # Templates as the models ship them (abridged to the parts that render text-only conversations).
-LLAMA3 = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+LLAMA3 = (  # with Llama 3.2's test for a tool call: a key that is there, even null
+    "{{ bos_token }}{% for message in messages %}{% if not (message.role == 'tool' or 'tool_calls' in message) %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' }}{% elif 'tool_calls' in message %}{% if not message.tool_calls|length == 1 %}"
+    "{{ raise_exception('This model only supports single tool-calls at once!') }}{% endif %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' + message.tool_calls[0] | tojson + '<|eot_id|>' }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
 )
 QWEN = (
     "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
@@ -429,3 +432,22 @@ def test_step_loss_is_a_hand_cross_entropy_over_reply_tokens_of_multi_turn_rows(
     assert runs == 2 * examples  # both replies of every example carry labels
     assert len(terms) == int((batch["labels"] != -100).sum())
     assert abs(float(loss) - sum(terms) / len(terms)) < 1e-6
+
+
+def test_keys_that_are_null_read_as_absent(tmp_path, style_tok):
+    """OpenAI exports write "tool_calls": null; Arrow (Parquet, hf:) fills a key missing from one row with null."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = style_tok("llama3")
+    plain = {"messages": _conversation(True)}
+    nulls = {"messages": [{**m, "tool_calls": None, "refusal": None} for m in plain["messages"]]}
+    assert _one(tmp_path, folder, nulls, name="nulls") == _one(tmp_path, folder, plain, name="plain")
+    named = {"messages": [{**plain["messages"][0], "name": "rules"}, *plain["messages"][1:]]}
+    pq.write_table(pa.Table.from_pylist([named, plain]), tmp_path / "c.parquet")
+    convert(str(tmp_path / "c.parquet"), tmp_path / "pq", splits="train", tokenizer=folder, finetune=True,
+            max_seq_len=256, num_workers=0)  # fmt: skip
+    from transformers import AutoTokenizer
+
+    got = _examples(AutoTokenizer.from_pretrained(folder), tmp_path / "pq", 256)
+    assert got == [_one(tmp_path, folder, plain, name="plain2")] * 2

@@ -128,8 +128,9 @@ def _turns(
             raise RecipeError(
                 f"{where} field '{at}.{content_key}' is an empty assistant turn", key="--source"
             )
-        # Other keys (a tool's name, ...) reach the template as they are.
-        msg = {key: v for key, v in m.items() if key not in (role_key, content_key)}
+        # Other keys (a tool's name, ...) reach the template as they are, but a null one is left out: templates
+        # test for a key ('tool_calls' in message), and OpenAI exports and Arrow (Parquet, hf:) write absent as null.
+        msg = {key: v for key, v in m.items() if key not in (role_key, content_key) and v is not None}
         msg.update(role=role, content=content)
         out.append(msg)
     return out
