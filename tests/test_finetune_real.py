@@ -451,3 +451,38 @@ def test_keys_that_are_null_read_as_absent(tmp_path, style_tok):
 
     got = _examples(AutoTokenizer.from_pretrained(folder), tmp_path / "pq", 256)
     assert got == [_one(tmp_path, folder, plain, name="plain2")] * 2
+
+
+@pytest.mark.parametrize(
+    "style", ["qwen", "gpt2", "response-colon"]
+)  # no BOS; BOS == EOS, no pad; EOS == pad
+def test_prompt_response_rows_with_unusual_special_tokens(tmp_path, style_tok, style):
+    from transformers import AutoTokenizer
+
+    folder = style_tok(style)
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = [
+        {"prompt": "Translate to French: cheese", "response": "fromage"},
+        {"prompt": "Q:", "response": "Answer"},
+    ]
+    convert(_jsonl(tmp_path / "p.jsonl", rows), tmp_path / "ft", splits="train", tokenizer=folder, finetune=True,
+            max_seq_len=32, num_workers=0)  # fmt: skip
+    block = {"name": "finetune", "local": str(tmp_path / "ft"), "split": "train", "max_seq_len": 32}
+    batch = next(
+        iter(
+            registry.build(
+                "dataloaders", block, "train_loader", tokenizer=tok, device_batch_size=2
+            ).dataloader
+        )
+    )
+    for b, row in enumerate(rows):
+        bos = [] if tok.bos_token_id is None else [tok.bos_token_id]
+        p = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        r = tok(row["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        n = len(bos) + len(p) + len(r)
+        assert (
+            batch["input_ids"][b, :n].tolist() == bos + p + r and int(batch["attention_mask"][b].sum()) == n
+        )
+        assert batch["labels"][b].tolist() == [-100] * (n - len(r)) + r + [-100] * (
+            32 - n
+        )  # padding, even == EOS
