@@ -486,3 +486,46 @@ def test_prompt_response_rows_with_unusual_special_tokens(tmp_path, style_tok, s
         assert batch["labels"][b].tolist() == [-100] * (n - len(r)) + r + [-100] * (
             32 - n
         )  # padding, even == EOS
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_dir(tmp_path_factory) -> str:
+    """A SentencePiece-style BPE in Llama 2's tokenizer.json layout (a normalizer prepends and writes '▁'), with
+    Mistral's template: every piece of text encoded on its own gets a '▁' in front."""
+    from tokenizers import SentencePieceBPETokenizer, decoders, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from llmfoundry_lite.data.corpus import embedded_documents
+
+    sp = SentencePieceBPETokenizer()
+    sp.train_from_iterator(embedded_documents()[:300], vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
+                           show_progress=False)  # fmt: skip
+    raw = sp._tokenizer
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    raw.pre_tokenizer = None
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]"]})
+    tok.chat_template = MISTRAL
+    out = tmp_path_factory.mktemp("tok-spm")
+    tok.save_pretrained(str(out))
+    return str(out)
+
+
+def test_sentencepiece_tokenizer_chat_and_pairs(tmp_path, sentencepiece_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(sentencepiece_dir)
+    messages = _conversation(False)
+    ids, labels = _one(tmp_path, sentencepiece_dir, {"messages": messages}, name="chat")
+    assert ids == tok.apply_chat_template(messages, tokenize=True)  # no '▁' added where the text was not cut
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert _runs(ids, labels) == [
+        tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in replies
+    ]
+    ids, labels = _one(tmp_path, sentencepiece_dir, {"prompt": "Q:", "response": "Paris"}, name="pair")
+    r = tok("Paris", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]  # '▁Paris', as generate samples
+    assert ids == tok("Q:")["input_ids"] + r and labels == [-100] * (len(ids) - len(r)) + r
