@@ -224,6 +224,10 @@ def test_sharegpt_alpaca_and_content_parts_read_as_their_openai_and_prompt_equiv
     plain = _one(tmp_path, folder, {"messages": messages}, name="plain")
     assert _one(tmp_path, folder, share, name="share") == plain
     assert _one(tmp_path, folder, parts, name="parts") == plain
+    lmsys = {
+        "conversation": messages
+    }  # LMSYS-Chat and WildChat: OpenAI's turns under ShareGPT's (singular) name
+    assert _one(tmp_path, folder, lmsys, name="lmsys") == plain
     alpaca = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
     pair = {"prompt": "Add the numbers.\n\n2 and 3", "response": "5"}
     assert _one(tmp_path, folder, alpaca, name="alpaca") == _one(tmp_path, folder, pair, name="pair")

@@ -1,10 +1,13 @@
 """Instruction and chat finetuning examples: rows -> (input_ids, labels) with the loss on the response only.
 
-Rows are ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}``.
+Rows are ``{"prompt": ..., "response": ...}`` (Alpaca's ``{instruction, input, output}`` read as one) or
+``{"messages": [{"role": ..., "content": ...}, ...]}`` (ShareGPT's ``{"conversations": [{"from", "value"}]}``
+read as one).
 
 * prompt/response: ``[BOS] prompt response [EOS]``; labels are the response and EOS, -100 elsewhere.
 * chat: the conversation rendered by the tokenizer's chat template (or a named one, ``--chat-template``);
-  every assistant turn (its content and the template's end-of-turn text) is labelled, the rest is -100.
+  every assistant turn is labelled: the tokens the model must write after the generation prompt, through the
+  end-of-turn token; the rest is -100.
 
 The first token of every example is -100 too: nothing inside the example predicts it, so once examples are
 packed side by side no label is ever predicted across an example boundary (``sequence_id`` keeps attention
@@ -25,6 +28,9 @@ from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.data.tokenizers import FastTokenizer
 from llmfoundry_lite.errors import RecipeError, first_line
 
+# Where rows keep a conversation: OpenAI's `messages`; ShareGPT's `conversations` (LMSYS and WildChat: `conversation`),
+# whose turns are {from, value} or, in some exports, {role, content}.
+CHAT_FIELDS = ("messages", "conversations", "conversation")
 # The roles a row may use, and what they are called in the template; ShareGPT's names map to OpenAI's.
 ROLES = {r: r for r in ("system", "user", "assistant", "tool")}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -155,13 +161,13 @@ class ExampleEncoder:
         """The example of ``row`` (``where`` names it in errors), or None when it cannot fit ``max_seq_len``."""
         if not isinstance(row, dict):
             raise RecipeError(f"{where}: a finetuning row must be a JSON object", key="--source")
-        if "messages" in row:
-            return self._chat(
-                _turns(row["messages"], where, "messages", "role", "content", ROLES), where, "messages"
-            )
-        if "conversations" in row:  # ShareGPT
-            turns = _turns(row["conversations"], where, "conversations", "from", "value", SHAREGPT_ROLES)
-            return self._chat(turns, where, "conversations")
+        field = next((f for f in CHAT_FIELDS if f in row), None)
+        if field is not None:
+            turns = row[field]
+            first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+            if "from" in first or ("value" in first and "content" not in first):  # ShareGPT's turns
+                return self._chat(_turns(turns, where, field, "from", "value", SHAREGPT_ROLES), where, field)
+            return self._chat(_turns(turns, where, field, "role", "content", ROLES), where, field)
         if "prompt" in row and "response" in row:
             return self._pair(
                 _text(row["prompt"], where, "prompt"), _text(row["response"], where, "response"), where
