@@ -533,3 +533,23 @@ def test_sentencepiece_tokenizer_chat_and_pairs(tmp_path, sentencepiece_dir):
         tok.eos_token_id
     ]  # '▁Paris', as generate samples
     assert ids == tok("Q:")["input_ids"] + r and labels == [-100] * (len(ids) - len(r)) + r
+
+
+def test_data_inspect_shows_what_the_loss_is_on(tmp_path, style_tok):
+    from typer.testing import CliRunner
+
+    from llmfoundry_lite.data.cli import data_app
+
+    folder = style_tok("llama3")
+    rows = _chats(2)
+    convert(_jsonl(tmp_path / "c.jsonl", rows), tmp_path / "ft", splits="train", tokenizer=folder, finetune=True,
+            max_seq_len=128, pack=True, num_workers=0)  # fmt: skip
+    r = CliRunner().invoke(
+        data_app, ["inspect", str(tmp_path / "ft"), "--tokenizer", folder, "--chars", "2000"]
+    )
+    assert r.exit_code == 0, r.output
+    row = r.output.splitlines()[1]
+    assert row.count(" || ") == 1 and row.count("[[") == 4  # two examples packed, two replies each
+    assert "<|end_header_id|>\\n\\n[[It is 0.<|eot_id|>]]<|start_header_id|>user" in row
+    r = CliRunner().invoke(data_app, ["inspect", str(tmp_path / "ft")])
+    assert r.exit_code == 0 and " labelled (--tokenizer shows them)" in r.output

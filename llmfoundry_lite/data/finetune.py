@@ -14,8 +14,8 @@ packed side by side no label is ever predicted across an example boundary (``seq
 within each example).
 
 Truncation, to ``max_seq_len`` tokens: the prompt (for chat: everything before the last assistant turn) is
-cut from the left, so the last response is kept whole; an example whose last response cannot fit even with no
-context is dropped and counted (``dropped`` in the conversion summary).
+cut from the left, after a leading BOS, so the last response is kept whole; an example whose last response
+cannot fit even with no context is dropped and counted (``dropped`` in the conversion summary).
 """
 
 from __future__ import annotations
