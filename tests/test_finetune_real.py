@@ -553,3 +553,17 @@ def test_data_inspect_shows_what_the_loss_is_on(tmp_path, style_tok):
     assert "<|end_header_id|>\\n\\n[[It is 0.<|eot_id|>]]<|start_header_id|>user" in row
     r = CliRunner().invoke(data_app, ["inspect", str(tmp_path / "ft")])
     assert r.exit_code == 0 and " labelled (--tokenizer shows them)" in r.output
+
+
+def test_validate_refuses_finetuning_rows_made_by_another_tokenizer(tmp_path, style_tok, sentencepiece_dir):
+    from llmfoundry_lite.data.checks import check_recipe_data
+
+    folder = style_tok("llama3")
+    convert(_jsonl(tmp_path / "c.jsonl", _chats(4)), tmp_path / "ft", splits="train", tokenizer=folder,
+            finetune=True, max_seq_len=128, num_workers=0)  # fmt: skip
+    block = {"name": "finetune", "local": str(tmp_path / "ft"), "split": "train", "max_seq_len": 128}
+    recipe = {"model": {"name": "llama"}, "train_loader": block, "global_train_batch_size": 1}
+    check_recipe_data({**recipe, "tokenizer": {"name": "hf", "path": folder}})
+    with pytest.raises(RecipeError, match="were made with tokenizer") as e:
+        check_recipe_data({**recipe, "tokenizer": {"name": "hf", "path": sentencepiece_dir}})
+    assert "\n" not in str(e.value)

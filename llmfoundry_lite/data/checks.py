@@ -526,7 +526,7 @@ def check_recipe_data(data: Mapping[str, Any], world: int = 1) -> None:
                 continue
             check_loader_fit(section, block, index, model.get("name"), has_mask)
             check_finetune_fit(section, block, index, model.get("name"))
-            if tok_path is not None and "tokens" in columns(index):
+            if tok_path is not None and ("tokens" in columns(index) or "labels" in columns(index)):
                 check_tokenizer_matches(section, block, tok_path, folder)
             if section == "train_loader":
                 setting = f"global_train_batch_size {gbs}" + (
