@@ -567,3 +567,22 @@ def test_validate_refuses_finetuning_rows_made_by_another_tokenizer(tmp_path, st
     with pytest.raises(RecipeError, match="were made with tokenizer") as e:
         check_recipe_data({**recipe, "tokenizer": {"name": "hf", "path": sentencepiece_dir}})
     assert "\n" not in str(e.value)
+
+
+def test_validate_refuses_a_loader_max_seq_len_shorter_than_the_converted_rows(tmp_path, style_tok):
+    from llmfoundry_lite.data.checks import check_recipe_data
+
+    folder = style_tok("llama3")
+    convert(_jsonl(tmp_path / "c.jsonl", _chats(4)), tmp_path / "ft", splits="train", tokenizer=folder,
+            finetune=True, max_seq_len=128, pack=True, num_workers=0)  # fmt: skip
+    block = {"name": "finetune", "local": str(tmp_path / "ft"), "split": "train", "max_seq_len": 128}
+    recipe = {
+        "model": {"name": "llama"},
+        "tokenizer": {"name": "hf", "path": folder},
+        "global_train_batch_size": 1,
+    }
+    check_recipe_data({**recipe, "train_loader": block})
+    with pytest.raises(RecipeError, match="rows of up to 128 tokens .* longer than train_loader.max_seq_len 64; "
+                       "reconvert with --max-seq-len 64 or raise max_seq_len") as e:  # fmt: skip
+        check_recipe_data({**recipe, "train_loader": {**block, "max_seq_len": 64}})
+    assert e.value.key == "train_loader.max_seq_len"

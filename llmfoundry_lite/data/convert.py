@@ -210,7 +210,8 @@ def convert(
             _run_units(work, workers, progress, plan.bytes)
             stats = _publish_splits(job, work, out, names, len(units), source)
             if fast is not None:  # token rows mean something only with this tokenizer: say which
-                write_tokenizer_record([out / n for n in names], tokenizer, fast.json)
+                extra = {"max_seq_len": job.max_seq_len} if job.mode == "finetune" else None
+                write_tokenizer_record([out / n for n in names], tokenizer, fast.json, extra)
         except RecipeError:
             shutil.rmtree(work, ignore_errors=True)  # a mistake in the input: nothing to resume
             raise
