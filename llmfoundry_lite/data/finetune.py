@@ -267,17 +267,31 @@ class ExampleEncoder:
         then it is tokenized in pieces cut there, so that the labels are exactly the reply's tokens and what
         precedes a reply is the prompt's tokens, as at generate time.
         """
-        offsets = self.tok.encode(text, add_special_tokens=False).offsets
-        cuts = sorted({c for span in spans for c in span if 0 < c < len(text)})
-        split = [c for c in cuts if any(a < c < b for a, b in offsets)]
+        import bisect
+
+        whole = self.tok.encode(text, add_special_tokens=False)
+        offsets = whole.offsets
+        starts = [a for a, _ in offsets]
+
+        def straddled(c: int) -> bool:  # some token begins before c and ends after it
+            t = bisect.bisect_left(starts, c) - 1
+            return t >= 0 and offsets[t][1] > c
+
+        split = sorted({c for span in spans for c in span if 0 < c < len(text) and straddled(c)})
         ids: list[int] = []
         labels: list[int] = []
-        last: Optional[int] = None
-        for lo, hi in zip([0, *split], [*split, len(text)]):
-            enc = self.tok.encode(text[lo:hi], add_special_tokens=False)
+        last = None
+        k = 0  # the first span not yet behind the current token (tokens come in text order)
+        pieces = [(0, whole)]
+        if split:
+            bounds = zip([0, *split], [*split, len(text)])
+            pieces = [(lo, self.tok.encode(text[lo:hi], add_special_tokens=False)) for lo, hi in bounds]
+        for lo, enc in pieces:
             for t, (a, _) in zip(enc.ids, enc.offsets):
-                inside = [s for s, e in spans if s <= lo + a < e]
-                if last is None and inside and inside[0] == spans[-1][0]:
+                while k < len(spans) and lo + a >= spans[k][1]:
+                    k += 1
+                inside = k < len(spans) and spans[k][0] <= lo + a
+                if inside and k == len(spans) - 1 and last is None:
                     last = len(ids)
                 ids.append(t)
                 labels.append(t if inside else IGNORE_INDEX)
