@@ -202,7 +202,7 @@ def test_a_template_that_refuses_a_row_is_one_line_naming_file_row_and_field(tmp
         "sys.jsonl' line 2 field 'messages': the tokenizer's chat template refused it (Conversation roles"
         in r.stderr
     )
-    assert "--chat-template chatml|llama2|zephyr" in r.stderr
+    assert "--chat-template chatml|llama3|llama2|zephyr" in r.stderr
 
 
 def _one(tmp_path, folder, row, max_seq_len=256, name="x", **kw) -> tuple[list[int], list[int]]:
@@ -586,3 +586,18 @@ def test_validate_refuses_a_loader_max_seq_len_shorter_than_the_converted_rows(t
                        "reconvert with --max-seq-len 64 or raise max_seq_len") as e:  # fmt: skip
         check_recipe_data({**recipe, "train_loader": {**block, "max_seq_len": 64}})
     assert e.value.key == "train_loader.max_seq_len"
+
+
+def test_named_llama3_template_is_the_one_llama_3_instruct_ships(tmp_path, style_tok, llama_tokenizer_dir):
+    """A base Llama 3 tokenizer ships no template: --chat-template llama3 gives what the Instruct model's renders."""
+    from transformers import AutoTokenizer
+
+    instruct = style_tok("llama3")
+    tok = AutoTokenizer.from_pretrained(instruct)
+    base = tmp_path / "base"
+    tok.chat_template = None
+    tok.save_pretrained(str(base))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    messages = _conversation(True)
+    got = _one(tmp_path, str(base), {"messages": messages}, name="named", chat_template="llama3")
+    assert got == _one(tmp_path, instruct, {"messages": messages}, name="own")
