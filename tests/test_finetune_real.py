@@ -601,3 +601,22 @@ def test_named_llama3_template_is_the_one_llama_3_instruct_ships(tmp_path, style
     messages = _conversation(True)
     got = _one(tmp_path, str(base), {"messages": messages}, name="named", chat_template="llama3")
     assert got == _one(tmp_path, instruct, {"messages": messages}, name="own")
+
+
+def test_a_template_with_transformers_generation_tags_renders(tmp_path, style_tok):
+    """{% generation %} marks the assistant's text for transformers' own masks (TRL's assistant_only_loss)."""
+    from transformers import AutoTokenizer
+
+    plain = style_tok("qwen")
+    tok = AutoTokenizer.from_pretrained(plain)
+    tok.chat_template = QWEN.replace(
+        "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}",
+        "{{- '<|im_start|>' + message.role + '\n' }}{% generation %}{{ message.content + '<|im_end|>' }}"
+        "{% endgeneration %}{{ '\n' }}",
+    )
+    assert "{% generation %}" in tok.chat_template
+    tok.save_pretrained(str(tmp_path / "tagged"))
+    row = {"messages": _conversation(True)}
+    assert _one(tmp_path, str(tmp_path / "tagged"), row, name="tagged") == _one(
+        tmp_path, plain, row, name="plain"
+    )

@@ -69,12 +69,27 @@ CHAT_TEMPLATES = {
 
 @functools.lru_cache(maxsize=4)
 def _compiled(template: str) -> Any:
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError, nodes
+    from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """transformers' ``{% generation %}...{% endgeneration %}`` (marks the assistant's text for its own masks;
+        the reply is located here by rendering turn by turn): rendered as its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
 
     # The environment transformers' apply_chat_template renders with, so a tokenizer's template reads the same.
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"]
     )
 
     def raise_exception(message: str) -> None:
