@@ -620,3 +620,23 @@ def test_a_template_with_transformers_generation_tags_renders(tmp_path, style_to
     assert _one(tmp_path, str(tmp_path / "tagged"), row, name="tagged") == _one(
         tmp_path, plain, row, name="plain"
     )
+
+
+def test_a_template_that_does_not_compile_is_named_not_the_row(tmp_path, style_tok):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(style_tok("qwen"))
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor"
+    tok.save_pretrained(str(tmp_path / "broken"))
+    src = _jsonl(tmp_path / "c.jsonl", [{"messages": _conversation(True)}])
+    with pytest.raises(
+        RecipeError, match=r"broken'?: its chat template does not compile \(.*template line 1\); fix it"
+    ):
+        convert(
+            src,
+            tmp_path / "o",
+            splits="train",
+            tokenizer=str(tmp_path / "broken"),
+            finetune=True,
+            max_seq_len=64,
+        )

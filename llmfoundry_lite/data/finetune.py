@@ -319,10 +319,18 @@ class ExampleEncoder:
         return ids, labels, last if last is not None else len(ids)
 
     def _render(self, messages: list, add_generation_prompt: bool, where: str, field: str) -> str:
-        from jinja2 import TemplateError
+        from jinja2 import TemplateError, TemplateSyntaxError
 
         try:
-            return _compiled(self.template).render(
+            template = _compiled(self.template)
+        except TemplateSyntaxError as e:  # the template's own fault, not the row's
+            raise RecipeError(
+                f"tokenizer {self.fast.name!r}: its chat template does not compile ({first_line(e)}, template line "
+                f"{e.lineno}); fix it in tokenizer_config.json or use --chat-template {'|'.join(CHAT_TEMPLATES)}",
+                key="--chat-template",
+            ) from None
+        try:
+            return template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.fast.bos_token or "",
