@@ -182,7 +182,11 @@ def test_named_template_for_a_tokenizer_without_one(tmp_path, llama_tokenizer_di
 
 
 MISTAKES = [
-    ({"instruction": "x", "output": "y"}, {}, r"'?BAD' line 2: neither \{prompt, response\} nor \{messages"),
+    (
+        {"question": "x", "answer": "y"},
+        {},
+        r"'?BAD' line 2: no finetuning fields \(has: question, answer\); give \{prompt, response\}",
+    ),
     ({"prompt": "x", "response": "  "}, {}, r"'?BAD' line 2 field 'response' is empty"),
     (
         {"messages": [{"role": "user", "content": "hi"}]},
@@ -213,7 +217,10 @@ def test_cli_mistake_exits_2_with_one_line(tmp_path, llama_tokenizer_dir):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "bad.jsonl' line 1: neither {prompt, response}" in r.stderr
+    assert (
+        r.stderr.strip().count("\n") == 0
+        and "bad.jsonl' line 1: no finetuning fields (has: text)" in r.stderr
+    )
 
 
 def test_packing_needs_a_model_that_takes_sequence_id(tmp_path, llama_tokenizer_dir):

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from llmfoundry_lite import registry
 from llmfoundry_lite.batch import check_vocab_fits
 from llmfoundry_lite.data.loaders import check_row_length, columns, concat_length, read_index, split_dir
-from llmfoundry_lite.data.provenance import read_tokenizer_record, tokenizer_record
+from llmfoundry_lite.data.provenance import read_max_seq_len, read_tokenizer_record, tokenizer_record
 from llmfoundry_lite.errors import RecipeError
 
 # Files any Hugging Face tokenizer folder has at least one of.
@@ -526,7 +526,7 @@ def check_recipe_data(data: Mapping[str, Any], world: int = 1) -> None:
                 continue
             check_loader_fit(section, block, index, model.get("name"), has_mask)
             check_finetune_fit(section, block, index, model.get("name"))
-            if tok_path is not None and "tokens" in columns(index):
+            if tok_path is not None and ("tokens" in columns(index) or "labels" in columns(index)):
                 check_tokenizer_matches(section, block, tok_path, folder)
             if section == "train_loader":
                 setting = f"global_train_batch_size {gbs}" + (
@@ -552,6 +552,16 @@ def check_finetune_fit(
             f"{src!r} holds no finetuning examples (columns {', '.join(cols)}); convert with {CONVERT_HINT} "
             "--finetune --tokenizer TOK --max-seq-len N",
             key=key,
+        )
+    made = read_max_seq_len(os.path.join(src, str(block.get("split") or ""))) if "labels" in cols else None
+    want = block.get("max_seq_len")
+    if (
+        made is not None and isinstance(want, int) and made > want
+    ):  # the collator would stop at the first batch
+        raise RecipeError(
+            f"{src!r} holds finetuning rows of up to {made} tokens (data convert --max-seq-len {made}), longer than "
+            f"{section}.max_seq_len {want}; reconvert with --max-seq-len {want} or raise max_seq_len",
+            key=f"{section}.max_seq_len",
         )
     spec = registry.model_family(model_name)  # the family's spec; None for a plugin model without one
     if "labels" not in cols or spec is None:

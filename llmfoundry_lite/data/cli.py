@@ -87,7 +87,7 @@ def convert_cmd(
     chat_template: Optional[str] = typer.Option(
         None,
         "--chat-template",
-        help="Finetuning: chatml, llama2 or zephyr when the tokenizer has no template",
+        help="Finetuning: chatml, llama3, llama2 or zephyr when the tokenizer has no template",
     ),
 ) -> None:
     """Convert a corpus to MDS shards: raw text, token rows (--concat-tokens) or finetuning examples (--finetune).

@@ -210,7 +210,8 @@ def convert(
             _run_units(work, workers, progress, plan.bytes)
             stats = _publish_splits(job, work, out, names, len(units), source)
             if fast is not None:  # token rows mean something only with this tokenizer: say which
-                write_tokenizer_record([out / n for n in names], tokenizer, fast.json)
+                extra = {"max_seq_len": job.max_seq_len} if job.mode == "finetune" else None
+                write_tokenizer_record([out / n for n in names], tokenizer, fast.json, extra)
         except RecipeError:
             shutil.rmtree(work, ignore_errors=True)  # a mistake in the input: nothing to resume
             raise
@@ -443,6 +444,12 @@ def _publish_splits(
     if job.mode == "concat" and not (work / U.TAIL).is_dir():
         raise RuntimeError("the leftover tokens were not packed after every unit finished")
     empty = [n for n in names if stats[n].samples == 0]
+    if empty and job.mode == "finetune" and stats[empty[0]].dropped:
+        raise RecipeError(
+            f"source {source!r} gave split {empty[0]!r} no examples: all {stats[empty[0]].dropped:,} were longer "
+            f"than --max-seq-len {job.max_seq_len} even with the prompt cut; raise --max-seq-len",
+            key="--max-seq-len",
+        )
     if empty:
         detail = f"fewer than {job.concat_tokens} tokens" if job.concat_tokens else "no documents"
         raise RecipeError(

@@ -43,6 +43,35 @@ def shard_samples(split_path: str, shard: dict[str, Any], n: int) -> list[dict[s
     return out
 
 
+def labelled_text(sample: dict[str, Any], decode: Any) -> str:
+    """A finetuning example (or packed row) decoded, the tokens the loss is on in [[ ]], packed examples apart by
+    ' || '; without a tokenizer, its counts."""
+    ids, labels = [int(t) for t in sample["input_ids"]], [int(t) for t in sample["labels"]]
+    if decode is None:
+        return f"{len(ids)} tokens, {sum(lab != -100 for lab in labels)} labelled (--tokenizer shows them)"
+    seq = [int(t) for t in sample["sequence_id"]] if "sequence_id" in sample else [0] * len(ids)
+    parts: list[str] = []
+    run: list[int] = []
+    on = False
+
+    def flush() -> None:
+        if run:
+            text = decode(run, skip_special_tokens=False)
+            parts.append(f"[[{text}]]" if on else text)
+            run.clear()
+
+    for t, (i, lab) in enumerate(zip(ids, labels)):
+        boundary = t > 0 and seq[t] != seq[t - 1]
+        if boundary or (lab != -100) != on:
+            flush()
+        if boundary:
+            parts.append(" || ")
+        run.append(i)
+        on = lab != -100
+    flush()
+    return "".join(parts)
+
+
 def inspect_dataset(path: str, samples: int = 3, tokenizer: Optional[str] = None, chars: int = 300) -> str:
     """Counts (samples, shards, bytes, columns) of each split under ``path`` and a few decoded samples."""
     from llmfoundry_lite.data.loaders import columns, read_index
@@ -87,6 +116,8 @@ def inspect_dataset(path: str, samples: int = 3, tokenizer: Optional[str] = None
             elif "tokens" in sample:
                 ids = [int(t) for t in sample["tokens"]]
                 shown = decode(ids, skip_special_tokens=False) if decode else f"ids {ids[:32]}..."
+            elif "labels" in sample:
+                shown = labelled_text(sample, decode)
             else:
                 shown = repr(sample)
             shown = shown[:chars].replace("\n", "\\n")

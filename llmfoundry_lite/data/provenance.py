@@ -83,12 +83,15 @@ def tokenizer_record(
     return _record(name, *found)
 
 
-def write_tokenizer_record(split_dirs: Iterable[str | os.PathLike], name: str, tokenizer_json: str) -> None:
-    """Write ``provenance.json`` naming the tokenizer (``name`` as given to convert) into each split folder."""
+def write_tokenizer_record(
+    split_dirs: Iterable[str | os.PathLike], name: str, tokenizer_json: str, extra: Optional[dict] = None
+) -> None:
+    """Write ``provenance.json`` naming the tokenizer (``name`` as given to convert) into each split folder, with
+    ``extra`` beside it (finetuning rows: the ``max_seq_len`` they were cut to)."""
     record = tokenizer_record(name, tokenizer_json=tokenizer_json)
     if record is None:
         return
-    text = json.dumps({"tokenizer": record}, indent=2) + "\n"
+    text = json.dumps({"tokenizer": record, **(extra or {})}, indent=2) + "\n"
     for d in split_dirs:
         (Path(d) / PROVENANCE_FILENAME).write_text(text)
 
@@ -98,3 +101,10 @@ def read_tokenizer_record(split_dir: str | os.PathLike) -> dict | None:
     data = _read_json(os.path.join(str(split_dir), PROVENANCE_FILENAME))
     record = data.get("tokenizer") if isinstance(data, dict) else None
     return record if isinstance(record, dict) and record.get("vocab_sha256") else None
+
+
+def read_max_seq_len(split_dir: str | os.PathLike) -> int | None:
+    """The ``--max-seq-len`` a split's finetuning rows were converted with, or None when not recorded."""
+    data = _read_json(os.path.join(str(split_dir), PROVENANCE_FILENAME))
+    n = data.get("max_seq_len") if isinstance(data, dict) else None
+    return n if isinstance(n, int) else None
