@@ -321,7 +321,7 @@ def _fingerprint(job: U.Job, units: list) -> str:
     for u in units:
         if u.path and os.path.isfile(u.path):
             st = os.stat(u.path)
-            files.append((u.path, st.st_size, st.st_mtime_ns))
+            files.append((u.path, st.st_size, st.st_mtime_ns, st.st_ctime_ns))  # ctime: `cp -p` keeps mtime
     text = json.dumps([dataclasses.asdict(job), files], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 from typing import IO, Any, Optional
 
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 
 # Compressions read by streaming decompression, by suffix and by the file's first bytes.
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
@@ -38,7 +38,10 @@ UNSUPPORTED = {
 UNSUPPORTED_MAGIC = {b"\x04\x22\x4d\x18": "lz4", b"PK\x03\x04": "zip", b"7z\xbc\xaf": "7z", b"Rar!": "rar"}
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+# What a data file is when a repository was cloned without `git lfs` (or only partly pulled).
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 READ_CHUNK = 1 << 20
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,25 +69,52 @@ class Unit:
 
 
 def compression_of(path: str) -> tuple[str, Optional[str]]:
-    """(the name without its compression suffix, the compression) of a file; RecipeError for unreadable ones."""
+    """(the name without its compression suffix, the compression) of a file; RecipeError for unreadable ones.
+
+    The first bytes decide: a ``.gz`` that holds zstd is read as zstd, and one that holds no compressed data at
+    all (empty, a Git LFS pointer, plain text a downloader already unpacked) is refused before anything is
+    written, rather than failing halfway as "corrupt".
+    """
     stem, suffix = os.path.splitext(path)
     suffix = suffix.lower()
-    if suffix in COMPRESSIONS:
-        return stem, COMPRESSIONS[suffix]
     if suffix in UNSUPPORTED:
         _refuse(path, UNSUPPORTED[suffix])
+    if suffix in COMPRESSIONS and stem.lower().endswith(".tar"):
+        _refuse(path, "tar")  # an archive of files, not one stream of documents
     try:
         with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError:
-        return path, None
-    for magic, name in MAGIC.items():
-        if head.startswith(magic) and suffix not in PARQUET_SUFFIXES:
-            return path, name
-    for magic, name in UNSUPPORTED_MAGIC.items():
-        if head.startswith(magic):
-            _refuse(path, name)
-    return path, None
+            head = f.read(len(LFS_POINTER))
+    except OSError as e:
+        raise RecipeError(f"cannot read {path!r}: {e.strerror or e}", key="--source") from None
+    if head == LFS_POINTER:
+        raise RecipeError(
+            f"{path!r} is a Git LFS pointer, not the data itself; fetch the files (`git lfs pull`, or "
+            "`hf download ... --repo-type dataset`) and convert again",
+            key="--source",
+        )
+    found = None
+    if suffix not in PARQUET_SUFFIXES:
+        found = next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
+    if found is None:
+        for magic, name in UNSUPPORTED_MAGIC.items():
+            if head.startswith(magic):
+                _refuse(path, name)
+    if found is None and len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18" and 0x50 <= head[0] <= 0x5F:
+        found = "zstd"  # a skippable frame first (pzstd writes one before each frame)
+    if suffix in COMPRESSIONS:
+        name = COMPRESSIONS[suffix]
+        if not head:
+            raise RecipeError(
+                f"{path!r} is empty (0 bytes), not {name} data; download it again", key="--source"
+            )
+        if found is None:
+            raise RecipeError(
+                f"{path!r} at byte 0: not {name} data (it begins {head[:12]!r}); download it again (or, if it "
+                f"is already uncompressed, remove {suffix!r} from its name)",
+                key="--source",
+            )
+        return stem, found
+    return path, found
 
 
 def _refuse(path: str, what: str) -> None:
@@ -132,7 +162,8 @@ class _Zstd(io.RawIOBase):
     def __init__(self, raw: _Counting):
         import zstandard
 
-        self.raw, self.zstd = raw, zstandard.ZstdDecompressor()
+        # Frames written with `zstd --long=31` need a window beyond the library's default 128 MB limit.
+        self.raw, self.zstd = raw, zstandard.ZstdDecompressor(max_window_size=1 << 31)
         self.dobj = self.zstd.decompressobj()
         self.buf, self.in_frame = b"", False
 
@@ -185,8 +216,13 @@ class Position:
         self.done = 0
 
 
-def read_rows(unit: Unit, position: Optional[Position] = None) -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row of ``unit``: a dict (json, parquet, hf) or a document string (text kinds)."""
+def read_rows(
+    unit: Unit, position: Optional[Position] = None, columns: Optional[list[str]] = None
+) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of ``unit``: a dict (json, parquet, hf) or a document string (text kinds).
+
+    ``columns``: the only fields needed (Parquet then reads just those columns, a fraction of FineWeb's bytes).
+    """
     pos = position or Position()
     if unit.kind == "embedded":
         from llmfoundry_lite.data.corpus import embedded_documents
@@ -198,9 +234,12 @@ def read_rows(unit: Unit, position: Optional[Position] = None) -> Iterator[tuple
         yield from _read_hf(unit)
         return
     if unit.kind == "parquet":
-        yield from _read_parquet(unit, pos)
+        yield from _read_parquet(unit, pos, columns)
         return
-    fh, raw = _open_binary(unit)
+    try:
+        fh, raw = _open_binary(unit)
+    except OSError as e:  # removed or made unreadable since the source was planned
+        raise RecipeError(f"cannot read {unit.path!r}: {e.strerror or e}", key="--source") from None
     base = pos.done
     try:
         lines = _lines(fh, unit, raw, pos, base)
@@ -217,9 +256,10 @@ def read_rows(unit: Unit, position: Optional[Position] = None) -> Iterator[tuple
         raw.close()
 
 
-def _failure(unit: Unit, offset: int, e: BaseException) -> RecipeError:
+def _failure(unit: Unit, offset: int, e: BaseException, lineno: int = 0) -> RecipeError:
     if isinstance(e, UnicodeDecodeError):
-        what = f"not UTF-8 text ({e.reason})"
+        line = f"line {lineno}{' of the range' if unit.start else ''}, " if lineno else ""
+        what = f"not UTF-8 text ({line}{e.reason}); re-encode it as UTF-8"
     else:
         name = unit.compression or "file"
         detail = str(e) or type(e).__name__
@@ -244,11 +284,13 @@ def _lines(fh: IO[bytes], unit: Unit, raw: _Counting, pos: Position, base: int) 
             line = fh.readline()
             if not line:
                 return
+            if offset == 0 and line.startswith(BOM):  # Windows editors and some exporters start with one
+                line, offset = line[len(BOM) :], len(BOM)
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
                 at = raw.pos if unit.compression else offset + e.start
-                raise _failure(unit, at, e) from None
+                raise _failure(unit, at, e, lineno + 1) from None
             offset += len(line)
             lineno += 1
             pos.done = base + (raw.pos if unit.compression else offset) - unit.start
@@ -313,22 +355,46 @@ def _paragraphs(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[
         yield f"{unit.path!r} line {start_line}", "".join(cur).strip()
 
 
-def _read_parquet(unit: Unit, pos: Position) -> Iterator[tuple[str, Any]]:
+def _read_parquet(unit: Unit, pos: Position, columns: Optional[list[str]]) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(unit.path)
     except Exception as e:
         raise RecipeError(
-            f"cannot read {unit.path!r} at byte 0: not a Parquet file ({e})", key="--source"
+            f"cannot read {unit.path!r} at byte 0: not a Parquet file, or a truncated one ({first_line(e)}); "
+            "download it again",
+            key="--source",
         ) from None
-    total = max(1, pf.metadata.num_rows)
+    names = pf.schema_arrow.names
+    if columns is not None:
+        missing = [c for c in columns if c.split(".")[0] not in names]
+        if missing:
+            raise RecipeError(
+                f"{unit.path!r} has no column {missing[0]!r} (columns: {', '.join(names)}); set --text-field",
+                key="--text-field",
+            )
+        columns = sorted({c if c in names else c.split(".")[0] for c in columns})
+    meta = pf.metadata
+    total = max(1, meta.num_rows)
     base, row = pos.done, 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for r in batch.to_pylist():
-            row += 1
-            yield f"{unit.path!r} row {row}", r
-        pos.done = base + unit.size * row // total
+    try:
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            for r in batch.to_pylist():
+                row += 1
+                yield f"{unit.path!r} row {row}", r
+            pos.done = base + unit.size * row // total
+    except Exception as e:  # a damaged page: pyarrow raises OSError or ArrowException, often on several lines
+        group, rows = 0, 0  # the row group after the last row read, and where it starts in the file
+        while group < meta.num_row_groups - 1 and rows + meta.row_group(group).num_rows <= row:
+            rows, group = rows + meta.row_group(group).num_rows, group + 1
+        cols = [meta.row_group(group).column(c) for c in range(meta.num_columns)]
+        at = min((c.dictionary_page_offset or c.data_page_offset) for c in cols) if cols else 0
+        raise RecipeError(
+            f"cannot read {unit.path!r} at byte {at} (row group {group}, after row {row}): the Parquet data is "
+            f"corrupt ({first_line(e)}); download it again",
+            key="--source",
+        ) from None
 
 
 def _read_hf(unit: Unit) -> Iterator[tuple[str, Any]]:
@@ -354,18 +420,35 @@ def _read_hf(unit: Unit) -> Iterator[tuple[str, Any]]:
 
 
 def text_of(row: Any, field: str, where: str) -> Optional[str]:
-    """The document of a row: the row itself (text kinds) or its ``field`` (None when null)."""
+    """The document of a row: the row itself (text kinds) or its ``field`` (None when null).
+
+    ``a.b`` names a nested field (``{"a": {"b": ...}}``) when the row has no field called ``a.b`` itself.
+    """
     if isinstance(row, str):
-        return row
-    if field not in row:
-        raise RecipeError(
-            f"{where} has no field {field!r} (fields: {', '.join(map(str, row))}); set --text-field "
-            "(C4, Dolma, FineWeb and RedPajama use 'text')",
-            key="--text-field",
-        )
-    value = row[field]
+        return _valid_text(row)
+    value: Any = row
+    parts = [field] if field in row or "." not in field else field.split(".")
+    for k, part in enumerate(parts):
+        if not isinstance(value, dict) or part not in value:
+            fields = ", ".join(map(str, value)) if isinstance(value, dict) else f"a {type(value).__name__}"
+            at = f" (under {'.'.join(parts[:k])!r})" if k else ""
+            raise RecipeError(
+                f"{where} has no field {part!r}{at} (fields: {fields}); set --text-field "
+                "(C4, Dolma, FineWeb and RedPajama use 'text'; 'a.b' for a nested field)",
+                key="--text-field",
+            )
+        value = value[part]
     if value is None:
         return None
     if not isinstance(value, str):
         raise RecipeError(f"{where}: field {field!r} is {type(value).__name__}, not text", key="--text-field")
-    return value
+    return _valid_text(value)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text: str) -> str:
+    # JSON may escape half of a UTF-16 pair (`"\ud83d"`, a truncated emoji: web corpora hold some); such text
+    # cannot be written as UTF-8, so the stray half becomes U+FFFD, as a UTF-8 decoder does with a bad byte.
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text

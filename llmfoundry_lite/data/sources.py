@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
-from llmfoundry_lite.data.readers import Unit, compression_of, kind_of, read_rows, text_of
+from llmfoundry_lite.data.readers import BOM, Unit, compression_of, kind_of, read_rows, text_of
 from llmfoundry_lite.errors import RecipeError, first_line
 
 # Words in a shard's path that name its split (the words `datasets` recognises), and our split for each.
@@ -35,6 +35,8 @@ SPLIT_WORDS = {
 # Split names a Hugging Face dataset may use for held-out data, in order of preference.
 SOURCE_VAL_NAMES = ("validation", "val", "valid", "dev")
 RANGE_BYTES = 64 << 20  # uncompressed JSON Lines files above this convert as several byte ranges
+# Files `datasets` (save_to_disk, the hub's parquet export) writes beside the shards: not documents.
+HF_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
 
 
 @dataclasses.dataclass
@@ -58,7 +60,7 @@ class SourcePlan:
 def split_of_name(path: str) -> Optional[str]:
     """'train', 'val', 'test' or None from the words of a shard's path (``c4-validation.00003-of-00008``)."""
     found = None
-    for word in re.split(r"[-_./\\\s]+", path.lower()):
+    for word in re.split(r"[^a-z]+", path.lower()):  # digits separate words too (`train0`), as in `datasets`
         if word in SPLIT_WORDS:
             found = SPLIT_WORDS[word]  # the last one wins: the file name over its folders
     return found
@@ -73,20 +75,13 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
     if source.startswith("hf:"):
         return _plan_hf(source)
     path = os.path.expanduser(source)
-    if glob.has_magic(path):
-        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    if glob.has_magic(path) and not os.path.exists(path):  # a real name may hold `[` or `*`
+        files = sorted(f for f in glob.glob(path, recursive=True) if not os.path.isdir(f))
         if not files:
             raise RecipeError(f"no file matches {source!r}", key="--source")
         root, one_doc_per_file = os.path.dirname(path.split("*")[0]), True
     elif os.path.isdir(path):
-        files = sorted(
-            os.path.join(d, f)
-            for d, _, names in os.walk(path)
-            for f in names
-            if not any(
-                part.startswith(".") for part in os.path.relpath(os.path.join(d, f), path).split(os.sep)
-            )
-        )
+        files = _walk(path)
         if not files:
             raise RecipeError(f"source folder {source!r} contains no files", key="--source")
         root, one_doc_per_file = path, True
@@ -98,23 +93,36 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
             "folder or glob of them ('c4/en/c4-train.*.json.gz'), 'embedded' or 'hf:NAME[:CONFIG]'",
             key="--source",
         )
+    for f in files:
+        if not os.path.exists(f):  # e.g. a `--local-dir` download whose cache was cleared
+            raise RecipeError(
+                f"{f!r} is a broken symbolic link (to {os.readlink(f)!r}); download the file again",
+                key="--source",
+            )
     if all(os.path.getsize(f) == 0 for f in files):
         raise RecipeError(f"source {source!r} is empty", key="--source")
     kinds = {f: kind_of(f) for f in files}
     data_files = [f for f in files if kinds[f] != "text"]
     if data_files and len(data_files) < len(files):
         files = data_files  # a dataset folder's README.md / LICENSE are not documents
+    if len(files) > 1:  # nor is the metadata `datasets` writes next to its shards
+        files = [f for f in files if os.path.basename(f) not in HF_METADATA] or files
     plan = SourcePlan([])
     named = {f: split_of_name(os.path.relpath(f, root) if root else f) for f in files}
-    use_names = len(files) > 1 and any(named.values())
+    found = set(named.values()) - {None}
+    use_names = len(files) > 1 and bool(found)
+    unnamed = [f for f in files if named[f] is None]
+    if use_names and unnamed and "train" in found and found & {"val", "test"}:
+        raise RecipeError(
+            f"{unnamed[0]!r} has no split in its name while other files of {source!r} name train and "
+            f"{' and '.join(sorted(found - {'train'}))}; give one split's files at a time, e.g. --source "
+            "'DIR/*-train.*'",
+            key="--source",
+        )
     for f in files:
-        split = named[f] if use_names else None
-        if use_names and split is None:
-            raise RecipeError(
-                f"{f!r} has no split in its name while other files of {source!r} do (train/validation/...); "
-                "give one split's files at a time, e.g. --source 'DIR/*-train.*'",
-                key="--source",
-            )
+        # Unnamed files beside named ones are the training data: Dolma and RedPajama name only some shards
+        # `*-train-*`, mC4 only its `*-validation.*` ones.
+        split = (named[f] or "train") if use_names else None
         if split == "test":
             plan.skipped.append(f)
             continue
@@ -141,7 +149,21 @@ def _file_units(
 
 def _is_json_array(path: str) -> bool:
     with open(path, "rb") as f:
-        return f.read(4096).lstrip().startswith(b"[")
+        return f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
+
+
+def _walk(folder: str) -> list[str]:
+    """The files under ``folder``, following linked folders (each real folder once), hidden ones left out."""
+    files, seen = [], set()
+    for d, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:  # a link back into the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [x for x in dirs if not x.startswith(".")]  # .cache/huggingface, .git
+        files.extend(os.path.join(d, f) for f in names if not f.startswith("."))
+    return sorted(files)
 
 
 def _plan_hf(source: str) -> SourcePlan:
@@ -211,7 +233,7 @@ def open_source(source: str, text_field: str = "text") -> dict[Optional[str], It
 
 def _docs(units: list[Unit], text_field: str) -> Iterator[str]:
     for unit in units:
-        for where, row in read_rows(unit):
+        for where, row in read_rows(unit, columns=[text_field]):
             doc = text_of(row, text_field, where)
             if doc is not None:
                 yield doc
