@@ -159,34 +159,38 @@ class _Counting(io.RawIOBase):
 class _Zstd(io.RawIOBase):
     """Streaming zstd decompression across frames; a stream that stops inside a frame is an error."""
 
+    FEED = 1 << 16  # compressed bytes per call: bounds the output held, however well the text compresses
+
     def __init__(self, raw: _Counting):
         import zstandard
 
         # Frames written with `zstd --long=31` need a window beyond the library's default 128 MB limit.
         self.raw, self.zstd = raw, zstandard.ZstdDecompressor(max_window_size=1 << 31)
         self.dobj = self.zstd.decompressobj()
-        self.buf, self.in_frame = b"", False
+        self.buf, self.at, self.in_frame = b"", 0, False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
-        while not self.buf:
-            chunk = self.raw.read(READ_CHUNK)
+        while self.at >= len(self.buf):
+            chunk = self.raw.read(self.FEED)
             if not chunk:
                 if self.in_frame:
                     raise EOFError("the stream ends inside a zstd frame")
                 return 0
+            out = []
             while chunk:
                 self.in_frame = True
-                self.buf += self.dobj.decompress(chunk)
+                out.append(self.dobj.decompress(chunk))
                 chunk = b""
                 if self.dobj.eof:
                     chunk, self.in_frame = self.dobj.unused_data, False
                     self.dobj = self.zstd.decompressobj()
-        n = min(len(b), len(self.buf))
-        b[:n] = self.buf[:n]
-        self.buf = self.buf[n:]
+            self.buf, self.at = b"".join(out), 0
+        n = min(len(b), len(self.buf) - self.at)
+        b[:n] = self.buf[self.at : self.at + n]
+        self.at += n
         return n
 
 

@@ -4,8 +4,8 @@ Files are taken as the big corpora ship them (C4 and Dolma: ``.json.gz`` JSON Li
 FineWeb: ``.parquet``), each file one unit; an uncompressed JSON Lines file larger than ``RANGE_BYTES`` is cut
 into line-aligned byte ranges, so one big file converts in parallel too. Splits come from the shard names, as
 ``datasets`` does: ``c4-train.00000-of-01024.json.gz`` is train, ``c4-validation.*``, ``*-val*``, ``dev`` are
-val (a folder named ``train/`` or ``validation/`` counts too); ``test`` files are skipped. Reading is
-``readers.py``'s.
+val (a folder named ``train/`` or ``validation/`` counts too); ``test`` files are skipped; files named no split
+beside named ones are train (Dolma, RedPajama-1T, mC4). Reading is ``readers.py``'s.
 """
 
 from __future__ import annotations
