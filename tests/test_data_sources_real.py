@@ -285,3 +285,29 @@ def test_cli_corrupt_shard_in_a_worker_is_one_line_and_exit_2(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
     assert "train-00001-of-00002.parquet' at byte " in r.stderr and "corrupt" in r.stderr
     assert os.listdir(tmp_path / "o") == []
+
+
+def test_many_small_text_files_are_a_few_units_and_shards(tmp_path):
+    src = tmp_path / "pages"
+    src.mkdir()
+    names = [f"page{i:04d}.txt" for i in range(300)]
+    for i, name in enumerate(names):
+        (src / name).write_text(DOCS[i % len(DOCS)] + f" (page {i})")
+    (src / "README.md").write_text("# Scraped pages\nNot a page.\n")  # the folder's card, not a document
+    s = convert(str(src), tmp_path / "o", splits="train", num_workers=2)
+    assert s.units == 1 and s.splits["train"].shards == 1
+    assert _texts(tmp_path / "o" / "train") == [(src / n).read_text() for n in names]
+
+
+def test_output_kept_inside_the_source_folder_is_not_read_as_source(tmp_path):
+    src = tmp_path / "data"
+    src.mkdir()
+    (src / "part-0.jsonl").write_bytes(_jsonl(DOCS[:30]))
+    (src / "part-1.jsonl").write_bytes(_jsonl(DOCS[30:]))
+    for _ in range(2):  # the same command twice: the second run must not take data/mds for documents
+        convert(str(src), src / "mds", splits="train", num_workers=0)
+        assert _texts(src / "mds" / "train") == DOCS
+    (src / "one.json").write_text(json.dumps({"rows": [{"text": "a"}]}, indent=2))
+    _refused(
+        src / "one.json", tmp_path / "o", r"line 1: invalid JSON .*expected JSON Lines .* or one JSON array"
+    )

@@ -58,6 +58,9 @@ class Unit:
     hf_config: Optional[str] = None
     hf_split: Optional[str] = None
     hf_data_dir: Optional[str] = None
+    # Further one-document files read after ``path`` (textfile): a folder of many small files is a few units, not
+    # a unit, a writer and a shard per file.
+    more: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -240,6 +243,10 @@ def read_rows(
     if unit.kind == "parquet":
         yield from _read_parquet(unit, pos, columns)
         return
+    if unit.more:
+        for path in [unit.path, *unit.more]:
+            yield from read_rows(dataclasses.replace(unit, path=path, more=[]), pos)
+        return
     try:
         fh, raw = _open_binary(unit)
     except OSError as e:  # removed or made unreadable since the source was planned
@@ -329,7 +336,12 @@ def _json_rows(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[s
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise RecipeError(f"cannot read {where}: invalid JSON ({e})", key="--source") from None
+            hint = (
+                "; expected JSON Lines (an object per line) or one JSON array of objects"
+                if lineno == 1
+                else ""
+            )
+            raise RecipeError(f"cannot read {where}: invalid JSON ({e}){hint}", key="--source") from None
         yield where, _object(row, where)
 
 

@@ -35,8 +35,10 @@ SPLIT_WORDS = {
 # Split names a Hugging Face dataset may use for held-out data, in order of preference.
 SOURCE_VAL_NAMES = ("validation", "val", "valid", "dev")
 RANGE_BYTES = 64 << 20  # uncompressed JSON Lines files above this convert as several byte ranges
+GROUP_BYTES = 16 << 20  # one-document files are converted together up to this size
 # Files `datasets` (save_to_disk, the hub's parquet export) writes beside the shards: not documents.
 HF_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
+CARDS = ("README", "LICENSE", "LICENCE", "COPYING")  # beside a folder of .txt documents: not one of them
 
 
 @dataclasses.dataclass
@@ -105,8 +107,16 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
     data_files = [f for f in files if kinds[f] != "text"]
     if data_files and len(data_files) < len(files):
         files = data_files  # a dataset folder's README.md / LICENSE are not documents
-    if len(files) > 1:  # nor is the metadata `datasets` writes next to its shards
-        files = [f for f in files if os.path.basename(f) not in HF_METADATA] or files
+    if len(files) > 1:  # nor is the metadata `datasets` writes next to its shards, nor a card at the top
+        files = [
+            f
+            for f in files
+            if os.path.basename(f) not in HF_METADATA
+            and not (
+                os.path.normpath(os.path.dirname(f)) == os.path.normpath(root or ".")
+                and os.path.basename(f).upper().startswith(CARDS)
+            )
+        ] or files
     plan = SourcePlan([])
     named = {f: split_of_name(os.path.relpath(f, root) if root else f) for f in files}
     found = set(named.values()) - {None}
@@ -131,7 +141,25 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
         raise RecipeError(f"source {source!r} holds only test files; nothing to convert", key="--source")
     order = {None: 0, "train": 0, "val": 1}
     plan.units.sort(key=lambda u: (order[u.split], u.path, u.start))
+    plan.units = _grouped(plan.units)
     return plan
+
+
+def _grouped(units: list[Unit]) -> list[Unit]:
+    """Runs of small one-document files (same split and compression) as units of up to ``GROUP_BYTES``."""
+    out: list[Unit] = []
+    for u in units:
+        last = out[-1] if out else None
+        if (
+            u.kind == "textfile"
+            and last is not None
+            and (last.kind, last.split, last.compression) == (u.kind, u.split, u.compression)
+            and last.size + u.size <= GROUP_BYTES
+        ):
+            out[-1] = dataclasses.replace(last, size=last.size + u.size, more=[*last.more, u.path])
+        else:
+            out.append(u)
+    return out
 
 
 def _file_units(
@@ -152,6 +180,14 @@ def _is_json_array(path: str) -> bool:
         return f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
 
 
+def _is_mds(index: str) -> bool:
+    try:
+        with open(index, "rb") as f:
+            return b'"shards"' in f.read(1 << 16)
+    except OSError:
+        return False
+
+
 def _walk(folder: str) -> list[str]:
     """The files under ``folder``, following linked folders (each real folder once), hidden ones left out."""
     files, seen = [], set()
@@ -161,6 +197,9 @@ def _walk(folder: str) -> list[str]:
             dirs[:] = []
             continue
         seen.add(real)
+        if "index.json" in names and _is_mds(os.path.join(d, "index.json")):
+            dirs[:] = []  # converted output kept beside the source (`--out data/mds`): not a source file
+            continue
         dirs[:] = [x for x in dirs if not x.startswith(".")]  # .cache/huggingface, .git
         files.extend(os.path.join(d, f) for f in names if not f.startswith("."))
     return sorted(files)
