@@ -74,11 +74,17 @@ def test_bom_crlf_blank_lines_and_no_final_newline(tmp_path):
     assert s.units == 1 and _texts(tmp_path / "o5" / "train") == DOCS
 
 
-def test_half_of_a_surrogate_pair_is_written_as_a_replacement_character(tmp_path):
+def test_half_of_a_surrogate_pair_is_written_as_a_replacement_character(tmp_path, llama_tokenizer_dir):
     # `"\ud83d"` alone (an emoji cut in two by a crawler) is valid JSON but cannot be written as UTF-8.
     src = tmp_path / "web.jsonl"
     src.write_bytes(_jsonl(DOCS[:3]) + b'{"text": "cut \\ud83d here, whole \\ud83d\\ude00"}\n')
     _converts_to(src, tmp_path / "o", [*DOCS[:3], "cut \ufffd here, whole 😀"])
+    # Finetuning rows too (the tokenizer refuses such a string as well).
+    rows = tmp_path / "chat.jsonl"
+    rows.write_bytes(b'{"prompt": "Say \\udc00 it", "response": "cut \\ud83d"}\n' * 4)
+    s = convert(str(rows), tmp_path / "ft", splits="train", num_workers=0, finetune=True,
+                tokenizer=llama_tokenizer_dir, max_seq_len=64)  # fmt: skip
+    assert s.splits["train"].documents == 4
 
 
 def _skippable(payload: bytes) -> bytes:

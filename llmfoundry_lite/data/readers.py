@@ -325,7 +325,7 @@ def _json_rows(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[s
             # One JSON array (a `.json` export) rather than JSON Lines: read it whole.
             rest = line + "".join(rest_line for _, rest_line in lines)
             try:
-                rows = json.loads(rest)
+                rows = _loads(rest)
             except ValueError as e:
                 raise RecipeError(f"cannot read {unit.path!r}: invalid JSON ({e})", key="--source") from None
             for i, row in enumerate(rows):
@@ -334,7 +334,7 @@ def _json_rows(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[s
         first = False
         where = f"{unit.path!r} line {lineno}" + (f" of bytes {unit.start}-{unit.end}" if unit.start else "")
         try:
-            row = json.loads(line)
+            row = _loads(line)
         except ValueError as e:
             hint = (
                 "; expected JSON Lines (an object per line) or one JSON array of objects"
@@ -343,6 +343,30 @@ def _json_rows(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[s
             )
             raise RecipeError(f"cannot read {where}: invalid JSON ({e}){hint}", key="--source") from None
         yield where, _object(row, where)
+
+
+def _loads(text: str) -> Any:
+    """``json.loads``, with the stray half of a UTF-16 surrogate pair made U+FFFD.
+
+    JSON may escape half a pair alone (`"\\ud83d"`: an emoji cut by a crawler; web corpora hold some). Such a
+    string cannot be encoded as UTF-8 (the MDS writer and the tokenizer would fail), so it becomes U+FFFD, as a
+    UTF-8 decoder does with a bad byte. Only a row with a ``\\uD8xx``-style escape is looked at.
+    """
+    value = json.loads(text)
+    return _no_surrogates(value) if "\\ud" in text or "\\uD" in text else value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_no_surrogates(k): _no_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_surrogates(v) for v in value]
+    return value
 
 
 def _object(row: Any, where: str) -> dict:
@@ -441,7 +465,7 @@ def text_of(row: Any, field: str, where: str) -> Optional[str]:
     ``a.b`` names a nested field (``{"a": {"b": ...}}``) when the row has no field called ``a.b`` itself.
     """
     if isinstance(row, str):
-        return _valid_text(row)
+        return row
     value: Any = row
     parts = [field] if field in row or "." not in field else field.split(".")
     for k, part in enumerate(parts):
@@ -458,13 +482,4 @@ def text_of(row: Any, field: str, where: str) -> Optional[str]:
         return None
     if not isinstance(value, str):
         raise RecipeError(f"{where}: field {field!r} is {type(value).__name__}, not text", key="--text-field")
-    return _valid_text(value)
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _valid_text(text: str) -> str:
-    # JSON may escape half of a UTF-16 pair (`"\ud83d"`, a truncated emoji: web corpora hold some); such text
-    # cannot be written as UTF-8, so the stray half becomes U+FFFD, as a UTF-8 decoder does with a bad byte.
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+    return value
