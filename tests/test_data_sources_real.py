@@ -65,9 +65,17 @@ def test_bom_crlf_blank_lines_and_no_final_newline(tmp_path):
         ("\ufeff" + json.dumps([{"text": d} for d in DOCS], indent=1)).encode()
     )
     _converts_to(tmp_path / "arr.json", tmp_path / "o3", DOCS)
-    (tmp_path / "notes.txt").write_bytes(("\ufeff" + "\r\n\r\n".join(DOCS)).encode())
+    # Windows line ends in a text file are "\n" in its documents, as Python's text mode reads them.
+    (tmp_path / "notes.txt").write_bytes(("\ufeff" + "\n\n".join(DOCS)).replace("\n", "\r\n").encode())
     convert(str(tmp_path / "notes.txt"), tmp_path / "o4", splits="train", num_workers=0)
     assert _texts(tmp_path / "o4" / "train") == DOCS
+    # CRLF rows of a big file cut into byte ranges (some cut between "\r" and "\n"): each row once.
+    (tmp_path / "big.jsonl").write_bytes(body)
+    for rb in (97, 1000):
+        s = convert(
+            str(tmp_path / "big.jsonl"), tmp_path / f"r{rb}", splits="train", num_workers=0, range_bytes=rb
+        )
+        assert s.units > 10 and _texts(tmp_path / f"r{rb}" / "train") == DOCS
     # A big file cut into byte ranges: the BOM does not turn it from an array into lines, nor lines into garbage.
     (tmp_path / "big.json").write_bytes(("\ufeff" + json.dumps([{"text": d} for d in DOCS])).encode())
     s = convert(str(tmp_path / "big.json"), tmp_path / "o5", splits="train", num_workers=0, range_bytes=1000)

@@ -256,7 +256,10 @@ def read_rows(
         lines = _lines(fh, unit, raw, pos, base)
         if unit.kind == "json":
             yield from _json_rows(lines, unit)
-        elif unit.kind == "textfile":
+            return
+        # A text file's line ends are "\n" whatever wrote it, as Python's text mode reads it (CRLF: Windows).
+        lines = ((n, line[:-2] + "\n" if line.endswith("\r\n") else line) for n, line in lines)
+        if unit.kind == "textfile":
             doc = "".join(line for _, line in lines).strip()
             if doc:
                 yield repr(unit.path), doc
@@ -377,7 +380,7 @@ def _object(row: Any, where: str) -> dict:
 
 def _paragraphs(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[str, str]]:
     """Blank-line separated documents of a text file."""
-    blank = re.compile(r"^[ \t]*\r?\n?$")
+    blank = re.compile(r"^[ \t]*\n?$")
     cur: list[str] = []
     start_line = 1
     for lineno, line in lines:
