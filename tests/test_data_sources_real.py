@@ -164,7 +164,6 @@ def test_files_that_are_not_the_compressed_data_their_names_promise(tmp_path):
             _jsonl(DOCS[:2]),
             r"part-2.jsonl.gz' at byte 0: not gzip data \(it begins b'\{\"text",
         ),
-        "part-3.jsonl.tar.gz": (good, r"part-3.jsonl.tar.gz' at byte 0: tar compression is not read"),
     }
     for k, (name, (content, error)) in enumerate(cases.items()):
         src = tmp_path / f"src{k}"
@@ -324,4 +323,24 @@ def test_output_kept_inside_the_source_folder_is_not_read_as_source(tmp_path):
     (src / "one.json").write_text(json.dumps({"rows": [{"text": "a"}]}, indent=2))
     _refused(
         src / "one.json", tmp_path / "o", r"line 1: invalid JSON .*expected JSON Lines .* or one JSON array"
+    )
+
+
+def test_tinystories_text_files_split_at_endoftext_and_its_archive_is_skipped(tmp_path):
+    import tarfile
+
+    stories = [f"Once upon a time, story {i}.\n\nThe end of story {i}." for i in range(30)]
+    src = tmp_path / "TinyStories"
+    src.mkdir()
+    for name, part in (("train", stories[:25]), ("valid", stories[25:])):  # blank lines inside each story
+        (src / f"TinyStories-{name}.txt").write_text("".join(st + "\n<|endoftext|>\n" for st in part))
+    with tarfile.open(src / "TinyStories_all_data.tar.gz", "w:gz") as tar:
+        tar.add(src / "TinyStories-valid.txt", "data00.txt")
+    s = convert(str(src), tmp_path / "o", num_workers=0)
+    assert _texts(tmp_path / "o" / "train") == stories[:25] and _texts(tmp_path / "o" / "val") == stories[25:]
+    assert "TinyStories_all_data.tar.gz" in s.format()  # named as not converted
+    convert(str(src / "TinyStories-train.txt"), tmp_path / "o2", splits="train", num_workers=0)
+    assert _texts(tmp_path / "o2" / "train") == stories[:25]
+    _refused(
+        src / "TinyStories_all_data.tar.gz", tmp_path / "o3", r"a tar archive \(of files\) is not read here"
     )

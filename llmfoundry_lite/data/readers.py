@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -35,12 +36,15 @@ UNSUPPORTED = {
     ".tgz": "tar",
     ".rar": "rar",
 }
+ARCHIVES = ("zip", "7z", "tar", "rar")
 UNSUPPORTED_MAGIC = {b"\x04\x22\x4d\x18": "lz4", b"PK\x03\x04": "zip", b"7z\xbc\xaf": "7z", b"Rar!": "rar"}
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 # What a data file is when a repository was cloned without `git lfs` (or only partly pulled).
 LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 READ_CHUNK = 1 << 20
+# A line that separates the documents of a text file when the file has one (TinyStories); else blank lines do.
+END_OF_TEXT = "<|endoftext|>"
 BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark
 
 
@@ -120,7 +124,18 @@ def compression_of(path: str) -> tuple[str, Optional[str]]:
     return path, found
 
 
+def is_archive(path: str) -> bool:
+    """Whether a file's name says it is an archive of files (zip, tar, 7z, rar), not a stream of documents."""
+    stem, suffix = os.path.splitext(path.lower())
+    return UNSUPPORTED.get(suffix) in ARCHIVES or (suffix in COMPRESSIONS and stem.endswith(".tar"))
+
+
 def _refuse(path: str, what: str) -> None:
+    if what in ARCHIVES:
+        raise RecipeError(
+            f"{path!r} at byte 0: a {what} archive (of files) is not read here; extract it and convert the files",
+            key="--source",
+        )
     raise RecipeError(
         f"{path!r} at byte 0: {what} compression is not read here; decompress it (or recompress it as .gz or "
         ".zst) and convert again",
@@ -259,7 +274,11 @@ def read_rows(
             return
         # A text file's line ends are "\n" whatever wrote it, as Python's text mode reads it (CRLF: Windows).
         lines = ((n, line[:-2] + "\n" if line.endswith("\r\n") else line) for n, line in lines)
-        if unit.kind == "textfile":
+        head = list(itertools.islice(lines, 4096))
+        lines = itertools.chain(head, lines)
+        if any(line.strip() == END_OF_TEXT for _, line in head):
+            yield from _paragraphs(lines, unit, END_OF_TEXT)  # TinyStories: blank lines are inside documents
+        elif unit.kind == "textfile":
             doc = "".join(line for _, line in lines).strip()
             if doc:
                 yield repr(unit.path), doc
@@ -378,13 +397,15 @@ def _object(row: Any, where: str) -> dict:
     return row
 
 
-def _paragraphs(lines: Iterator[tuple[int, str]], unit: Unit) -> Iterator[tuple[str, str]]:
-    """Blank-line separated documents of a text file."""
+def _paragraphs(
+    lines: Iterator[tuple[int, str]], unit: Unit, separator: Optional[str] = None
+) -> Iterator[tuple[str, str]]:
+    """The documents of a text file: separated by blank lines, or by lines that are ``separator``."""
     blank = re.compile(r"^[ \t]*\n?$")
     cur: list[str] = []
     start_line = 1
     for lineno, line in lines:
-        if blank.match(line):
+        if line.strip() == separator if separator else blank.match(line):
             if cur:
                 doc = "".join(cur).strip()
                 if doc:

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
-from llmfoundry_lite.data.readers import BOM, Unit, compression_of, kind_of, read_rows, text_of
+from llmfoundry_lite.data.readers import BOM, Unit, compression_of, is_archive, kind_of, read_rows, text_of
 from llmfoundry_lite.errors import RecipeError, first_line
 
 # Words in a shard's path that name its split (the words `datasets` recognises), and our split for each.
@@ -103,6 +103,10 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
             )
     if all(os.path.getsize(f) == 0 for f in files):
         raise RecipeError(f"source {source!r} is empty", key="--source")
+    archives = [f for f in files if is_archive(f)]
+    if len(archives) == len(files):
+        archives = []  # nothing else to read: refused below, with a hint
+    files = [f for f in files if f not in archives]  # TinyStories ships a .tar.gz of its .txt files too
     kinds = {f: kind_of(f) for f in files}
     data_files = [f for f in files if kinds[f] != "text"]
     if data_files and len(data_files) < len(files):
@@ -117,7 +121,7 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
                 and os.path.basename(f).upper().startswith(CARDS)
             )
         ] or files
-    plan = SourcePlan([])
+    plan = SourcePlan([], skipped=archives)
     named = {f: split_of_name(os.path.relpath(f, root) if root else f) for f in files}
     found = set(named.values()) - {None}
     use_names = len(files) > 1 and bool(found)
