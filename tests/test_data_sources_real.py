@@ -344,3 +344,16 @@ def test_tinystories_text_files_split_at_endoftext_and_its_archive_is_skipped(tm
     _refused(
         src / "TinyStories_all_data.tar.gz", tmp_path / "o3", r"a tar archive \(of files\) is not read here"
     )
+
+
+def test_a_corrupt_gzip_is_named_corrupt_not_invalid_json(tmp_path):
+    # A damaged byte in the middle of a gzip member decodes to garbage before the CRC at its end says so.
+    data = bytearray(gzip.compress(_jsonl(DOCS * 20)))
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "c4-train.00000-of-00001.json.gz").write_bytes(bytes(data))
+    _refused(
+        tmp_path / "c4-train.00000-of-00001.json.gz", tmp_path / "o", r"gzip stream is truncated or corrupt"
+    )
+    # A well-formed gzip of bad JSON still names the line.
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(_jsonl(DOCS[:3]) + b'{"text": nope}\n'))
+    _refused(tmp_path / "bad.jsonl.gz", tmp_path / "o2", r"bad.jsonl.gz' line 4: invalid JSON")

@@ -284,6 +284,10 @@ def read_rows(
                 yield repr(unit.path), doc
         else:
             yield from _paragraphs(lines, unit)
+    except RecipeError as e:
+        if unit.compression and not getattr(e, "corrupt", False):
+            _check_stream(fh, unit, raw)  # garbled JSON or UTF-8 from a corrupt stream: name the corruption
+        raise
     finally:
         fh.close()
         raw.close()
@@ -297,13 +301,13 @@ def _failure(unit: Unit, offset: int, e: BaseException, lineno: int = 0) -> Reci
         name = unit.compression or "file"
         detail = str(e) or type(e).__name__
         what = f"{name} stream is truncated or corrupt ({detail}); download the file again"
-    return RecipeError(f"cannot read {unit.path!r} at byte {offset}: {what}", key="--source")
+    err = RecipeError(f"cannot read {unit.path!r} at byte {offset}: {what}", key="--source")
+    err.corrupt = not isinstance(e, UnicodeDecodeError)  # type: ignore[attr-defined]
+    return err
 
 
 def _lines(fh: IO[bytes], unit: Unit, raw: _Counting, pos: Position, base: int) -> Iterator[tuple[int, str]]:
     """(line number, line) of a file; a byte range holds the lines that begin inside it (none is read twice)."""
-    import zlib
-
     offset = unit.start  # in the decompressed stream (the file itself when uncompressed)
     lineno = 0
     try:
@@ -328,12 +332,31 @@ def _lines(fh: IO[bytes], unit: Unit, raw: _Counting, pos: Position, base: int) 
             lineno += 1
             pos.done = base + (raw.pos if unit.compression else offset) - unit.start
             yield lineno, text
-    except (EOFError, OSError, zlib.error) as e:
-        raise _failure(unit, raw.pos, e) from None
     except RecipeError:
         raise
-    except Exception as e:  # zstd / lzma / bz2 decoder errors have their own classes
-        if type(e).__module__.split(".")[0] in ("zstandard", "_lzma", "lzma", "_bz2", "_compression"):
+    except Exception as e:
+        if _stream_error(e):
+            raise _failure(unit, raw.pos, e) from None
+        raise
+
+
+def _stream_error(e: BaseException) -> bool:
+    """Whether ``e`` is a decompressor's (or the disk's) complaint about the stream."""
+    import zlib
+
+    if isinstance(e, (EOFError, OSError, zlib.error)):
+        return True
+    # zstd / lzma / bz2 decoder errors have their own classes
+    return type(e).__module__.split(".")[0] in ("zstandard", "_lzma", "lzma", "_bz2", "_compression")
+
+
+def _check_stream(fh: IO[bytes], unit: Unit, raw: _Counting) -> None:
+    """Read a compressed stream to its end: its own error when it is corrupt (a gzip CRC is checked at the end)."""
+    try:
+        while fh.read(READ_CHUNK):
+            pass
+    except Exception as e:
+        if _stream_error(e):
             raise _failure(unit, raw.pos, e) from None
         raise
 
