@@ -357,3 +357,28 @@ def test_a_corrupt_gzip_is_named_corrupt_not_invalid_json(tmp_path):
     # A well-formed gzip of bad JSON still names the line.
     (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(_jsonl(DOCS[:3]) + b'{"text": nope}\n'))
     _refused(tmp_path / "bad.jsonl.gz", tmp_path / "o2", r"bad.jsonl.gz' line 4: invalid JSON")
+
+
+@pytest.mark.parametrize("eot", [False, True], ids=["blank-lines", "endoftext"])
+def test_one_big_text_file_converts_as_byte_ranges(tmp_path, eot):
+    import random
+
+    r = random.Random(3)
+
+    def lines(i: int) -> str:
+        return "\n".join(f"Doc {i}, line {k}: " + "w" * r.randint(1, 400) for k in range(r.randint(1, 4)))
+
+    docs = [lines(i) + ("\n\n" + lines(i + 1000) if eot else "") for i in range(120)]
+    if eot:  # TinyStories: blank lines inside the stories, an <|endoftext|> line after each
+        body = "".join(d + "\n<|endoftext|>\n" + "\n" * (i % 2) for i, d in enumerate(docs))
+    else:  # one or more blank (or blank-looking) lines between paragraphs, CRLF line ends
+        body = "".join(
+            d + "\n\n" + "\n" * (i % 3) + (" \t\n" if i % 4 == 0 else "") for i, d in enumerate(docs)
+        )
+        body = body.replace("\n", "\r\n")
+    src = tmp_path / "stories.txt"
+    src.write_bytes(("\ufeff" + body).encode())
+    # Ranges cut anywhere: inside lines, documents and separators, and between "\r" and "\n".
+    for rb in (1000, 4099):
+        s = convert(str(src), tmp_path / f"r{rb}", splits="train", num_workers=0, range_bytes=rb)
+        assert s.units == -(-src.stat().st_size // rb) and _texts(tmp_path / f"r{rb}" / "train") == docs

@@ -6,14 +6,14 @@ the compressed stream where reading stopped. Rows come with where they are (``'f
 conversion errors can name the row.
 
 Kinds: ``json`` (JSON Lines, or one JSON array), ``parquet`` (streamed by record batch), ``text`` (a file of
-blank-line separated documents), ``textfile`` (one document per file), ``embedded`` and ``hf`` (``datasets``).
+blank-line separated documents), ``eot`` (documents separated by ``<|endoftext|>`` lines, as TinyStories),
+``textfile`` (one document per file), ``embedded`` and ``hf`` (``datasets``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import itertools
 import json
 import os
 import re
@@ -52,7 +52,7 @@ BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark
 class Unit:
     """One independently convertible piece of a source; plain data, so it travels to worker processes as JSON."""
 
-    kind: str  # json | parquet | text | textfile | embedded | hf
+    kind: str  # json | parquet | text | eot | textfile | embedded | hf
     path: str = ""  # the file ("" for embedded; the dataset name for hf)
     split: Optional[str] = None  # the source's own split (from the file name), None when it has none
     compression: Optional[str] = None
@@ -236,6 +236,7 @@ class Position:
 
     def __init__(self) -> None:
         self.done = 0
+        self.line_at = 0  # where the line last read begins, in the (decompressed) stream
 
 
 def read_rows(
@@ -268,22 +269,18 @@ def read_rows(
         raise RecipeError(f"cannot read {unit.path!r}: {e.strerror or e}", key="--source") from None
     base = pos.done
     try:
-        lines = _lines(fh, unit, raw, pos, base)
         if unit.kind == "json":
-            yield from _json_rows(lines, unit)
+            yield from _json_rows(_lines(fh, unit, raw, pos, base), unit)
             return
         # A text file's line ends are "\n" whatever wrote it, as Python's text mode reads it (CRLF: Windows).
-        lines = ((n, line[:-2] + "\n" if line.endswith("\r\n") else line) for n, line in lines)
-        head = list(itertools.islice(lines, 4096))
-        lines = itertools.chain(head, lines)
-        if any(line.strip() == END_OF_TEXT for _, line in head):
-            yield from _paragraphs(lines, unit, END_OF_TEXT)  # TinyStories: blank lines are inside documents
-        elif unit.kind == "textfile":
+        whole = dataclasses.replace(unit, end=-1)  # a range's last document goes on past its end
+        lines = ((n, _lf(line)) for n, line in _lines(fh, whole, raw, pos, base))
+        if unit.kind == "textfile":
             doc = "".join(line for _, line in lines).strip()
             if doc:
                 yield repr(unit.path), doc
         else:
-            yield from _paragraphs(lines, unit)
+            yield from _documents(lines, unit, pos, END_OF_TEXT if unit.kind == "eot" else None)
     except RecipeError as e:
         if unit.compression and not getattr(e, "corrupt", False):
             _check_stream(fh, unit, raw)  # garbled JSON or UTF-8 from a corrupt stream: name the corruption
@@ -328,6 +325,7 @@ def _lines(fh: IO[bytes], unit: Unit, raw: _Counting, pos: Position, base: int) 
             except UnicodeDecodeError as e:
                 at = raw.pos if unit.compression else offset + e.start
                 raise _failure(unit, at, e, lineno + 1) from None
+            pos.line_at = offset
             offset += len(line)
             lineno += 1
             pos.done = base + (raw.pos if unit.compression else offset) - unit.start
@@ -420,26 +418,76 @@ def _object(row: Any, where: str) -> dict:
     return row
 
 
-def _paragraphs(
-    lines: Iterator[tuple[int, str]], unit: Unit, separator: Optional[str] = None
+def _lf(line: str) -> str:
+    return line[:-2] + "\n" if line.endswith("\r\n") else line
+
+
+_BLANK = re.compile(r"^[ \t]*\r?\n?$")
+
+
+def _is_separator(line: str, separator: Optional[str]) -> bool:
+    """Whether a line ends a document: a ``separator`` line (``<|endoftext|>``), or a blank one when none."""
+    return line.strip() == separator if separator else bool(_BLANK.match(line))
+
+
+def has_end_of_text(path: str, compression: Optional[str]) -> bool:
+    """Whether a text file separates its documents by ``<|endoftext|>`` lines (judged on its first MB)."""
+    fh, raw = _open_binary(Unit("text", path, compression=compression))
+    try:
+        head = fh.read(READ_CHUNK)
+    except Exception as e:
+        if _stream_error(e):
+            raise _failure(Unit("text", path, compression=compression), raw.pos, e) from None
+        raise
+    finally:
+        fh.close()
+        raw.close()
+    return re.search(rb"(?m)^[ \t]*<\|endoftext\|>[ \t]*\r?$", head) is not None
+
+
+def _documents(
+    lines: Iterator[tuple[int, str]], unit: Unit, pos: Position, separator: Optional[str]
 ) -> Iterator[tuple[str, str]]:
-    """The documents of a text file: separated by blank lines, or by lines that are ``separator``."""
-    blank = re.compile(r"^[ \t]*\n?$")
-    cur: list[str] = []
-    start_line = 1
+    """A text file's documents, separated by blank lines (or ``separator`` lines); of a byte range, those that
+    begin inside it, each read whole (past the range's end)."""
+    end = unit.end if unit.end >= 0 else float("inf")
+    rng = f" of bytes {unit.start}-{unit.end}" if unit.end >= 0 else ""
+    prev_sep, owned, cur, start_line = True, False, [], 0
     for lineno, line in lines:
-        if line.strip() == separator if separator else blank.match(line):
-            if cur:
-                doc = "".join(cur).strip()
-                if doc:
-                    yield f"{unit.path!r} line {start_line}", doc
-                cur = []
+        at = pos.line_at
+        if lineno == 1 and unit.start > 0:
+            prev_sep = _separator_before(unit.path, at, separator)
+        if _is_separator(line, separator):
+            doc, cur, prev_sep = "".join(cur).strip(), [], True
+            if doc:
+                yield f"{unit.path!r} line {start_line}{rng}", doc
             continue
-        if not cur:
-            start_line = lineno
-        cur.append(line)
-    if cur and "".join(cur).strip():
-        yield f"{unit.path!r} line {start_line}", "".join(cur).strip()
+        if prev_sep:  # a document begins on this line: this range's when the line begins inside it
+            if at >= end:
+                return
+            owned, start_line = True, lineno
+        elif not owned and at >= end:
+            return  # the range is inside one document begun before it
+        prev_sep = False
+        if owned:
+            cur.append(line)
+    doc = "".join(cur).strip()
+    if doc:
+        yield f"{unit.path!r} line {start_line}{rng}", doc
+
+
+def _separator_before(path: str, at: int, separator: Optional[str]) -> bool:
+    """Whether the line that ends just before byte ``at`` of a file separates documents (or there is none)."""
+    if at <= 0:
+        return True
+    lo = max(0, at - 256)  # separator lines are short: a longer line is text
+    with open(path, "rb") as f:
+        f.seek(lo)
+        window = f.read(at - lo)[:-1]  # the line before, without its "\n"
+    if b"\n" not in window and lo > 0:
+        return False
+    line = window.rsplit(b"\n", 1)[-1].removeprefix(BOM)
+    return _is_separator(line.decode("utf-8", "replace") + "\n", separator)
 
 
 def _read_parquet(unit: Unit, pos: Position, columns: Optional[list[str]]) -> Iterator[tuple[str, Any]]:

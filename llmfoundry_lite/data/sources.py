@@ -1,8 +1,8 @@
 """What a ``--source`` names, as units of work: ``embedded``, files, globs and folders of shards, ``hf:NAME[:CONFIG]``.
 
 Files are taken as the big corpora ship them (C4 and Dolma: ``.json.gz`` JSON Lines; RedPajama: ``.jsonl.zst``;
-FineWeb: ``.parquet``), each file one unit; an uncompressed JSON Lines file larger than ``RANGE_BYTES`` is cut
-into line-aligned byte ranges, so one big file converts in parallel too. Splits come from the shard names, as
+FineWeb: ``.parquet``), each file one unit; an uncompressed JSON Lines or text file larger than ``RANGE_BYTES``
+is cut into byte ranges (of the rows or documents beginning in each), so one big file converts in parallel too. Splits come from the shard names, as
 ``datasets`` does: ``c4-train.00000-of-01024.json.gz`` is train, ``c4-validation.*``, ``*-val*``, ``dev`` are
 val (a folder named ``train/`` or ``validation/`` counts too); ``test`` files are skipped; files named no split
 beside named ones are train (Dolma, RedPajama-1T, mC4). Reading is ``readers.py``'s.
@@ -17,7 +17,16 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
-from llmfoundry_lite.data.readers import BOM, Unit, compression_of, is_archive, kind_of, read_rows, text_of
+from llmfoundry_lite.data.readers import (
+    BOM,
+    Unit,
+    compression_of,
+    has_end_of_text,
+    is_archive,
+    kind_of,
+    read_rows,
+    text_of,
+)
 from llmfoundry_lite.errors import RecipeError, first_line
 
 # Words in a shard's path that name its split (the words `datasets` recognises), and our split for each.
@@ -34,7 +43,7 @@ SPLIT_WORDS = {
 }
 # Split names a Hugging Face dataset may use for held-out data, in order of preference.
 SOURCE_VAL_NAMES = ("validation", "val", "valid", "dev")
-RANGE_BYTES = 64 << 20  # uncompressed JSON Lines files above this convert as several byte ranges
+RANGE_BYTES = 64 << 20  # uncompressed JSON Lines and text files above this convert as several byte ranges
 GROUP_BYTES = 16 << 20  # one-document files are converted together up to this size
 # Files `datasets` (save_to_disk, the hub's parquet export) writes beside the shards: not documents.
 HF_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
@@ -171,9 +180,16 @@ def _file_units(
 ) -> list[Unit]:
     _, compression = compression_of(path)
     size = os.path.getsize(path)
-    if kind == "text" and one_doc_per_file:
+    if kind == "text" and has_end_of_text(path, compression):
+        kind = "eot"  # TinyStories: <|endoftext|> lines separate the documents, blank lines are inside them
+    elif kind == "text" and one_doc_per_file:
         kind = "textfile"
-    if kind != "json" or compression is not None or size <= range_bytes or _is_json_array(path):
+    if (
+        kind not in ("json", "text", "eot")
+        or compression is not None
+        or size <= range_bytes
+        or (kind == "json" and _is_json_array(path))
+    ):
         return [Unit(kind, path, split, compression, size=size)]
     bounds = list(range(0, size, range_bytes)) + [size]
     return [Unit(kind, path, split, None, a, b, size=b - a) for a, b in zip(bounds, bounds[1:])]
