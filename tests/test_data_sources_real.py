@@ -5,6 +5,7 @@ with the real reader and writer and read back document by document, or refused i
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -382,3 +383,21 @@ def test_one_big_text_file_converts_as_byte_ranges(tmp_path, eot):
     for rb in (1000, 4099):
         s = convert(str(src), tmp_path / f"r{rb}", splits="train", num_workers=0, range_bytes=rb)
         assert s.units == -(-src.stat().st_size // rb) and _texts(tmp_path / f"r{rb}" / "train") == docs
+
+
+def test_hub_cache_folder_with_two_snapshots_sharing_blobs(tmp_path):
+    # ~/.cache/huggingface/hub/datasets--allenai--c4: blobs/<sha256> and snapshots/<rev>/... links to them.
+    cache = tmp_path / "datasets--allenai--c4"
+    (cache / "blobs").mkdir(parents=True)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("rev2")
+    shards = {"train.00000": DOCS[:40], "validation.00000": DOCS[40:]}
+    for name, docs in shards.items():
+        (cache / "blobs" / hashlib.sha256(name.encode()).hexdigest()).write_bytes(gzip.compress(_jsonl(docs)))
+    for rev in ("rev1", "rev2"):
+        (cache / "snapshots" / rev / "en").mkdir(parents=True)
+        for name in shards:
+            link = cache / "snapshots" / rev / "en" / f"c4-{name}-of-00001.json.gz"
+            link.symlink_to(cache / "blobs" / hashlib.sha256(name.encode()).hexdigest())
+    convert(str(cache), tmp_path / "o", num_workers=0)
+    assert _texts(tmp_path / "o" / "train") == DOCS[:40] and _texts(tmp_path / "o" / "val") == DOCS[40:]

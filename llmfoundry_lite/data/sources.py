@@ -210,8 +210,12 @@ def _is_mds(index: str) -> bool:
 
 def _walk(folder: str) -> list[str]:
     """The files under ``folder``, following linked folders (each real folder once), hidden ones left out."""
-    files, seen = [], set()
-    for d, dirs, names in os.walk(folder, followlinks=True):
+
+    def unreadable(e: OSError) -> None:  # os.walk would leave the folder out silently
+        raise RecipeError(f"cannot read folder {e.filename!r}: {e.strerror or e}", key="--source")
+
+    files, seen = {}, set()
+    for d, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(d)
         if real in seen:  # a link back into the tree
             dirs[:] = []
@@ -220,9 +224,11 @@ def _walk(folder: str) -> list[str]:
         if "index.json" in names and _is_mds(os.path.join(d, "index.json")):
             dirs[:] = []  # converted output kept beside the source (`--out data/mds`): not a source file
             continue
-        dirs[:] = [x for x in dirs if not x.startswith(".")]  # .cache/huggingface, .git
-        files.extend(os.path.join(d, f) for f in names if not f.startswith("."))
-    return sorted(files)
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))  # .cache/huggingface, .git
+        for f in sorted(n for n in names if not n.startswith(".")):
+            # A file linked twice under its name (two snapshots of a hub cache share a blob) is read once.
+            files.setdefault((os.path.realpath(os.path.join(d, f)), f), os.path.join(d, f))
+    return sorted(files.values())
 
 
 def _plan_hf(source: str) -> SourcePlan:
