@@ -401,3 +401,18 @@ def test_hub_cache_folder_with_two_snapshots_sharing_blobs(tmp_path):
             link.symlink_to(cache / "blobs" / hashlib.sha256(name.encode()).hexdigest())
     convert(str(cache), tmp_path / "o", num_workers=0)
     assert _texts(tmp_path / "o" / "train") == DOCS[:40] and _texts(tmp_path / "o" / "val") == DOCS[40:]
+
+
+def test_datasets_save_to_disk_folder_of_arrow_files(tmp_path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    train = datasets.Dataset.from_dict({"text": DOCS[:40], "url": [f"u{i}" for i in range(40)]})
+    dd = datasets.DatasetDict({"train": train, "validation": datasets.Dataset.from_dict({"text": DOCS[40:]})})
+    dd.save_to_disk(str(tmp_path / "saved"), num_shards={"train": 3, "validation": 1})
+    convert(
+        str(tmp_path / "saved"), tmp_path / "o", num_workers=0
+    )  # dataset_dict.json, state.json: no documents
+    assert _texts(tmp_path / "o" / "train") == DOCS[:40] and _texts(tmp_path / "o" / "val") == DOCS[40:]
+    arrow = sorted((tmp_path / "saved" / "train").glob("*.arrow"))[0]
+    _refused(arrow, tmp_path / "o2", r"has no column 'content' \(columns: text, url\)", text_field="content")

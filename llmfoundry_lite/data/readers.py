@@ -5,7 +5,7 @@ file; bz2 and xz too. A compressed or corrupt file fails with one line naming th
 the compressed stream where reading stopped. Rows come with where they are (``'f.jsonl.gz' line 7``), so
 conversion errors can name the row.
 
-Kinds: ``json`` (JSON Lines, or one JSON array), ``parquet`` (streamed by record batch), ``text`` (a file of
+Kinds: ``json`` (JSON Lines, or one JSON array), ``parquet`` and ``arrow`` (``tables.py``), ``text`` (a file of
 blank-line separated documents), ``eot`` (documents separated by ``<|endoftext|>`` lines, as TinyStories),
 ``textfile`` (one document per file), ``embedded`` and ``hf`` (``datasets``).
 """
@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator
 from typing import IO, Any, Optional
 
-from llmfoundry_lite.errors import RecipeError, first_line
+from llmfoundry_lite.errors import RecipeError
 
 # Compressions read by streaming decompression, by suffix and by the file's first bytes.
 COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
@@ -52,7 +52,7 @@ BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark
 class Unit:
     """One independently convertible piece of a source; plain data, so it travels to worker processes as JSON."""
 
-    kind: str  # json | parquet | text | eot | textfile | embedded | hf
+    kind: str  # json | parquet | arrow | text | eot | textfile | embedded | hf
     path: str = ""  # the file ("" for embedded; the dataset name for hf)
     split: Optional[str] = None  # the source's own split (from the file name), None when it has none
     compression: Optional[str] = None
@@ -144,13 +144,15 @@ def _refuse(path: str, what: str) -> None:
 
 
 def kind_of(path: str) -> str:
-    """'json', 'parquet' or 'text' from a file's name (its compression suffix removed)."""
+    """'json', 'parquet', 'arrow' or 'text' from a file's name (its compression suffix removed)."""
     stem, _ = compression_of(path)
     low = stem.lower()
     if low.endswith(JSON_SUFFIXES):
         return "json"
     if low.endswith(PARQUET_SUFFIXES):
         return "parquet"
+    if low.endswith(".arrow"):  # `datasets`' save_to_disk folders and cache
+        return "arrow"
     return "text"
 
 
@@ -256,8 +258,10 @@ def read_rows(
     if unit.kind == "hf":
         yield from _read_hf(unit)
         return
-    if unit.kind == "parquet":
-        yield from _read_parquet(unit, pos, columns)
+    if unit.kind in ("parquet", "arrow"):
+        from llmfoundry_lite.data.tables import read_table
+
+        yield from read_table(unit, pos, columns)
         return
     if unit.more:
         for path in [unit.path, *unit.more]:
@@ -488,48 +492,6 @@ def _separator_before(path: str, at: int, separator: Optional[str]) -> bool:
         return False
     line = window.rsplit(b"\n", 1)[-1].removeprefix(BOM)
     return _is_separator(line.decode("utf-8", "replace") + "\n", separator)
-
-
-def _read_parquet(unit: Unit, pos: Position, columns: Optional[list[str]]) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        pf = pq.ParquetFile(unit.path)
-    except Exception as e:
-        raise RecipeError(
-            f"cannot read {unit.path!r} at byte 0: not a Parquet file, or a truncated one ({first_line(e)}); "
-            "download it again",
-            key="--source",
-        ) from None
-    names = pf.schema_arrow.names
-    if columns is not None:
-        missing = [c for c in columns if c.split(".")[0] not in names]
-        if missing:
-            raise RecipeError(
-                f"{unit.path!r} has no column {missing[0]!r} (columns: {', '.join(names)}); set --text-field",
-                key="--text-field",
-            )
-        columns = sorted({c if c in names else c.split(".")[0] for c in columns})
-    meta = pf.metadata
-    total = max(1, meta.num_rows)
-    base, row = pos.done, 0
-    try:
-        for batch in pf.iter_batches(batch_size=1024, columns=columns):
-            for r in batch.to_pylist():
-                row += 1
-                yield f"{unit.path!r} row {row}", r
-            pos.done = base + unit.size * row // total
-    except Exception as e:  # a damaged page: pyarrow raises OSError or ArrowException, often on several lines
-        group, rows = 0, 0  # the row group after the last row read, and where it starts in the file
-        while group < meta.num_row_groups - 1 and rows + meta.row_group(group).num_rows <= row:
-            rows, group = rows + meta.row_group(group).num_rows, group + 1
-        cols = [meta.row_group(group).column(c) for c in range(meta.num_columns)]
-        at = min((c.dictionary_page_offset or c.data_page_offset) for c in cols) if cols else 0
-        raise RecipeError(
-            f"cannot read {unit.path!r} at byte {at} (row group {group}, after row {row}): the Parquet data is "
-            f"corrupt ({first_line(e)}); download it again",
-            key="--source",
-        ) from None
 
 
 def _read_hf(unit: Unit) -> Iterator[tuple[str, Any]]:
