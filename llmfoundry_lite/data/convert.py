@@ -319,10 +319,10 @@ def _check_finetune(tokenizer, concat_tokens, max_seq_len, chat_template) -> Non
 def _fingerprint(job: U.Job, units: list) -> str:
     """Names the work folder: the same command over the same files resumes; anything else starts afresh."""
     files = []
-    for u in units:
-        if u.path and os.path.isfile(u.path):
-            st = os.stat(u.path)
-            files.append((u.path, st.st_size, st.st_mtime_ns))
+    for path in (p for u in units for p in (u.path, *u.more)):
+        if path and os.path.isfile(path):
+            st = os.stat(path)
+            files.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns))  # ctime: `cp -p` keeps mtime
     text = json.dumps([dataclasses.asdict(job), files], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

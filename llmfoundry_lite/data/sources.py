@@ -1,11 +1,11 @@
 """What a ``--source`` names, as units of work: ``embedded``, files, globs and folders of shards, ``hf:NAME[:CONFIG]``.
 
 Files are taken as the big corpora ship them (C4 and Dolma: ``.json.gz`` JSON Lines; RedPajama: ``.jsonl.zst``;
-FineWeb: ``.parquet``), each file one unit; an uncompressed JSON Lines file larger than ``RANGE_BYTES`` is cut
-into line-aligned byte ranges, so one big file converts in parallel too. Splits come from the shard names, as
+FineWeb: ``.parquet``), each file one unit; an uncompressed JSON Lines or text file larger than ``RANGE_BYTES``
+is cut into byte ranges (of the rows or documents beginning in each), so one big file converts in parallel too. Splits come from the shard names, as
 ``datasets`` does: ``c4-train.00000-of-01024.json.gz`` is train, ``c4-validation.*``, ``*-val*``, ``dev`` are
-val (a folder named ``train/`` or ``validation/`` counts too); ``test`` files are skipped. Reading is
-``readers.py``'s.
+val (a folder named ``train/`` or ``validation/`` counts too); ``test`` files are skipped; files named no split
+beside named ones are train (Dolma, RedPajama-1T, mC4). Reading is ``readers.py``'s.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Optional
 
-from llmfoundry_lite.data.readers import Unit, compression_of, kind_of, read_rows, text_of
+from llmfoundry_lite.data.readers import (
+    BOM,
+    Unit,
+    compression_of,
+    has_end_of_text,
+    is_archive,
+    kind_of,
+    read_rows,
+    text_of,
+)
 from llmfoundry_lite.errors import RecipeError, first_line
 
 # Words in a shard's path that name its split (the words `datasets` recognises), and our split for each.
@@ -34,7 +43,11 @@ SPLIT_WORDS = {
 }
 # Split names a Hugging Face dataset may use for held-out data, in order of preference.
 SOURCE_VAL_NAMES = ("validation", "val", "valid", "dev")
-RANGE_BYTES = 64 << 20  # uncompressed JSON Lines files above this convert as several byte ranges
+RANGE_BYTES = 64 << 20  # uncompressed JSON Lines and text files above this convert as several byte ranges
+GROUP_BYTES = 16 << 20  # one-document files are converted together up to this size
+# Files `datasets` (save_to_disk, the hub's parquet export) writes beside the shards: not documents.
+HF_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
+CARDS = ("README", "LICENSE", "LICENCE", "COPYING")  # beside a folder of .txt documents: not one of them
 
 
 @dataclasses.dataclass
@@ -58,7 +71,7 @@ class SourcePlan:
 def split_of_name(path: str) -> Optional[str]:
     """'train', 'val', 'test' or None from the words of a shard's path (``c4-validation.00003-of-00008``)."""
     found = None
-    for word in re.split(r"[-_./\\\s]+", path.lower()):
+    for word in re.split(r"[^a-z]+", path.lower()):  # digits separate words too (`train0`), as in `datasets`
         if word in SPLIT_WORDS:
             found = SPLIT_WORDS[word]  # the last one wins: the file name over its folders
     return found
@@ -73,20 +86,13 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
     if source.startswith("hf:"):
         return _plan_hf(source)
     path = os.path.expanduser(source)
-    if glob.has_magic(path):
-        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+    if glob.has_magic(path) and not os.path.exists(path):  # a real name may hold `[` or `*`
+        files = sorted(f for f in glob.glob(path, recursive=True) if not os.path.isdir(f))
         if not files:
             raise RecipeError(f"no file matches {source!r}", key="--source")
         root, one_doc_per_file = os.path.dirname(path.split("*")[0]), True
     elif os.path.isdir(path):
-        files = sorted(
-            os.path.join(d, f)
-            for d, _, names in os.walk(path)
-            for f in names
-            if not any(
-                part.startswith(".") for part in os.path.relpath(os.path.join(d, f), path).split(os.sep)
-            )
-        )
+        files = _walk(path)
         if not files:
             raise RecipeError(f"source folder {source!r} contains no files", key="--source")
         root, one_doc_per_file = path, True
@@ -98,23 +104,48 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
             "folder or glob of them ('c4/en/c4-train.*.json.gz'), 'embedded' or 'hf:NAME[:CONFIG]'",
             key="--source",
         )
+    for f in files:
+        if not os.path.exists(f):  # e.g. a `--local-dir` download whose cache was cleared
+            raise RecipeError(
+                f"{f!r} is a broken symbolic link (to {os.readlink(f)!r}); download the file again",
+                key="--source",
+            )
     if all(os.path.getsize(f) == 0 for f in files):
         raise RecipeError(f"source {source!r} is empty", key="--source")
+    archives = [f for f in files if is_archive(f)]
+    if len(archives) == len(files):
+        archives = []  # nothing else to read: refused below, with a hint
+    files = [f for f in files if f not in archives]  # TinyStories ships a .tar.gz of its .txt files too
     kinds = {f: kind_of(f) for f in files}
     data_files = [f for f in files if kinds[f] != "text"]
     if data_files and len(data_files) < len(files):
         files = data_files  # a dataset folder's README.md / LICENSE are not documents
-    plan = SourcePlan([])
-    named = {f: split_of_name(os.path.relpath(f, root) if root else f) for f in files}
-    use_names = len(files) > 1 and any(named.values())
-    for f in files:
-        split = named[f] if use_names else None
-        if use_names and split is None:
-            raise RecipeError(
-                f"{f!r} has no split in its name while other files of {source!r} do (train/validation/...); "
-                "give one split's files at a time, e.g. --source 'DIR/*-train.*'",
-                key="--source",
+    if len(files) > 1:  # nor is the metadata `datasets` writes next to its shards, nor a card at the top
+        files = [
+            f
+            for f in files
+            if os.path.basename(f) not in HF_METADATA
+            and not (
+                os.path.normpath(os.path.dirname(f)) == os.path.normpath(root or ".")
+                and os.path.basename(f).upper().startswith(CARDS)
             )
+        ] or files
+    plan = SourcePlan([], skipped=archives)
+    named = {f: split_of_name(os.path.relpath(f, root) if root else f) for f in files}
+    found = set(named.values()) - {None}
+    use_names = len(files) > 1 and bool(found)
+    unnamed = [f for f in files if named[f] is None]
+    if use_names and unnamed and "train" in found and found & {"val", "test"}:
+        raise RecipeError(
+            f"{unnamed[0]!r} has no split in its name while other files of {source!r} name train and "
+            f"{' and '.join(sorted(found - {'train'}))}; give one split's files at a time, e.g. --source "
+            "'DIR/*-train.*'",
+            key="--source",
+        )
+    for f in files:
+        # Unnamed files beside named ones are the training data: Dolma and RedPajama name only some shards
+        # `*-train-*`, mC4 only its `*-validation.*` ones.
+        split = (named[f] or "train") if use_names else None
         if split == "test":
             plan.skipped.append(f)
             continue
@@ -123,7 +154,25 @@ def plan_source(source: str, range_bytes: int = RANGE_BYTES) -> SourcePlan:
         raise RecipeError(f"source {source!r} holds only test files; nothing to convert", key="--source")
     order = {None: 0, "train": 0, "val": 1}
     plan.units.sort(key=lambda u: (order[u.split], u.path, u.start))
+    plan.units = _grouped(plan.units)
     return plan
+
+
+def _grouped(units: list[Unit]) -> list[Unit]:
+    """Runs of small one-document files (same split and compression) as units of up to ``GROUP_BYTES``."""
+    out: list[Unit] = []
+    for u in units:
+        last = out[-1] if out else None
+        if (
+            u.kind == "textfile"
+            and last is not None
+            and (last.kind, last.split, last.compression) == (u.kind, u.split, u.compression)
+            and last.size + u.size <= GROUP_BYTES
+        ):
+            out[-1] = dataclasses.replace(last, size=last.size + u.size, more=[*last.more, u.path])
+        else:
+            out.append(u)
+    return out
 
 
 def _file_units(
@@ -131,9 +180,16 @@ def _file_units(
 ) -> list[Unit]:
     _, compression = compression_of(path)
     size = os.path.getsize(path)
-    if kind == "text" and one_doc_per_file:
+    if kind == "text" and has_end_of_text(path, compression):
+        kind = "eot"  # TinyStories: <|endoftext|> lines separate the documents, blank lines are inside them
+    elif kind == "text" and one_doc_per_file:
         kind = "textfile"
-    if kind != "json" or compression is not None or size <= range_bytes or _is_json_array(path):
+    if (
+        kind not in ("json", "text", "eot")
+        or compression is not None
+        or size <= range_bytes
+        or (kind == "json" and _is_json_array(path))
+    ):
         return [Unit(kind, path, split, compression, size=size)]
     bounds = list(range(0, size, range_bytes)) + [size]
     return [Unit(kind, path, split, None, a, b, size=b - a) for a, b in zip(bounds, bounds[1:])]
@@ -141,7 +197,38 @@ def _file_units(
 
 def _is_json_array(path: str) -> bool:
     with open(path, "rb") as f:
-        return f.read(4096).lstrip().startswith(b"[")
+        return f.read(4096).removeprefix(BOM).lstrip().startswith(b"[")
+
+
+def _is_mds(index: str) -> bool:
+    try:
+        with open(index, "rb") as f:
+            return b'"shards"' in f.read(1 << 16)
+    except OSError:
+        return False
+
+
+def _walk(folder: str) -> list[str]:
+    """The files under ``folder``, following linked folders (each real folder once), hidden ones left out."""
+
+    def unreadable(e: OSError) -> None:  # os.walk would leave the folder out silently
+        raise RecipeError(f"cannot read folder {e.filename!r}: {e.strerror or e}", key="--source")
+
+    files, seen = {}, set()
+    for d, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:  # a link back into the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        if "index.json" in names and _is_mds(os.path.join(d, "index.json")):
+            dirs[:] = []  # converted output kept beside the source (`--out data/mds`): not a source file
+            continue
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))  # .cache/huggingface, .git
+        for f in sorted(n for n in names if not n.startswith(".")):
+            # A file linked twice under its name (two snapshots of a hub cache share a blob) is read once.
+            files.setdefault((os.path.realpath(os.path.join(d, f)), f), os.path.join(d, f))
+    return sorted(files.values())
 
 
 def _plan_hf(source: str) -> SourcePlan:
@@ -211,7 +298,7 @@ def open_source(source: str, text_field: str = "text") -> dict[Optional[str], It
 
 def _docs(units: list[Unit], text_field: str) -> Iterator[str]:
     for unit in units:
-        for where, row in read_rows(unit):
+        for where, row in read_rows(unit, columns=[text_field]):
             doc = text_of(row, text_field, where)
             if doc is not None:
                 yield doc

@@ -145,7 +145,8 @@ def convert_unit(job: Job, work: pathlib.Path, i: int, progress: Progress) -> di
     sink = _Sink(job, writers, tok, docs_left, rows_left, progress)
     try:
         if router.splits and not sink.full(router.splits):
-            for where, row in read_rows(unit, progress.position):
+            columns = None if job.mode == "finetune" else [job.text_field]  # Parquet reads only those
+            for where, row in read_rows(unit, progress.position, columns):
                 if job.mode == "finetune":
                     split = router.route()
                     if split is not None:
