@@ -9,14 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from llmfoundry_lite.data.readers import Position, Unit
 from llmfoundry_lite.errors import RecipeError, first_line
 
 BATCH_ROWS = 1024
 
 
-def read_table(unit: Unit, pos: Position, columns: Optional[list[str]]) -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row of a Parquet or Arrow file, with only ``columns`` (all when None)."""
+def read_table(unit: Any, pos: Any, columns: Optional[list[str]]) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a Parquet or Arrow file, with only ``columns`` (all when None).
+
+    ``unit`` and ``pos`` are readers.py's ``Unit`` and ``Position`` (not imported: readers.py imports this module).
+    """
     reader = _Parquet(unit) if unit.kind == "parquet" else _Arrow(unit)
     if columns is not None:
         missing = [c for c in columns if c.split(".")[0] not in reader.names]
@@ -48,7 +50,7 @@ def read_table(unit: Unit, pos: Position, columns: Optional[list[str]]) -> Itera
 class _Parquet:
     what = "Parquet"
 
-    def __init__(self, unit: Unit):
+    def __init__(self, unit: Any):
         import pyarrow.parquet as pq
 
         self.unit = unit
@@ -87,7 +89,7 @@ class _Parquet:
 class _Arrow:
     what = "Arrow"
 
-    def __init__(self, unit: Unit):
+    def __init__(self, unit: Any):
         import pyarrow as pa
 
         self.unit, self.src = unit, pa.memory_map(unit.path)
