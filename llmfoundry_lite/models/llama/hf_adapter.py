@@ -6,12 +6,12 @@ so q/k rows are permuted per head on the way in and back on the way out. Attenti
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from llmfoundry_lite.checkpoints import check_hf_folder
 from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.models.configs import LlamaConfig
 
@@ -22,7 +22,7 @@ def rope_permutation(head_dim: int) -> torch.Tensor:
     return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
 
 
-def rope_theta_from_hf(hf_config: Any, key: str = "model.init_from_hf") -> float:
+def rope_theta_from_hf(hf_config: Any, key: str = "model.init_from_hf", where: str = "") -> float:
     """RoPE base of a HF Llama config; RecipeError for any RoPE scaling but ``default``.
 
     transformers 4.x writes a top-level ``rope_theta`` (and ``rope_scaling``), 5.x ``rope_parameters:
@@ -34,11 +34,11 @@ def rope_theta_from_hf(hf_config: Any, key: str = "model.init_from_hf") -> float
         if block is None:
             continue
         if not isinstance(block, Mapping) or any(isinstance(v, Mapping) for v in block.values()):
-            raise RecipeError(f"{name}={block!r} (per-layer-type RoPE) is not supported", key=key)
+            raise RecipeError(f"{where}{name}={block!r} (per-layer-type RoPE) is not supported", key=key)
         kind = block.get("rope_type", block.get("type", "default"))
         if kind != "default":
             raise RecipeError(
-                f"RoPE scaling {kind!r} ({name}={dict(block)!r}) is not supported: only unscaled RoPE "
+                f"{where}RoPE scaling {kind!r} ({name}={dict(block)!r}) is not supported: only unscaled RoPE "
                 "(rope_type: default) imports",
                 key=key,
             )
@@ -50,25 +50,52 @@ def rope_theta_from_hf(hf_config: Any, key: str = "model.init_from_hf") -> float
             return float(block["rope_theta"])
     theta = getattr(hf_config, "rope_theta", None)
     if theta is None:
-        raise RecipeError("the config has no rope_theta (top-level or in rope_parameters)", key=key)
+        raise RecipeError(f"{where}the config has no rope_theta (top-level or in rope_parameters)", key=key)
     return float(theta)
 
 
-def config_from_hf(hf_config: Any, **overrides: Any) -> LlamaConfig:
-    """LlamaConfig from a transformers LlamaConfig; RecipeError for features we do not implement."""
-    key = "model.init_from_hf"
-    if getattr(hf_config, "model_type", None) != "llama":
+# Architectures whose weights and forward are LlamaForCausalLM's (Mistral: when no sliding window is in effect).
+LLAMA_MODEL_TYPES = ("llama", "mistral")
+
+
+def config_from_hf(
+    hf_config: Any, *, source: Optional[str] = None, key: str = "model.init_from_hf", **overrides: Any
+) -> LlamaConfig:
+    """LlamaConfig from a transformers LlamaConfig; a one-line RecipeError for features we do not implement.
+
+    ``source`` (the folder or hub name) starts each message; ``overrides`` set LlamaConfig fields.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    arch = ", ".join(getattr(hf_config, "architectures", None) or []) or "none given"
+    where = f"{source}: " if source else ""
+
+    def refuse(what: str) -> RecipeError:
+        return RecipeError(f"{where}{what} is not supported (architectures: {arch})", key=key)
+
+    if model_type not in LLAMA_MODEL_TYPES:
         raise RecipeError(
-            f"not a Llama checkpoint (model_type={getattr(hf_config, 'model_type', None)!r})", key=key
+            f"{where}not a Llama checkpoint (model_type={model_type!r}, architectures: {arch}); only "
+            f"{' and '.join(LLAMA_MODEL_TYPES)} checkpoints import",
+            key=key,
         )
-    rope_theta = rope_theta_from_hf(hf_config, key)
-    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-        raise RecipeError("checkpoints with attention/MLP biases are not supported", key=key)
+    rope_theta = rope_theta_from_hf(hf_config, key, where)
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, name, False):
+            raise refuse(f"{name}=true (biases)")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise RecipeError(f"hidden_act={hf_config.hidden_act!r} is not supported (only silu)", key=key)
+        raise refuse(f"hidden_act={hf_config.hidden_act!r} (only silu)")
     head_dim = getattr(hf_config, "head_dim", None)
     if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-        raise RecipeError("head_dim * num_attention_heads != hidden_size is not supported", key=key)
+        raise refuse(
+            f"head_dim={head_dim} with hidden_size={hf_config.hidden_size} and "
+            f"num_attention_heads={hf_config.num_attention_heads} (head_dim must be hidden_size / heads)"
+        )
+    window = getattr(hf_config, "sliding_window", None)
+    if model_type == "mistral" and window is not None and window < hf_config.max_position_embeddings:
+        raise refuse(
+            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+            f"{hf_config.max_position_embeddings})"
+        )
     return LlamaConfig(
         vocab_size=hf_config.vocab_size,
         d_model=hf_config.hidden_size,
@@ -181,18 +208,39 @@ def state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[s
 def load_hf_llama(
     name_or_path: str, key: str = "model.init_from_hf"
 ) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Config and (our-layout) weights of a Hugging Face Llama checkpoint: a local folder or a hub name."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Config and (our-layout) weights of a Hugging Face Llama checkpoint: a local folder or a hub name.
 
-    if os.path.sep in name_or_path or name_or_path.startswith("."):
-        if not os.path.isdir(name_or_path):
-            raise RecipeError(f"no such checkpoint folder {name_or_path!r}", key=key)
+    Every weight must be in the checkpoint: transformers would fill a missing one with random values.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    check_hf_folder(name_or_path, key)
     try:
         hf_config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise RecipeError(
             f"cannot load a Hugging Face config from {name_or_path!r}: {first_line(e)}", key=key
         ) from None
-    cfg = config_from_hf(hf_config)
-    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
+    cfg = config_from_hf(hf_config, source=name_or_path, key=key)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line "newly initialized" warning: said in one line below
+    # Any failure here is in the user's files: a truncated or corrupt weights file, a shape unlike the config's.
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path, torch_dtype=torch.float32, output_loading_info=True
+        )
+    except Exception as e:
+        raise RecipeError(
+            f"cannot load the weights of {name_or_path!r}: {type(e).__name__}: {first_line(e)}", key=key
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = info.get("missing_keys") or []
+    if missing:
+        raise RecipeError(
+            f"{name_or_path!r} lacks {len(missing)} of the model's weights (e.g. {sorted(missing)[0]!r}); the "
+            "checkpoint is incomplete",
+            key=key,
+        )
     return cfg, state_dict_from_hf(hf_model.state_dict(), cfg)
