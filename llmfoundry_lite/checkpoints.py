@@ -159,8 +159,8 @@ def check_hf_folder(path: str, key: str) -> dict[str, Any] | None:
         return None
     p = Path(os.path.expanduser(path))
     export_hint = (
-        "export it first (llmfoundry-lite export CHECKPOINT HF_DIR), or start a run from it with "
-        "load_path (load_weights_only: true)"
+        "export it first (llmfoundry-lite export CHECKPOINT HF_DIR), or give it where a Composer checkpoint goes "
+        "(load_path with load_weights_only: true; glue.checkpoint)"
     )
     if not p.exists():
         raise RecipeError(f"no such Hugging Face model folder {path!r}", key=key)
@@ -210,3 +210,13 @@ def check_hf_folder(path: str, key: str) -> dict[str, Any] | None:
         "copy the weights into the folder",
         key=key,
     )
+
+
+def refuse_missing_weights(source: str, missing: list[str], key: str) -> None:
+    """One-line RecipeError when a Hugging Face checkpoint lacks weights (transformers would make them random)."""
+    if missing:
+        raise RecipeError(
+            f"{source!r} lacks {len(missing)} of the model's weights (e.g. {sorted(missing)[0]!r}); the checkpoint "
+            "is incomplete",
+            key=key,
+        )

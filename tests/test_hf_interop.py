@@ -7,6 +7,7 @@ Every checkpoint is a tiny model built from a transformers config and saved loca
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -251,3 +252,38 @@ def test_cli_errors_at_the_hf_border_are_one_line_exit_2(good_llama, tmp_path, l
         assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
         assert all(w in lines[0] for w in words), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_baselines_refuse_incomplete_checkpoints(good_llama, tmp_path, llama_tok, bert_tok):
+    """hf_causal_lm / hf_bert's init_from_hf: transformers would initialise a missing weight randomly and warn."""
+    from transformers import BertConfig, BertModel
+
+    incomplete, _ = _broken("missing-tensor", good_llama, tmp_path)
+    with pytest.raises(
+        RecipeError, match=r"lacks 1 of the model's weights .*model\.layers\.1\.mlp\.down_proj"
+    ):
+        registry.build("models", {"name": "hf_causal_lm", "init_from_hf": str(incomplete)}, "model", tokenizer=llama_tok)  # fmt: skip
+    composer, _ = _broken("composer-folder", good_llama, tmp_path)
+    with pytest.raises(RecipeError, match="is a Composer checkpoint folder"):
+        registry.build("models", {"name": "hf_causal_lm", "init_from_hf": str(composer)}, "model", tokenizer=llama_tok)  # fmt: skip
+    # A BertModel checkpoint (no MLM head) still starts hf_bert: the head is trained fresh.
+    trunk = _save(tmp_path / "trunk", BertModel(BertConfig(vocab_size=len(bert_tok), hidden_size=32, num_hidden_layers=1,
+                                                          num_attention_heads=4, intermediate_size=48)))  # fmt: skip
+    model = registry.build(
+        "models", {"name": "hf_bert", "init_from_hf": str(trunk)}, "model", tokenizer=bert_tok
+    )
+    assert model.model.config.hidden_size == 32
+
+
+def test_a_cached_hub_name_with_an_organisation_imports(good_llama, tmp_path):
+    """`model.init_from_hf: org/name` is a Hub id, not a missing local folder: offline, the cached copy loads."""
+    import shutil
+
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    shutil.copytree(good_llama, repo / "snapshots" / "abc123")
+    code = "from llmfoundry_lite.models.llama import load_hf_llama; print(load_hf_llama('tiny-org/tiny-llama')[0].n_layers)"  # fmt: skip
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr[-2000:]

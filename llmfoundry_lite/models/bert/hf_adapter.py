@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from llmfoundry_lite.checkpoints import check_hf_folder
+from llmfoundry_lite.checkpoints import check_hf_folder, refuse_missing_weights
 from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.models.configs import BertConfig, pad_vocab
 
@@ -179,12 +179,7 @@ def mosaic_bert_state_dicts(
             continue  # no MLM head at all: a sequence-classification checkpoint
         layers = range(n_layers) if "{i}" in src else (0,)
         missing += [src.replace("{i}", str(i)) for i in layers if name.replace("{i}", str(i)) not in part]
-    if missing:
-        raise RecipeError(
-            f"{source!r} lacks {len(missing)} of the model's weights (e.g. {missing[0]!r}); the checkpoint is "
-            "incomplete",
-            key=key,
-        )
+    refuse_missing_weights(source, missing, key)
     if dropped:
         say_not_loaded(source, dropped, MOSAIC_BERT_NOT_LOADED)
     return enc, head
@@ -288,12 +283,7 @@ def load_hf_bert(
     missing = sorted(info.get("missing_keys", []))
     if "cls.predictions.transform.dense.weight" in missing:
         missing = [k for k in missing if not k.startswith("cls.")]
-    if missing:
-        raise RecipeError(
-            f"{path_or_name!r} lacks {len(missing)} of the model's weights (e.g. {missing[0]!r}); the checkpoint "
-            "is incomplete",
-            key=key,
-        )
+    refuse_missing_weights(path_or_name, missing, key)
     dropped: dict[str, int] = {}
     for name in info.get("unexpected_keys", []):
         prefix = next((p for p in CLASSIC_NOT_LOADED if name.startswith(p)), name)

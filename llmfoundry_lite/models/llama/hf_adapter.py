@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from llmfoundry_lite.checkpoints import check_hf_folder
+from llmfoundry_lite.checkpoints import check_hf_folder, refuse_missing_weights
 from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.models.configs import LlamaConfig
 
@@ -236,11 +236,5 @@ def load_hf_llama(
         ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    missing = info.get("missing_keys") or []
-    if missing:
-        raise RecipeError(
-            f"{name_or_path!r} lacks {len(missing)} of the model's weights (e.g. {sorted(missing)[0]!r}); the "
-            "checkpoint is incomplete",
-            key=key,
-        )
+    refuse_missing_weights(name_or_path, info.get("missing_keys") or [], key)
     return cfg, state_dict_from_hf(hf_model.state_dict(), cfg)
