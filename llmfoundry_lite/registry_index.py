@@ -168,6 +168,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('ffn_dim_multiplier', 'Union[float, None]', None),
                 ('norm_eps', 'float', 1e-05),
                 ('rope_theta', 'float', 10000.0),
+                ('rope_scaling', 'Union[dict, None]', None),
                 ('max_seq_len', 'int', 2048),
                 ('tie_embeddings', 'bool', False),
                 ('init_std', 'float', 0.02),

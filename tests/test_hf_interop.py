@@ -58,6 +58,22 @@ SUPPORTED = {
     "sharded": ("llama", {}, dict(max_shard_size="20KB"), None),
     "pytorch-bin": ("llama", {}, dict(safe_serialization=False), None),
     "mistral-no-window": ("mistral", dict(num_key_value_heads=2, sliding_window=None), {}, None),
+    "rope-llama3": (
+        "llama",
+        dict(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        ),
+        {},
+        None,
+    ),  # fmt: skip
+    "rope-linear": ("llama", dict(rope_scaling={"type": "linear", "factor": 4.0}), {}, None),
 }
 
 
@@ -82,9 +98,14 @@ def test_supported_checkpoint_matches_transformers_and_exports_back(
         "models", {"name": "llama", "init_from_hf": str(tmp_path / "hf")}, "model", tokenizer=llama_tok
     ).eval()
     ids = torch.tensor([llama_tok("The quick brown fox jumps over the lazy dog, then")["input_ids"]])
+    rows = torch.randint(0, len(llama_tok), (2, SHAPE["max_position_embeddings"]), generator=torch.Generator().manual_seed(0))  # fmt: skip
     with torch.no_grad():
         logits = ours({"input_ids": ids})
         assert (logits - hf(ids).logits).abs().max().item() <= 1e-5
+        assert (ours({"input_ids": rows}) - hf(rows).logits).abs().max().item() <= 1e-5  # every position
+        if "rope_scaling" in config:  # the scaling is seen: unscaled RoPE gives other logits
+            unscaled = _llama(llama_tok, **{**config, "rope_scaling": None})
+            assert (unscaled(rows).logits - hf(rows).logits).abs().max().item() > 1e-3
     hf.generation_config.eos_token_id = None  # 16 tokens on both sides, whatever they are
     ref = hf.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False, pad_token_id=0
@@ -96,24 +117,13 @@ def test_supported_checkpoint_matches_transformers_and_exports_back(
     back = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert (back(ids).logits - logits).abs().max().item() <= 1e-5
+        assert (back(rows).logits - hf(rows).logits).abs().max().item() <= 1e-5
 
 
 # name -> (model_type, config, words the one-line refusal must hold)
 REFUSED = {
-    "rope-llama3": (
-        "llama",
-        dict(
-            rope_scaling={
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 32,
-            }
-        ),
-        ["llama3"],
-    ),  # fmt: skip
-    "rope-linear": ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0}), ["linear"]),
+    "rope-dynamic": ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), ["'dynamic'"]),
+    "rope-yarn": ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), ["'yarn'"]),
     "attention-bias": ("llama", dict(attention_bias=True), ["attention_bias"]),
     "mlp-bias": ("llama", dict(mlp_bias=True), ["mlp_bias"]),
     "head-dim": ("llama", dict(head_dim=16), ["head_dim=16"]),
@@ -287,3 +297,15 @@ def test_a_cached_hub_name_with_an_organisation_imports(good_llama, tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr[-2000:]
+
+
+def test_rope_scaling_in_a_recipe_is_checked(llama_tok):
+    """``model.rope_scaling`` (what init_from_hf sets) names the key for a scaling not implemented or incomplete."""
+    block = {"name": "llama", "d_model": 32, "n_layers": 1, "n_heads": 4, "ffn_hidden_size": 48}
+    for scaling, key in (({"rope_type": "yarn", "factor": 2.0}, "model.rope_scaling"),
+                         ({"rope_type": "llama3", "factor": 8.0}, "model.rope_scaling.low_freq_factor")):  # fmt: skip
+        with pytest.raises(RecipeError) as e:
+            registry.build("models", {**block, "rope_scaling": scaling}, "model", tokenizer=llama_tok)
+        assert e.value.key == key, str(e.value)
+    model = registry.build("models", {**block, "rope_scaling": {"rope_type": "linear", "factor": 2}}, "model", tokenizer=llama_tok)  # fmt: skip
+    assert model.model.rotary.scaling == {"rope_type": "linear", "factor": 2}

@@ -17,6 +17,11 @@ from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.ffn_config import FFNConfig, check_ffn, ffn_config
 
+# The RoPE scalings implemented (llama/model.py ``scaled_frequencies``) and the keys each reads.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 AttnImpl = Literal["auto", "flash", "sdpa"]  # the attention kernel (models/attention.py): an execution choice
 # "fused_layernorm" is the name the MosaicBERT reference YAMLs use (Composer's apex-based FusedLayerNorm, gone
 # from Composer): an alias of the low-precision LayerNorm, which serves the same purpose, so they keep working.
@@ -41,6 +46,9 @@ class LlamaConfig:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE frequency scaling as Hugging Face writes it (set by init_from_hf): {rope_type: linear, factor} or
+    # {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}.
+    rope_scaling: Optional[dict] = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -106,6 +114,19 @@ class LlamaConfig:
             raise err("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.rope_theta <= 0:
             raise err("rope_theta", f"must be positive, got {self.rope_theta}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            if kind not in ROPE_SCALING_KEYS:
+                raise err(
+                    "rope_scaling",
+                    f"rope_type {kind!r} is not supported; choose {' or '.join(ROPE_SCALING_KEYS)}",
+                )
+            for name in ROPE_SCALING_KEYS[kind]:
+                value = self.rope_scaling.get(name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise err(
+                        f"rope_scaling.{name}", f"{kind} scaling needs a positive number, got {value!r}"
+                    )
         check_ffn(self.ffn, self.ffn_dim, prefix)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from llmfoundry_lite.checkpoints import check_hf_folder, refuse_missing_weights
 from llmfoundry_lite.errors import RecipeError, first_line
-from llmfoundry_lite.models.configs import LlamaConfig
+from llmfoundry_lite.models.configs import ROPE_SCALING_KEYS, LlamaConfig
 
 
 def rope_permutation(head_dim: int) -> torch.Tensor:
@@ -22,36 +22,43 @@ def rope_permutation(head_dim: int) -> torch.Tensor:
     return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
 
 
-def rope_theta_from_hf(hf_config: Any, key: str = "model.init_from_hf", where: str = "") -> float:
-    """RoPE base of a HF Llama config; RecipeError for any RoPE scaling but ``default``.
+def rope_from_hf(
+    hf_config: Any, key: str = "model.init_from_hf", where: str = ""
+) -> tuple[float, Optional[dict[str, Any]]]:
+    """RoPE base and scaling (None, or LlamaConfig's ``rope_scaling``) of a HF Llama config; RecipeError for a
+    scaling we do not implement (``where`` starts the message).
 
     transformers 4.x writes a top-level ``rope_theta`` (and ``rope_scaling``), 5.x ``rope_parameters:
-    {rope_type, rope_theta}`` only; both are read.
+    {rope_type, rope_theta, ...}`` only; both are read.
     """
-    blocks = []
+    blocks, scaling = [], None
     for name in ("rope_parameters", "rope_scaling"):
         block = getattr(hf_config, name, None)
         if block is None:
             continue
         if not isinstance(block, Mapping) or any(isinstance(v, Mapping) for v in block.values()):
             raise RecipeError(f"{where}{name}={block!r} (per-layer-type RoPE) is not supported", key=key)
+        blocks.append(block)
         kind = block.get("rope_type", block.get("type", "default"))
-        if kind != "default":
+        if kind == "default":
+            continue
+        needs = ROPE_SCALING_KEYS.get(kind)
+        if needs is None or any(block.get(k) is None for k in needs):
             raise RecipeError(
-                f"{where}RoPE scaling {kind!r} ({name}={dict(block)!r}) is not supported: only unscaled RoPE "
-                "(rope_type: default) imports",
+                f"{where}RoPE scaling {kind!r} ({name}={dict(block)!r}) is not supported: unscaled RoPE, "
+                f"{' and '.join(ROPE_SCALING_KEYS)} (with {', '.join(ROPE_SCALING_KEYS['llama3'])}) import",
                 key=key,
             )
-        blocks.append(block)
+        scaling = {"rope_type": kind, **{k: block[k] for k in needs}}
     # 5.x keeps theta only in rope_parameters; 4.x would fill a missing top-level rope_theta with its default
     # (10000), so the value under rope_parameters wins.
     for block in blocks:
         if block.get("rope_theta") is not None:
-            return float(block["rope_theta"])
+            return float(block["rope_theta"]), scaling
     theta = getattr(hf_config, "rope_theta", None)
     if theta is None:
         raise RecipeError(f"{where}the config has no rope_theta (top-level or in rope_parameters)", key=key)
-    return float(theta)
+    return float(theta), scaling
 
 
 # Architectures whose weights and forward are LlamaForCausalLM's (Mistral: when no sliding window is in effect).
@@ -78,7 +85,7 @@ def config_from_hf(
             f"{' and '.join(LLAMA_MODEL_TYPES)} checkpoints import",
             key=key,
         )
-    rope_theta = rope_theta_from_hf(hf_config, key, where)
+    rope_theta, rope_scaling = rope_from_hf(hf_config, key, where)
     for name in ("attention_bias", "mlp_bias"):
         if getattr(hf_config, name, False):
             raise refuse(f"{name}=true (biases)")
@@ -105,6 +112,7 @@ def config_from_hf(
         ffn_hidden_size=hf_config.intermediate_size,
         norm_eps=hf_config.rms_norm_eps,
         rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_seq_len=hf_config.max_position_embeddings,
         tie_embeddings=bool(hf_config.tie_word_embeddings),
         init_std=hf_config.initializer_range,
@@ -129,7 +137,7 @@ def hf_config_dict(cfg: LlamaConfig, tokenizer: Any = None) -> dict[str, Any]:
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
