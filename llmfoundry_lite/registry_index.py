@@ -163,6 +163,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('n_layers', 'int', 12),
                 ('n_heads', 'int', 12),
                 ('n_kv_heads', 'Union[int, None]', None),
+                ('head_size', 'Union[int, None]', None),
                 ('ffn_hidden_size', 'Union[int, None]', None),
                 ('multiple_of', 'int', 256),
                 ('ffn_dim_multiplier', 'Union[float, None]', None),

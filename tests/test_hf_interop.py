@@ -74,6 +74,8 @@ SUPPORTED = {
         None,
     ),  # fmt: skip
     "rope-linear": ("llama", dict(rope_scaling={"type": "linear", "factor": 4.0}), {}, None),
+    "head-dim-16": ("llama", dict(head_dim=16, num_key_value_heads=2), {}, None),  # 4 x 16 != hidden 32
+    "mistral-head-dim": ("mistral", dict(head_dim=4, num_key_value_heads=1, sliding_window=None), {}, None),
 }
 
 
@@ -126,7 +128,6 @@ REFUSED = {
     "rope-yarn": ("llama", dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), ["'yarn'"]),
     "attention-bias": ("llama", dict(attention_bias=True), ["attention_bias"]),
     "mlp-bias": ("llama", dict(mlp_bias=True), ["mlp_bias"]),
-    "head-dim": ("llama", dict(head_dim=16), ["head_dim=16"]),
     "gelu": ("llama", dict(hidden_act="gelu"), ["hidden_act='gelu'"]),
     "mistral-window": ("mistral", dict(sliding_window=16), ["sliding_window=16", "MistralForCausalLM"]),
     "qwen2": ("qwen2", {}, ["model_type='qwen2'", "Qwen2ForCausalLM"]),

@@ -41,6 +41,8 @@ class LlamaConfig:
     n_layers: int = 12
     n_heads: int = 12
     n_kv_heads: Optional[int] = None  # None = n_heads (multi-head attention); fewer = grouped-query attention
+    # Per-head width when it is not d_model / n_heads (imported checkpoints setting head_dim, e.g. Mistral-Nemo).
+    head_size: Optional[int] = None
     ffn_hidden_size: Optional[int] = None  # None = LLaMA rule from d_model, multiple_of, ffn_dim_multiplier
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
@@ -66,8 +68,8 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
-        """Per-head dimension."""
-        return self.d_model // self.n_heads
+        """Per-head dimension: ``head_size``, else d_model / n_heads."""
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def ffn_dim(self) -> int:
@@ -90,7 +92,9 @@ class LlamaConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             if getattr(self, key) <= 0:
                 raise err(key, f"must be a positive integer, got {getattr(self, key)}")
-        if self.d_model % self.n_heads:
+        if self.head_size is not None and self.head_size <= 0:
+            raise err("head_size", f"must be a positive integer, got {self.head_size}")
+        if self.head_size is None and self.d_model % self.n_heads:
             raise err(
                 "n_heads",
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
@@ -104,9 +108,9 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise err(
-                "n_heads",
-                f"head dimension d_model/n_heads = {self.head_dim} is odd; rotary embeddings "
-                "need an even head dimension",
+                "head_size" if self.head_size else "n_heads",
+                f"head dimension {'head_size' if self.head_size else 'd_model/n_heads'} = {self.head_dim} is odd; "
+                "rotary embeddings need an even head dimension",
             )
         if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
             raise err("ffn_hidden_size", f"must be positive, got {self.ffn_hidden_size}")

@@ -92,11 +92,8 @@ def config_from_hf(
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise refuse(f"hidden_act={hf_config.hidden_act!r} (only silu)")
     head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-        raise refuse(
-            f"head_dim={head_dim} with hidden_size={hf_config.hidden_size} and "
-            f"num_attention_heads={hf_config.num_attention_heads} (head_dim must be hidden_size / heads)"
-        )
+    if head_dim is not None and head_dim * hf_config.num_attention_heads == hf_config.hidden_size:
+        head_dim = None  # the usual width: nothing to keep
     window = getattr(hf_config, "sliding_window", None)
     if model_type == "mistral" and window is not None and window < hf_config.max_position_embeddings:
         raise refuse(
@@ -109,6 +106,7 @@ def config_from_hf(
         n_layers=hf_config.num_hidden_layers,
         n_heads=hf_config.num_attention_heads,
         n_kv_heads=hf_config.num_key_value_heads,
+        head_size=head_dim,
         ffn_hidden_size=hf_config.intermediate_size,
         norm_eps=hf_config.rms_norm_eps,
         rope_theta=rope_theta,
