@@ -310,3 +310,18 @@ def test_rope_scaling_in_a_recipe_is_checked(llama_tok):
         assert e.value.key == key, str(e.value)
     model = registry.build("models", {**block, "rope_scaling": {"rope_type": "linear", "factor": 2}}, "model", tokenizer=llama_tok)  # fmt: skip
     assert model.model.rotary.scaling == {"rope_type": "linear", "factor": 2}
+
+
+@pytest.mark.parametrize("kind", ["no-weights", "truncated"])
+def test_eval_on_a_broken_hf_folder_is_one_line(kind, good_llama, tmp_path):
+    """`eval HF_DIR` hands the folder to lm-eval's HFLM; what transformers would raise is said in one line first."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (the eval extra has it)")
+    from llmfoundry_lite.apps.evaluate.harness import build_lm
+
+    path, _ = _broken(kind, good_llama, tmp_path)
+    with pytest.raises(RecipeError) as e:
+        build_lm(str(path), device="cpu")
+    assert e.value.key == "CHECKPOINT" and str(path) in str(e.value) and "\n" not in str(e.value), str(
+        e.value
+    )
