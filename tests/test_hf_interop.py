@@ -200,6 +200,19 @@ def _broken(kind: str, good, tmp_path):
         )
         weights.unlink()
         return folder, ["model-00002-of-00002.safetensors", "not in the folder"]
+    if kind in (
+        "unknown-model-type",
+        "incomplete-rope-scaling",
+    ):  # transformers: a page-long error, a KeyError
+        config = json.loads((folder / "config.json").read_text())
+        if kind == "unknown-model-type":
+            config.update(model_type="fancy_lm", architectures=["FancyForCausalLM"])
+            words = ["not a Llama checkpoint", "'fancy_lm'", "FancyForCausalLM"]
+        else:
+            config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+            words = ["its config.json", "low_freq_factor"]
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder, words
     if kind == "no-model-type":
         config = json.loads((folder / "config.json").read_text())
         del config["model_type"]
@@ -208,7 +221,8 @@ def _broken(kind: str, good, tmp_path):
     raise AssertionError(kind)
 
 
-BROKEN = ["composer-file", "composer-folder", "no-weights", "missing-tensor", "truncated", "missing-shard", "no-model-type"]  # fmt: skip
+BROKEN = ["composer-file", "composer-folder", "no-weights", "missing-tensor", "truncated", "missing-shard", "no-model-type",
+          "unknown-model-type", "incomplete-rope-scaling"]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", BROKEN)

@@ -7,6 +7,7 @@ so q/k rows are permuted per head on the way in and back on the way out. Attenti
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -221,13 +222,20 @@ def load_hf_llama(
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    check_hf_folder(name_or_path, key)
+    local = check_hf_folder(name_or_path, key)
+    if local is not None and local.get("model_type") not in LLAMA_MODEL_TYPES:
+        # said before transformers parses it: a model_type it does not know is a page-long error there
+        config_from_hf(SimpleNamespace(**local), source=name_or_path, key=key)
     try:
         hf_config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise RecipeError(
-            f"cannot load a Hugging Face config from {name_or_path!r}: {first_line(e)}", key=key
-        ) from None
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as e:  # transformers' own checks of config.json raise these
+        where = "its config.json" if local is not None else "is no local folder, and as a Hub id"
+        raise RecipeError(f"{name_or_path!r}: {where}: {first_line(e)}", key=key) from None
     cfg = config_from_hf(hf_config, source=name_or_path, key=key)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its multi-line "newly initialized" warning: said in one line below
