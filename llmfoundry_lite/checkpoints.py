@@ -3,11 +3,13 @@
 One locator and one loader for everything that starts from a run's checkpoint (``glue``, ``export``). A path is
 a checkpoint file, or a run's save folder: then its ``latest-rank0.pt`` (Composer's symlink), else the newest
 complete ``*.pt`` in it. Sharded (FSDP) checkpoints are folders of shards that only Composer reads back; they are
-refused with a message saying how to save a monolithic one.
+refused with a message saying how to save a monolithic one. ``check_hf_folder`` is the other side's check: a
+Hugging Face model folder (``init_from_hf``, ``generate HF_DIR``), told apart from a Composer checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 from collections.abc import Mapping
@@ -61,6 +63,12 @@ def find_checkpoint(path: str | os.PathLike, key: str = "checkpoint") -> Path:
         raise RecipeError(
             f"{str(path)!r} is a sharded (FSDP) checkpoint; save a monolithic one "
             "(fsdp state_dict_type: full) and point to it",
+            key=key,
+        )
+    if (p / "config.json").is_file():
+        raise RecipeError(
+            f"{str(path)!r} is a Hugging Face model folder (config.json), not a Composer checkpoint; use it as "
+            "init_from_hf (model.init_from_hf, glue.init_from_hf) or with `generate`, or point to a run's *.pt",
             key=key,
         )
     raise RecipeError(f"no Composer checkpoint (*.pt) in folder {str(path)!r}", key=key)
@@ -125,3 +133,90 @@ def check_weights_match(
                 f"{source}: {k} has shape {tuple(v.shape)} but the model has {tuple(own[k].shape)}{tail}",
                 key=key,
             )
+
+
+# What transformers' save_pretrained writes as weights: one file, or shards listed by an index.
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def looks_like_hub_name(path: str) -> bool:
+    """Whether ``path`` could be a Hub repo id (``name`` or ``org/name``) rather than a local path."""
+    return (
+        not os.path.exists(os.path.expanduser(path))
+        and not path.startswith(("/", ".", "~"))
+        and path.count("/") <= 1
+    )
+
+
+def check_hf_folder(path: str, key: str) -> dict[str, Any] | None:
+    """config.json of the Hugging Face model folder ``path``; a one-line RecipeError (``key``) when it is not one.
+
+    Said before transformers is asked, whose errors here are tracebacks or pages long: a Composer checkpoint given
+    instead, no config.json, config.json without weights, a sharded index naming a missing shard. A Hub name
+    gives None (transformers resolves it).
+    """
+    if looks_like_hub_name(path):
+        return None
+    p = Path(os.path.expanduser(path))
+    export_hint = (
+        "export it first (llmfoundry-lite export CHECKPOINT HF_DIR), or give it where a Composer checkpoint goes "
+        "(load_path with load_weights_only: true; glue.checkpoint)"
+    )
+    if not p.exists():
+        raise RecipeError(f"no such Hugging Face model folder {path!r}", key=key)
+    if p.is_file():
+        hint = export_hint if is_complete(p) else "give the folder holding config.json and the weights"
+        what = "a Composer checkpoint file" if is_complete(p) else "a file"
+        raise RecipeError(f"{path!r} is {what}, not a Hugging Face model folder; {hint}", key=key)
+    config_file = p / "config.json"
+    if not config_file.is_file():
+        if any(p.glob("*.pt")) or (p / ".metadata").exists():
+            raise RecipeError(
+                f"{path!r} is a Composer checkpoint folder, not a Hugging Face model folder; {export_hint}",
+                key=key,
+            )
+        raise RecipeError(f"{path!r} has no config.json: not a Hugging Face model folder", key=key)
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"cannot read {str(config_file)!r}: {first_line(e)}", key=key) from None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise RecipeError(
+            f"{str(config_file)!r} has no model_type: not a transformers model config (save the model with "
+            "save_pretrained)",
+            key=key,
+        )
+    for name in HF_WEIGHT_FILES:
+        index = p / (name + ".index.json")
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise RecipeError(
+                    f"cannot read the shard index {str(index)!r}: {first_line(str(e))}", key=key
+                ) from None
+            missing = [s for s in shards if not (p / s).is_file()]
+            if missing:
+                raise RecipeError(
+                    f"{str(index)!r} lists {len(missing)} shard(s) not in the folder (e.g. {missing[0]!r}); copy "
+                    "every shard next to it",
+                    key=key,
+                )
+            return config
+        if (p / name).is_file():
+            return config
+    raise RecipeError(
+        f"{path!r} has a config.json but no weights ({' or '.join(HF_WEIGHT_FILES)}, or a sharded *.index.json); "
+        "copy the weights into the folder",
+        key=key,
+    )
+
+
+def refuse_missing_weights(source: str, missing: list[str], key: str) -> None:
+    """One-line RecipeError when a Hugging Face checkpoint lacks weights (transformers would make them random)."""
+    if missing:
+        raise RecipeError(
+            f"{source!r} lacks {len(missing)} of the model's weights (e.g. {sorted(missing)[0]!r}); the checkpoint "
+            "is incomplete",
+            key=key,
+        )

@@ -136,6 +136,25 @@ def test_mosaic_bert_reimports_bit_for_bit(mosaic, mosaic_hf):
     assert all(getattr(cfg, k) == getattr(model.cfg, k) for k in science)
 
 
+def test_mosaic_bert_padding_does_not_change_the_real_tokens_logits(mosaic, mosaic_hf):
+    """Each row of a padded batch (attention_mask zeros, rows beyond alibi_starting_size) through the exported
+    folder's remote code gives the logits of that row alone, unpadded; so does a batch without token_type_ids."""
+    from transformers import AutoModelForMaskedLM
+
+    _, _, tok = mosaic
+    hf = AutoModelForMaskedLM.from_pretrained(mosaic_hf, trust_remote_code=True).eval()
+    batch = _text_batch(tok)
+    assert not batch["attention_mask"].all()
+    with torch.no_grad():
+        padded = hf(**batch).logits
+        for row, mask in enumerate(batch["attention_mask"]):
+            n = int(mask.sum())
+            alone = hf(**{k: v[row : row + 1, :n] for k, v in batch.items()}).logits[0]
+            assert (padded[row, :n] - alone).abs().max().item() <= 1e-5, row
+        no_types = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(no_types, padded)  # token type 0 is the default
+
+
 def test_fill_mask_pipeline_and_model_card(mosaic, mosaic_hf):
     from transformers import pipeline
 

@@ -265,7 +265,7 @@ def test_composer_wrapped_names_load_and_unknown_names_are_listed(published, tmp
     msg = str(e.value)
     assert "bert.encoder.layer.0.mlp.extra.weight" in msg and "pooler" not in msg and "\n" not in msg
     missing = {k: v for k, v in sd.items() if "layer.1.mlp.wo.bias" not in k}
-    with pytest.raises(RecipeError, match=r"layers\.1\.ffn\.down\.bias"):
+    with pytest.raises(RecipeError, match=r"lacks 1 .*bert\.encoder\.layer\.1\.mlp\.wo\.bias"):
         BertEncoder.from_hf(str(write_published(tmp_path / "missing", missing, hc, "bin")))
 
 
@@ -378,7 +378,9 @@ def _rewrite_config(folder: pathlib.Path, **changes) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
-def test_transformers5_rope_parameters_import_and_real_scaling_is_refused(llama_tokenizer_dir, tmp_path):
+def test_transformers5_rope_parameters_import_and_unimplemented_scaling_is_refused(
+    llama_tokenizer_dir, tmp_path
+):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(llama_tokenizer_dir)
@@ -394,10 +396,18 @@ def test_transformers5_rope_parameters_import_and_real_scaling_is_refused(llama_
         ours = model({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
         ref = hf(ids).logits
     assert ((ours if isinstance(ours, torch.Tensor) else ours.logits) - ref).abs().max() <= 1e-4
+    # linear (and llama3) scaling import, from either layout (tests/test_hf_interop.py compares their logits)
     for field, block in [
         ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}),
-        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 50000.0}),
         ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),  # 4.x style
+    ]:
+        _rewrite_config(tmp_path / "hf", **{"rope_parameters": None, "rope_scaling": None, field: block})
+        model = registry.build("models", {"name": "llama", "init_from_hf": str(tmp_path / "hf")}, "model",
+                               tokenizer=tok)  # fmt: skip
+        assert model.cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    for field, block in [
+        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 50000.0}),
+        ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}),  # 4.x style
     ]:
         _rewrite_config(tmp_path / "hf", **{"rope_parameters": None, "rope_scaling": None, field: block})
         with pytest.raises(RecipeError) as e:

@@ -11,7 +11,6 @@ A decoder's tokens are printed as they come; an MLM checkpoint prints the top-k 
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -33,27 +32,41 @@ class Generator:
     tokenizer: Any
 
 
+# Any of these in a folder makes AutoTokenizer.from_pretrained(folder) work.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
 def _from_hf_folder(folder: pathlib.Path, tokenizer: Optional[str]) -> Generator:
     from llmfoundry_lite.apps.export import _tokenizer
+    from llmfoundry_lite.checkpoints import check_hf_folder
+    from llmfoundry_lite.models.llama.hf_adapter import LLAMA_MODEL_TYPES
 
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    config = check_hf_folder(str(folder), key="CHECKPOINT") or {}
+    model_type = config.get("model_type")
+    if model_type not in (*LLAMA_MODEL_TYPES, "bert", "mosaic_bert"):
+        arch = ", ".join(config.get("architectures") or []) or "none given"
+        raise RecipeError(
+            f"{folder}: model_type {model_type!r} (architectures: {arch}) cannot generate here (llama, mistral, "
+            "bert and mosaic_bert folders can)",
+            key="CHECKPOINT",
+        )
+    if tokenizer is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise RecipeError(
+            f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}); pass --tokenizer DIR",
+            key="--tokenizer",
+        )
     tok = _tokenizer(tokenizer or str(folder))
-    if model_type == "llama":
+    if model_type in LLAMA_MODEL_TYPES:
         from llmfoundry_lite.models.llama import ComposerLlama, load_hf_llama
 
         cfg, weights = load_hf_llama(str(folder), key="CHECKPOINT")
         model = ComposerLlama(cfg, tok)
         model.model.load_state_dict(weights)
         return Generator("causal", model.eval(), tok)
-    if model_type in ("bert", "mosaic_bert"):
-        from llmfoundry_lite.models.bert import load_hf_bert
+    from llmfoundry_lite.models.bert import load_hf_bert
 
-        cfg, enc, head = load_hf_bert(str(folder), key="CHECKPOINT")
-        return _mlm(cfg, enc, head, tok, str(folder))
-    raise RecipeError(
-        f"{folder}: model_type {model_type!r} cannot generate here (llama, bert and mosaic_bert folders can)",
-        key="CHECKPOINT",
-    )
+    cfg, enc, head = load_hf_bert(str(folder), key="CHECKPOINT")
+    return _mlm(cfg, enc, head, tok, str(folder))
 
 
 def _mlm(cfg: Any, enc: dict, head: Optional[dict], tok: Any, source: str) -> Generator:

@@ -17,6 +17,11 @@ from llmfoundry_lite import registry
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.ffn_config import FFNConfig, check_ffn, ffn_config
 
+# The RoPE scalings implemented (llama/model.py ``scaled_frequencies``) and the keys each reads.
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 AttnImpl = Literal["auto", "flash", "sdpa"]  # the attention kernel (models/attention.py): an execution choice
 # "fused_layernorm" is the name the MosaicBERT reference YAMLs use (Composer's apex-based FusedLayerNorm, gone
 # from Composer): an alias of the low-precision LayerNorm, which serves the same purpose, so they keep working.
@@ -36,11 +41,16 @@ class LlamaConfig:
     n_layers: int = 12
     n_heads: int = 12
     n_kv_heads: Optional[int] = None  # None = n_heads (multi-head attention); fewer = grouped-query attention
+    # Per-head width when it is not d_model / n_heads (imported checkpoints setting head_dim, e.g. Mistral-Nemo).
+    head_size: Optional[int] = None
     ffn_hidden_size: Optional[int] = None  # None = LLaMA rule from d_model, multiple_of, ffn_dim_multiplier
     multiple_of: int = 256
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE frequency scaling as Hugging Face writes it (set by init_from_hf): {rope_type: linear, factor} or
+    # {rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}.
+    rope_scaling: Optional[dict] = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -58,8 +68,8 @@ class LlamaConfig:
 
     @property
     def head_dim(self) -> int:
-        """Per-head dimension."""
-        return self.d_model // self.n_heads
+        """Per-head dimension: ``head_size``, else d_model / n_heads."""
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def ffn_dim(self) -> int:
@@ -82,7 +92,9 @@ class LlamaConfig:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             if getattr(self, key) <= 0:
                 raise err(key, f"must be a positive integer, got {getattr(self, key)}")
-        if self.d_model % self.n_heads:
+        if self.head_size is not None and self.head_size <= 0:
+            raise err("head_size", f"must be a positive integer, got {self.head_size}")
+        if self.head_size is None and self.d_model % self.n_heads:
             raise err(
                 "n_heads",
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
@@ -96,9 +108,9 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise err(
-                "n_heads",
-                f"head dimension d_model/n_heads = {self.head_dim} is odd; rotary embeddings "
-                "need an even head dimension",
+                "head_size" if self.head_size else "n_heads",
+                f"head dimension {'head_size' if self.head_size else 'd_model/n_heads'} = {self.head_dim} is odd; "
+                "rotary embeddings need an even head dimension",
             )
         if self.ffn_hidden_size is not None and self.ffn_hidden_size <= 0:
             raise err("ffn_hidden_size", f"must be positive, got {self.ffn_hidden_size}")
@@ -106,6 +118,19 @@ class LlamaConfig:
             raise err("norm_eps", f"must be positive, got {self.norm_eps}")
         if self.rope_theta <= 0:
             raise err("rope_theta", f"must be positive, got {self.rope_theta}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type")
+            if kind not in ROPE_SCALING_KEYS:
+                raise err(
+                    "rope_scaling",
+                    f"rope_type {kind!r} is not supported; choose {' or '.join(ROPE_SCALING_KEYS)}",
+                )
+            for name in ROPE_SCALING_KEYS[kind]:
+                value = self.rope_scaling.get(name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise err(
+                        f"rope_scaling.{name}", f"{kind} scaling needs a positive number, got {value!r}"
+                    )
         check_ffn(self.ffn, self.ffn_dim, prefix)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmfoundry_lite import registry
+from llmfoundry_lite.checkpoints import check_hf_folder
 from llmfoundry_lite.errors import RecipeError, first_line, suggest
 
 INSTALL_HINT = 'pip install -e ".[eval]"'
@@ -166,7 +167,9 @@ def build_lm(
 
         model, tok = load_checkpoint_model(path, tokenizer, device)
         return DecoderLM(model, tok, batch_size=batch_size, device=device)
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = (
+        check_hf_folder(str(path), "CHECKPOINT") or {}
+    )  # no weights, a bad index: one line, not a traceback
     if config.get("model_type") == "bert" or any("Bert" in a for a in config.get("architectures") or []):
         raise RecipeError(
             f"{str(path)!r} is a BERT encoder, not a decoder; evaluate an encoder with `llmfoundry-lite glue`",
@@ -179,9 +182,15 @@ def build_lm(
             f'lm-eval\'s hf model cannot load ({e}); run: pip install -e ".[eval]" (or pip install accelerate)',
             key="CHECKPOINT",
         ) from None
-    return HFLM(
-        pretrained=str(path), tokenizer=tokenizer, device=device, batch_size=batch_size, dtype="float32"
-    )
+    try:
+        return HFLM(
+            pretrained=str(path), tokenizer=tokenizer, device=device, batch_size=batch_size, dtype="float32"
+        )
+    except Exception as e:  # a truncated weights file, a config transformers cannot build: the user's folder
+        raise RecipeError(
+            f"cannot load the Hugging Face folder {str(path)!r}: {type(e).__name__}: {first_line(e)}",
+            key="CHECKPOINT",
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from llmfoundry_lite.checkpoints import check_hf_folder, refuse_missing_weights
 from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.models.configs import BertConfig, pad_vocab
 
@@ -129,11 +130,12 @@ def is_mosaic_bert(state_dict: dict[str, Any]) -> bool:
 
 
 def mosaic_bert_state_dicts(
-    sd: dict[str, torch.Tensor], source: str, key: str = "init_from_hf"
+    sd: dict[str, torch.Tensor], source: str, key: str = "init_from_hf", n_layers: Optional[int] = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(encoder, MLM head) state dicts from a published-layout MosaicBERT state dict, renamed by the map.
 
-    A name neither in :data:`MOSAIC_BERT_NAMES` nor in :data:`MOSAIC_BERT_NOT_LOADED` is a RecipeError listing them.
+    A name neither in :data:`MOSAIC_BERT_NAMES` nor in :data:`MOSAIC_BERT_NOT_LOADED` is a RecipeError listing them;
+    with ``n_layers``, so is a weight of those layers (or of an MLM head present in part) that is missing.
     """
     if sd and all(k.startswith("model.") for k in sd):  # saved through Composer's HuggingFaceModel wrapper
         sd = {k[len("model.") :]: v for k, v in sd.items()}
@@ -169,6 +171,15 @@ def mosaic_bert_state_dicts(
             "reads only the embedding (an untied decoder cannot be loaded)",
             key=key,
         )
+    # Every layer's weights, and the whole MLM head when there is one: a missing weight is one line, not a traceback.
+    missing = []
+    for src, dst in MOSAIC_BERT_NAMES.items() if n_layers else ():
+        part, name = (head, dst[len("head.") :]) if dst.startswith("head.") else (enc, dst)
+        if part is head and not head:
+            continue  # no MLM head at all: a sequence-classification checkpoint
+        layers = range(n_layers) if "{i}" in src else (0,)
+        missing += [src.replace("{i}", str(i)) for i in layers if name.replace("{i}", str(i)) not in part]
+    refuse_missing_weights(source, missing, key)
     if dropped:
         say_not_loaded(source, dropped, MOSAIC_BERT_NOT_LOADED)
     return enc, head
@@ -217,7 +228,7 @@ def load_mosaic_bert(
 ) -> tuple[BertConfig, dict, Optional[dict]]:
     """(config, encoder state dict, MLM-head state dict or None) from a published MosaicBERT checkpoint."""
     cfg = mosaic_bert_config(hc, source, key, **overrides)
-    enc, head = mosaic_bert_state_dicts(sd, source, key)
+    enc, head = mosaic_bert_state_dicts(sd, source, key, n_layers=cfg.n_layers)
     extra = cfg.vocab_size - hc["vocab_size"]
     if extra > 0:  # zero rows up to a multiple of 64, as for classic checkpoints
         for part, name in ((enc, "embeddings.word.weight"), (head, "bias")):
@@ -238,7 +249,13 @@ def load_hf_bert(
     A MosaicBERT checkpoint gives an ALiBi/GLU config (``position: alibi``, ``ffn: geglu``); a transformers BERT
     checkpoint the classic one. ``overrides`` set execution/regularisation fields of either.
     """
-    found = read_checkpoint(path_or_name)
+    check_hf_folder(path_or_name, key)
+    try:
+        found = read_checkpoint(path_or_name)
+    except Exception as e:  # a truncated or corrupt weights file: the user's
+        raise RecipeError(
+            f"cannot read the weights of {path_or_name!r}: {type(e).__name__}: {first_line(e)}", key=key
+        ) from None
     if found is not None and is_mosaic_bert(found[1]):
         return load_mosaic_bert(*found, source=path_or_name, key=key, **overrides)
     from transformers import AutoConfig, BertForMaskedLM
@@ -262,6 +279,11 @@ def load_hf_bert(
             "saved by transformers (hub names need internet)",
             key=key,
         ) from None
+    # No MLM head at all is a BertModel checkpoint (GLUE needs none); any other missing weight would be random.
+    missing = sorted(info.get("missing_keys", []))
+    if "cls.predictions.transform.dense.weight" in missing:
+        missing = [k for k in missing if not k.startswith("cls.")]
+    refuse_missing_weights(path_or_name, missing, key)
     dropped: dict[str, int] = {}
     for name in info.get("unexpected_keys", []):
         prefix = next((p for p in CLASSIC_NOT_LOADED if name.startswith(p)), name)

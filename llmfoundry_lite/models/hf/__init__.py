@@ -18,8 +18,9 @@ from composer.models import HuggingFaceModel
 from torch import nn
 
 from llmfoundry_lite.batch import IGNORE_INDEX
+from llmfoundry_lite.checkpoints import check_hf_folder, refuse_missing_weights
 from llmfoundry_lite.compat import no_split_module_names
-from llmfoundry_lite.errors import RecipeError
+from llmfoundry_lite.errors import RecipeError, first_line
 from llmfoundry_lite.models.accounting import TransformerFlops, count_params, layer_shape, parameter_counts
 from llmfoundry_lite.models.schema import vocab_size_from
 from llmfoundry_lite.models.spec import FamilySpec, register_family
@@ -160,13 +161,27 @@ class HFCausalLM(HuggingFaceModel):
         return self.flops.per_batch(batch)
 
 
-def _from_pretrained(cls: Any, path: str, **kw: Any) -> Any:
+def _from_pretrained(cls: Any, path: str, optional: tuple[str, ...] = (), **kw: Any) -> Any:
+    """``cls.from_pretrained(path)`` with every weight present (transformers would fill a missing one with random
+    values and only warn) but those under the ``optional`` prefixes (a head trained fresh); one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    key = "model.init_from_hf"
+    check_hf_folder(path, key)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line "newly initialized" warning: said in one line below
+    # Any failure here is in the user's files (a truncated weights file, a shape unlike the config's) or name.
     try:
-        return cls.from_pretrained(path, **kw)
-    except (OSError, ValueError) as e:
+        model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
+    except Exception as e:
         raise RecipeError(
-            f"cannot load a Hugging Face checkpoint from {path!r}: {e}", key="model.init_from_hf"
+            f"cannot load a Hugging Face checkpoint from {path!r}: {type(e).__name__}: {first_line(e)}",
+            key=key,
         ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    refuse_missing_weights(path, [k for k in info.get("missing_keys", []) if not k.startswith(optional)], key)
+    return model
 
 
 def build_hf_bert(
@@ -195,6 +210,7 @@ def build_hf_bert(
         model = _from_pretrained(
             BertForMaskedLM,
             init_from_hf,
+            optional=("cls.",),  # a BertModel checkpoint: the MLM head starts fresh
             attn_implementation=attn_implementation,
             attention_probs_dropout_prob=attention_dropout,
             hidden_dropout_prob=hidden_dropout,

@@ -6,14 +6,15 @@ so q/k rows are permuted per head on the way in and back on the way out. Attenti
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Optional
 
 import torch
 
+from llmfoundry_lite.checkpoints import check_hf_folder, refuse_missing_weights
 from llmfoundry_lite.errors import RecipeError, first_line
-from llmfoundry_lite.models.configs import LlamaConfig
+from llmfoundry_lite.models.configs import ROPE_SCALING_KEYS, LlamaConfig
 
 
 def rope_permutation(head_dim: int) -> torch.Tensor:
@@ -22,62 +23,95 @@ def rope_permutation(head_dim: int) -> torch.Tensor:
     return torch.stack((torch.arange(half), torch.arange(half) + half), dim=1).flatten()
 
 
-def rope_theta_from_hf(hf_config: Any, key: str = "model.init_from_hf") -> float:
-    """RoPE base of a HF Llama config; RecipeError for any RoPE scaling but ``default``.
+def rope_from_hf(
+    hf_config: Any, key: str = "model.init_from_hf", where: str = ""
+) -> tuple[float, Optional[dict[str, Any]]]:
+    """RoPE base and scaling (None, or LlamaConfig's ``rope_scaling``) of a HF Llama config; RecipeError for a
+    scaling we do not implement (``where`` starts the message).
 
     transformers 4.x writes a top-level ``rope_theta`` (and ``rope_scaling``), 5.x ``rope_parameters:
-    {rope_type, rope_theta}`` only; both are read.
+    {rope_type, rope_theta, ...}`` only; both are read.
     """
-    blocks = []
+    blocks, scaling = [], None
     for name in ("rope_parameters", "rope_scaling"):
         block = getattr(hf_config, name, None)
         if block is None:
             continue
         if not isinstance(block, Mapping) or any(isinstance(v, Mapping) for v in block.values()):
-            raise RecipeError(f"{name}={block!r} (per-layer-type RoPE) is not supported", key=key)
+            raise RecipeError(f"{where}{name}={block!r} (per-layer-type RoPE) is not supported", key=key)
+        blocks.append(block)
         kind = block.get("rope_type", block.get("type", "default"))
-        if kind != "default":
+        if kind == "default":
+            continue
+        needs = ROPE_SCALING_KEYS.get(kind)
+        if needs is None or any(block.get(k) is None for k in needs):
             raise RecipeError(
-                f"RoPE scaling {kind!r} ({name}={dict(block)!r}) is not supported: only unscaled RoPE "
-                "(rope_type: default) imports",
+                f"{where}RoPE scaling {kind!r} ({name}={dict(block)!r}) is not supported: unscaled RoPE, "
+                f"{' and '.join(ROPE_SCALING_KEYS)} (with {', '.join(ROPE_SCALING_KEYS['llama3'])}) import",
                 key=key,
             )
-        blocks.append(block)
+        scaling = {"rope_type": kind, **{k: block[k] for k in needs}}
     # 5.x keeps theta only in rope_parameters; 4.x would fill a missing top-level rope_theta with its default
     # (10000), so the value under rope_parameters wins.
     for block in blocks:
         if block.get("rope_theta") is not None:
-            return float(block["rope_theta"])
+            return float(block["rope_theta"]), scaling
     theta = getattr(hf_config, "rope_theta", None)
     if theta is None:
-        raise RecipeError("the config has no rope_theta (top-level or in rope_parameters)", key=key)
-    return float(theta)
+        raise RecipeError(f"{where}the config has no rope_theta (top-level or in rope_parameters)", key=key)
+    return float(theta), scaling
 
 
-def config_from_hf(hf_config: Any, **overrides: Any) -> LlamaConfig:
-    """LlamaConfig from a transformers LlamaConfig; RecipeError for features we do not implement."""
-    key = "model.init_from_hf"
-    if getattr(hf_config, "model_type", None) != "llama":
+# Architectures whose weights and forward are LlamaForCausalLM's (Mistral: when no sliding window is in effect).
+LLAMA_MODEL_TYPES = ("llama", "mistral")
+
+
+def config_from_hf(
+    hf_config: Any, *, source: Optional[str] = None, key: str = "model.init_from_hf", **overrides: Any
+) -> LlamaConfig:
+    """LlamaConfig from a transformers LlamaConfig; a one-line RecipeError for features we do not implement.
+
+    ``source`` (the folder or hub name) starts each message; ``overrides`` set LlamaConfig fields.
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    arch = ", ".join(getattr(hf_config, "architectures", None) or []) or "none given"
+    where = f"{source}: " if source else ""
+
+    def refuse(what: str) -> RecipeError:
+        return RecipeError(f"{where}{what} is not supported (architectures: {arch})", key=key)
+
+    if model_type not in LLAMA_MODEL_TYPES:
         raise RecipeError(
-            f"not a Llama checkpoint (model_type={getattr(hf_config, 'model_type', None)!r})", key=key
+            f"{where}not a Llama checkpoint (model_type={model_type!r}, architectures: {arch}); only "
+            f"{' and '.join(LLAMA_MODEL_TYPES)} checkpoints import",
+            key=key,
         )
-    rope_theta = rope_theta_from_hf(hf_config, key)
-    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-        raise RecipeError("checkpoints with attention/MLP biases are not supported", key=key)
+    rope_theta, rope_scaling = rope_from_hf(hf_config, key, where)
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, name, False):
+            raise refuse(f"{name}=true (biases)")
     if getattr(hf_config, "hidden_act", "silu") != "silu":
-        raise RecipeError(f"hidden_act={hf_config.hidden_act!r} is not supported (only silu)", key=key)
+        raise refuse(f"hidden_act={hf_config.hidden_act!r} (only silu)")
     head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim is not None and head_dim * hf_config.num_attention_heads != hf_config.hidden_size:
-        raise RecipeError("head_dim * num_attention_heads != hidden_size is not supported", key=key)
+    if head_dim is not None and head_dim * hf_config.num_attention_heads == hf_config.hidden_size:
+        head_dim = None  # the usual width: nothing to keep
+    window = getattr(hf_config, "sliding_window", None)
+    if model_type == "mistral" and window is not None and window < hf_config.max_position_embeddings:
+        raise refuse(
+            f"sliding-window attention (sliding_window={window} < max_position_embeddings="
+            f"{hf_config.max_position_embeddings})"
+        )
     return LlamaConfig(
         vocab_size=hf_config.vocab_size,
         d_model=hf_config.hidden_size,
         n_layers=hf_config.num_hidden_layers,
         n_heads=hf_config.num_attention_heads,
         n_kv_heads=hf_config.num_key_value_heads,
+        head_size=head_dim,
         ffn_hidden_size=hf_config.intermediate_size,
         norm_eps=hf_config.rms_norm_eps,
         rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         max_seq_len=hf_config.max_position_embeddings,
         tie_embeddings=bool(hf_config.tie_word_embeddings),
         init_std=hf_config.initializer_range,
@@ -102,7 +136,7 @@ def hf_config_dict(cfg: LlamaConfig, tokenizer: Any = None) -> dict[str, Any]:
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -181,18 +215,40 @@ def state_dict_to_hf(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[s
 def load_hf_llama(
     name_or_path: str, key: str = "model.init_from_hf"
 ) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Config and (our-layout) weights of a Hugging Face Llama checkpoint: a local folder or a hub name."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Config and (our-layout) weights of a Hugging Face Llama checkpoint: a local folder or a hub name.
 
-    if os.path.sep in name_or_path or name_or_path.startswith("."):
-        if not os.path.isdir(name_or_path):
-            raise RecipeError(f"no such checkpoint folder {name_or_path!r}", key=key)
+    Every weight must be in the checkpoint: transformers would fill a missing one with random values.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    local = check_hf_folder(name_or_path, key)
+    if local is not None and local.get("model_type") not in LLAMA_MODEL_TYPES:
+        # said before transformers parses it: a model_type it does not know is a page-long error there
+        config_from_hf(SimpleNamespace(**local), source=name_or_path, key=key)
     try:
         hf_config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ) as e:  # transformers' own checks of config.json raise these
+        where = "its config.json" if local is not None else "is no local folder, and as a Hub id"
+        raise RecipeError(f"{name_or_path!r}: {where}: {first_line(e)}", key=key) from None
+    cfg = config_from_hf(hf_config, source=name_or_path, key=key)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line "newly initialized" warning: said in one line below
+    # Any failure here is in the user's files: a truncated or corrupt weights file, a shape unlike the config's.
+    try:
+        hf_model, info = AutoModelForCausalLM.from_pretrained(
+            name_or_path, torch_dtype=torch.float32, output_loading_info=True
+        )
+    except Exception as e:
         raise RecipeError(
-            f"cannot load a Hugging Face config from {name_or_path!r}: {first_line(e)}", key=key
+            f"cannot load the weights of {name_or_path!r}: {type(e).__name__}: {first_line(e)}", key=key
         ) from None
-    cfg = config_from_hf(hf_config)
-    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, torch_dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    refuse_missing_weights(name_or_path, info.get("missing_keys") or [], key)
     return cfg, state_dict_from_hf(hf_model.state_dict(), cfg)

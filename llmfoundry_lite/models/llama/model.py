@@ -78,10 +78,11 @@ class RotaryEmbedding(nn.Module):
     the q/k projection rows accordingly (``hf_adapter.rope_permutation``); attention scores are unchanged.
     """
 
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, head_dim: int, theta: float, scaling: Optional[Mapping[str, Any]] = None):
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = scaling
         self._cache: dict[torch.device, torch.Tensor] = {}  # not a buffer: nothing to checkpoint or shard
 
     def forward(self, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -96,10 +97,28 @@ class RotaryEmbedding(nn.Module):
                 torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
             )
             inv_freq = 1.0 / (self.theta**exponent)
+            if self.scaling is not None:
+                inv_freq = scaled_frequencies(inv_freq, self.scaling)
             angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
             cis = torch.polar(torch.ones_like(angles), angles)[:, None, :]
             cached = self._cache[device] = torch.view_as_real(cis)
         return cached[:seq_len]
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: Mapping[str, Any]) -> torch.Tensor:
+    """RoPE frequencies under Hugging Face's ``linear`` or ``llama3`` scaling, computed as transformers does."""
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # long wavelengths slowed down by the factor, short ones kept, the band between interpolated
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -233,7 +252,7 @@ class LlamaDecoder(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = (TiedEmbedding if cfg.tie_embeddings else nn.Embedding)(cfg.vocab_size, cfg.d_model)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(
