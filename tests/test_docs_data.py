@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from llmfoundry_lite.data.corpus import embedded_documents
+from llmfoundry_lite.data.finetune import CHAT_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "data.md").read_text()
@@ -48,7 +49,7 @@ def _layout(tmp: Path, tok_dir: str) -> None:
     (tmp / "tok").symlink_to(tok_dir)
 
 
-@pytest.mark.timeout(900)  # eight CLI runs, one of them a (2-batch) training run
+@pytest.mark.timeout(900)  # nine CLI runs, one of them a (2-batch) training run
 def test_docs_data_commands_run_as_written(tmp_path, llama_tokenizer_dir, llama_tok):
     from test_finetune import _hf_llama, _pairs  # tests/ is on sys.path (rootdir-relative imports)
     from typer.testing import CliRunner
@@ -56,7 +57,7 @@ def test_docs_data_commands_run_as_written(tmp_path, llama_tokenizer_dir, llama_
     from llmfoundry_lite.data.cli import data_app
 
     commands = doc_commands()
-    assert [c.split()[1] for c in commands] == ["data"] * 6 + ["train", "export"]
+    assert [c.split()[1] for c in commands] == ["data"] * 6 + ["train", "export", "generate"]
     _layout(tmp_path, llama_tokenizer_dir)
     _hf_llama(llama_tok, tmp_path / "hf-llama", positions=512)  # the docs' --max-seq-len
     (tmp_path / "instruct.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _pairs(40)))
@@ -72,9 +73,16 @@ def test_docs_data_commands_run_as_written(tmp_path, llama_tokenizer_dir, llama_
             argv += ["global_train_batch_size=2", "device_train_microbatch_size=2", "device_eval_batch_size=2",
                      "max_duration=2ba", "eval_interval=2ba", "eval_subset_num_batches=1", "save_interval=2ba",
                      "precision=fp32", "train_loader.num_workers=0", "eval_loader.num_workers=0", "callbacks={}"]  # fmt: skip
+        if argv[1] == "generate":  # the docs' chat-finetuned model: its tokenizer carries a chat template
+            config = tmp_path / "hf-llama-instruct" / "tokenizer_config.json"
+            config.write_text(
+                json.dumps({**json.loads(config.read_text()), "chat_template": CHAT_TEMPLATES["zephyr"]})
+            )
         out = subprocess.run([sys.executable, "-m", "llmfoundry_lite.cli", *argv[1:]], capture_output=True,
                              text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})  # fmt: skip
         assert out.returncode == 0, f"{cmd}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        if argv[1] == "generate":
+            assert out.stdout.startswith("Bread in French?\n"), out.stdout
     for d in ("c4", "c4-train", "rp", "fw", "c4-hf", "instruct"):
         assert (tmp_path / "data" / d / "train" / "index.json").is_file(), d
     assert (tmp_path / "data" / "c4" / "val" / "index.json").is_file()

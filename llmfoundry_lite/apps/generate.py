@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from llmfoundry_lite.apps.chat import ChatPrompt, StopText, chat_prompt
 from llmfoundry_lite.batch import IGNORE_INDEX
 from llmfoundry_lite.errors import RecipeError
 
@@ -128,13 +129,13 @@ class _Stream:
     def __init__(self, tok: Any, write: Callable[[str], None]):
         self.tok, self.write, self.ids, self.shown = tok, write, [], ""
 
-    def __call__(self, nxt: Any) -> None:
+    def __call__(self, nxt: Any) -> Optional[bool]:
         self.ids.append(int(nxt[0]))
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for its end
             return
-        self.write(text[len(self.shown) :])
-        self.shown = text
+        new, self.shown = text[len(self.shown) :], text
+        return self.write(new) is True  # a stop text's writer says when it has seen it
 
 
 def complete(
@@ -146,22 +147,30 @@ def complete(
     top_p: Optional[float] = None,
     seed: int = 42,
     write: Optional[Callable[[str], None]] = None,
+    chat: Optional[ChatPrompt] = None,
 ) -> list[int]:
-    """New token ids continuing ``prompt`` (batch 1); ``write`` receives the text as it is generated."""
+    """New token ids continuing ``prompt`` (batch 1); ``write`` receives the text as it is generated.
+
+    ``chat``: generate the reply to ``prompt`` as a chat turn (:func:`llmfoundry_lite.apps.chat.chat_prompt`),
+    ending at the template's end of turn (not written).
+    """
     import torch
 
-    ids = torch.tensor([gen.tokenizer(prompt)["input_ids"]], dtype=torch.long)
-    on_token = _Stream(gen.tokenizer, write) if write is not None else None
+    ids = torch.tensor([chat.ids if chat else gen.tokenizer(prompt)["input_ids"]], dtype=torch.long)
+    stop = StopText(chat.stop_text, write or (lambda _: None)) if chat and chat.stop_text else None
+    sink = stop or write
     out = gen.model.generate(
         ids,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        eos_token_id=gen.tokenizer.eos_token_id,
+        eos_token_id=chat.stop_ids if chat else gen.tokenizer.eos_token_id,
         generator=torch.Generator().manual_seed(seed),
-        on_token=on_token,
+        on_token=_Stream(gen.tokenizer, sink) if sink is not None else None,
     )
+    if stop is not None:
+        stop.flush()
     return out[0, ids.shape[1] :].tolist()
 
 
@@ -215,9 +224,20 @@ def run_generate(
     recipe: Optional[str] = None,
     stream: Any = None,
     k: Optional[int] = None,
+    chat: bool = False,
+    system: Optional[str] = None,
+    chat_template: Optional[str] = None,
 ) -> None:
-    """The verb: load once, then print each prompt's continuation as it comes (or its masks' top-k fillers)."""
+    """The verb: load once, then print each prompt's continuation as it comes (or its masks' top-k fillers).
+
+    ``chat``: each prompt is a user turn (after ``system``) and the model's reply is printed under it.
+    """
     stream = stream or sys.stdout
+    if not chat and (system is not None or chat_template is not None):
+        raise RecipeError(
+            f"{'--system' if system is not None else '--chat-template'} shapes a chat turn; add --chat",
+            key="--chat",
+        )
     if max_new_tokens < 1:
         raise RecipeError(f"must be at least 1, got {max_new_tokens}", key="--max-new-tokens")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -228,6 +248,10 @@ def run_generate(
         raise RecipeError(f"must be >= 0, got {top_k}", key="--top-k")
     gen = load_generator(source, tokenizer, recipe, k)
     top_k = top_k if top_k is not None else DEFAULT_TOP_K[gen.kind]
+    if chat and gen.kind == "mlm":
+        raise RecipeError(
+            f"{source} is a masked language model (it fills [MASK]); --chat needs a decoder", key="--chat"
+        )
 
     def write(text: str) -> None:
         stream.write(text)
@@ -239,6 +263,11 @@ def run_generate(
             write(f"{prompt}\n")
             for n, fillers in enumerate(masks, 1):
                 write(f"  mask {n}: " + "  ".join(f"{t} {p:.3f}" for t, p in fillers) + "\n")
+        elif chat:
+            turn = chat_prompt(gen.tokenizer, prompt, system, chat_template)
+            write(f"{prompt}\n")
+            complete(gen, prompt, max_new_tokens, temperature, top_k or None, top_p, seed, write, turn)
+            write("\n")
         else:
             write(prompt)
             complete(gen, prompt, max_new_tokens, temperature, top_k or None, top_p, seed, write)
@@ -275,6 +304,13 @@ def register_cli(app: Any) -> None:
         k: Optional[int] = typer.Option(
             None, "--k", help="SMoE-Dropout models: experts per token (default: the checkpoint's model.ffn.k)"
         ),
+        chat: bool = typer.Option(
+            False, "--chat", help="each prompt is a user turn of a chat-finetuned model; prints its reply"
+        ),
+        system: Optional[str] = typer.Option(None, help="with --chat: a system turn before each prompt"),
+        chat_template: Optional[str] = typer.Option(
+            None, help="with --chat, for a tokenizer without one: chatml, llama3, llama2 or zephyr"
+        ),
     ) -> None:
         """Generate text from a checkpoint or HF folder (tokens streamed), or fill [MASK] with an MLM."""
         run_generate(
@@ -288,4 +324,7 @@ def register_cli(app: Any) -> None:
             tokenizer,
             recipe,
             k=k,
+            chat=chat,
+            system=system,
+            chat_template=chat_template,
         )

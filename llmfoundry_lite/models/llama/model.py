@@ -18,9 +18,9 @@ import contextlib
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -444,22 +444,32 @@ class ComposerLlama(ComposerModel):
         max_new_tokens: int = 32,
         temperature: float = 1.0,
         top_k: Optional[int] = None,
-        eos_token_id: Optional[int] = None,
+        eos_token_id: Optional[Union[int, Sequence[int]]] = None,
         generator: Optional[torch.Generator] = None,
         stop_early: bool = True,
         top_p: Optional[float] = None,
         use_cache: bool = True,
-        on_token: Optional[Callable[[torch.Tensor], None]] = None,
+        on_token: Optional[Callable[[torch.Tensor], Optional[bool]]] = None,
     ) -> torch.Tensor:
         """Sample continuations of ``input_ids`` (B, S) (temperature 0 = greedy); returns prompt + new tokens.
 
         With ``use_cache`` the prompt runs once (prefill) and each step feeds only the newest token, reading
         earlier keys/values from a KVCache; past ``max_seq_len`` a step recomputes the last ``max_seq_len``
         tokens, as without the cache. ``top_k``/``top_p`` filter the distribution before sampling;
-        ``on_token`` gets each step's new tokens (B,), for streaming.
+        ``on_token`` gets each step's new tokens (B,), for streaming, and ends generation by returning True.
+        ``eos_token_id``: one stop id or several; a finished sequence is padded with the first.
         """
         ids = input_ids
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        # Several stop ids: a chat model ends its turn with its template's end-of-turn token, not always EOS.
+        stop_ids = (
+            []
+            if eos_token_id is None
+            else [eos_token_id]
+            if isinstance(eos_token_id, int)
+            else list(eos_token_id)
+        )
+        stops = torch.tensor(stop_ids, device=ids.device) if stop_ids else None
         max_len = self.cfg.max_seq_len
         cache = KVCache(self.cfg.n_layers, min(max_len, ids.shape[1] + max_new_tokens)) if use_cache else None
         for _ in range(max_new_tokens):
@@ -468,13 +478,13 @@ class ComposerLlama(ComposerModel):
             else:
                 logits = self.model(ids[:, -max_len:], last_logits_only=True)
             nxt = sample_next(logits[:, -1].float(), temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done = done | (nxt == eos_token_id)
+            if stops is not None:
+                nxt = torch.where(done, torch.full_like(nxt, int(stops[0])), nxt)
+                done = done | torch.isin(nxt, stops)
             ids = torch.cat((ids, nxt[:, None]), dim=1)
-            if on_token is not None:
-                on_token(nxt)
-            if stop_early and eos_token_id is not None and bool(done.all()):
+            if on_token is not None and on_token(nxt) is True:  # the caller saw its stop text
+                break
+            if stop_early and stops is not None and bool(done.all()):
                 break
         return ids
 
