@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from test_finetune_real import _runs  # tests/ is on sys.path (rootdir-relative imports)
 
 from llmfoundry_lite import registry
 from llmfoundry_lite.data.convert import convert
@@ -156,14 +157,7 @@ def test_chat_labels_every_assistant_turn_and_nothing_else(tmp_path, chat_tok_di
     for (ids, labels), row in zip(examples, rows):
         # The conversation is the tokenizer's own template, as transformers renders it.
         assert tok.decode(ids) == tok.apply_chat_template(row["messages"], tokenize=False)
-        runs, cur = [], []  # labelled runs, token by token
-        for i, lab in zip(ids, labels):
-            assert lab in (-100, i)
-            if lab != -100:
-                cur.append(i)
-            elif cur:
-                runs, cur = [*runs, cur], []
-        runs += [cur] if cur else []
+        runs = _runs(ids, labels)  # labelled runs, token by token
         replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         assert [tok.decode(r) for r in runs] == [f"{c}<|im_end|>\n" for c in replies]
 
