@@ -341,6 +341,12 @@ ROWS = [
         ["load_path", "ep0-ba2-rank0.pt", "not a whole Composer checkpoint"],
     ),
     (
+        "load-path-folder-cut-short",
+        lambda e: ["validate", *llama(e, f"load_path={e['tmp']}/runs/broken")],
+        {},
+        ["load_path", "every checkpoint in", "cut short", "ep0-ba2-rank0.pt"],
+    ),
+    (
         "load-path-empty-folder",
         lambda e: ["validate", *llama(e, f"load_path={e['tmp']}/empty")],
         {},

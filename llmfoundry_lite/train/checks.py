@@ -202,6 +202,13 @@ def checkpoint_to_load(load_path: str | None) -> str | None:
     path = Path(os.path.expanduser(load_path))
     if path.is_dir() and (path / ".metadata").exists():  # sharded: only Composer reads it
         return load_path
+    found = sorted(f.name for f in path.glob("*.pt") if f.is_file()) if path.is_dir() else []
+    if found and not any(is_complete(path / name) for name in found):  # find_checkpoint would say "no *.pt"
+        raise RecipeError(
+            f"every checkpoint in {load_path!r} is cut short ({', '.join(found[:3])}); point load_path at a "
+            "complete checkpoint",
+            key="load_path",
+        )
     file = find_checkpoint(load_path, key="load_path")
     if not is_complete(file):  # torch.load would fail with a zip-format traceback
         raise RecipeError(
