@@ -83,16 +83,17 @@ def clean_name(name: str) -> str:
     return name
 
 
-def load_model_state(path: str | os.PathLike, key: str = "checkpoint") -> dict[str, Any]:
+def load_model_state(path: str | os.PathLike, key: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
     """The model state dict of the Composer checkpoint at ``path`` (file or save folder), names cleaned.
 
-    Entries are tensors, plus any ``_extra_state`` a model stores (e.g. its config).
+    Entries are tensors, plus any ``_extra_state`` a model stores (e.g. its config). ``mmap`` maps the tensors
+    instead of reading them (for a look at names and shapes).
     """
     import torch
 
     file = find_checkpoint(path, key)
     try:  # full unpickling: Composer checkpoints hold Python objects besides tensors
-        ckpt = torch.load(file, map_location="cpu", weights_only=False)
+        ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # truncated, unpicklable, not a torch file
         raise RecipeError(
             f"cannot read checkpoint {str(file)!r}: {type(e).__name__}: {first_line(str(e))}", key=key

@@ -254,3 +254,68 @@ def test_docs_faults_commands_are_valid(capsys):
         assert argv[:2] == ["llmfoundry-lite", "train"], cmd
         args = [a for a in argv[2:] if a not in ("--nproc", "2")]
         assert main(["show", str(ROOT / args[0]), *args[1:]]) == 0, capsys.readouterr().err
+
+
+def test_load_path_of_another_model_is_one_line_before_any_folder(
+    llama_tokenizer_dir, causal_mds_dir, tiny_bert, tmp_path, capsys
+):
+    """A real checkpoint of another shape (or family) given as load_path: one line naming the first mismatching
+    tensor and both shapes, exit 2, and no run folder made; the advice (load_strict_model_weights=false) works."""
+
+    def llama(run_name: str, *extra: str) -> list[str]:
+        return [
+            "train",
+            LLAMA,
+            f"variables.tokenizer_path={llama_tokenizer_dir}",
+            f"variables.data_local={causal_mds_dir}",
+            f"save_folder={tmp_path}/runs/{{run_name}}",
+            f"run_name={run_name}",
+            "model.n_layers=1",
+            "max_duration=1ba",
+            "global_train_batch_size=2",
+            "device_train_microbatch_size=2",
+            "eval_loader=null",
+            "callbacks=null",
+            *extra,
+        ]
+
+    assert main(llama("small", "model.d_model=64")) == 0
+    assert main(["train", QUICKSTART, *tiny_bert(run_name="bert", max_duration="1ba")]) == 0
+    small = tmp_path / "runs" / "small" / "latest-rank0.pt"
+    bert = tmp_path / "runs" / "bert" / "latest-rank0.pt"
+    capsys.readouterr()
+    for extra in ([], ["load_weights_only=true"], ["load_strict_model_weights=false"]):
+        assert main(llama("wide", f"load_path={small}", *extra)) == 2
+        line = one_error_line(capsys)
+        assert f"load_path: {str(small)!r} holds a model of another shape" in line
+        assert "(model.embed.weight: [2000, 64] in the checkpoint, [2000, 128] in this recipe)" in line
+        assert "change the model block to match it" in line
+    assert main(llama("fromsbert", f"load_path={bert}", "load_weights_only=true")) == 2
+    assert "holds another model: no weight in common" in one_error_line(capsys)
+    deeper = ["model.d_model=64", "model.n_layers=2", f"load_path={small}", "load_weights_only=true"]
+    assert main(llama("deeper", *deeper)) == 2
+    line = one_error_line(capsys)
+    assert "lacks 6 of this recipe's model weights (e.g. 'model.blocks.1." in line
+    assert "load_strict_model_weights=false" in line
+    assert not any((tmp_path / "runs" / name).exists() for name in ("wide", "fromsbert", "deeper"))
+    # With an algorithm that replaces modules inside the Trainer, the model is checked as the algorithm left it.
+    assert main(llama("alibi", f"load_path={small}", "algorithms.alibi.max_sequence_length=128")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "holds a model of another shape" in err.strip().splitlines()[-1], err
+    # The advice works, and a run's save folder is a load_path (its latest checkpoint).
+    assert main(llama("deeper", *deeper, "load_strict_model_weights=false")) == 0
+    assert main(llama("same", "model.d_model=64", f"load_path={small.parent}", "load_weights_only=true")) == 0
+    assert f"from the weights of {small.parent}" in capsys.readouterr().out
+
+
+def test_hub_name_as_init_from_hf_validates_offline(llama_tokenizer_dir, causal_mds_dir, network_attempts):
+    """A hub name (not on disk) passes validate: only local folders are checked, without the network."""
+    argv = [
+        "validate",
+        LLAMA,
+        f"variables.tokenizer_path={llama_tokenizer_dir}",
+        f"variables.data_local={causal_mds_dir}",
+        "model.init_from_hf=someorg/some-llama",
+    ]
+    assert main(argv) == 0
+    assert not network_attempts

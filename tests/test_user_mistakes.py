@@ -39,6 +39,10 @@ def env(bert_tokenizer_dir, llama_tokenizer_dir, mlm_mds_dir, causal_mds_dir, tm
     (tmp_path / "hf-short" / "config.json").write_text(
         '{"model_type": "llama", "max_position_embeddings": 16}'
     )
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "hf-no-weights").mkdir()  # a Hugging Face folder's config.json, its weights not copied
+    (tmp_path / "hf-no-weights" / "config.json").write_text('{"model_type": "llama"}')
     # The run folder's lock held as a running `train` holds it (flock: another open file conflicts even here;
     # tests/test_run_safety.py uses two processes).
     holder = RunLock(tmp_path / "runs" / "locked").acquire()
@@ -314,6 +318,63 @@ ROWS = [
         lambda e: ["train", *bert(e, "run_name=broken")],
         {},
         ["save_folder", "unreadable", "to start over"],
+    ),
+    (
+        "load-path-missing",
+        lambda e: ["train", *llama(e, f"load_path={e['tmp']}/base.pt", "max_duration=1ba")],
+        {},
+        ["load_path", "base.pt", "does not exist"],
+    ),
+    (
+        "load-path-not-a-checkpoint",
+        lambda e: ["validate", *llama(e, f"load_path={e['tmp']}/notes.pt")],
+        {},
+        ["load_path", "notes.pt", "not a whole Composer checkpoint"],
+    ),
+    (
+        "load-path-cut-short",
+        lambda e: [
+            "train",
+            *llama(e, f"load_path={e['tmp']}/runs/broken/ep0-ba2-rank0.pt", "max_duration=1ba"),
+        ],
+        {},
+        ["load_path", "ep0-ba2-rank0.pt", "not a whole Composer checkpoint"],
+    ),
+    (
+        "load-path-folder-cut-short",
+        lambda e: ["validate", *llama(e, f"load_path={e['tmp']}/runs/broken")],
+        {},
+        ["load_path", "every checkpoint in", "cut short", "ep0-ba2-rank0.pt"],
+    ),
+    (
+        "load-path-empty-folder",
+        lambda e: ["validate", *llama(e, f"load_path={e['tmp']}/empty")],
+        {},
+        ["load_path", "no Composer checkpoint"],
+    ),
+    (
+        "load-path-hf-folder",
+        lambda e: ["validate", *llama(e, f"load_path={e['tmp']}/hf-short")],
+        {},
+        ["load_path", "Hugging Face model folder", "init_from_hf"],
+    ),
+    (
+        "init-from-hf-no-config",
+        lambda e: ["validate", *llama(e, f"model.init_from_hf={e['tmp']}/empty")],
+        {},
+        ["model.init_from_hf", "no config.json"],
+    ),
+    (
+        "init-from-hf-no-weights",
+        lambda e: ["validate", *llama(e, f"model.init_from_hf={e['tmp']}/hf-no-weights")],
+        {},
+        ["model.init_from_hf", "no weights", "copy the weights"],
+    ),
+    (
+        "init-from-hf-missing",
+        lambda e: ["validate", *llama(e, f"model.init_from_hf={e['tmp']}/hf-gone")],
+        {},
+        ["model.init_from_hf", "no such Hugging Face model folder"],
     ),
     (
         "glue-recipe-to-train",

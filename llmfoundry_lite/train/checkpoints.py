@@ -9,13 +9,14 @@ import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from composer import Trainer
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from llmfoundry_lite.checkpoints import LATEST, is_complete
+from llmfoundry_lite.checkpoints import LATEST, clean_name, is_complete, load_model_state
 from llmfoundry_lite.compat import restore_checkpoint_rng
 from llmfoundry_lite.errors import RecipeError
 from llmfoundry_lite.models.accounting import count_params
@@ -47,6 +48,54 @@ def check_save_folder(folder: str | os.PathLike, need_bytes: int = 0) -> None:
             f"{need_bytes / 2**20:,.0f} MiB; free space or choose another folder",
             key="save_folder",
         )
+
+
+# Composer algorithms that replace modules at Event.INIT, inside the Trainer and before it loads ``load_path``:
+# with them the model built here is not yet the model the checkpoint must fit.
+SURGERY_ALGORITHMS = ("alibi", "gated_linear_units", "stochastic_depth")
+
+
+def _dims(shape: Any) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def check_checkpoint_fits(model: torch.nn.Module, load_path: str, strict: bool = True) -> None:
+    """RecipeError naming ``load_path`` when its model weights cannot load into ``model``: a tensor of another shape,
+    no tensor in common, or (``strict``) a weight one side lacks. Reads names and shapes only (memory-mapped)."""
+    state = load_model_state(load_path, key="load_path", mmap=True)
+    own = {clean_name(k): v for k, v in model.state_dict().items()}
+    fix = "point load_path at a checkpoint of this recipe's model, or change the model block to match it"
+    shared = [
+        k for k, v in own.items() if isinstance(v, torch.Tensor) and isinstance(state.get(k), torch.Tensor)
+    ]
+    if not shared:
+        theirs = next((k for k, v in state.items() if isinstance(v, torch.Tensor)), "none")
+        ours = next((k for k, v in own.items() if isinstance(v, torch.Tensor)), "none")
+        raise RecipeError(
+            f"{load_path!r} holds another model: no weight in common ({theirs!r} in the checkpoint, {ours!r} "
+            f"in this recipe); {fix}",
+            key="load_path",
+        )
+    for k in shared:
+        if tuple(state[k].shape) != tuple(own[k].shape):
+            raise RecipeError(
+                f"{load_path!r} holds a model of another shape ({k}: {_dims(state[k].shape)} in the checkpoint, "
+                f"{_dims(own[k].shape)} in this recipe); {fix}",
+                key="load_path",
+            )
+    if strict:
+        missing = [k for k in own if k not in state]
+        extra = [k for k in state if k not in own]
+        if missing or extra:
+            what = (
+                f"lacks {len(missing)} of this recipe's model weights (e.g. {missing[0]!r})"
+                if missing
+                else f"has {len(extra)} weights this recipe's model lacks (e.g. {extra[0]!r})"
+            )
+            raise RecipeError(
+                f"{load_path!r} {what}; {fix}, or set load_strict_model_weights=false to load the weights they share",
+                key="load_path",
+            )
 
 
 _CKPT_RE = re.compile(r"ep(\d+)-ba(\d+)-rank0\.pt$")

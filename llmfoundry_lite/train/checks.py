@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmfoundry_lite.checkpoints import LATEST, check_hf_folder, find_checkpoint, is_complete
 from llmfoundry_lite.data.checks import check_recipe_data
 from llmfoundry_lite.errors import RecipeError, suggest
 from llmfoundry_lite.recipe import iter_multi
@@ -182,6 +184,55 @@ def check_hf_bert_alibi(data: Mapping[str, Any]) -> None:
     check_alibi_on_hf_bert(data)
 
 
+def resumes_own_checkpoint(data: Mapping[str, Any]) -> bool:
+    """Whether the run will autoresume from checkpoints already in its local save folder (then Composer ignores
+    ``load_path``). Needs the run's ``run_name`` (``train`` sets it before checking); read-only."""
+    save_folder, run_name = data.get("save_folder"), data.get("run_name")
+    if data.get("autoresume") is False or not save_folder or not run_name or "://" in str(save_folder):
+        return False
+    folder = Path(str(save_folder).replace("{run_name}", str(run_name)))
+    return (folder / LATEST).exists() or any(folder.glob("ep*-ba*-rank0.pt"))
+
+
+def checkpoint_to_load(load_path: str | None) -> str | None:
+    """The path Composer loads for ``load_path``: a file as given, a run's save folder's latest checkpoint, a sharded
+    (FSDP) folder as given; a one-line RecipeError for a path that holds no whole Composer checkpoint."""
+    if not load_path or "://" in load_path or "{" in load_path:  # object stores and Composer's format strings
+        return load_path
+    path = Path(os.path.expanduser(load_path))
+    if path.is_dir() and (path / ".metadata").exists():  # sharded: only Composer reads it
+        return load_path
+    found = sorted(f.name for f in path.glob("*.pt") if f.is_file()) if path.is_dir() else []
+    if found and not any(is_complete(path / name) for name in found):  # find_checkpoint would say "no *.pt"
+        raise RecipeError(
+            f"every checkpoint in {load_path!r} is cut short ({', '.join(found[:3])}); point load_path at a "
+            "complete checkpoint",
+            key="load_path",
+        )
+    file = find_checkpoint(load_path, key="load_path")
+    if not is_complete(file):  # torch.load would fail with a zip-format traceback
+        raise RecipeError(
+            f"{str(file)!r} is not a whole Composer checkpoint (cut short while saving, or another kind of file); "
+            "point load_path at a complete checkpoint (e.g. runs/NAME/checkpoints/latest-rank0.pt)",
+            key="load_path",
+        )
+    return str(file)
+
+
+def check_load_path(data: Mapping[str, Any]) -> None:
+    """RecipeError when ``load_path`` names no readable checkpoint (unless the run resumes its own)."""
+    if not resumes_own_checkpoint(data):
+        checkpoint_to_load(data.get("load_path"))
+
+
+def check_init_from_hf(data: Mapping[str, Any]) -> None:
+    """RecipeError when ``model.init_from_hf`` is a local path that is not a Hugging Face model folder (a hub name
+    passes: transformers resolves it when the model is built)."""
+    model = data.get("model")
+    if isinstance(model, Mapping) and isinstance(model.get("init_from_hf"), str):
+        check_hf_folder(model["init_from_hf"], key="model.init_from_hf")
+
+
 def check_model(block: Any) -> None:
     """The model block checked now, not at train time: a built-in family's by its config (no torch), any other
     built on the meta device, a success remembered (train/memo.py)."""
@@ -209,3 +260,5 @@ register_check(check_auto_microbatching)
 register_check(check_hf_bert_alibi)
 register_check(check_recipe_data, resources=True)
 register_check(check_logger_logins, resources=True)
+register_check(check_load_path, resources=True)
+register_check(check_init_from_hf, resources=True)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmfoundry_lite.checkpoints import is_complete
 from llmfoundry_lite.errors import RecipeError
-from llmfoundry_lite.recipe import to_yaml
+from llmfoundry_lite.recipe import iter_multi, to_yaml
 from llmfoundry_lite.recipe.sections import run_resource_checks
 from llmfoundry_lite.train import build
 from llmfoundry_lite.train.callbacks.cost import apply_recipe_cost
@@ -42,12 +42,14 @@ from llmfoundry_lite.train.callbacks.progress import (
 )
 from llmfoundry_lite.train.callbacks.stop_signals import GUARD, StopNow, stop_signals
 from llmfoundry_lite.train.checkpoints import (
+    SURGERY_ALGORITHMS,
     ResumeRNG,
+    check_checkpoint_fits,
     check_save_folder,
     estimate_checkpoint_bytes,
     repair_latest_checkpoint,
 )
-from llmfoundry_lite.train.checks import parallelism_config
+from llmfoundry_lite.train.checks import checkpoint_to_load, parallelism_config, resumes_own_checkpoint
 from llmfoundry_lite.train.runlock import RunLock
 from llmfoundry_lite.train.trainer import make_trainer, resolve_device
 
@@ -68,6 +70,16 @@ def check_readable_checkpoints(folder: Path) -> None:
         f"so the run cannot resume; to start over, delete them (rm {folder}/ep*-rank*.pt) or add "
         "autoresume=false save_overwrite=true, or give this run another run_name",
         key="save_folder",
+    )
+
+
+def _has_surgery(cfg: DictConfig) -> bool:
+    """Whether the recipe's algorithms replace model modules inside the Trainer (``SURGERY_ALGORITHMS``)."""
+    algorithms = cfg.get("algorithms")
+    blocks = OmegaConf.to_container(algorithms, resolve=True) if algorithms is not None else None
+    return any(
+        (block or {}).get("name", name) in SURGERY_ALGORITHMS
+        for _, name, block in iter_multi("algorithms", blocks)
     )
 
 
@@ -181,6 +193,11 @@ def _build_trainer(
 
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer)
+    # load_path checked against the model before any folder is made: Composer would fail with a torch traceback.
+    load_path = None if resumes_own_checkpoint(cfg) else checkpoint_to_load(cfg.get("load_path"))
+    surgery = _has_surgery(cfg)
+    if load_path and Path(load_path).is_file() and not surgery:
+        check_checkpoint_fits(model, load_path, cfg.load_strict_model_weights)
     compile_callbacks = build.compile_model(cfg, model)  # per block, before Composer wraps FSDP/checkpointing
     train_loader = build.build_loader(cfg, "train_loader", tokenizer, device_batch, world)
     eval_loader = None
@@ -227,40 +244,45 @@ def _build_trainer(
                 check_readable_checkpoints(local_folder)
                 resume_from = repair_latest_checkpoint(local_folder)
 
-    trainer = make_trainer(
-        model,
-        train_loader,
-        eval_loader,
-        device=device_name,
-        precision=cfg.get("precision"),
-        callbacks=callbacks,
-        loggers=loggers,
-        device_train_microbatch_size=_microbatch(cfg.get("device_train_microbatch_size"), device_batch),
-        run_name=cfg.run_name,
-        eval_interval=cfg.eval_interval if eval_loader is not None else 1,
-        # Composer warns about a subset size with nothing to evaluate (a recipe with eval_loader=null).
-        eval_subset_num_batches=cfg.eval_subset_num_batches if eval_loader is not None else -1,
-        optimizers=optimizer,
-        schedulers=scheduler,
-        max_duration=cfg.max_duration,
-        algorithms=algorithms,
-        save_folder=save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
-        save_weights_only=cfg.save_weights_only,
-        load_path=cfg.get("load_path"),
-        load_weights_only=cfg.load_weights_only,
-        load_strict_model_weights=cfg.load_strict_model_weights,
-        autoresume=autoresume,
-        seed=cfg.seed,
-        deterministic_mode=cfg.deterministic,
-        parallelism_config=parallelism,
-        log_to_console=False,
-        progress_bar=cfg.progress_bar,
-        python_log_level=cfg.get("python_log_level"),
-        dist_timeout=cfg.dist_timeout,
-    )
+    try:
+        trainer = make_trainer(
+            model,
+            train_loader,
+            eval_loader,
+            device=device_name,
+            precision=cfg.get("precision"),
+            callbacks=callbacks,
+            loggers=loggers,
+            device_train_microbatch_size=_microbatch(cfg.get("device_train_microbatch_size"), device_batch),
+            run_name=cfg.run_name,
+            eval_interval=cfg.eval_interval if eval_loader is not None else 1,
+            # Composer warns about a subset size with nothing to evaluate (a recipe with eval_loader=null).
+            eval_subset_num_batches=cfg.eval_subset_num_batches if eval_loader is not None else -1,
+            optimizers=optimizer,
+            schedulers=scheduler,
+            max_duration=cfg.max_duration,
+            algorithms=algorithms,
+            save_folder=save_folder,
+            save_interval=cfg.save_interval,
+            save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+            save_overwrite=cfg.save_overwrite,
+            save_weights_only=cfg.save_weights_only,
+            load_path=load_path,
+            load_weights_only=cfg.load_weights_only,
+            load_strict_model_weights=cfg.load_strict_model_weights,
+            autoresume=autoresume,
+            seed=cfg.seed,
+            deterministic_mode=cfg.deterministic,
+            parallelism_config=parallelism,
+            log_to_console=False,
+            progress_bar=cfg.progress_bar,
+            python_log_level=cfg.get("python_log_level"),
+            dist_timeout=cfg.dist_timeout,
+        )
+    except RuntimeError:
+        if load_path and surgery:  # the model as the algorithms changed it
+            check_checkpoint_fits(model, load_path, cfg.load_strict_model_weights)
+        raise
     resume_rng.trainer = trainer
     if folder is not None and dist.get_global_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
