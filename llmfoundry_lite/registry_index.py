@@ -363,34 +363,34 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         "constant": {
             "var_kw": False, "nested": {}, "params": [
                 ('alpha', 'float', 1.0),
-                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('t_max', 'Union[Duration, str]', '1dur'),
             ],
         },
         "constant_with_warmup": {
             "var_kw": False, "nested": {}, "params": [
-                ('t_warmup', 'Union[str, Duration]'),
+                ('t_warmup', 'Union[Duration, str]'),
                 ('alpha', 'float', 1.0),
-                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('t_max', 'Union[Duration, str]', '1dur'),
                 ('scale_warmup', 'bool', False),
             ],
         },
         "cosine_decay": {
             "var_kw": False, "nested": {}, "params": [
-                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('t_max', 'Union[Duration, str]', '1dur'),
                 ('alpha_f', 'float', 0.0),
             ],
         },
         "cosine_warm_restarts": {
             "var_kw": False, "nested": {}, "params": [
-                ('t_0', 'Union[str, Duration]'),
+                ('t_0', 'Union[Duration, str]'),
                 ('t_mult', 'float', 1.0),
                 ('alpha_f', 'float', 0.0),
             ],
         },
         "cosine_with_warmup": {
             "var_kw": False, "nested": {}, "params": [
-                ('t_warmup', 'Union[str, Duration]'),
-                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('t_warmup', 'Union[Duration, str]'),
+                ('t_max', 'Union[Duration, str]', '1dur'),
                 ('alpha_f', 'float', 0.0),
                 ('scale_warmup', 'bool', False),
             ],
@@ -398,35 +398,35 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         "exponential": {
             "var_kw": False, "nested": {}, "params": [
                 ('gamma', 'float'),
-                ('decay_period', 'Union[str, Duration]', '1ep'),
+                ('decay_period', 'Union[Duration, str]', '1ep'),
             ],
         },
         "linear_decay": {
             "var_kw": False, "nested": {}, "params": [
                 ('alpha_i', 'float', 1.0),
                 ('alpha_f', 'float', 0.0),
-                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('t_max', 'Union[Duration, str]', '1dur'),
             ],
         },
         "linear_decay_with_warmup": {
             "var_kw": False, "nested": {}, "params": [
-                ('t_warmup', 'Union[str, Duration]'),
+                ('t_warmup', 'Union[Duration, str]'),
                 ('alpha_i', 'float', 1.0),
                 ('alpha_f', 'float', 0.0),
-                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('t_max', 'Union[Duration, str]', '1dur'),
                 ('scale_warmup', 'bool', False),
             ],
         },
         "multistep": {
             "var_kw": False, "nested": {}, "params": [
-                ('milestones', 'list[Union[str, Duration]]'),
+                ('milestones', 'list[Union[Duration, str]]'),
                 ('gamma', 'float', 0.1),
             ],
         },
         "multistep_with_warmup": {
             "var_kw": False, "nested": {}, "params": [
-                ('t_warmup', 'Union[str, Duration]'),
-                ('milestones', 'list[Union[str, Duration]]'),
+                ('t_warmup', 'Union[Duration, str]'),
+                ('milestones', 'list[Union[Duration, str]]'),
                 ('gamma', 'float', 0.1),
                 ('scale_warmup', 'bool', False),
             ],
@@ -434,22 +434,22 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
         "polynomial": {
             "var_kw": False, "nested": {}, "params": [
                 ('power', 'float'),
-                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('t_max', 'Union[Duration, str]', '1dur'),
                 ('alpha_f', 'float', 0.0),
             ],
         },
         "polynomial_with_warmup": {
             "var_kw": False, "nested": {}, "params": [
-                ('t_warmup', 'Union[str, Duration]'),
+                ('t_warmup', 'Union[Duration, str]'),
                 ('power', 'float', 2.0),
-                ('t_max', 'Union[str, Duration]', '1dur'),
+                ('t_max', 'Union[Duration, str]', '1dur'),
                 ('alpha_f', 'float', 0.0),
                 ('scale_warmup', 'bool', False),
             ],
         },
         "step": {
             "var_kw": False, "nested": {}, "params": [
-                ('step_size', 'Union[str, Duration]'),
+                ('step_size', 'Union[Duration, str]'),
                 ('gamma', 'float', 0.1),
             ],
         },
@@ -522,7 +522,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('stochastic_method', 'str', 'block'),
                 ('drop_rate', 'float', 0.2),
                 ('drop_distribution', 'str', 'linear'),
-                ('drop_warmup', 'Union[float, Duration, str]', 0.0),
+                ('drop_warmup', 'Union[Duration, float, str]', 0.0),
             ],
         },
         "swa": {
@@ -540,7 +540,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
     "callbacks": {
         "activation_monitor": {
             "var_kw": False, "nested": {}, "params": [
-                ('interval', 'Union[int, str, Duration]', '25ba'),
+                ('interval', 'Union[Duration, int, str]', '25ba'),
                 ('ignore_module_types', 'Union[list[str], None]', None),
                 ('only_log_wandb', 'bool', True),
             ],
@@ -560,7 +560,7 @@ SIGNATURES: dict[str, dict[str, dict[str, Any]]] = {
                 ('dataloader_label', 'str'),
                 ('comp', 'Any', None),
                 ('min_delta', 'float', 0.0),
-                ('patience', 'Union[int, str, Duration]', 1),
+                ('patience', 'Union[Duration, int, str]', 1),
             ],
         },
         "generate": {

@@ -261,7 +261,10 @@ def annotation_source(tp: Any) -> str:
     if origin is typing.Literal:
         return f"Literal[{', '.join(repr(a) for a in args)}]"
     if origin is typing.Union or origin is types.UnionType:
-        parts = [annotation_source(a) for a in args]
+        # Sorted, None last: typing caches equal unions, so Optional[Union[float, int]] reads back as whichever
+        # order a process built first (Union[int, float, None] once torch is imported): the table must not depend
+        # on import order.
+        parts = sorted(dict.fromkeys(annotation_source(a) for a in args), key=lambda p: (p == "None", p))
         # A union with Any accepts anything; Python 3.10's get_type_hints writes `x: Any = None` as
         # Optional[Any], 3.11 and later leave it Any: both are Any here, so the generated table is the same.
         return "Any" if "Any" in parts else f"Union[{', '.join(parts)}]"
